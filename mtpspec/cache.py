@@ -1,0 +1,103 @@
+"""Static KV cache: preallocated K/V per layer, one length per batch row.
+
+Layout: for every layer that owns K/V, `k[i]` and `v[i]` are [batch, kv_heads, capacity, head_dim],
+allocated once. Row b holds valid entries at positions 0 .. lengths[b]-1; a forward of T new tokens
+writes positions lengths[b] .. lengths[b]+T-1 of each row (rows may differ: ragged batches) and then
+advances the lengths. Entries past a row's length are stale but never read: attention masks every
+key position greater than the query position (and, in sliding-window layers, every key that is
+`window` or more positions behind it). So rolling back n tokens of a row is just
+`lengths[b] -= n`: the stale entries are overwritten by the next write at those positions.
+
+Sliding-window layers keep the full capacity too (no ring buffer). That costs memory on long
+contexts but keeps rollback exact for any draft length; attention only reads the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shape of one layer's K/V: (kv_heads, head_dim)."""
+
+    n_kv_heads: int
+    head_dim: int
+
+
+class KVCache:
+    """Preallocated K/V for a batch of rows, with per-row lengths (see module docstring)."""
+
+    def __init__(
+        self,
+        layouts: dict[int, CacheLayout],
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for layer, lay in layouts.items():
+            shape = (batch_size, lay.n_kv_heads, capacity, lay.head_dim)
+            self.k[layer] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    # ---- positions ---------------------------------------------------------------------------
+    def positions(self, n_new: int) -> torch.Tensor:
+        """Positions [batch, n_new] that the next `n_new` tokens of each row will occupy."""
+        steps = torch.arange(n_new, device=self.lengths.device)
+        pos = self.lengths[:, None] + steps
+        return pos
+
+    def check_room(self, n_new: int) -> None:
+        longest = int(self.lengths.max()) + n_new
+        if longest > self.capacity:
+            raise InputError(
+                f"KV cache capacity exceeded: a row needs {longest} positions, the cache holds {self.capacity}"
+            )
+
+    # ---- writes ------------------------------------------------------------------------------
+    def write(
+        self, layer: int, positions: torch.Tensor, start: int | None, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store k, v ([batch, kv_heads, T, head_dim]) of `layer` at `positions` ([batch, T]).
+
+        `start` is the common first position when every row is at the same length (a contiguous
+        slice write); None means rows differ and each row is scattered to its own positions.
+        """
+        kc, vc = self.k[layer], self.v[layer]
+        if start is not None:
+            t = positions.shape[1]
+            kc[:, :, start : start + t] = k
+            vc[:, :, start : start + t] = v
+        else:
+            rows = torch.arange(self.batch_size, device=positions.device)[:, None]
+            kc[rows, :, positions] = k.transpose(1, 2)
+            vc[rows, :, positions] = v.transpose(1, 2)
+
+    # ---- lengths -----------------------------------------------------------------------------
+    def advance(self, n: int | torch.Tensor) -> None:
+        """Commit n new tokens per row (an int for all rows, or a [batch] tensor)."""
+        self.lengths += n
+
+    def set_lengths(self, lengths: torch.Tensor | list[int]) -> None:
+        self.lengths.copy_(torch.as_tensor(lengths, dtype=torch.long))
+
+    def rollback(self, n: int | torch.Tensor) -> None:
+        """Forget the last n tokens of each row (an int for all rows, or a [batch] tensor)."""
+        n_t = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device)
+        if bool((n_t < 0).any()) or bool((n_t > self.lengths).any()):
+            raise ValueError("rollback: n must be between 0 and the row's length")
+        self.lengths -= n_t
+
+    def reset(self) -> None:
+        self.lengths.zero_()

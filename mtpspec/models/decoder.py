@@ -1,0 +1,144 @@
+"""One decoder for every supported family, driven by `ModelConfig` / `LayerSpec` data.
+
+    tokens [B, T] --embed (* embed_scale)--> h
+    for each layer:  h = h + [out_norm](attn([attn_norm](h)))      (K/V land in the static cache)
+                     h = h + [out_norm](mlp([mlp_norm](h)))
+    hidden = final_norm(h);  logits = [softcap](lm_head(hidden))
+
+A forward consumes T new tokens per row at positions cache.lengths[b] + t, writes their K/V into
+the cache, advances the lengths by T, and returns the logits and the final (normed) hidden states
+of the new positions. Rolling back is the caller's business: `cache.rollback(n)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache import CacheLayout, KVCache
+from ..kernels import Linear
+from .config import ModelConfig
+from .layers import MLP, Attention, RMSNorm, StepContext, rope_cos_sin, visibility
+
+
+@dataclass
+class ForwardOutput:
+    """logits: [B, T', vocab] (T' = T, or the number of positions asked for); hidden: [B, T, hidden]."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        spec = cfg.layers[index]
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, spec, index)
+        self.attn_out_norm = norm() if cfg.sandwich_norm else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg, spec.intermediate_size)
+        self.mlp_out_norm = norm() if cfg.sandwich_norm else None
+
+    def forward(self, h: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+        a = self.attn(self.attn_norm(h), ctx, cache)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
+        h = h + a
+        m = self.mlp(self.mlp_norm(h))
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return h + m
+
+
+class Decoder(nn.Module):
+    """A causal LM over the static KV cache. Build with `Decoder(cfg)`, load weights, then `prepare()`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ---- set-up ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def prepare(self) -> "Decoder":
+        """Call once after weights are loaded and moved: lets the linear kernels pack their weights."""
+        for m in self.modules():
+            if isinstance(m, Linear) and m is not self.lm_head:
+                m.pack()
+        if not self.cfg.tie_embeddings:
+            self.lm_head.pack()
+        return self.eval().requires_grad_(False)
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        layouts = {
+            i: CacheLayout(self.cfg.layers[i].n_kv_heads, self.cfg.layers[i].head_dim)
+            for i in self.cfg.cache_layers()
+        }
+        return KVCache(layouts, batch_size, capacity, dtype=self.dtype, device=self.device)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def step_context(self, cache: KVCache, t: int) -> StepContext:
+        positions = cache.positions(t)
+        first = cache.lengths
+        start = int(first[0]) if bool((first == first[0]).all()) else None
+        hi = int(positions[:, -1].max()) + 1
+        rope, key_range, mask = {}, {}, {}
+        for lt in {s.attention_type for s in self.cfg.layers}:
+            spec = next(s for s in self.cfg.layers if s.attention_type == lt)
+            rope[lt] = rope_cos_sin(spec, positions, self.dtype)
+            window = spec.sliding_window
+            lo = max(0, int(positions[:, 0].min()) - window + 1) if window else 0
+            key_range[lt] = (lo, hi)
+            mask[lt] = visibility(positions, lo, hi, window)
+        return StepContext(positions, start, rope, key_range, mask)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        if self.cfg.embed_scale is not None:
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head (+ final softcap) on final hidden states."""
+        logits = self.lm_head(hidden)
+        cap = self.cfg.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None
+    ) -> ForwardOutput:
+        """Run T new tokens per row ([B, T]) through the model, appending their K/V to the cache.
+
+        logits_at: optional [B, n] indices into the T new positions; logits are computed only
+        there (a prefill needs just each row's last prompt position). Default: every position.
+        """
+        b, t = tokens.shape
+        cache.check_room(t)
+        ctx = self.step_context(cache, t)
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, ctx, cache)
+        hidden = self.norm(h)
+        cache.advance(t)
+        picked = hidden
+        if logits_at is not None:
+            picked = hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1]))
+        return ForwardOutput(self.logits(picked), hidden)

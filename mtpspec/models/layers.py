@@ -1,0 +1,153 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, attention over the static cache, gated MLP.
+
+Each block takes its switches from `LayerSpec` / `ModelConfig` (see config.py). Computation order
+and dtypes follow the Hugging Face reference implementations, so fp32 outputs match them to
+rounding error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..kernels import Linear
+from .config import LayerSpec, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation in fp32. `offset=1` gives Gemma's x * (1 + w); `scale=False` has no weight."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * (self.weight.float() + self.offset)
+        return y.to(x.dtype)
+
+
+def rope_cos_sin(spec: LayerSpec, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [batch, 1, T, rotary_dim] for the given positions [batch, T]."""
+    inv_freq = spec.inv_freq.to(positions.device)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return (emb.cos() * spec.rope_scale).to(dtype), (emb.sin() * spec.rope_scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x [batch, heads, T, head_dim] (rotate-half convention)."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class StepContext:
+    """Everything a forward over T new tokens per row shares across layers.
+
+    positions: [batch, T] absolute positions of the new tokens.
+    start: the common first position when all rows are aligned (fast contiguous cache writes),
+        else None (per-row scatter).
+    rope: per attention type, cos/sin tables.
+    key_range / mask: per attention type, the slice [lo, hi) of cache positions attention reads and
+        the boolean visibility mask [batch, 1, T, hi - lo] (None when every key is visible).
+    """
+
+    positions: torch.Tensor
+    start: int | None
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    key_range: dict[str, tuple[int, int]]
+    mask: dict[str, torch.Tensor | None]
+
+
+def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None) -> torch.Tensor | None:
+    """Key j in [lo, hi) is visible from a query at position p iff j <= p and (no window or j > p - window)."""
+    keys = torch.arange(lo, hi, device=positions.device)
+    p = positions[:, :, None]
+    visible = keys <= p
+    if window is not None:
+        visible &= keys > p - window
+    if bool(visible.all()):
+        return None
+    return visible[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention that writes its K/V into the static cache and reads it back.
+
+    A KV-shared layer (spec.kv_source != its own index) projects only queries and reads the cache of
+    its source layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, index: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.index = index
+        self.owns_kv = spec.kv_source == index
+        self.scale = cfg.attn_scale
+        hd = spec.head_dim
+        n_kv_proj = 0 if not self.owns_kv else (1 if spec.k_eq_v else 2) * spec.n_kv_heads
+        self.q_size = spec.n_heads * hd
+        self.kv_size = spec.n_kv_heads * hd
+        self.qkv = Linear(cfg.hidden_size, self.q_size + n_kv_proj * hd, bias=cfg.qkv_bias)
+        self.o = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm and self.owns_kv else None
+        self.v_norm = RMSNorm(hd, cfg.norm_eps, scale=False) if cfg.v_norm and self.owns_kv else None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        spec, hd = self.spec, self.spec.head_dim
+        qkv = self.qkv(x)
+        q = qkv[..., : self.q_size].view(b, t, spec.n_heads, hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        cos, sin = ctx.rope[spec.attention_type]
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        if self.owns_kv:
+            k = qkv[..., self.q_size : self.q_size + self.kv_size].view(b, t, spec.n_kv_heads, hd)
+            v = k if spec.k_eq_v else qkv[..., self.q_size + self.kv_size :].view(b, t, spec.n_kv_heads, hd)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            k = apply_rope(k.transpose(1, 2), cos, sin)
+            cache.write(self.index, ctx.positions, ctx.start, k, v.transpose(1, 2))
+        lo, hi = ctx.key_range[spec.attention_type]
+        keys = cache.k[spec.kv_source][:, :, lo:hi]
+        values = cache.v[spec.kv_source][:, :, lo:hi]
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=ctx.mask[spec.attention_type],
+            scale=self.scale,
+            enable_gqa=spec.n_heads != spec.n_kv_heads,
+        )
+        return self.o(out.transpose(1, 2).reshape(b, t, self.q_size))
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up = Linear(cfg.hidden_size, 2 * intermediate, bias=cfg.mlp_bias)
+        self.down = Linear(intermediate, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = F.silu if cfg.activation == "silu" else (lambda h: F.gelu(h, approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(self.act(gate) * up)
