@@ -1,0 +1,287 @@
+"""The public Python API: `mtpspec.load(...)` returns an `Engine` with `generate()` and `stream()`.
+
+The engine owns the model and the tokenizer. It turns text into token ids (applying the chat
+template unless asked not to), runs the decoding loop, and turns ids back into text.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from .checkpoint import load_decoder
+from .decoding.loop import Request, Sequence, generate as loop_generate, run
+from .decoding.sampling import SamplingParams
+from .errors import CheckpointError, InputError
+from .models.decoder import Decoder
+
+log = logging.getLogger("mtpspec")
+
+Prompt = str | list[int]
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output: the new token ids, their text, why generation ended, and statistics."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: dict
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason, "stats": self.stats}
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device {device!r} is not a valid torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_model_path(model: str | Path | None, cache_dir: str | Path | None = None) -> Path:
+    """A checkpoint folder for `model`: None = the default model, a .gguf file = its cached conversion."""
+    if model is None:
+        from .default_model import default_model_dir
+
+        return default_model_dir(cache_dir)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        from .gguf_convert import cached_gguf_checkpoint
+
+        return cached_gguf_checkpoint(path, cache_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path}: model folder does not exist")
+    return path
+
+
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer (with its chat template), or None if the folder has none."""
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{folder}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+
+class Engine:
+    """A loaded model ready to generate. Create it with `mtpspec.load(...)`."""
+
+    def __init__(self, model: Decoder, tokenizer, path: Path, name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.name = name
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids = set(self.model.cfg.eos_token_ids)
+        gen = self.path / "generation_config.json"
+        if gen.exists():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- text <-> ids ------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        """Token ids for a prompt: token-id lists pass through; text gets the chat template if asked."""
+        if isinstance(prompt, list):
+            if not prompt:
+                raise InputError("prompt is empty (no token ids)")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise InputError("a token-id prompt must be a list of integers")
+            return prompt
+        if not isinstance(prompt, str):
+            raise InputError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise InputError("prompt is empty")
+        tok = self._need_tokenizer()
+        if chat and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return tok.encode(prompt, add_special_tokens=True)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError(f"{self.path} has no tokenizer: pass prompts as lists of token ids")
+        return self.tokenizer
+
+    def _stop_check(self, stop: Seq[str] | None):
+        if not stop:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InputError("stop must be a list of non-empty strings")
+        self._need_tokenizer()
+
+        def check(new_ids: list[int]) -> int | None:
+            text = self.decode(new_ids)
+            if not any(s in text for s in stop):
+                return None
+            # keep the shortest prefix of tokens whose text contains a stop string
+            for n in range(1, len(new_ids) + 1):
+                if any(s in self.decode(new_ids[:n]) for s in stop):
+                    return n
+            return len(new_ids)
+
+        return check
+
+    def _finish_text(self, ids: list[int], stop: Seq[str] | None) -> str:
+        text = self.decode(ids)
+        for s in ([stop] if isinstance(stop, str) else (stop or [])):
+            if s in text:
+                text = text[: text.index(s)]
+        return text
+
+    # ---- generation --------------------------------------------------------------------------
+    def _requests(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, stop, chat: bool):
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        check = self._stop_check(stop)
+        ids = [self.encode(p, chat) for p in prompts]
+        return [Request(i, max_new_tokens, params, self.eos_ids, check) for i in ids]
+
+    def _result(self, prompt: Prompt, seq: Sequence, stop) -> GenerationResult:
+        return GenerationResult(
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=seq.request.prompt_ids,
+            token_ids=list(seq.new_ids),
+            text=self._finish_text(seq.new_ids, stop),
+            finish_reason=seq.finish_reason or "length",
+            stats=seq.stats.as_dict(),
+        )
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        chat: bool = True,
+        batch_size: int | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (returns one result) or a list of prompts (returns a list).
+
+        A prompt is a string (the chat template is applied unless chat=False) or a list of token
+        ids (used as is). temperature=0 is greedy. Prompts run as one batch, or in batches of
+        `batch_size`.
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        plist: list[Prompt] = [prompts] if single else list(prompts)
+        if not plist:
+            raise InputError("no prompts given")
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        requests = self._requests(plist, max_new_tokens, params, stop, chat)
+        size = batch_size or len(requests)
+        if size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[GenerationResult] = []
+        for start in range(0, len(requests), size):
+            seqs = run(self.model, requests[start : start + size])
+            results += [self._result(p, s, stop) for p, s in zip(plist[start : start + size], seqs)]
+        return results[0] if single else results
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        chat: bool = True,
+    ) -> "TextStream":
+        """Generate for one prompt, yielding text pieces as they come; `.result` holds the final
+        `GenerationResult` once the stream is exhausted."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        requests = self._requests([prompt], max_new_tokens, params, stop, chat)
+        return TextStream(self, prompt, requests, stop)
+
+
+class TextStream:
+    """Iterator of text pieces for one prompt (see `Engine.stream`)."""
+
+    def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop) -> None:
+        self._engine, self._prompt, self._stop = engine, prompt, stop
+        self._events = loop_generate(engine.model, requests)
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        sent = ""
+        while True:
+            try:
+                ev = next(self._events)
+            except StopIteration as done:
+                seq = done.value[0]
+                break
+            text = self._engine._finish_text(ev.new_ids, self._stop)
+            stable = text if ev.finished else text.rstrip("\ufffd")  # hold back a partial character
+            if len(stable) > len(sent) and stable.startswith(sent):
+                yield stable[len(sent):]
+                sent = stable
+        self.result = self._engine._result(self._prompt, seq, self._stop)
+        if len(self.result.text) > len(sent) and self.result.text.startswith(sent):
+            yield self.result.text[len(sent):]
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | Path | None = None,
+) -> Engine:
+    """Load a model: None = the default (SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    folder = resolve_model_path(model, cache_dir)
+    decoder = load_decoder(folder, device=dev, dtype=dt)
+    tokenizer = load_tokenizer(folder)
+    name = "SmolLM2-135M-Instruct" if model is None else Path(model).name
+    return Engine(decoder, tokenizer, folder, name)

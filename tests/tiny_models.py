@@ -1,0 +1,49 @@
+"""Tiny random transformers models of each family, for equivalence and losslessness tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+VOCAB = 320
+
+
+def tiny_hf_model(family: str, **overrides):
+    """A tiny random transformers causal LM of `family` (eval mode, fp32)."""
+    import transformers as tf
+
+    torch.manual_seed({"llama": 0, "llama-untied": 1, "qwen2": 2, "gemma3": 3}[family])
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if family in ("llama", "llama-untied"):
+        cfg = tf.LlamaConfig(num_hidden_layers=3, tie_word_embeddings=family == "llama",
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+        cls = tf.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(num_hidden_layers=3, tie_word_embeddings=False, **common)
+        cls = tf.Qwen2ForCausalLM
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                               "sliding_attention"], final_logit_softcapping=30.0, **common)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = cls(cfg).eval()
+    # transformers initialises norms to exactly 1 (or 0 for Gemma); randomise so they are tested
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+FAMILIES = ["llama", "llama-untied", "qwen2", "gemma3"]
+
+
