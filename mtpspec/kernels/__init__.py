@@ -1,0 +1,246 @@
+"""Bandwidth-oriented linear layer for CPU decode / draft-verify steps.
+
+Why: a decode step multiplies every weight matrix by only M = 1..16 activation
+rows, so its cost is the time to stream the weights from DRAM. torch's
+`F.linear` (MKL / oneDNN) reaches well under half of the memory bandwidth for
+these shapes on CPU, and gets *slower per byte* from M=1 to M=2..16. This
+module provides `Linear`, a drop-in `torch.nn.Linear` whose `pack()` re-lays
+the weight out in 16-feature panels for a small C++ kernel
+(`skinny_gemm.cpp`, JIT-compiled once with `torch.utils.cpp_extension`):
+
+    fp32 : P[N/16][K][16]          P[p, k, j]    = W[16p + j, k]
+    bf16 : P[N/16][K/2][16][2]     P[p, q, j, i] = W[16p + j, 2q + i]
+
+(N = out_features padded to 16 with zero rows, bf16 K padded to even.) One
+64-byte weight vector feeds M fused multiply-adds, each thread streams one
+contiguous range, and for M > 16 each panel is re-used from cache for every
+chunk of rows, so the same kernel also serves prefill. fp32 accumulates in
+fp32 (FMA); bf16 uses AVX512_BF16 `vdpbf16ps` (exact bf16 products, fp32
+accumulation, result rounded to bf16 like torch).
+
+Only the packed copy is kept in memory: after `pack()` the `weight`
+parameter is an empty placeholder, `state_dict()` re-creates the standard
+[out, in] weight via a hook, `load_state_dict()` unpacks/re-packs, and
+assigning `layer.weight.data = W` re-packs on the next forward. Use
+`unpacked_weight()` to get the [out, in] tensor and `weight_rows(ids)` to
+read rows (e.g. a tied embedding) without unpacking.
+
+Fallbacks: CUDA tensors, dtypes other than fp32/bf16, CPUs without AVX2, a
+failed compile (one warning via `logging`) or `MTPSPEC_KERNELS=torch` all use
+plain `F.linear` on the standard layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Linear", "kernel_info"]
+
+log = logging.getLogger(__name__)
+
+PANEL = 16
+_SUPPORTED = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_state: dict = {"ext": None, "tried": False, "error": None, "compile_s": None}
+
+
+def _forced_torch() -> bool:
+    return os.environ.get("MTPSPEC_KERNELS", "").strip().lower() == "torch"
+
+
+def _ext():
+    """The compiled extension, or None (forced torch path or build failure)."""
+    if _forced_torch():
+        return None
+    if _state["tried"]:
+        return _state["ext"]
+    with _lock:
+        if not _state["tried"]:
+            t0 = time.perf_counter()
+            try:
+                from torch.utils import cpp_extension
+
+                src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
+                ext = cpp_extension.load(
+                    name="mtpspec_skinny_gemm",
+                    sources=[src],
+                    # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
+                    # resolves to the copy torch already loaded (one thread pool).
+                    extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+                if ext.isa() == "none":
+                    raise RuntimeError("CPU has neither AVX-512 nor AVX2+FMA")
+                _state["ext"] = ext
+            except Exception as e:  # noqa: BLE001 - any failure => torch path
+                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                log.warning("mtpspec.kernels: C++ kernel unavailable, using F.linear (%s)", _state["error"])
+            _state["compile_s"] = round(time.perf_counter() - t0, 2)
+            _state["tried"] = True
+    return _state["ext"]
+
+
+def kernel_info() -> dict:
+    """Which path `Linear` uses (builds the extension if not built yet)."""
+    ext = _ext()
+    info = {
+        "path": "cpp" if ext is not None else "torch",
+        "threads": torch.get_num_threads(),
+        "load_s": _state["compile_s"],
+    }
+    if ext is not None:
+        info["isa"] = ext.isa()
+    elif _forced_torch():
+        info["reason"] = "MTPSPEC_KERNELS=torch"
+    elif _state["error"]:
+        info["reason"] = _state["error"]
+    return info
+
+
+# ----------------------------------------------------------------- layouts
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> panel layout described in the module docstring."""
+    n, k = w.shape
+    n16 = -(-n // PANEL) * PANEL
+    if w.dtype == torch.bfloat16:
+        k2 = k + (k % 2)
+        wp = w.new_zeros(n16, k2)
+        wp[:n, :k] = w
+        return wp.view(n16 // PANEL, PANEL, k2 // 2, 2).permute(0, 2, 1, 3).contiguous()
+    wp = w.new_zeros(n16, k)
+    wp[:n] = w
+    return wp.view(n16 // PANEL, PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_weight(p: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_weight` (format read from p.dim(), any dtype)."""
+    if p.dim() == 4:  # bf16 format [P, K/2, 16, 2]
+        w = p.permute(0, 2, 1, 3).reshape(p.shape[0] * PANEL, -1)
+    else:  # fp32 format [P, K, 16]
+        w = p.transpose(1, 2).reshape(p.shape[0] * PANEL, -1)
+    return w[:n, :k].contiguous()
+
+
+class Linear(nn.Module):
+    """Drop-in `torch.nn.Linear` with a packed fast path for small-M on CPU.
+
+    Call `pack()` once after loading weights and after any `.to()`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight = ref.weight
+        self.bias = ref.bias
+        self._packed: Optional[torch.Tensor] = None
+        self._reload_repack = False
+        self.register_state_dict_post_hook(Linear._sd_hook)
+        self.register_load_state_dict_pre_hook(Linear._load_pre_hook)
+        self.register_load_state_dict_post_hook(Linear._load_post_hook)
+
+    # ------------------------------------------------------------ packing
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
+
+    def pack(self) -> "Linear":
+        """Re-layout the weight for the C++ kernel (no-op if it can't be used)."""
+        if self.is_packed:
+            self.unpack()
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in _SUPPORTED or _ext() is None:
+            return self
+        packed = pack_weight(w.detach())
+        self._packed = packed
+        # Drop the [out, in] copy; keep an empty Parameter so `weight` exists.
+        self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+        return self
+
+    def unpack(self) -> "Linear":
+        """Restore the standard [out, in] `weight` parameter."""
+        if self.is_packed:
+            if self.weight.numel() == 0:  # otherwise weight was re-assigned: keep it
+                self.weight = nn.Parameter(self.unpacked_weight(), requires_grad=False)
+            self._packed = None
+        return self
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The [out, in] weight (a fresh tensor if packed)."""
+        if self.is_packed and self.weight.numel() == 0:
+            return unpack_weight(self._packed, self.out_features, self.in_features)
+        return self.weight
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """`unpacked_weight()[ids]` without unpacking (for tied embeddings)."""
+        if not (self.is_packed and self.weight.numel() == 0):
+            return F.embedding(ids, self.weight)
+        p, j = ids // PANEL, ids % PANEL
+        if self._packed.dim() == 4:
+            rows = self._packed[p, :, j, :].flatten(-2)
+        else:
+            rows = self._packed[p, :, j]
+        return rows[..., : self.in_features]
+
+    # ------------------------------------------------------ state dict hooks
+    @staticmethod
+    def _sd_hook(module, state_dict, prefix, local_metadata):
+        if module.is_packed:
+            state_dict[prefix + "weight"] = module.unpacked_weight().detach()
+
+    @staticmethod
+    def _load_pre_hook(module, state_dict, prefix, *args):
+        if module.is_packed:
+            module.unpack()
+            module._reload_repack = True
+
+    @staticmethod
+    def _load_post_hook(module, incompatible_keys):
+        if module._reload_repack:
+            module._reload_repack = False
+            module.pack()
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() would corrupt the packed layout's meaning
+        # (and bias/dtype coupling), so go back to [out, in] first.
+        was_packed = self.is_packed
+        self.unpack()
+        out = super()._apply(fn, recurse)
+        if was_packed:
+            self.pack()
+        return out
+
+    # ------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_packed and self.weight.numel() != 0:
+            self.pack()  # `weight` was re-assigned after pack()
+        if not self.is_packed or x.dtype != self._packed.dtype or x.device.type != "cpu":
+            return F.linear(x, self.unpacked_weight(), self.bias)
+        ext = _ext()
+        if ext is None:  # MTPSPEC_KERNELS=torch set after packing
+            return F.linear(x, self.unpacked_weight(), self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if self._packed.dim() == 4 and self.in_features % 2:
+            x2 = F.pad(x2, (0, 1))
+        bias = self.bias.detach() if self.bias is not None else None
+        y = ext.skinny_linear(x2.detach(), self._packed, bias, self.out_features)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, packed={self.is_packed}")

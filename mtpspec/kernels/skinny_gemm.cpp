@@ -1,0 +1,306 @@
+// Skinny GEMM for decode/verify steps: y[M,N] = x[M,K] @ W^T (+ bias), M small.
+//
+// The weight is pre-packed (see mtpspec/kernels/__init__.py) into "panels" of
+// 16 output features so that one weight vector load (64 bytes) feeds M FMAs
+// and every thread streams one contiguous range of memory:
+//
+//   fp32 : P[N/16][K][16]        P[p][k][j]    = W[16p+j][k]
+//   bf16 : P[N/16][K/2][16][2]   P[p][q][j][i] = W[16p+j][2q+i]   (K padded even)
+//
+// The bf16 layout is the operand layout of AVX512_BF16 `vdpbf16ps` (16 fp32
+// lanes, each accumulating a pair of consecutive-k bf16 products), so the
+// activations are broadcast as (x[2q], x[2q+1]) dword pairs. N is padded to a
+// multiple of 16 with zero rows; padded outputs are simply not stored.
+//
+// Parallelism: at::parallel_for over panels (shares torch's OpenMP pool).
+// For M > MMAX rows the panel loop is outermost, so each panel is read from
+// DRAM once and re-used from L1/L2 for every chunk of MMAX rows.
+//
+// ISA: AVX-512F (+BF16 when available) or AVX2+FMA, chosen at runtime; the
+// translation unit itself is compiled for baseline x86-64 and only the
+// kernels carry `target` attributes.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t PW = 16;  // panel width (output features per panel)
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round-to-nearest-even, like torch
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline uint32_t load_u32(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Store one panel's results (acc rows of 16 floats) with bias, dropping padding.
+template <typename T>
+inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int64_t n0,
+                        int64_t N, const T* bias) {
+  const int64_t nn = std::min<int64_t>(PW, N - n0);
+  for (int m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < nn; ++j) {
+      float v = acc[m * PW + j];
+      if constexpr (std::is_same_v<T, float>) {
+        if (bias) v += bias[n0 + j];
+        y[m * ldy + n0 + j] = v;
+      } else {
+        if (bias) v += bf16_to_f32(bias[n0 + j]);
+        y[m * ldy + n0 + j] = f32_to_bf16(v);
+      }
+    }
+  }
+}
+
+// Number of independent accumulator sets (k-unroll) so that small M still
+// has >= ~8 FMA chains in flight to hide FMA latency.
+template <int M> constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
+// ----------------------------------------------------------------- AVX-512
+template <int M>
+__attribute__((target("avx512f")))
+void f32_panel_avx512(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
+  constexpr int U = unroll<M>();
+  __m512 acc[U][M];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = _mm512_loadu_ps(w + (k + u) * PW);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m)
+        acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k + u]), wv, acc[u][m]);
+    }
+  }
+  for (; k < K; ++k) {
+    const __m512 wv = _mm512_loadu_ps(w + k * PW);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+      acc[0][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k]), wv, acc[0][m]);
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    __m512 s = acc[0][m];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
+    _mm512_storeu_ps(out + m * PW, s);
+  }
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bf16")))
+void bf16_panel_avx512bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, float* out) {
+  constexpr int U = unroll<M>();
+  __m512 acc[U][M];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  int64_t q = 0;
+  for (; q + U <= K2; q += U) {
+#pragma GCC unroll 16
+    for (int u = 0; u < U; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (q + u) * 2 * PW);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_u32(x + m * ldx + 2 * (q + u)));
+        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], xv, wv);
+      }
+    }
+  }
+  for (; q < K2; ++q) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + q * 2 * PW);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_u32(x + m * ldx + 2 * q));
+      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], xv, wv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    __m512 s = acc[0][m];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
+    _mm512_storeu_ps(out + m * PW, s);
+  }
+}
+
+// ------------------------------------------------------------- AVX2 + FMA
+// Panel = 2 ymm. bf16 pairs are widened with a shift (low half) and a mask
+// (high half): a bf16 is exactly the top 16 bits of the fp32 it represents.
+template <int M>
+__attribute__((target("avx2,fma")))
+void f32_panel_avx2(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
+  __m256 a0[M], a1[M];
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * PW), w1 = _mm256_loadu_ps(w + k * PW + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(x + m * ldx + k);
+      a0[m] = _mm256_fmadd_ps(xv, w0, a0[m]);
+      a1[m] = _mm256_fmadd_ps(xv, w1, a1[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_ps(out + m * PW, a0[m]);
+    _mm256_storeu_ps(out + m * PW + 8, a1[m]);
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma")))
+void bf16_panel_avx2(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, float* out) {
+  __m256 a0[M], a1[M];
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+  const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
+  for (int64_t q = 0; q < K2; ++q) {
+    const __m256i r0 = _mm256_loadu_si256((const __m256i*)(w + q * 2 * PW));
+    const __m256i r1 = _mm256_loadu_si256((const __m256i*)(w + q * 2 * PW + PW));
+    const __m256 lo0 = _mm256_castsi256_ps(_mm256_slli_epi32(r0, 16));
+    const __m256 hi0 = _mm256_castsi256_ps(_mm256_and_si256(r0, hi_mask));
+    const __m256 lo1 = _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16));
+    const __m256 hi1 = _mm256_castsi256_ps(_mm256_and_si256(r1, hi_mask));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xl = _mm256_set1_ps(bf16_to_f32(x[m * ldx + 2 * q]));
+      const __m256 xh = _mm256_set1_ps(bf16_to_f32(x[m * ldx + 2 * q + 1]));
+      a0[m] = _mm256_fmadd_ps(xh, hi0, _mm256_fmadd_ps(xl, lo0, a0[m]));
+      a1[m] = _mm256_fmadd_ps(xh, hi1, _mm256_fmadd_ps(xl, lo1, a1[m]));
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm256_storeu_ps(out + m * PW, a0[m]);
+    _mm256_storeu_ps(out + m * PW + 8, a1[m]);
+  }
+}
+
+// ------------------------------------------------------------ dispatch
+template <typename T>
+using PanelFn = void (*)(const T*, int64_t, const T*, int64_t, float*);
+
+#define MTP_TABLE(NAME, T, FN)                                                \
+  PanelFn<T> NAME(int m) {                                                    \
+    static const PanelFn<T> t[] = {nullptr, FN<1>, FN<2>, FN<3>, FN<4>,       \
+                                   FN<5>,   FN<6>, FN<7>, FN<8>, FN<9>,       \
+                                   FN<10>,  FN<11>, FN<12>, FN<13>, FN<14>,   \
+                                   FN<15>,  FN<16>};                          \
+    return t[m];                                                              \
+  }
+MTP_TABLE(f32_avx512, float, f32_panel_avx512)
+MTP_TABLE(bf16_avx512bf16, uint16_t, bf16_panel_avx512bf16)
+#undef MTP_TABLE
+
+PanelFn<float> f32_avx2(int m) {
+  static const PanelFn<float> t[] = {nullptr, f32_panel_avx2<1>, f32_panel_avx2<2>,
+                                     f32_panel_avx2<3>, f32_panel_avx2<4>,
+                                     f32_panel_avx2<5>, f32_panel_avx2<6>};
+  return t[m];
+}
+PanelFn<uint16_t> bf16_avx2(int m) {
+  static const PanelFn<uint16_t> t[] = {nullptr, bf16_panel_avx2<1>, bf16_panel_avx2<2>,
+                                        bf16_panel_avx2<3>, bf16_panel_avx2<4>,
+                                        bf16_panel_avx2<5>, bf16_panel_avx2<6>};
+  return t[m];
+}
+
+enum Isa { NONE = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };
+
+Isa detect() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) {
+    return __builtin_cpu_supports("avx512bf16") ? AVX512BF16 : AVX512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  return NONE;
+}
+
+const Isa g_isa = detect();
+
+template <typename T>
+void run(const T* x, int64_t ldx, int64_t M, const T* w, int64_t Kw, int64_t panel_elems,
+         int64_t N, T* y, int64_t ldy, const T* bias, PanelFn<T> (*table)(int), int mmax) {
+  const int64_t P = (N + PW - 1) / PW;
+  // Small layers: don't wake the second thread for < ~64 KB of weights.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (panel_elems * sizeof(T)));
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    alignas(64) float acc[16 * PW];
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* wp = w + p * panel_elems;
+      for (int64_t m0 = 0; m0 < M; m0 += mmax) {
+        const int mc = int(std::min<int64_t>(mmax, M - m0));
+        table(mc)(x + m0 * ldx, ldx, wp, Kw, acc);
+        store_panel<T>(acc, mc, y + m0 * ldy, ldy, p * PW, N, bias);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// x: [M, K] (row stride ldx, unit column stride), packed: see header, N: out
+// features. Returns y [M, N]. For bf16 K must be even (caller pads).
+torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                            const c10::optional<torch::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be 2-D with unit inner stride");
+  TORCH_CHECK(packed.is_contiguous() && x.scalar_type() == packed.scalar_type(), "bad packed weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t P = (N + PW - 1) / PW;
+  TORCH_CHECK(packed.numel() == P * PW * K, "packed weight does not match x / N");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type());
+  if (x.scalar_type() == torch::kFloat32) {
+    const bool a512 = g_isa >= AVX512;
+    run<float>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), K, K * PW, N,
+               y.data_ptr<float>(), N, has_bias ? bias->data_ptr<float>() : nullptr,
+               a512 ? f32_avx512 : f32_avx2, a512 ? 16 : 6);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    TORCH_CHECK(K % 2 == 0, "bf16 path needs even K");
+    const bool bf = g_isa == AVX512BF16;
+    auto cast = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+    run<uint16_t>(cast(x), x.stride(0), M, cast(packed), K / 2, K * PW, N,
+                  reinterpret_cast<uint16_t*>(y.data_ptr()), N, has_bias ? cast(*bias) : nullptr,
+                  bf ? bf16_avx512bf16 : bf16_avx2, bf ? 16 : 6);
+  } else {
+    TORCH_CHECK(false, "unsupported dtype");
+  }
+  return y;
+}
+
+std::string isa_name() {
+  switch (g_isa) {
+    case AVX512BF16: return "avx512+bf16";
+    case AVX512: return "avx512 (bf16 via avx2 kernel)";
+    case AVX2: return "avx2";
+    default: return "none";
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias for small M");
+  m.def("isa", &isa_name, "instruction set selected at runtime");
+}
