@@ -226,7 +226,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_packed and self.weight.numel() != 0:
             self.pack()  # `weight` was re-assigned after pack()
-        if not self.is_packed or x.dtype != self._packed.dtype or x.device.type != "cpu":
+        if (not self.is_packed or x.dtype != self._packed.dtype or x.device.type != "cpu"
+                or (x.requires_grad and torch.is_grad_enabled())):  # kernel has no backward
             return F.linear(x, self.unpacked_weight(), self.bias)
         ext = _ext()
         if ext is None:  # MTPSPEC_KERNELS=torch set after packing
