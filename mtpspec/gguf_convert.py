@@ -56,7 +56,7 @@ class _Progress:
         if enabled:
             from rich.console import Console
 
-            self.console = Console(stderr=True, highlight=False)
+            self.console = Console(stderr=True, highlight=False, soft_wrap=True)
             self.console.print(f"[bold]mtpspec[/bold]: {title}")
 
     @contextlib.contextmanager
@@ -244,7 +244,7 @@ def _load_dense_model(path: Path, dtype):
         kwargs["quantization_config"] = GgufConfig(gguf_file=path.name, dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, low_cpu_mem_usage=True, **kwargs
+            str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs
         )
     except CheckpointError:
         raise
@@ -424,7 +424,10 @@ def cached_gguf_checkpoint(
     folder = (root / "gguf" / f"{path.stem}-{gguf_cache_key(path)}").absolute()
     if is_converted_checkpoint(folder):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create the cache folder {str(folder.parent)!r}: {error}") from error
     with _file_lock(folder.parent / f".{folder.name}.lock"):
         if is_converted_checkpoint(folder):  # another process finished it while we waited
             return folder
