@@ -1,0 +1,98 @@
+"""`run_plain_bench` end to end on a tiny random llama checkpoint (no timing thresholds).
+
+The checkpoint has no tokenizer, so the bench uses its deterministic token-id prompts; a second
+test passes token-id prompts explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mtpspec.bench import run_plain_bench
+from mtpspec.bench.plain import compare_tokens
+from mtpspec.errors import InputError
+
+from tiny_models import tiny_hf_model
+
+FAST = dict(max_new_tokens=8, repeats=1, batch_sizes=(1, 2), verify_repeats=3, verify_context=24,
+            bandwidth_mb=16, bandwidth_runs=2, show_table=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-llama")
+    tiny_hf_model("llama").save_pretrained(folder)
+    return folder
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_plain_bench_writes_complete_results(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "sub" / "plain.json"
+    res = run_plain_bench(model=tiny_llama, dtypes=("float32", "bfloat16"), out=out, command="pytest", **{**FAST, "show_table": True})
+    data = json.loads(out.read_text())
+    for key in ("benchmark", "model", "command", "arguments", "machine", "versions", "kernel", "bandwidth",
+                "runs", "roofline", "verify", "fp32_tokens_identical", "notes"):
+        assert key in data, key
+    assert data["command"] == "pytest"
+    assert data["arguments"]["max_new_tokens"] == 8 and data["arguments"]["batch_sizes"] == [1, 2]
+    for key in ("cpu_model", "logical_cores", "torch_threads"):
+        assert key in data["machine"]
+    assert {"torch", "transformers", "mtpspec"} <= set(data["versions"])
+    assert "path" in data["kernel"]
+    assert _positive(data["bandwidth"]["gb_per_s"])
+
+    assert data["fp32_tokens_identical"] is True
+    assert [(r["dtype"], r["batch_size"]) for r in data["runs"]] == [
+        ("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)]
+    for r in data["runs"]:
+        assert r["prompts"].startswith("token-ids")
+        for key in ("ours_tok_s", "hf_tok_s", "speedup", "ours_decode_tok_s"):
+            assert _positive(r[key]), (key, r)
+        assert len(r["ours_wall_s"]) == len(r["hf_wall_s"]) == 1
+        assert 0 <= r["identical_prefix_fraction"] <= 1
+        if r["dtype"] == "float32":
+            assert r["tokens_identical"] and r["identity_asserted"]
+            assert r["first_divergence"] == [None] * r["batch_size"]
+    for r in data["roofline"]:
+        assert r["tied_embeddings"] is True
+        for key in ("weight_bytes_per_step", "roofline_tok_s", "ours_b1_tok_s", "ours_b1_fraction"):
+            assert _positive(r[key]), (key, r)
+    fp32, bf16 = data["roofline"]
+    assert fp32["weight_bytes_per_step"] == 2 * bf16["weight_bytes_per_step"]
+    for r in data["verify"]:
+        assert r["tokens"] == 5 and r["context"] == 24
+        for key in ("ours_t1_ms", "ours_tk_ms", "ours_ratio", "hf_t1_ms", "hf_tk_ms", "hf_ratio"):
+            assert _positive(r[key]), (key, r)
+    assert res["out"] == str(out)
+    printed = capsys.readouterr().out
+    assert "throughput" in printed and "roofline" in printed and "verify-pass" in printed
+
+
+def test_plain_bench_token_id_prompts_without_output_file(tiny_llama):
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+    res = run_plain_bench(model=tiny_llama, dtypes=("fp32",), prompts=prompts, out=None, **FAST)
+    assert "out" not in res
+    assert [r["prompt_tokens"] for r in res["runs"]] == [[5], [5, 30]]
+    assert all(r["tokens_identical"] for r in res["runs"])
+
+
+def test_bad_arguments_are_rejected(tiny_llama):
+    with pytest.raises(InputError, match="max_new_tokens"):
+        run_plain_bench(model=tiny_llama, **{**FAST, "max_new_tokens": 0})
+    with pytest.raises(InputError, match="dtype"):
+        run_plain_bench(model=tiny_llama, dtypes=("int8",), out=None, **{k: v for k, v in FAST.items()})
+
+
+def test_compare_tokens():
+    assert compare_tokens([[1, 2, 3]], [[1, 2, 3]])["identical"]
+    c = compare_tokens([[1, 2, 3, 4], [5, 6]], [[1, 9, 3, 4], [5, 6]])
+    assert not c["identical"]
+    assert c["first_divergence"] == [1, None]
+    assert c["identical_prefix_fraction"] == pytest.approx(3 / 6)
+    assert c["identical_position_fraction"] == pytest.approx(5 / 6)
