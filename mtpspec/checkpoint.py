@@ -8,6 +8,7 @@ gguf_convert.py). Tensor names are mapped from the transformers layout to ours h
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -29,6 +30,36 @@ _LAYER_RENAMES = {
     "self_attn.k_norm": "attn.k_norm",
     "mlp.down_proj": "mlp.down",
 }
+# Gemma 4 additions: per-layer inputs (PLE), MoE branch, layer scalars.
+_LAYER_RENAMES.update({
+    "per_layer_input_gate": "ple.gate",
+    "per_layer_projection": "ple.proj",
+    "post_per_layer_input_norm": "ple.norm",
+    "post_feedforward_layernorm_1": "dense_out_norm",
+    "pre_feedforward_layernorm_2": "moe.in_norm",
+    "post_feedforward_layernorm_2": "moe.out_norm",
+    "router.proj": "moe.router.proj",
+})
+# parameters stored without a .weight suffix: transformers name -> ours
+_LAYER_PARAMS = {
+    "layer_scalar": "layer_scalar",
+    "router.scale": "moe.router.scale",
+    "router.per_expert_scale": "moe.router.expert_scale",
+    "experts.gate_up_proj": "moe.gate_up",
+    "experts.down_proj": "moe.down",
+}
+_TOP_RENAMES = {
+    "embed_tokens.weight": "embed.weight",
+    "norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "embed_tokens_per_layer.weight": "embed_per_layer.weight",
+    "per_layer_model_projection.weight": "per_layer_proj.weight",
+    "per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
+# multimodal wrappers (gemma3 / gemma4): towers and projectors we do not run
+_MULTIMODAL_PARTS = ("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.",
+                     "vision_model.", "audio_model.")
+log = logging.getLogger(__name__)
 _FUSED = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -51,12 +82,21 @@ def read_config(folder: Path) -> tuple[dict, ModelConfig]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise CheckpointError(f"{path}: no model_type field")
-    from .models.config import SUPPORTED_MODEL_TYPES
+    from .models.config import SUPPORTED_MODEL_TYPES, check_gemma4_fields
 
     if raw["model_type"] not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{path}: unsupported model_type {raw['model_type']!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if raw["model_type"] in ("gemma4", "gemma4_text"):
+        text = raw.get("text_config") if raw["model_type"] == "gemma4" else raw
+        if not isinstance(text, dict):
+            raise CheckpointError(f"{path}: a gemma4 config needs a text_config object")
+        try:  # our checks first: they name the field (transformers' validators often do not)
+            check_gemma4_fields(text)
+        except CheckpointError as e:
+            where = "text_config." if raw["model_type"] == "gemma4" else ""
+            raise CheckpointError(f"{path}: {where}{str(e).removeprefix('config.json: ')}") from None
     try:
         hf = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers validation errors: surface them as one line
@@ -94,16 +134,19 @@ def _strip_prefix(name: str) -> str | None:
 
 def _our_name(hf_name: str, cfg: ModelConfig) -> str | None:
     """Map a stripped transformers tensor name to ours (None: not a tensor of our text model)."""
-    if hf_name == "embed_tokens.weight":
-        return "embed.weight"
-    if hf_name == "norm.weight":
-        return "norm.weight"
-    if hf_name == "lm_head.weight":
-        return "lm_head.weight"
+    if hf_name in _TOP_RENAMES:
+        return _TOP_RENAMES[hf_name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in _LAYER_PARAMS:
+        return f"layers.{m.group(1)}.{_LAYER_PARAMS[m.group(2)]}"
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
     if not m:
         return None
     i, mod, kind = m.groups()
+    if int(i) < cfg.n_layers and cfg.is_kv_shared(int(i)) and mod in (
+        "self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm", "self_attn.v_norm"
+    ):
+        return None  # KV-shared layers have no K/V projections (some checkpoints still carry them)
     if mod == "post_attention_layernorm":
         return f"layers.{i}.{'attn_out_norm' if cfg.sandwich_norm else 'mlp_norm'}.{kind}"
     if mod in _LAYER_RENAMES:
@@ -121,9 +164,13 @@ def load_state_dict(folder: Path, cfg: ModelConfig, model: Decoder) -> dict[str,
     parts: dict[str, dict[int, torch.Tensor]] = {}
     sd: dict[str, torch.Tensor] = {}
     handles: dict[Path, object] = {}
+    skipped_multimodal = 0
     try:
         for hf_name, (f, name) in index.items():
             stripped = _strip_prefix(hf_name)
+            if stripped is not None and stripped.startswith(_MULTIMODAL_PARTS):
+                skipped_multimodal += 1
+                continue
             ours = _our_name(stripped, cfg) if stripped is not None else None
             if ours is None:
                 continue
@@ -137,6 +184,8 @@ def load_state_dict(folder: Path, cfg: ModelConfig, model: Decoder) -> dict[str,
                 sd[ours] = tensor
     finally:
         handles.clear()
+    if skipped_multimodal:
+        log.info("%s: running the text model only; ignoring %d vision/audio tensors", folder, skipped_multimodal)
     for key, pieces in parts.items():
         spec_i = int(key.split(".")[1])
         n_needed = 2 if key.endswith(("gate_up.weight", "gate_up.bias")) else _n_qkv(cfg, spec_i)
@@ -171,9 +220,16 @@ def _n_qkv(cfg: ModelConfig, layer: int) -> int:
 def _hf_hint(ours: str) -> str:
     """Best-effort transformers name for an error message."""
     rev = {v: k for k, v in _LAYER_RENAMES.items()}
+    top = {v: k for k, v in _TOP_RENAMES.items()}
+    if ours in top:
+        return ours if ours == "lm_head.weight" else f"model.{top[ours]}"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
+    params = {v: k for k, v in _LAYER_PARAMS.items()}
+    if m and m.group(2) in params:
+        return f"model.layers.{m.group(1)}.{params[m.group(2)]}"
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", ours)
     if not m:
-        return {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}.get(ours, ours)
+        return ours
     i, mod, kind = m.groups()
     if mod in _FUSED:
         return "/".join(f"model.layers.{i}.{p}.{kind}" for p in _FUSED[mod])

@@ -1,9 +1,18 @@
 """One decoder for every supported family, driven by `ModelConfig` / `LayerSpec` data.
 
-    tokens [B, T] --embed (* embed_scale)--> h
-    for each layer:  h = h + [out_norm](attn([attn_norm](h)))      (K/V land in the static cache)
-                     h = h + [out_norm](mlp([mlp_norm](h)))
+    tokens [B, T] --embed (* embed_scale)--> h          [+ per-layer inputs p_i, Gemma 4 PLE]
+    for each layer i:
+        h = h + [out_norm](attn([attn_norm](h)))      (K/V land in the static cache, unless the
+                                                       layer reads another layer's: KV sharing)
+        m = mlp([mlp_norm](h))
+        [MoE: m = dense_out_norm(m) + moe(h)]         (router and experts see h itself)
+        h = h + [out_norm](m)
+        [PLE: h = h + ple_norm(ple_proj(act(ple_gate(h)) * p_i))]
+        [h = h * layer_scalar]
     hidden = final_norm(h);  logits = [softcap](lm_head(hidden))
+
+Optional parts are present only when the config asks for them; the block is the same for every
+family.
 
 A forward consumes T new tokens per row at positions cache.lengths[b] + t, writes their K/V into
 the cache, advances the lengths by T, and returns the logits and the final (normed) hidden states
@@ -20,7 +29,8 @@ from torch import nn
 from ..cache import CacheLayout, KVCache
 from ..kernels import Linear
 from .config import ModelConfig
-from .layers import MLP, Attention, RMSNorm, StepContext, rope_cos_sin, visibility
+from .layers import MLP, Attention, PerLayerInput, RMSNorm, StepContext, rope_cos_sin, visibility
+from .moe import MoE, MoEStats
 
 
 @dataclass
@@ -42,16 +52,35 @@ class Block(nn.Module):
         self.mlp_norm = norm()
         self.mlp = MLP(cfg, spec.intermediate_size)
         self.mlp_out_norm = norm() if cfg.sandwich_norm else None
+        self.index = index
+        self.moe = None
+        if spec.moe is not None:
+            self.dense_out_norm = norm()
+            self.moe = MoE(cfg.hidden_size, spec.moe, cfg.norm_eps, norm, self.mlp.act)
+        self.ple = PerLayerInput(cfg) if cfg.per_layer_input_size else None
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
 
-    def forward(self, h: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, ctx: StepContext, cache: KVCache, per_layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
         a = self.attn(self.attn_norm(h), ctx, cache)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
         h = h + a
         m = self.mlp(self.mlp_norm(h))
+        if self.moe is not None:
+            experts_out, used = self.moe(h)
+            m = self.dense_out_norm(m) + experts_out
+            if ctx.moe_stats is not None:
+                ctx.moe_stats.experts_touched[self.index] = used
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
-        return h + m
+        h = h + m
+        if self.ple is not None:
+            h = self.ple(h, per_layer_input)
+        if self.layer_scalar is not None:
+            h = h * self.layer_scalar
+        return h
 
 
 class Decoder(nn.Module):
@@ -62,6 +91,11 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.per_layer_input_size:  # Gemma 4 PLE: packed table + projection of the embeddings
+            width = cfg.n_layers * cfg.per_layer_input_size
+            self.embed_per_layer = nn.Embedding(cfg.per_layer_vocab_size, width)
+            self.per_layer_proj = Linear(cfg.hidden_size, width, bias=False)
+            self.per_layer_proj_norm = RMSNorm(cfg.per_layer_input_size, cfg.norm_eps, cfg.norm_offset)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -114,6 +148,16 @@ class Decoder(nn.Module):
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         return h
 
+    def per_layer_inputs(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Gemma 4 PLE inputs [B, T, n_layers, P]: (norm(proj(embeds) / sqrt(hidden)) + table[token]
+        * sqrt(P)) / sqrt(2), in transformers' order of operations."""
+        cfg = self.cfg
+        shape = (*tokens.shape, cfg.n_layers, cfg.per_layer_input_size)
+        table = self.embed_per_layer(tokens) * torch.tensor(cfg.per_layer_input_size**0.5, dtype=h.dtype)
+        proj = self.per_layer_proj(h) * cfg.hidden_size**-0.5
+        proj = self.per_layer_proj_norm(proj.reshape(shape))
+        return (proj + table.reshape(shape)) * 2.0**-0.5
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (+ final softcap) on final hidden states."""
         logits = self.lm_head(hidden)
@@ -123,19 +167,29 @@ class Decoder(nn.Module):
         return logits
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, logits_at: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        logits_at: torch.Tensor | None = None,
+        moe_stats: MoEStats | None = None,
     ) -> ForwardOutput:
         """Run T new tokens per row ([B, T]) through the model, appending their K/V to the cache.
 
         logits_at: optional [B, n] indices into the T new positions; logits are computed only
         there (a prefill needs just each row's last prompt position). Default: every position.
+        moe_stats: optional `MoEStats`; MoE layers record how many distinct experts the B*T tokens
+        of this forward were routed to (every token counts, padding included).
         """
         b, t = tokens.shape
         cache.check_room(t)
         ctx = self.step_context(cache, t)
+        if moe_stats is not None:
+            ctx.moe_stats = moe_stats
+            moe_stats.tokens = b * t
         h = self.embed_tokens(tokens)
-        for layer in self.layers:
-            h = layer(h, ctx, cache)
+        ple = self.per_layer_inputs(tokens, h) if self.cfg.per_layer_input_size else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, cache, ple[:, :, i] if ple is not None else None)
         hidden = self.norm(h)
         cache.advance(t)
         picked = hidden

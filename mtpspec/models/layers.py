@@ -16,6 +16,7 @@ from torch import nn
 from ..cache import KVCache
 from ..kernels import Linear
 from .config import LayerSpec, ModelConfig
+from .moe import MoEStats
 
 
 class RMSNorm(nn.Module):
@@ -69,6 +70,7 @@ class StepContext:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     key_range: dict[str, tuple[int, int]]
     mask: dict[str, torch.Tensor | None]
+    moe_stats: "MoEStats | None" = None  # filled by MoE layers when the caller asks for it
 
 
 def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None) -> torch.Tensor | None:
@@ -151,3 +153,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down(self.act(gate) * up)
+
+
+class PerLayerInput(nn.Module):
+    """Gemma 4 per-layer input (PLE) residual of one block:
+    h + norm(proj(act(gate(h)) * per_layer_input)), with per_layer_input [B, T, P] from the decoder."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        p = cfg.per_layer_input_size
+        self.gate = Linear(cfg.hidden_size, p, bias=False)
+        self.proj = Linear(p, cfg.hidden_size, bias=False)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
+        self.act = F.silu if cfg.activation == "silu" else (lambda h: F.gelu(h, approximate="tanh"))
+
+    def forward(self, h: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+        return h + self.norm(self.proj(self.act(self.gate(h)) * per_layer_input))
