@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import FAMILIES, tiny_hf_model
+from tiny_models import FAMILIES, save_tiny_tokenizer, tiny_hf_model
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,12 @@ def tiny_checkpoints(tmp_path_factory):
         hf.save_pretrained(folder)
         out[fam] = (folder, hf)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny Llama checkpoint folder that also has a tokenizer with a chat template."""
+    folder = tmp_path_factory.mktemp("llama-tok")
+    tiny_hf_model("llama").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder

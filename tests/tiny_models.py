@@ -47,3 +47,25 @@ def tiny_hf_model(family: str, **overrides):
 FAMILIES = ["llama", "llama-untied", "qwen2", "gemma3"]
 
 
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def save_tiny_tokenizer(folder) -> None:
+    """A byte-level BPE tokenizer with < VOCAB tokens (ids 0, 1, 2 = pad, bos, eos) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, stop here please", "a b c d e f g"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)

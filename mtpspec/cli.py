@@ -1,0 +1,131 @@
+"""The `mtpspec` command line, built on the Python API. stdout carries only answers (or JSON);
+progress, summaries and errors go to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MtpspecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fast, lossless text generation with speculative decoding.")
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
+DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"mtpspec: error: {msg}", err=True)
+
+
+def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise MtpspecError("give either a PROMPT argument or --prompts-file (one of them)")
+    if prompt is not None:
+        return [prompt]
+    if not prompts_file.exists():
+        raise MtpspecError(f"{prompts_file}: prompts file does not exist")
+    lines = [ln for ln in prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise MtpspecError(f"{prompts_file}: no prompts (the file has no non-empty lines)")
+    return lines
+
+
+def _summary(stats: dict) -> str:
+    return (f"[{stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
+            f"prefill {stats['prefill_time'] * 1000:.0f} ms, {stats['target_forwards']} target forwards]")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (a user message, unless --raw).")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="One prompt per line, run as a batch.")] = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Makes sampling reproducible.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Run a prompts file N prompts at a time.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line on stdout.")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Generate text for a prompt (streamed) or a file of prompts (batched)."""
+    from .api import load
+
+    try:
+        prompts = _read_prompts(prompt, prompts_file)
+        engine = load(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      seed=seed, stop=stop, chat=not raw)
+        if len(prompts) == 1 and not json_out:
+            stream = engine.stream(prompts[0], **kwargs)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            typer.echo(_summary(stream.result.stats), err=True)
+            return
+        results = engine.generate(prompts, batch_size=batch_size, **kwargs)
+        for r in results:
+            if json_out:
+                sys.stdout.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write(r.text + "\n\n")
+                typer.echo(_summary(r.stats), err=True)
+    except MtpspecError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure.")] = "float32,bfloat16",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench-results/plain.json"),
+    device: DeviceOpt = "cpu",
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Measure our plain decoding against transformers `generate` (greedy, same prompts)."""
+    from .bench.plain import run_plain_bench
+
+    try:
+        run_plain_bench(
+            model=model,
+            dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+            batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()],
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
+            out=out,
+            device=device,
+            cache_dir=cache_dir,
+            command=" ".join(["mtpspec"] + sys.argv[1:]),
+        )
+    except MtpspecError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+    except ValueError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

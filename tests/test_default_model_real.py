@@ -1,0 +1,47 @@
+"""The real default model (SmolLM2-135M-Instruct): our engine against transformers on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from transformers import AutoModelForCausalLM
+
+    import mtpspec
+
+    engine = mtpspec.load()
+    hf = AutoModelForCausalLM.from_pretrained(engine.path, dtype=torch.float32).eval()
+    return engine, hf
+
+
+def test_logits_and_hidden_states_match_transformers(pair):
+    engine, hf = pair
+    ids = torch.tensor([engine.encode("Explain what a KV cache is, in one paragraph.")])
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+    out = engine.model(ids, engine.model.new_cache(1, ids.shape[1] + 8))
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=1e-4, rtol=0)
+
+
+def test_greedy_64_tokens_identical_to_transformers_generate(pair):
+    engine, hf = pair
+    for prompt in ["Write a limerick about a cat.", "What is 17 times 23?"]:
+        ids = engine.encode(prompt)
+        ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=64, do_sample=False, eos_token_id=None,
+                          min_new_tokens=64, pad_token_id=2)[0, len(ids):].tolist()
+        from mtpspec.decoding.loop import Request, run
+
+        ours = run(engine.model, [Request(ids, max_new_tokens=64)])[0].new_ids
+        assert ours == ref
+
+
+def test_chat_answer_is_sensible(pair):
+    engine, _ = pair
+    r = engine.generate("What is the capital of France? Answer in one sentence.", max_new_tokens=30)
+    assert "Paris" in r.text and r.finish_reason == "stop"
