@@ -104,7 +104,7 @@ def read_config(folder: Path) -> tuple[dict, ModelConfig]:
     try:
         return raw, from_hf_config(hf)
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}".replace("config.json: ", "")) from None
+        raise CheckpointError(f"{path}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def _open_tensors(folder: Path) -> dict[str, tuple[Path, str]]:

@@ -31,8 +31,7 @@ VARIANTS: dict[str, dict] = {
         num_kv_shared_layers=4, use_double_wide_mlp=True,
     ),
     # E4B: [s x5, f] layout, 2 KV heads, PLE, last layers reuse KV (no double-wide MLP).
-    # 12 layers, last 5 shared: sliding 7..10 read layer 6 ... wait: first shared = 7, so sliding
-    # 7..10 read layer 6 and full 11 reads layer 5.
+    # 12 layers, last 5 shared (first shared = 7): sliding 7..10 read layer 6, full 11 reads layer 5.
     "e4b": dict(
         num_hidden_layers=12, num_key_value_heads=2, intermediate_size=96, global_head_dim=32,
         layer_types=[S] * 5 + [F] + [S] * 5 + [F], hidden_size_per_layer_input=8,

@@ -245,11 +245,16 @@ def check_gemma4_fields(text: dict) -> None:
         raise CheckpointError(
             f"config.json: num_kv_shared_layers = {shared!r} must be between 0 and num_hidden_layers ({n})"
         )
+    if lt is None:  # transformers' default: 5 sliding then 1 full, and the last layer is always full
+        lt = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+    gemma4_kv_sources(list(lt[:-1]) + ["full_attention"], shared)
     if text.get("enable_moe_block"):
         for f in ("num_experts", "top_k_experts", "moe_intermediate_size"):
             v = text.get(f)
             if not isinstance(v, int) or v <= 0:
-                raise CheckpointError(f"config.json: enable_moe_block is true but {f} is {v!r} (needs a positive integer)")
+                raise CheckpointError(
+                    f"config.json: {f} = {v!r}, but enable_moe_block is true and needs it as a positive integer"
+                )
         if text["top_k_experts"] > text["num_experts"]:
             raise CheckpointError(
                 f"config.json: top_k_experts ({text['top_k_experts']}) is larger than num_experts ({text['num_experts']})"
