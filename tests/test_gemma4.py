@@ -106,6 +106,23 @@ def test_kv_shared_layers_store_nothing_and_read_the_right_layer(gemma4):
         assert modes[cfg.last_cache_layer(lt)] == "store"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_drafter_kv_matches_reference_shared_kv_states(name, gemma4):
+    hf, ours = gemma4[name]
+    ids = _ids(7, 1, 19)
+    cache = ours.new_cache(1, 24)
+    ours(ids, cache)
+    with torch.no_grad():
+        ref = hf(ids, return_shared_kv_states=True).shared_kv_states
+    for lt in ("sliding_attention", "full_attention"):
+        k, v = ours.drafter_kv(cache, lt)
+        if ref:  # transformers only returns them for KV-sharing models (E2B / E4B)
+            torch.testing.assert_close(k[:, :, :19], ref[lt][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(v[:, :, :19], ref[lt][1], atol=TOL, rtol=0)
+        else:
+            assert k.shape[2] == 24 and bool(k[:, :, :19].abs().sum(-1).gt(0).all())
+
+
 def test_moe_reports_distinct_experts_per_layer(gemma4):
     _, ours = gemma4["26b-a4b"]
     spec = VARIANTS["26b-a4b"]

@@ -126,6 +126,15 @@ class Decoder(nn.Module):
         }
         return KVCache(layouts, batch_size, capacity, dtype=self.dtype, device=self.device)
 
+    def drafter_kv(self, cache: KVCache, attention_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached K/V an MTP drafter attends to for `attention_type`: those of the last layer of
+        that type owning its K/V ([batch, kv_heads, capacity, head_dim]; valid up to cache.lengths).
+        Works with and without KV sharing (31B / 26B-A4B have none)."""
+        layer = self.cfg.last_cache_layer(attention_type)
+        if layer is None:
+            raise ValueError(f"the model has no {attention_type} layer")
+        return cache.k[layer], cache.v[layer]
+
     # ---- forward -----------------------------------------------------------------------------
     def step_context(self, cache: KVCache, t: int) -> StepContext:
         positions = cache.positions(t)
