@@ -157,3 +157,22 @@ def test_grad_mode_input_requiring_grad_uses_autograd_path():
         x = torch.randn(2, 64, requires_grad=True)
         layer(x).sum().backward()
         torch.testing.assert_close(x.grad, layer.unpacked_weight().sum(0).expand(2, 64))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lower_isa_kernels(isa, dtype):
+    """The AVX2 (and AVX-512 without BF16) fallback kernels, forced on this CPU."""
+    ext = K._ext()
+    if ext is None:
+        pytest.skip("C++ kernel not available")
+    try:
+        ext.force_isa(isa)
+        for i, o in [(577, 33), (576, 192)]:
+            layer = _make(i, o, True, dtype).pack()
+            w = layer.unpacked_weight()
+            for M in (1, 5, 7, 16, 17):
+                x = torch.randn(M, i, dtype=dtype)
+                _close(layer(x), x, w, layer.bias, dtype)
+    finally:
+        ext.force_isa("auto")

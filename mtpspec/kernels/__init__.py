@@ -234,10 +234,10 @@ class Linear(nn.Module):
             return F.linear(x, self.unpacked_weight(), self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         if self._packed.dim() == 4 and self.in_features % 2:
-            x2 = F.pad(x2, (0, 1))
+            x2 = F.pad(x2, (0, 1))  # bf16 kernel reads (x[2q], x[2q+1]) pairs
+        if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+            x2 = x2.contiguous()
         bias = self.bias.detach() if self.bias is not None else None
         y = ext.skinny_linear(x2.detach(), self._packed, bias, self.out_features)
         return y.view(*lead, self.out_features)

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #include <cstring>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -45,26 +46,18 @@ inline uint16_t f32_to_bf16(float f) {  // round-to-nearest-even, like torch
   return uint16_t(u >> 16);
 }
 
-inline uint32_t load_u32(const uint16_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
-
-// Store one panel's results (acc rows of 16 floats) with bias, dropping padding.
+// Scalar epilogue (AVX2 path): acc rows of 16 floats -> y (+bias), nn valid lanes.
 template <typename T>
-inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int64_t n0,
-                        int64_t N, const T* bias) {
-  const int64_t nn = std::min<int64_t>(PW, N - n0);
+inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int nn, const T* bias) {
   for (int m = 0; m < M; ++m) {
-    for (int64_t j = 0; j < nn; ++j) {
+    for (int j = 0; j < nn; ++j) {
       float v = acc[m * PW + j];
       if constexpr (std::is_same_v<T, float>) {
-        if (bias) v += bias[n0 + j];
-        y[m * ldy + n0 + j] = v;
+        if (bias) v += bias[j];
+        y[m * ldy + j] = v;
       } else {
-        if (bias) v += bf16_to_f32(bias[n0 + j]);
-        y[m * ldy + n0 + j] = f32_to_bf16(v);
+        if (bias) v += bf16_to_f32(bias[j]);
+        y[m * ldy + j] = f32_to_bf16(v);
       }
     }
   }
@@ -74,58 +67,93 @@ inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int64_t n0,
 // has >= ~8 FMA chains in flight to hide FMA latency.
 template <int M> constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
 
+// All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].
+// Activations arrive pre-transposed as xt[k][m] (fp32) or xt[q][m] (bf16 pairs
+// as one uint32), so every broadcast is `xt + const` (no per-row pointers).
+int64_t g_prefetch = 0;  // software prefetch distance in bytes (0 = off)
+
 // ----------------------------------------------------------------- AVX-512
+// Epilogues: add bias, convert, store the nn valid lanes of one output row.
+struct Out {  // where a panel's results go
+  void* y;              // &y[m0][16p] (element type = weight type)
+  int64_t ldy;          // row stride of y in elements
+  const void* bias;     // &bias[16p] or nullptr
+  int nn;               // valid outputs in this panel (16 except the last panel)
+};
+
+__attribute__((target("avx512f")))
+inline void epilogue_f32(__m512 s, int m, const Out& o) {
+  const __mmask16 k = __mmask16((1u << o.nn) - 1);
+  if (o.bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(k, o.bias));
+  _mm512_mask_storeu_ps(static_cast<float*>(o.y) + m * o.ldy, k, s);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+inline void epilogue_bf16(__m512 s, int m, const Out& o) {
+  const __mmask16 k = __mmask16((1u << o.nn) - 1);
+  if (o.bias) {
+    const __m256i b = _mm256_maskz_loadu_epi16(k, o.bias);
+    s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+  }
+  const __m256i r = (__m256i)_mm512_cvtneps_pbh(s);  // round-to-nearest-even
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + m * o.ldy, k, r);
+}
+
 template <int M>
 __attribute__((target("avx512f")))
-void f32_panel_avx512(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
+void f32_panel_avx512(const float* xt, const float* w, int64_t K, const Out& o) {
   constexpr int U = unroll<M>();
   __m512 acc[U][M];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  const int64_t pf = g_prefetch / 4;
   int64_t k = 0;
   for (; k + U <= K; k += U) {
+    if (pf) _mm_prefetch((const char*)(w + k * PW + pf), _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const __m512 wv = _mm512_loadu_ps(w + (k + u) * PW);
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
-        acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k + u]), wv, acc[u][m]);
+        acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(xt[(k + u) * M + m]), wv, acc[u][m]);
     }
   }
   for (; k < K; ++k) {
     const __m512 wv = _mm512_loadu_ps(w + k * PW);
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
-      acc[0][m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * ldx + k]), wv, acc[0][m]);
+      acc[0][m] = _mm512_fmadd_ps(_mm512_set1_ps(xt[k * M + m]), wv, acc[0][m]);
   }
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     __m512 s = acc[0][m];
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
-    _mm512_storeu_ps(out + m * PW, s);
+    epilogue_f32(s, m, o);
   }
 }
 
 template <int M>
-__attribute__((target("avx512f,avx512bf16")))
-void bf16_panel_avx512bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, float* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void bf16_panel_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, const Out& o) {
   constexpr int U = unroll<M>();
   __m512 acc[U][M];
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+  const int64_t pf = g_prefetch / 2;
   int64_t q = 0;
   for (; q + U <= K2; q += U) {
+    if (pf) _mm_prefetch((const char*)(w + q * 2 * PW + pf), _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (q + u) * 2 * PW);
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_u32(x + m * ldx + 2 * (q + u)));
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[(q + u) * M + m]));
         acc[u][m] = _mm512_dpbf16_ps(acc[u][m], xv, wv);
       }
     }
@@ -134,7 +162,7 @@ void bf16_panel_avx512bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, in
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + q * 2 * PW);
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_u32(x + m * ldx + 2 * q));
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[q * M + m]));
       acc[0][m] = _mm512_dpbf16_ps(acc[0][m], xv, wv);
     }
   }
@@ -143,7 +171,7 @@ void bf16_panel_avx512bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, in
     __m512 s = acc[0][m];
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
-    _mm512_storeu_ps(out + m * PW, s);
+    epilogue_bf16(s, m, o);
   }
 }
 
@@ -152,14 +180,14 @@ void bf16_panel_avx512bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, in
 // (high half): a bf16 is exactly the top 16 bits of the fp32 it represents.
 template <int M>
 __attribute__((target("avx2,fma")))
-void f32_panel_avx2(const float* x, int64_t ldx, const float* w, int64_t K, float* out) {
+void f32_panel_avx2(const float* xt, const float* w, int64_t K, float* out) {
   __m256 a0[M], a1[M];
   for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(w + k * PW), w1 = _mm256_loadu_ps(w + k * PW + 8);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m256 xv = _mm256_broadcast_ss(x + m * ldx + k);
+      const __m256 xv = _mm256_broadcast_ss(xt + k * M + m);
       a0[m] = _mm256_fmadd_ps(xv, w0, a0[m]);
       a1[m] = _mm256_fmadd_ps(xv, w1, a1[m]);
     }
@@ -172,7 +200,7 @@ void f32_panel_avx2(const float* x, int64_t ldx, const float* w, int64_t K, floa
 
 template <int M>
 __attribute__((target("avx2,fma")))
-void bf16_panel_avx2(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, float* out) {
+void bf16_panel_avx2(const uint32_t* xt, const uint16_t* w, int64_t K2, float* out) {
   __m256 a0[M], a1[M];
   for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
   const __m256i hi_mask = _mm256_set1_epi32(int(0xffff0000u));
@@ -185,8 +213,9 @@ void bf16_panel_avx2(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
     const __m256 hi1 = _mm256_castsi256_ps(_mm256_and_si256(r1, hi_mask));
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const __m256 xl = _mm256_set1_ps(bf16_to_f32(x[m * ldx + 2 * q]));
-      const __m256 xh = _mm256_set1_ps(bf16_to_f32(x[m * ldx + 2 * q + 1]));
+      const uint32_t pair = xt[q * M + m];
+      const __m256 xl = _mm256_set1_ps(bf16_to_f32(uint16_t(pair & 0xffffu)));
+      const __m256 xh = _mm256_set1_ps(bf16_to_f32(uint16_t(pair >> 16)));
       a0[m] = _mm256_fmadd_ps(xh, hi0, _mm256_fmadd_ps(xl, lo0, a0[m]));
       a1[m] = _mm256_fmadd_ps(xh, hi1, _mm256_fmadd_ps(xl, lo1, a1[m]));
     }
@@ -197,32 +226,47 @@ void bf16_panel_avx2(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t 
   }
 }
 
-// ------------------------------------------------------------ dispatch
-template <typename T>
-using PanelFn = void (*)(const T*, int64_t, const T*, int64_t, float*);
+// AVX2 kernels write a 16-float scratch row per m; store_panel does the epilogue.
+template <typename E, typename T, void (*KERN)(const E*, const T*, int64_t, float*), int M>
+void avx2_panel(const E* xt, const T* w, int64_t Kw, const Out& o) {
+  alignas(64) float acc[M * PW];
+  KERN(xt, w, Kw, acc);
+  store_panel<T>(acc, M, static_cast<T*>(o.y), o.ldy, o.nn, static_cast<const T*>(o.bias));
+}
+template <int M> void f32_avx2_panel(const float* xt, const float* w, int64_t K, const Out& o) {
+  avx2_panel<float, float, f32_panel_avx2<M>, M>(xt, w, K, o);
+}
+template <int M> void bf16_avx2_panel(const uint32_t* xt, const uint16_t* w, int64_t K, const Out& o) {
+  avx2_panel<uint32_t, uint16_t, bf16_panel_avx2<M>, M>(xt, w, K, o);
+}
 
-#define MTP_TABLE(NAME, T, FN)                                                \
-  PanelFn<T> NAME(int m) {                                                    \
-    static const PanelFn<T> t[] = {nullptr, FN<1>, FN<2>, FN<3>, FN<4>,       \
+// ------------------------------------------------------------ dispatch
+// E: activation element (float, or uint32 = bf16 pair); T: weight/output element.
+template <typename E, typename T>
+using PanelFn = void (*)(const E*, const T*, int64_t, const Out&);
+
+#define MTP_TABLE(NAME, E, T, FN)                                             \
+  PanelFn<E, T> NAME(int m) {                                                 \
+    static const PanelFn<E, T> t[] = {nullptr, FN<1>, FN<2>, FN<3>, FN<4>,       \
                                    FN<5>,   FN<6>, FN<7>, FN<8>, FN<9>,       \
                                    FN<10>,  FN<11>, FN<12>, FN<13>, FN<14>,   \
                                    FN<15>,  FN<16>};                          \
     return t[m];                                                              \
   }
-MTP_TABLE(f32_avx512, float, f32_panel_avx512)
-MTP_TABLE(bf16_avx512bf16, uint16_t, bf16_panel_avx512bf16)
+MTP_TABLE(f32_avx512, float, float, f32_panel_avx512)
+MTP_TABLE(bf16_avx512bf16, uint32_t, uint16_t, bf16_panel_avx512bf16)
 #undef MTP_TABLE
 
-PanelFn<float> f32_avx2(int m) {
-  static const PanelFn<float> t[] = {nullptr, f32_panel_avx2<1>, f32_panel_avx2<2>,
-                                     f32_panel_avx2<3>, f32_panel_avx2<4>,
-                                     f32_panel_avx2<5>, f32_panel_avx2<6>};
+PanelFn<float, float> f32_avx2(int m) {
+  static const PanelFn<float, float> t[] = {nullptr, f32_avx2_panel<1>, f32_avx2_panel<2>,
+                                            f32_avx2_panel<3>, f32_avx2_panel<4>,
+                                            f32_avx2_panel<5>, f32_avx2_panel<6>};
   return t[m];
 }
-PanelFn<uint16_t> bf16_avx2(int m) {
-  static const PanelFn<uint16_t> t[] = {nullptr, bf16_panel_avx2<1>, bf16_panel_avx2<2>,
-                                        bf16_panel_avx2<3>, bf16_panel_avx2<4>,
-                                        bf16_panel_avx2<5>, bf16_panel_avx2<6>};
+PanelFn<uint32_t, uint16_t> bf16_avx2(int m) {
+  static const PanelFn<uint32_t, uint16_t> t[] = {nullptr, bf16_avx2_panel<1>, bf16_avx2_panel<2>,
+                                                   bf16_avx2_panel<3>, bf16_avx2_panel<4>,
+                                                   bf16_avx2_panel<5>, bf16_avx2_panel<6>};
   return t[m];
 }
 
@@ -237,22 +281,32 @@ Isa detect() {
   return NONE;
 }
 
-const Isa g_isa = detect();
+const Isa g_detected = detect();
+Isa g_isa = g_detected;  // may be lowered by force_isa() (tests)
 
-template <typename T>
-void run(const T* x, int64_t ldx, int64_t M, const T* w, int64_t Kw, int64_t panel_elems,
-         int64_t N, T* y, int64_t ldy, const T* bias, PanelFn<T> (*table)(int), int mmax) {
+// x: [M, Kw] in units of E (bf16 rows viewed as uint32 pairs), row stride ldx.
+template <typename E, typename T>
+void run(const E* x, int64_t ldx, int64_t M, const T* w, int64_t Kw, int64_t panel_elems,
+         int64_t N, T* y, int64_t ldy, const T* bias, PanelFn<E, T> (*table)(int), int mmax) {
+  // Transpose activations chunk-wise: chunk c (rows m0..m0+mc) -> xt[m0*Kw + k*mc + m].
+  std::vector<E> xt(size_t(M * Kw));
+  for (int64_t m0 = 0; m0 < M; m0 += mmax) {
+    const int64_t mc = std::min<int64_t>(mmax, M - m0);
+    E* dst = xt.data() + m0 * Kw;
+    for (int64_t m = 0; m < mc; ++m)
+      for (int64_t k = 0; k < Kw; ++k) dst[k * mc + m] = x[(m0 + m) * ldx + k];
+  }
   const int64_t P = (N + PW - 1) / PW;
   // Small layers: don't wake the second thread for < ~64 KB of weights.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (panel_elems * sizeof(T)));
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (panel_elems * int64_t(sizeof(T))));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    alignas(64) float acc[16 * PW];
     for (int64_t p = p0; p < p1; ++p) {
       const T* wp = w + p * panel_elems;
+      const int nn = int(std::min<int64_t>(PW, N - p * PW));
       for (int64_t m0 = 0; m0 < M; m0 += mmax) {
         const int mc = int(std::min<int64_t>(mmax, M - m0));
-        table(mc)(x + m0 * ldx, ldx, wp, Kw, acc);
-        store_panel<T>(acc, mc, y + m0 * ldy, ldy, p * PW, N, bias);
+        const Out o{y + m0 * ldy + p * PW, ldy, bias ? bias + p * PW : nullptr, nn};
+        table(mc)(xt.data() + m0 * Kw, wp, Kw, o);
       }
     }
   });
@@ -275,14 +329,16 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed,
   if (has_bias) TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == x.scalar_type());
   if (x.scalar_type() == torch::kFloat32) {
     const bool a512 = g_isa >= AVX512;
-    run<float>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), K, K * PW, N,
+    run<float, float>(x.data_ptr<float>(), x.stride(0), M, packed.data_ptr<float>(), K, K * PW, N,
                y.data_ptr<float>(), N, has_bias ? bias->data_ptr<float>() : nullptr,
                a512 ? f32_avx512 : f32_avx2, a512 ? 16 : 6);
   } else if (x.scalar_type() == torch::kBFloat16) {
     TORCH_CHECK(K % 2 == 0, "bf16 path needs even K");
     const bool bf = g_isa == AVX512BF16;
+    TORCH_CHECK(x.stride(0) % 2 == 0, "bf16 path needs even row stride");
     auto cast = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-    run<uint16_t>(cast(x), x.stride(0), M, cast(packed), K / 2, K * PW, N,
+    run<uint32_t, uint16_t>(reinterpret_cast<const uint32_t*>(x.data_ptr()), x.stride(0) / 2, M,
+                  cast(packed), K / 2, K * PW, N,
                   reinterpret_cast<uint16_t*>(y.data_ptr()), N, has_bias ? cast(*bias) : nullptr,
                   bf ? bf16_avx512bf16 : bf16_avx2, bf ? 16 : 6);
   } else {
@@ -303,4 +359,10 @@ std::string isa_name() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias for small M");
   m.def("isa", &isa_name, "instruction set selected at runtime");
+  m.def("force_isa", [](const std::string& name) {
+    const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;
+    g_isa = std::min(want, g_detected);
+    return isa_name();
+  }, "lower the ISA for testing: 'avx2', 'avx512', or 'auto'");
+  m.def("set_prefetch", [](int64_t b) { g_prefetch = b; }, "software prefetch distance (bytes, 0=off)");
 }
