@@ -1,4 +1,5 @@
-"""The decoding loop: prefill a batch of prompts of different lengths, then decode step by step.
+"""The decoding loop: prefill a batch of prompts of different lengths, then decode, plainly or
+speculatively (draft with a proposer, verify in one target forward, keep what the target accepts).
 
 It works on token ids only (no text, no HTTP). Stop strings reach it as a callback from the API
 layer. Every row keeps its own sampling parameters and random generator, so a seeded row draws
@@ -15,7 +16,10 @@ import torch
 
 from ..errors import InputError
 from ..models.decoder import Decoder
-from .sampling import SamplingParams, next_token
+from .draft_length import DraftLengthPolicy
+from .proposers import DraftInput, Proposal, Proposer
+from .sampling import SamplingParams, next_token, probabilities
+from .verify import verify_greedy, verify_sampled_row
 
 StopCheck = Callable[[list[int]], int | None]
 """Given a row's new token ids, return how many to keep if a stop condition is met, else None."""
@@ -34,18 +38,54 @@ class Request:
 
 @dataclass
 class SequenceStats:
-    """Per-sequence statistics. Times in seconds; tokens_per_second is the decode rate
-    (tokens after the first, which comes from the prefill, divided by the decode time)."""
+    """Per-sequence statistics. Times in seconds.
+
+    tokens_per_second: decode rate = tokens after the first (which the prefill produces) divided
+        by the decode time.
+    mean_accepted_length: tokens emitted per target forward in the decode phase (accepted drafts +
+        the bonus token); 1.0 for plain decoding.
+    acceptance_per_position: for draft position i (1-based), accepted / proposed among the rounds
+        that proposed a token at i. Position i counts as accepted only if all before it were.
+    drafter_time_share: drafting time / decode time (batch-level: drafting is shared by the rows).
+    """
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     target_forwards: int = 0
     prefill_time: float = 0.0
     decode_time: float = 0.0
+    draft_time: float = 0.0
+    rounds: int = 0
+    round_tokens: int = 0
+    proposed_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
         return (self.new_tokens - 1) / self.decode_time if self.new_tokens > 1 and self.decode_time > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.round_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
+
+    @property
+    def drafter_time_share(self) -> float:
+        return self.draft_time / self.decode_time if self.decode_time > 0 else 0.0
+
+    def record_round(self, k: int, n_accepted: int, emitted: int) -> None:
+        """One verification round that proposed k drafts, accepted n and emitted `emitted` tokens."""
+        self.rounds += 1
+        self.round_tokens += emitted
+        while len(self.proposed_per_position) < k:
+            self.proposed_per_position.append(0)
+            self.accepted_per_position.append(0)
+        for i in range(k):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < n_accepted)
 
     def as_dict(self) -> dict:
         return {
@@ -55,6 +95,9 @@ class SequenceStats:
             "prefill_time": round(self.prefill_time, 6),
             "decode_time": round(self.decode_time, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "acceptance_per_position": [round(a, 4) for a in self.acceptance_per_position],
+            "drafter_time_share": round(self.drafter_time_share, 4),
         }
 
 
@@ -73,8 +116,8 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, token: int) -> int:
-        """Append a token and apply stop conditions; returns how many of the row's tokens are final."""
+    def accept(self, token: int) -> None:
+        """Append one emitted token and apply the stop conditions (EOS is not kept in the output)."""
         r = self.request
         self.new_ids.append(token)
         if token in r.eos_ids:
@@ -86,7 +129,6 @@ class Sequence:
         elif len(self.new_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
         self.stats.new_tokens = len(self.new_ids)
-        return len(self.new_ids)
 
 
 @dataclass
@@ -116,64 +158,140 @@ def check_requests(model: Decoder, requests: list[Request]) -> None:
             raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0..{model.cfg.vocab_size - 1})")
 
 
-@torch.inference_mode()
-def generate(model: Decoder, requests: list[Request]) -> Iterator[Event]:
-    """Plain (non-speculative) generation for a batch; yields an Event per row and step.
+class FixedDraftLength:
+    """Always draft k tokens (k = 0: plain decoding)."""
 
-    Call `list(...)`, or iterate for streaming; the finished `Sequence`s are the generator's return
-    value (see `run`).
+    def __init__(self, k: int) -> None:
+        if k < 0:
+            raise InputError(f"draft_tokens must be >= 0, got {k}")
+        self.k = k
+
+    def choose(self, batch_size: int) -> int:
+        return self.k
+
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None:
+        pass
+
+    @property
+    def max_k(self) -> int:
+        return self.k
+
+
+@torch.inference_mode()
+def generate(
+    model: Decoder,
+    requests: list[Request],
+    proposer: Proposer | None = None,
+    draft_length: "DraftLengthPolicy | int" = 0,
+) -> Iterator[Event]:
+    """Generate for a batch of requests; yields an Event per row and round.
+
+    Without a proposer this is plain decoding (one token per target forward). With one, every
+    round drafts k tokens per row, verifies them in one target forward over k+1 positions, keeps
+    the accepted prefix plus the bonus token (verify.py), and rolls each row's cache back over its
+    rejected positions. Rows accept different numbers of tokens (ragged) and finish independently.
+    The finished `Sequence`s are the generator's return value (see `run`).
     """
     check_requests(model, requests)
+    policy = FixedDraftLength(draft_length) if isinstance(draft_length, int) else draft_length
+    if proposer is None:
+        policy = FixedDraftLength(0)
     limit = model.cfg.max_position  # never run past the model's context
     seqs = [
         Sequence(r, r.params.generator(model.device), min(r.max_new_tokens, limit - len(r.prompt_ids)))
         for r in requests
     ]
-    batch = len(seqs)
+    batch, dev = len(seqs), model.device
     lengths = [len(r.prompt_ids) for r in requests]
-    capacity = max(n + s.max_new_tokens for n, s in zip(lengths, seqs))
+    capacity = max(n + s.max_new_tokens for n, s in zip(lengths, seqs)) + policy.max_k + 1
     cache = model.new_cache(batch, capacity)
+    history = [list(r.prompt_ids) for r in requests]
 
-    # prefill: right-padded prompts; each row's logits at its last prompt position
+    # prefill: right-padded prompts; each row's logits and hidden state at its last prompt position
     t0 = time.perf_counter()
-    width = max(lengths)
-    tokens = torch.zeros(batch, width, dtype=torch.long)
+    tokens = torch.zeros(batch, max(lengths), dtype=torch.long)
     for b, r in enumerate(requests):
         tokens[b, : lengths[b]] = torch.tensor(r.prompt_ids)
-    last = torch.tensor(lengths)[:, None] - 1
-    out = model(tokens.to(model.device), cache, logits_at=last.to(model.device))
+    last = (torch.tensor(lengths)[:, None] - 1).to(dev)
+    out = model(tokens.to(dev), cache, logits_at=last)
     cache.set_lengths(lengths)
-    logits = out.logits[:, 0]
+    last_hidden = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]
     t_prefill = time.perf_counter() - t0
-    for b, s in enumerate(seqs):
-        s.stats.prompt_tokens = lengths[b]
-        s.stats.prefill_time = t_prefill
-        s.stats.target_forwards = 1
-
+    last_tokens = torch.zeros(batch, dtype=torch.long)
     t_decode = time.perf_counter()
-    while True:
-        next_tokens = torch.zeros(batch, 1, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[b], t_prefill, 1
+        tok = next_token(out.logits[b, 0], s.request.params, s.generator)
+        last_tokens[b] = tok
+        history[b].append(tok)
+        s.accept(tok)
+        if s.done:
+            s.stats.decode_time = time.perf_counter() - t_decode
+        yield Event(b, s.new_ids, s.done)
+
+    draft_time = 0.0
+    while not all(s.done for s in seqs):
+        active = [not s.done for s in seqs]
+        k = min(policy.choose(sum(active)), max(s.max_new_tokens - len(s.new_ids) for s in seqs if not s.done))
+        t_round = time.perf_counter()
+        if k > 0:
+            inp = DraftInput(model, cache, last_tokens.to(dev), last_hidden, history,
+                             [s.request.params for s in seqs], [s.generator for s in seqs], active)
+            proposal = proposer.propose(inp, k)
+            drafts = proposal.tokens.to(dev)
+        else:
+            proposal, drafts = Proposal(torch.zeros(batch, 0, dtype=torch.long)), torch.zeros(batch, 0, dtype=torch.long, device=dev)
+        t_drafted = time.perf_counter()
+        draft_time += t_drafted - t_round
+
+        out = model(torch.cat([last_tokens.to(dev)[:, None], drafts], dim=1), cache)
+        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
+        n_accepted = greedy_n.tolist()
+        emitted: list[list[int]] = []
         for b, s in enumerate(seqs):
+            params = s.request.params
             if s.done:
+                emitted.append([])
+            elif params.greedy:
+                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
+            else:
+                q = proposal.probs[b] if proposal.probs is not None else None
+                n_accepted[b], row = verify_sampled_row(drafts[b], q, probabilities(out.logits[b], params), s.generator)
+                emitted.append(row)
+        # keep each row's accepted positions: last token + n accepted drafts; drop the rest
+        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
+        cache.rollback((k + 1) - keep)
+        rows = torch.arange(batch, device=dev)
+        last_hidden = out.hidden[rows, torch.tensor(n_accepted, device=dev)]
+        now = time.perf_counter()
+        policy.observe(sum(active), k, [n for n, a in zip(n_accepted, active) if a], now - t_drafted, t_drafted - t_round)
+        for b, s in enumerate(seqs):
+            if not emitted[b]:
                 continue
-            tok = next_token(logits[b], s.request.params, s.generator)
-            s.accept(tok)
-            next_tokens[b, 0] = tok
+            s.stats.target_forwards += 1
+            s.stats.record_round(k, n_accepted[b], len(emitted[b]))
+            for tok in emitted[b]:
+                s.accept(tok)
+                history[b].append(tok)
+                if s.done:
+                    break
+            last_tokens[b] = emitted[b][-1]
+            s.stats.draft_time = draft_time
             if s.done:
-                s.stats.decode_time = time.perf_counter() - t_decode
+                s.stats.decode_time = now - t_decode
             yield Event(b, s.new_ids, s.done)
-        if all(s.done for s in seqs):
-            break
-        logits = model(next_tokens.to(model.device), cache).logits[:, 0]
-        for s in seqs:
-            if not s.done:
-                s.stats.target_forwards += 1
     return seqs
 
 
-def run(model: Decoder, requests: list[Request], on_event: Callable[[Event], None] | None = None) -> list[Sequence]:
+def run(
+    model: Decoder,
+    requests: list[Request],
+    proposer: Proposer | None = None,
+    draft_length: "DraftLengthPolicy | int" = 0,
+    on_event: Callable[[Event], None] | None = None,
+) -> list[Sequence]:
     """Run `generate` to completion and return the finished sequences."""
-    it = generate(model, requests)
+    it = generate(model, requests, proposer, draft_length)
     while True:
         try:
             ev = next(it)

@@ -1,0 +1,100 @@
+"""Choosing the draft length k each round: fixed, or adapted to measured acceptance and costs.
+
+A round with k drafts costs  T(k) = draft(k) + verify(k)  and emits on average
+
+    E(k) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k
+
+tokens, where a_i is the probability that draft i is accepted given drafts 1..i-1 were. The
+adaptive policy estimates a_i from the rounds it has seen (exponential moving averages), measures
+draft time per drafted token and verify time per k (both per batch-size bucket, since batching
+changes both), and picks the k in [0, max_k] that maximises E(k) / T(k). k = 0 is plain decoding,
+chosen when the drafter does not pay; an exploration round now and then keeps the estimates fresh.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class DraftLengthPolicy(Protocol):
+    max_k: int
+
+    def choose(self, batch_size: int) -> int: ...
+
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None: ...
+
+
+def _bucket(batch_size: int) -> int:
+    """Batch sizes 1, 2, 3-4, 5-8, 9-16, ... share cost estimates."""
+    return max(1, batch_size - 1).bit_length()
+
+
+class AdaptiveDraftLength:
+    """Pick k from measured acceptance and costs (see module docstring)."""
+
+    def __init__(self, max_k: int = 8, *, prior_acceptance: float = 0.7, decay: float = 0.9, explore_every: int = 16):
+        if max_k < 1:
+            raise ValueError("max_k must be >= 1")
+        self.max_k = max_k
+        self.decay = decay
+        self.explore_every = explore_every
+        self.accept = [prior_acceptance] * max_k  # a_1 .. a_max_k
+        self.verify: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds
+        self.draft_per_token: dict[int, float] = {}  # bucket -> seconds per drafted token
+        self.rounds = 0
+        self.last_k = min(4, max_k)
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for i in range(k):
+            run *= self.accept[i]
+            total += run
+        return total
+
+    def _verify_time(self, bucket: int, k: int) -> float | None:
+        known = sorted((kk, t) for (b, kk), t in self.verify.items() if b == bucket)
+        if not known:
+            return None
+        exact = dict(known)
+        if k in exact:
+            return exact[k]
+        if len(known) == 1:  # one point: assume a verify pass grows 5% per extra token
+            k0, t0 = known[0]
+            return t0 * (1 + 0.05 * (k - k0))
+        below = [p for p in known if p[0] < k]
+        above = [p for p in known if p[0] > k]
+        (k0, t0), (k1, t1) = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
+        return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 1e-9)
+
+    def choose(self, batch_size: int) -> int:
+        self.rounds += 1
+        bucket = _bucket(batch_size)
+        seen = {kk for (b, kk) in self.verify if b == bucket}
+        if bucket not in self.draft_per_token or len(seen) < 2:
+            # warm-up for this batch size: measure the default k and plain decoding (k = 0) first
+            for k in (self.last_k, 0):
+                if k not in seen:
+                    return k
+        scores = {}
+        for k in range(self.max_k + 1):
+            t_verify = self._verify_time(bucket, k)
+            scores[k] = self.expected_tokens(k) / (t_verify + k * self.draft_per_token[bucket])
+        best = max(scores, key=scores.get)
+        if self.explore_every and self.rounds % self.explore_every == 0:
+            best = min(self.max_k, best + 1) if best < self.max_k else best - 1
+        self.last_k = best
+        return best
+
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None:
+        bucket, d = _bucket(batch_size), self.decay
+        key = (bucket, k)
+        self.verify[key] = verify_time if key not in self.verify else d * self.verify[key] + (1 - d) * verify_time
+        if k > 0:
+            per_tok = draft_time / k
+            old = self.draft_per_token.get(bucket)
+            self.draft_per_token[bucket] = per_tok if old is None else d * old + (1 - d) * per_tok
+        for i in range(k):  # rows that reached draft i (all earlier drafts accepted)
+            reached = [n for n in accepted if n >= i]
+            if reached:
+                rate = sum(1 for n in reached if n > i) / len(reached)
+                self.accept[i] = d * self.accept[i] + (1 - d) * rate

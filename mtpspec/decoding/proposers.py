@@ -1,0 +1,92 @@
+"""Proposers: anything that drafts the next K tokens of each row, behind one small interface.
+
+The decoding loop calls `proposer.propose(inp, k)` and never asks what kind of proposer it has.
+A proposer returns the drafted ids and, if it drafted by sampling, the processed distributions it
+sampled from (needed for unbiased rejection sampling; see verify.py). A deterministic proposer
+(n-gram lookup, or any argmax drafter on a greedy row) returns probs=None: q is then one-hot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..cache import KVCache
+from ..models.decoder import Decoder
+from .sampling import SamplingParams
+
+
+@dataclass
+class DraftInput:
+    """What a proposer may read to draft for each row b of the batch.
+
+    cache: the target's KV cache; row b holds valid K/V for positions 0 .. cache.lengths[b]-1,
+        which is everything before `last_tokens[b]` (the last token itself is not in it yet: the
+        next target forward will process it). A proposer must not modify the cache.
+    last_tokens: [B] the last emitted token of each row.
+    last_hidden: [B, H] the target's final hidden state at the position whose logits produced
+        last_tokens[b] (what an MTP drafter consumes).
+    history: prompt + emitted tokens of each row, ending with last_tokens[b].
+    params / generators: each row's sampling parameters and random generator.
+    active: [B] bool, rows still generating (a proposer may skip the others).
+    """
+
+    target: Decoder
+    cache: KVCache
+    last_tokens: torch.Tensor
+    last_hidden: torch.Tensor
+    history: list[list[int]]
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    active: list[bool]
+
+
+@dataclass
+class Proposal:
+    """tokens: [B, k] drafted ids. probs: [B, k, V] the processed distributions each draft was
+    sampled from (rows with sampling), or None if every draft is deterministic."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    """Drafts k tokens per row."""
+
+    def propose(self, inp: DraftInput, k: int) -> Proposal: ...
+
+
+class NgramProposer:
+    """Model-free drafting by prompt lookup: find the most recent earlier occurrence of the row's
+    last n tokens (n from max_ngram down to min_ngram) in its history and propose the tokens that
+    followed it. Rows with no match get a repeat of their last token (almost surely rejected, at
+    no extra cost: the verify pass is paid anyway). Deterministic, so probs is None.
+    """
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("n-gram sizes must satisfy 1 <= min_ngram <= max_ngram")
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def lookup(self, history: list[int], k: int) -> list[int]:
+        """The up-to-k tokens that followed the latest earlier match of history's suffix."""
+        h = history
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            suffix = h[-n:]
+            for start in range(len(h) - n - 1, -1, -1):  # most recent earlier occurrence first
+                if h[start : start + n] == suffix:
+                    follow = h[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+    def propose(self, inp: DraftInput, k: int) -> Proposal:
+        rows = []
+        for b, hist in enumerate(inp.history):
+            found = self.lookup(hist, k) if inp.active[b] else []
+            pad = found[-1] if found else hist[-1]
+            rows.append(found + [pad] * (k - len(found)))
+        return Proposal(torch.tensor(rows, dtype=torch.long, device=inp.last_tokens.device).view(len(rows), k))
