@@ -15,6 +15,8 @@ import torch
 
 from .checkpoint import load_decoder
 from .decoding.loop import Request, Sequence, generate as loop_generate, run
+from .decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy
+from .decoding.proposers import NgramProposer, Proposer
 from .decoding.sampling import SamplingParams
 from .errors import CheckpointError, InputError
 from .models.decoder import Decoder
@@ -91,13 +93,45 @@ def load_tokenizer(folder: Path):
 
 
 class Engine:
-    """A loaded model ready to generate. Create it with `mtpspec.load(...)`."""
+    """A loaded model (and optionally a proposer) ready to generate. Create it with `mtpspec.load(...)`.
 
-    def __init__(self, model: Decoder, tokenizer, path: Path, name: str) -> None:
+    proposer: drafts tokens for speculative decoding (an MTP drafter or n-gram lookup), or None
+        for plain decoding. draft_tokens: the default draft length K (None: adaptive, up to
+        max_draft_tokens, chosen from measured acceptance and costs).
+    """
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer,
+        path: Path,
+        name: str,
+        proposer: Proposer | None = None,
+        draft_tokens: int | None = None,
+        max_draft_tokens: int = 8,
+        drafter_name: str | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.name = name
+        self.proposer = proposer
+        self.draft_tokens = draft_tokens
+        self.max_draft_tokens = max_draft_tokens
+        self.drafter_name = drafter_name
+
+    def draft_policy(self, draft_tokens: int | None, params: SamplingParams) -> DraftLengthPolicy | int:
+        """The draft-length policy for one call: fixed K if given (or if a seeded sampling run must
+        be reproducible: adaptive K depends on timings and so would change the random draws),
+        else adaptive."""
+        k = self.draft_tokens if draft_tokens is None else draft_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise InputError(f"draft_tokens must be an integer >= 0 (0 = plain decoding), got {k!r}")
+        if self.proposer is None:
+            return 0
+        if k is None and not params.greedy and params.seed is not None:
+            k = self.max_draft_tokens // 2 or 1
+        return AdaptiveDraftLength(self.max_draft_tokens) if k is None else k
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -203,12 +237,14 @@ class Engine:
         stop: str | list[str] | None = None,
         chat: bool = True,
         batch_size: int | None = None,
+        draft_tokens: int | None = None,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (returns one result) or a list of prompts (returns a list).
 
         A prompt is a string (the chat template is applied unless chat=False) or a list of token
         ids (used as is). temperature=0 is greedy. Prompts run as one batch, or in batches of
-        `batch_size`.
+        `batch_size`. With a proposer loaded, decoding is speculative: draft_tokens fixes K
+        (0 = plain decoding), None uses the engine's default (adaptive unless set at load).
         """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         plist: list[Prompt] = [prompts] if single else list(prompts)
@@ -221,7 +257,8 @@ class Engine:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         results: list[GenerationResult] = []
         for start in range(0, len(requests), size):
-            seqs = run(self.model, requests[start : start + size])
+            policy = self.draft_policy(draft_tokens, params)
+            seqs = run(self.model, requests[start : start + size], self.proposer, policy)
             results += [self._result(p, s, stop) for p, s in zip(plist[start : start + size], seqs)]
         return results[0] if single else results
 
@@ -236,20 +273,21 @@ class Engine:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         chat: bool = True,
+        draft_tokens: int | None = None,
     ) -> "TextStream":
         """Generate for one prompt, yielding text pieces as they come; `.result` holds the final
         `GenerationResult` once the stream is exhausted."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         requests = self._requests([prompt], max_new_tokens, params, stop, chat)
-        return TextStream(self, prompt, requests, stop)
+        return TextStream(self, prompt, requests, stop, self.draft_policy(draft_tokens, params))
 
 
 class TextStream:
     """Iterator of text pieces for one prompt (see `Engine.stream`)."""
 
-    def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop) -> None:
+    def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop, policy) -> None:
         self._engine, self._prompt, self._stop = engine, prompt, stop
-        self._events = loop_generate(engine.model, requests)
+        self._events = loop_generate(engine.model, requests, engine.proposer, policy)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -273,15 +311,33 @@ class TextStream:
 def load(
     model: str | Path | None = None,
     *,
+    drafter: str | Path | None = None,
+    draft_tokens: int | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     cache_dir: str | Path | None = None,
 ) -> Engine:
-    """Load a model: None = the default (SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file."""
+    """Load a model and, optionally, a drafter for speculative decoding.
+
+    model: None = the default (SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file.
+    drafter: None = plain decoding; a drafter checkpoint folder (`gemma4_assistant` format); or
+        "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
+        (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     folder = resolve_model_path(model, cache_dir)
     decoder = load_decoder(folder, device=dev, dtype=dt)
     tokenizer = load_tokenizer(folder)
     name = "SmolLM2-135M-Instruct" if model is None else Path(model).name
-    return Engine(decoder, tokenizer, folder, name)
+    proposer, max_k, drafter_name = None, 8, None
+    if drafter == "ngram":
+        proposer, drafter_name = NgramProposer(), "ngram"
+    elif drafter is not None:
+        from .decoding.mtp import MtpProposer
+        from .drafter_checkpoint import load_drafter
+
+        mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=dt)
+        proposer, drafter_name = MtpProposer(mtp), Path(drafter).name
+        max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
+    return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

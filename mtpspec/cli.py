@@ -39,8 +39,13 @@ def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
 
 
 def _summary(stats: dict) -> str:
+    spec = ""
+    if stats.get("acceptance_per_position"):
+        acc = " ".join(f"{a:.2f}" for a in stats["acceptance_per_position"])
+        spec = (f", mean accepted length {stats['mean_accepted_length']:.2f}, acceptance per position [{acc}], "
+                f"drafter {stats['drafter_time_share'] * 100:.0f}% of time")
     return (f"[{stats['new_tokens']} tokens, {stats['tokens_per_second']:.1f} tok/s decode, "
-            f"prefill {stats['prefill_time'] * 1000:.0f} ms, {stats['target_forwards']} target forwards]")
+            f"prefill {stats['prefill_time'] * 1000:.0f} ms, {stats['target_forwards']} target forwards{spec}]")
 
 
 @app.command()
@@ -57,6 +62,10 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Run a prompts file N prompts at a time.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line on stdout.")] = False,
+    drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder (gemma4_assistant format).")] = None,
+    no_drafter: Annotated[bool, typer.Option("--no-drafter", help="Plain decoding, no speculation.")] = False,
+    ngram: Annotated[bool, typer.Option("--ngram", help="Model-free n-gram (prompt lookup) drafting.")] = False,
+    draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (default: adaptive).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
@@ -66,7 +75,11 @@ def generate(
 
     try:
         prompts = _read_prompts(prompt, prompts_file)
-        engine = load(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        if sum([drafter is not None, no_drafter, ngram]) > 1:
+            raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
+        chosen = None if no_drafter else ("ngram" if ngram else drafter)
+        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, device=device, dtype=dtype,
+                      cache_dir=cache_dir)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw)
         if len(prompts) == 1 and not json_out:

@@ -168,3 +168,29 @@ def test_cli_bad_input_is_one_line_and_nonzero(tiny_with_tokenizer, args, match)
 def test_cli_missing_model_folder(tmp_path):
     res = runner.invoke(app, ["generate", "hi", "--model", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "does not exist" in res.stderr
+
+
+def test_ngram_speculation_is_lossless_through_api_and_cli(tiny_with_tokenizer, engine):
+    spec = mtpspec.load(tiny_with_tokenizer, drafter="ngram")
+    prompts = ["the quick brown fox jumps over the lazy dog the quick brown fox", "hello world hello world"]
+    plain = [r.token_ids for r in engine.generate(prompts, max_new_tokens=24)]
+    for k in (None, 1, 4):
+        got = spec.generate(prompts, max_new_tokens=24, draft_tokens=k)
+        assert [r.token_ids for r in got] == plain
+        assert all(r.stats["mean_accepted_length"] >= 1.0 for r in got)
+    assert spec.generate(prompts[0], max_new_tokens=24, draft_tokens=0).stats["acceptance_per_position"] == []
+    res = runner.invoke(app, ["generate", prompts[0], "--model", str(tiny_with_tokenizer), "-n", "24", "--ngram",
+                              "--draft-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.stderr
+    line = json.loads(res.stdout)
+    assert line["token_ids"] == plain[0]
+    assert {"new_tokens", "target_forwards", "mean_accepted_length", "acceptance_per_position",
+            "drafter_time_share", "tokens_per_second"} <= set(line["stats"])
+    assert len(line["stats"]["acceptance_per_position"]) == 3
+
+
+def test_bad_draft_options(tiny_with_tokenizer, engine):
+    with pytest.raises(InputError, match="draft_tokens"):
+        engine.generate("hello", draft_tokens=-1)
+    res = runner.invoke(app, ["generate", "hi", "--model", str(tiny_with_tokenizer), "--ngram", "--no-drafter"])
+    assert res.exit_code == 2 and "at most one" in res.stderr
