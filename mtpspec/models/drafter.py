@@ -1,0 +1,418 @@
+"""Multi-token-prediction (MTP) drafter in the Gemma 4 "assistant" design, for any of our targets.
+
+One drafting step for each row b of a batch (see ../shared/reference/gemma4-mtp.md):
+
+    x = pre_projection(concat(target.embed_tokens(token_b), h_b))        2*H_target -> H
+    for each drafter layer (Gemma 4 block, norms x*w, layer scalar):
+        attention: queries only (q_proj, q_norm, RoPE at the constant position p_b); keys and
+                   values are the TARGET's cached K/V of its last cache-owning layer of the same
+                   attention type (sliding / full); no drafter KV cache, no drafter prefill
+        gated MLP
+    s = norm(x);  h_next = post_projection(s)                          H -> H_target
+    logits = s @ embed_tokens.T  (tied LM head), or the clustered head:
+             centroids(s) -> top-k clusters -> their tokens (token_ordering viewed [C, V/C])
+             -> logits only for those tokens, -inf elsewhere
+
+Position and visibility: p_b = cache.lengths[b] is the position of the row's last token (not yet
+in the target cache); it stays constant for all K steps of a round (as transformers'
+`SinglePositionMultiTokenCandidateGenerator` does). Row b's queries see only the row's valid
+entries j < p_b, and in sliding layers only p_b - window < j (the keys the target's own query at
+p_b would see, minus p_b itself which is not cached). Unlike transformers, stale entries (rejected
+drafts at/after p_b) are never visible, and garbage there (NaN/inf) cannot leak in: the ragged
+tail beyond the shortest row is zeroed by mask before use.
+
+RoPE: the query is rotated with the TARGET's RoPE of the attended layer (inv_freq, scaling,
+partial rotary), so it is consistent with the cached keys whatever the target family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..kernels import Linear
+from .config import LayerSpec, ModelConfig
+from .layers import RMSNorm, apply_rope, rope_cos_sin
+
+ATTENTION_TYPES = ("sliding_attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The K/V shape a drafter layer type attends to: the target's (kv_heads, head_dim)."""
+
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """Shape of an MTP drafter. `kv_layout` maps each attention type the drafter's layers use to
+    the K/V layout of the target layer it reads; `sliding_window` is the target's window (for
+    sliding layers)."""
+
+    vocab_size: int
+    hidden_size: int
+    backbone_hidden_size: int  # the target's width
+    intermediate_size: int
+    n_heads: int
+    layer_types: tuple[str, ...]
+    kv_layout: tuple[tuple[str, KVLayout], ...]
+    sliding_window: int | None = None
+    norm_eps: float = 1e-6
+    activation: str = "gelu_tanh"
+    attention_bias: bool = False
+    clustered: bool = False  # `use_ordered_embeddings`
+    num_centroids: int = 0
+    centroid_top_k: int = 0
+    extra_text_config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # ^ other gemma4_text fields read from a checkpoint (rope_parameters, token ids...), kept for saving
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_types)
+
+    def kv(self, attention_type: str) -> KVLayout:
+        return dict(self.kv_layout)[attention_type]
+
+    @staticmethod
+    def for_target(
+        target_cfg: ModelConfig,
+        num_layers: int = 1,
+        hidden_size: int | None = None,
+        clustered: bool | None = None,
+        *,
+        intermediate_size: int | None = None,
+        n_heads: int | None = None,
+        layer_types: list[str] | None = None,
+        num_centroids: int | None = None,
+        centroid_top_k: int | None = None,
+        norm_eps: float | None = None,
+    ) -> "DrafterConfig":
+        """A drafter shape for `target_cfg` (any family). Defaults: width = target width, MLP 2x
+        width, the target's head count, layer types [sliding]*(n-1) + [full] (all full if the target
+        has no sliding layer; Gemma 4 configs require the last layer to be full), no clustered head.
+        With clustered=True: about 128 tokens per cluster (C divides the vocabulary) and
+        top-k = max(1, C // 64) (Gemma 4 E2B: 2048 clusters, top 32)."""
+        types_present = [t for t in ATTENTION_TYPES if target_cfg.last_cache_layer(t) is not None]
+        if not types_present:
+            raise ValueError("target has no layer owning K/V")
+        if layer_types is None:
+            if "sliding_attention" in types_present and "full_attention" in types_present:
+                layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
+            else:
+                layer_types = [types_present[0]] * num_layers
+        layer_types = list(layer_types)
+        kv = []
+        for t in dict.fromkeys(layer_types):
+            layer = target_cfg.last_cache_layer(t)
+            if layer is None:
+                raise ValueError(f"drafter layer type {t} but the target has no {t} layer")
+            spec = target_cfg.layers[layer]
+            kv.append((t, KVLayout(spec.n_kv_heads, spec.head_dim)))
+        window = None
+        if "sliding_attention" in layer_types:
+            window = target_cfg.layers[target_cfg.last_cache_layer("sliding_attention")].sliding_window
+        h = hidden_size or target_cfg.hidden_size
+        heads = n_heads or target_cfg.layers[target_cfg.last_cache_layer(layer_types[-1])].n_heads
+        v = target_cfg.vocab_size
+        c = top = 0
+        if clustered:
+            if num_centroids is None:
+                want = max(1, v // 128)
+                divisors = [d for d in range(1, v + 1) if v % d == 0]
+                num_centroids = min(divisors, key=lambda d: (abs(d - want), d))
+            c = num_centroids
+            top = centroid_top_k if centroid_top_k is not None else max(1, c // 64)
+        cfg = DrafterConfig(
+            vocab_size=v,
+            hidden_size=h,
+            backbone_hidden_size=target_cfg.hidden_size,
+            intermediate_size=intermediate_size or 2 * h,
+            n_heads=heads,
+            layer_types=tuple(layer_types),
+            kv_layout=tuple(kv),
+            sliding_window=window,
+            norm_eps=norm_eps if norm_eps is not None else target_cfg.norm_eps,
+            clustered=bool(clustered),
+            num_centroids=c,
+            centroid_top_k=top,
+        )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Internal consistency (raises ValueError naming the field)."""
+        for t in self.layer_types:
+            if t not in ATTENTION_TYPES:
+                raise ValueError(f"layer_types: unsupported {t!r}")
+            if t not in dict(self.kv_layout):
+                raise ValueError(f"no K/V layout for {t}")
+            if self.n_heads % self.kv(t).n_kv_heads:
+                raise ValueError(f"n_heads ({self.n_heads}) is not a multiple of the {t} kv heads ({self.kv(t).n_kv_heads})")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding_window must be set when a drafter layer is sliding_attention")
+        if self.clustered:
+            if self.num_centroids <= 0 or self.vocab_size % self.num_centroids:
+                raise ValueError(f"num_centroids ({self.num_centroids}) must divide vocab_size ({self.vocab_size})")
+            if not 0 < self.centroid_top_k <= self.num_centroids:
+                raise ValueError(f"centroid_intermediate_top_k ({self.centroid_top_k}) must be in 1..num_centroids")
+
+
+def _act(name: str):
+    return F.silu if name == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+
+
+class DrafterAttention(nn.Module):
+    """Queries only; keys/values come from the target cache (see `DraftContext`)."""
+
+    def __init__(self, cfg: DrafterConfig, attention_type: str) -> None:
+        super().__init__()
+        self.attention_type = attention_type
+        lay = cfg.kv(attention_type)
+        self.n_heads, self.head_dim, self.n_kv = cfg.n_heads, lay.head_dim, lay.n_kv_heads
+        self.q_proj = Linear(cfg.hidden_size, cfg.n_heads * lay.head_dim, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(lay.head_dim, cfg.norm_eps)
+        self.o_proj = Linear(cfg.n_heads * lay.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x: torch.Tensor, kv: "TypeContext") -> torch.Tensor:
+        b = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(b, self.n_heads, 1, self.head_dim))
+        q = apply_rope(q, kv.cos, kv.sin)  # [B, H, 1, hd]
+        g = self.n_heads // self.n_kv
+        q = q.view(b, self.n_kv, g, self.head_dim)  # GQA: heads of one group share a kv head
+        # scores over the shared prefix [lo, mid) (valid for all rows) and the ragged tail [mid, hi)
+        parts = []
+        if kv.k_head is not None:
+            parts.append(q @ kv.k_head.transpose(-1, -2))
+        if kv.k_tail is not None:
+            parts.append(q @ kv.k_tail.transpose(-1, -2))
+        scores = torch.cat(parts, dim=-1).float() if len(parts) > 1 else parts[0].float()  # scaling 1.0 (Gemma 4)
+        scores = scores.masked_fill(~kv.mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(x.dtype)  # a row with nothing visible -> 0
+        out = None
+        n_head = kv.k_head.shape[2] if kv.k_head is not None else 0
+        if kv.v_head is not None:
+            out = probs[..., :n_head] @ kv.v_head
+        if kv.v_tail is not None:
+            t = probs[..., n_head:] @ kv.v_tail
+            out = t if out is None else out + t
+        return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
+
+
+class DrafterMLP(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _act(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DrafterLayer(nn.Module):
+    """A Gemma 4 block whose attention reads the target cache (parameter names as transformers')."""
+
+    def __init__(self, cfg: DrafterConfig, index: int) -> None:
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)  # noqa: E731  (Gemma 4: x * w)
+        self.attention_type = cfg.layer_types[index]
+        self.input_layernorm = norm()
+        self.self_attn = DrafterAttention(cfg, self.attention_type)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm()
+        self.mlp = DrafterMLP(cfg)
+        self.post_feedforward_layernorm = norm()
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, h: torch.Tensor, ctx: "DraftContext") -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), ctx.types[self.attention_type]))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
+
+
+@dataclass
+class TypeContext:
+    """Per attention type, for one drafting round: the target K/V a row may read, split into the
+    prefix [lo, mid) valid for every row and the ragged tail [mid, hi) (masked entries zeroed),
+    the visibility mask [B, 1, 1, hi - lo] and the query RoPE tables at each row's position."""
+
+    k_head: torch.Tensor | None
+    v_head: torch.Tensor | None
+    k_tail: torch.Tensor | None
+    v_tail: torch.Tensor | None
+    mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
+class DraftContext:
+    positions: torch.Tensor  # [B] the constant query position of each row (= cache.lengths)
+    types: dict[str, TypeContext]
+
+
+class MaskedEmbedding(nn.Module):
+    """Clustered LM head: `centroids` scores clusters, `token_ordering` ([V], a permutation viewed
+    as [C, V/C]) lists each cluster's tokens."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.num_centroids, self.top_k = cfg.num_centroids, cfg.centroid_top_k
+        self.per_cluster = cfg.vocab_size // cfg.num_centroids
+        self.centroids = Linear(cfg.hidden_size, cfg.num_centroids, bias=False)
+        self.register_buffer("token_ordering", torch.arange(cfg.vocab_size, dtype=torch.long))
+
+    def selected(self, s: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, top_k * V/C] of the chosen clusters for final drafter states s [B, H]."""
+        top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices
+        return self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)
+
+    def forward(self, s: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+        ids = self.selected(s)
+        rows = lm_weight[ids]  # [B, n, H]
+        vals = (rows @ s[:, :, None]).squeeze(-1)
+        out = torch.full((s.shape[0], lm_weight.shape[0]), float("-inf"), dtype=vals.dtype, device=s.device)
+        return out.scatter_(1, ids, vals)
+
+
+class _Backbone(nn.Module):
+    """`model.*` of the checkpoint: the drafter's embedding (its LM head), layers and final norm."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DrafterLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class MTPDrafter(nn.Module):
+    """The drafter. `state_dict()` names equal the transformers `gemma4_assistant` tensor names
+    (minus the tied `lm_head.weight`)."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.pre_projection = Linear(2 * cfg.backbone_hidden_size, cfg.hidden_size, bias=False)
+        self.model = _Backbone(cfg)
+        self.post_projection = Linear(cfg.hidden_size, cfg.backbone_hidden_size, bias=False)
+        self.masked_embedding = MaskedEmbedding(cfg) if cfg.clustered else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pre_projection.weight.device if self.pre_projection.weight.numel() else self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> "MTPDrafter":
+        """Fresh random weights (norms perturbed around 1, layer scalars 1, identity token order)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def prepare(self) -> "MTPDrafter":
+        """Call after loading weights / moving: packs the linear kernels, eval, no grad."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack()
+        return self.eval().requires_grad_(False)
+
+    def check_target(self, target_cfg: ModelConfig) -> None:
+        """Raise ValueError naming the first mismatch between this drafter and a target config."""
+        check_compatible(self.cfg, target_cfg)
+
+    # ---- drafting ------------------------------------------------------------------------------
+    def context(self, target_cfg: ModelConfig, cache: KVCache, positions: torch.Tensor | None = None) -> DraftContext:
+        """Per-round attention context over the target cache (rows at positions = cache.lengths)."""
+        pos = cache.lengths if positions is None else positions
+        dtype = self.dtype
+        types = {}
+        p_min, p_max = int(pos.min()), int(pos.max())
+        for t in dict.fromkeys(self.cfg.layer_types):
+            layer = target_cfg.last_cache_layer(t)
+            spec: LayerSpec = target_cfg.layers[layer]
+            window = spec.sliding_window if t == "sliding_attention" else None
+            lo = max(0, p_min - window + 1) if window else 0
+            hi = max(p_max, lo)
+            mid = min(max(p_min, lo), hi)
+            keys = torch.arange(lo, hi, device=pos.device)
+            visible = keys[None, :] < pos[:, None]
+            if window:
+                visible &= keys[None, :] > pos[:, None] - window
+            k, v = cache.k[layer], cache.v[layer]
+            k_head = k[:, :, lo:mid] if mid > lo else None
+            v_head = v[:, :, lo:mid] if mid > lo else None
+            k_tail = v_tail = None
+            if hi > mid:  # ragged tail: rows shorter than hi have garbage there; zero it out
+                tail_ok = visible[:, None, mid - lo :, None]
+                k_tail = torch.where(tail_ok, k[:, :, mid:hi], 0)
+                v_tail = torch.where(tail_ok, v[:, :, mid:hi], 0)
+            if k_head is None and k_tail is None:  # nothing visible at all: one zero key, masked
+                b = pos.shape[0]
+                k_tail = torch.zeros(b, spec.n_kv_heads, 1, spec.head_dim, dtype=k.dtype, device=k.device)
+                v_tail = k_tail
+                visible = torch.zeros(b, 1, dtype=torch.bool, device=pos.device)
+            cos, sin = rope_cos_sin(spec, pos[:, None], dtype)
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin)
+        return DraftContext(pos, types)
+
+    def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One drafting step. token_embeds: [B, H_target] (target embedding of the last token, with
+        its scaling), hidden: [B, H_target]. Returns (logits [B, V], next hidden [B, H_target])."""
+        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1).to(self.dtype))
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        s = self.model.norm(x)
+        nxt = self.post_projection(s)
+        return self.logits(s), nxt
+
+    def logits(self, s: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight
+        if self.masked_embedding is not None:
+            return self.masked_embedding(s, w)
+        return F.linear(s, w)
+
+
+def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:
+    """Raise ValueError naming the first mismatch between a drafter config and a target."""
+    if cfg.vocab_size != target_cfg.vocab_size:
+        raise ValueError(f"vocabulary size: drafter {cfg.vocab_size}, target {target_cfg.vocab_size}")
+    if cfg.backbone_hidden_size != target_cfg.hidden_size:
+        raise ValueError(f"backbone hidden size: drafter expects {cfg.backbone_hidden_size}, target has {target_cfg.hidden_size}")
+    for t in dict.fromkeys(cfg.layer_types):
+        layer = target_cfg.last_cache_layer(t)
+        if layer is None:
+            raise ValueError(f"K/V layout: drafter layers use {t} but the target has no {t} layer")
+        spec = target_cfg.layers[layer]
+        want = cfg.kv(t)
+        if (want.n_kv_heads, want.head_dim) != (spec.n_kv_heads, spec.head_dim):
+            raise ValueError(
+                f"K/V layout of {t}: drafter expects {want.n_kv_heads} kv heads x head_dim {want.head_dim}, target layer "
+                f"{layer} has {spec.n_kv_heads} x {spec.head_dim}"
+            )
+        if t == "sliding_attention" and cfg.sliding_window != spec.sliding_window:
+            raise ValueError(f"sliding window: drafter {cfg.sliding_window}, target {spec.sliding_window}")
+
+
+def with_layout_of(cfg: DrafterConfig, target_cfg: ModelConfig) -> DrafterConfig:
+    """`cfg` with kv_layout / window taken from the target (helper for tests and conversions)."""
+    ref = DrafterConfig.for_target(target_cfg, cfg.n_layers, cfg.hidden_size, layer_types=list(cfg.layer_types))
+    return replace(cfg, kv_layout=ref.kv_layout, sliding_window=ref.sliding_window)
+
+
+__all__ = ["DrafterConfig", "KVLayout", "MTPDrafter", "DraftContext", "check_compatible", "with_layout_of"]
+
