@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=400)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ms", default="1,2,5,8,16")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     ms = [int(m) for m in a.ms.split(",")]
     torch.manual_seed(0)
     print("kernel_info:", kernel_info())

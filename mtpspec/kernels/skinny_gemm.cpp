@@ -70,7 +70,12 @@ template <int M> constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); 
 // All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].
 // Activations arrive pre-transposed as xt[k][m] (fp32) or xt[q][m] (bf16 pairs
 // as one uint32), so every broadcast is `xt + const` (no per-row pointers).
-int64_t g_prefetch = 0;  // software prefetch distance in bytes (0 = off)
+//
+// Software prefetch (2 KB ahead) only pays off when the kernel is FMA-bound
+// (>= 12 rows); for fewer rows the hardware prefetcher does better alone
+// (measured: -20% at M=1, +15..25% at M=16).
+constexpr int64_t kPrefetchBytes = 2048;
+template <int M> constexpr bool use_prefetch() { return M >= 12; }
 
 // ----------------------------------------------------------------- AVX-512
 // Epilogues: add bias, convert, store the nn valid lanes of one output row.
@@ -108,10 +113,9 @@ void f32_panel_avx512(const float* xt, const float* w, int64_t K, const Out& o) 
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  const int64_t pf = g_prefetch / 4;
   int64_t k = 0;
   for (; k + U <= K; k += U) {
-    if (pf) _mm_prefetch((const char*)(w + k * PW + pf), _MM_HINT_T0);
+    if constexpr (use_prefetch<M>()) _mm_prefetch((const char*)(w + k * PW) + kPrefetchBytes, _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const __m512 wv = _mm512_loadu_ps(w + (k + u) * PW);
@@ -144,10 +148,9 @@ void bf16_panel_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, co
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
-  const int64_t pf = g_prefetch / 2;
   int64_t q = 0;
   for (; q + U <= K2; q += U) {
-    if (pf) _mm_prefetch((const char*)(w + q * 2 * PW + pf), _MM_HINT_T0);
+    if constexpr (use_prefetch<M>()) _mm_prefetch((const char*)(w + q * 2 * PW) + kPrefetchBytes, _MM_HINT_T0);
 #pragma GCC unroll 16
     for (int u = 0; u < U; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (q + u) * 2 * PW);
@@ -357,12 +360,11 @@ std::string isa_name() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias for small M");
+  m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias (any M; built for small M)");
   m.def("isa", &isa_name, "instruction set selected at runtime");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;
     g_isa = std::min(want, g_detected);
     return isa_name();
   }, "lower the ISA for testing: 'avx2', 'avx512', or 'auto'");
-  m.def("set_prefetch", [](int64_t b) { g_prefetch = b; }, "software prefetch distance (bytes, 0=off)");
 }
