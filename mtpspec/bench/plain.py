@@ -96,7 +96,17 @@ def machine_info() -> dict:
         pass
     if hasattr(os, "sched_getaffinity"):
         info["usable_cores"] = len(os.sched_getaffinity(0))
+    info["load_average_at_start"] = _loadavg()
     return info
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: a load above the core count means other processes competed
+    for the CPU during the benchmark, and the timings are unreliable."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def versions() -> dict:
@@ -534,6 +544,7 @@ def run_plain_bench(
             "ours_b1_decode_tok_s": _r(b1_dec), "ours_b1_decode_fraction": _r(b1_dec / roof, 4) if b1_dec else None,
         })
 
+    results["machine"]["load_average_at_end"] = _loadavg()
     results["fp32_tokens_identical"] = (not mismatches) if any(dt == torch.float32 for dt in dts.values()) else None
     if out is not None:
         path = Path(out)
@@ -565,6 +576,10 @@ def print_tables(results: dict, console=None) -> None:
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
                   f"kernel: {k.get('path')}{' ' + k['isa'] if k.get('isa') else ''}  "
                   f"read bandwidth: {bw['gb_per_s']:.1f} GB/s")
+    loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
+    if loads and m.get("logical_cores") and max(x[0] for x in loads) > m["logical_cores"] + 0.5:
+        console.print(f"[yellow]warning: load average {' -> '.join(str(x[0]) for x in loads)} on "
+                      f"{m['logical_cores']} cores: other processes competed for the CPU; timings are unreliable[/]")
 
     t = Table(title="throughput (tok/s = batch tokens / wall time of generate, prefill included)")
     for col in ("dtype", "batch", "new tok", "ours tok/s", "transformers tok/s", "speedup",
