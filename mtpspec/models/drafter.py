@@ -27,7 +27,7 @@ partial rotary), so it is consistent with the cached keys whatever the target fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +304,7 @@ class MTPDrafter(nn.Module):
         self.model = _Backbone(cfg)
         self.post_projection = Linear(cfg.hidden_size, cfg.backbone_hidden_size, bias=False)
         self.masked_embedding = MaskedEmbedding(cfg) if cfg.clustered else None
+        self.draft_tokens: int | None = None  # the checkpoint's num_assistant_tokens (set by load_drafter)
 
     @property
     def device(self) -> torch.device:
@@ -408,11 +409,5 @@ def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:
             raise ValueError(f"sliding window: drafter {cfg.sliding_window}, target {spec.sliding_window}")
 
 
-def with_layout_of(cfg: DrafterConfig, target_cfg: ModelConfig) -> DrafterConfig:
-    """`cfg` with kv_layout / window taken from the target (helper for tests and conversions)."""
-    ref = DrafterConfig.for_target(target_cfg, cfg.n_layers, cfg.hidden_size, layer_types=list(cfg.layer_types))
-    return replace(cfg, kv_layout=ref.kv_layout, sliding_window=ref.sliding_window)
-
-
-__all__ = ["DrafterConfig", "KVLayout", "MTPDrafter", "DraftContext", "check_compatible", "with_layout_of"]
+__all__ = ["DrafterConfig", "KVLayout", "MTPDrafter", "DraftContext", "check_compatible"]
 
