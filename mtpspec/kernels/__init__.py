@@ -14,9 +14,16 @@ the weight out in 16-feature panels for a small C++ kernel
 (N = out_features padded to 16 with zero rows, bf16 K padded to even.) One
 64-byte weight vector feeds M fused multiply-adds, each thread streams one
 contiguous range, and for M > 16 each panel is re-used from cache for every
-chunk of rows, so the same kernel also serves prefill. fp32 accumulates in
-fp32 (FMA); bf16 uses AVX512_BF16 `vdpbf16ps` (exact bf16 products, fp32
-accumulation, result rounded to bf16 like torch).
+chunk of 16 rows. fp32 accumulates in fp32 (FMA); bf16 uses AVX512_BF16
+`vdpbf16ps` (exact bf16 products, fp32 accumulation, result rounded to bf16
+like torch). Up to M~8 the kernel runs near DRAM bandwidth; at M=16 it is
+FMA-bound (16 FMAs per 64-byte weight vector), still ~2x F.linear.
+
+Prefill (large M) also goes through the kernel: measured at M=16..512 on
+SmolLM2 shapes it matches or beats MKL/oneDNN (fp32 up to 2x faster on the
+LM head, bf16 within ~5%), whereas re-materialising the [out, in] weight
+for torch costs a strided copy per call. So only one layout is ever kept.
+The kernel has no backward: inputs that require grad go through F.linear.
 
 Only the packed copy is kept in memory: after `pack()` the `weight`
 parameter is an empty placeholder, `state_dict()` re-creates the standard

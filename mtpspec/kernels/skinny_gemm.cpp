@@ -12,9 +12,13 @@
 // activations are broadcast as (x[2q], x[2q+1]) dword pairs. N is padded to a
 // multiple of 16 with zero rows; padded outputs are simply not stored.
 //
-// Parallelism: at::parallel_for over panels (shares torch's OpenMP pool).
+// Activations are transposed once per call to xt[k][m] (per chunk of MMAX
+// rows) so the kernels broadcast from one pointer + constant offsets.
+//
+// Parallelism: at::parallel_for over panels (shares torch's OpenMP pool:
+// the extension links libgomp.so.1, which resolves to torch's copy).
 // For M > MMAX rows the panel loop is outermost, so each panel is read from
-// DRAM once and re-used from L1/L2 for every chunk of MMAX rows.
+// DRAM once and re-used from L1/L2 for every chunk of MMAX rows (prefill).
 //
 // ISA: AVX-512F (+BF16 when available) or AVX2+FMA, chosen at runtime; the
 // translation unit itself is compiled for baseline x86-64 and only the
