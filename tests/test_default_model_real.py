@@ -25,8 +25,10 @@ def test_logits_and_hidden_states_match_transformers(pair):
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True)
     out = engine.model(ids, engine.model.new_cache(1, ids.shape[1] + 8))
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=1e-4, rtol=0)
+    # 1e-4 absolute, plus 1e-5 relative: our small-batch kernels sum in a different order than
+    # MKL, and over 30 layers that moves logits of magnitude ~35 by about 1e-4 (fp32 rounding)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=1e-4, rtol=1e-5)
 
 
 def test_greedy_64_tokens_identical_to_transformers_generate(pair):
