@@ -51,6 +51,18 @@ class KVCache:
             self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    def rows(self, start: int, end: int) -> "KVCache":
+        """A view of rows start..end-1: same storage, so writes and length changes show through."""
+        if start == 0 and end == self.batch_size:
+            return self
+        view = object.__new__(KVCache)
+        view.batch_size = end - start
+        view.capacity = self.capacity
+        view.k = {i: t[start:end] for i, t in self.k.items()}
+        view.v = {i: t[start:end] for i, t in self.v.items()}
+        view.lengths = self.lengths[start:end]
+        return view
+
     # ---- positions ---------------------------------------------------------------------------
     def positions(self, n_new: int) -> torch.Tensor:
         """Positions [batch, n_new] that the next `n_new` tokens of each row will occupy."""

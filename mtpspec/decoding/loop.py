@@ -177,110 +177,195 @@ class FixedDraftLength:
         return self.k
 
 
-@torch.inference_mode()
+class DecodeBatch:
+    """A fixed number of slots that decode together; sequences join and leave between rounds.
+
+    `add` prefills new requests into free slots (several at once when the slots are contiguous)
+    and returns their first-token events; `step` runs one round for every active slot: plain
+    decoding (k = 0) or speculative (draft k tokens per row, verify all k+1 positions in one target
+    forward, keep the accepted prefix plus the bonus token, roll each row's cache back over its
+    rejected positions). Rows accept different numbers of tokens (ragged) and finish
+    independently; a finished or cancelled slot is free for the next `add`. This is the one
+    decoding loop: `generate` below and the server's scheduler both drive it.
+    """
+
+    def __init__(
+        self,
+        model: Decoder,
+        slots: int,
+        max_len: int,
+        proposer: Proposer | None = None,
+        draft_length: "DraftLengthPolicy | int" = 0,
+    ) -> None:
+        policy = FixedDraftLength(draft_length) if isinstance(draft_length, int) else draft_length
+        self.model = model
+        self.proposer = proposer
+        self.policy = policy if proposer is not None else FixedDraftLength(0)
+        self.max_len = max_len
+        self.cache = model.new_cache(slots, max_len + self.policy.max_k + 1)
+        self.seqs: list[Sequence | None] = [None] * slots
+        self.history: list[list[int]] = [[] for _ in range(slots)]
+        self.last_tokens = torch.zeros(slots, dtype=torch.long)
+        self.last_hidden = torch.zeros(slots, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+        self.decode_start = [0.0] * slots
+
+    @property
+    def slots(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def active(self) -> list[int]:
+        return [b for b, s in enumerate(self.seqs) if s is not None and not s.done]
+
+    def free_slots(self) -> list[int]:
+        return [b for b, s in enumerate(self.seqs) if s is None or s.done]
+
+    def cancel(self, slot: int) -> None:
+        """Stop a sequence now (e.g. its client went away); its slot is free for the next add."""
+        s = self.seqs[slot]
+        if s is not None and not s.done:
+            s.finish_reason = "cancelled"
+
+    # ---- joining -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def add(self, requests: list[Request], slots: list[int] | None = None) -> list[Event]:
+        """Prefill `requests` into free slots (the lowest free ones by default); returns each one's
+        first-token event (its `row` is the slot)."""
+        check_requests(self.model, requests)
+        for i, r in enumerate(requests):
+            if len(r.prompt_ids) + 1 > self.max_len:
+                raise InputError(f"prompt {i} has {len(r.prompt_ids)} tokens; this batch holds at most {self.max_len - 1}")
+        free = self.free_slots()
+        slots = free[: len(requests)] if slots is None else slots
+        if len(slots) < len(requests) or not set(slots) <= set(free):
+            raise RuntimeError("not enough free slots")
+        limit = min(self.model.cfg.max_position, self.max_len)  # never run past the context
+        events = []
+        start = 0
+        while start < len(slots):  # prefill each run of contiguous slots in one forward
+            end = start + 1
+            while end < len(slots) and slots[end] == slots[end - 1] + 1:
+                end += 1
+            events += self._prefill(requests[start:end], slots[start], limit)
+            start = end
+        return events
+
+    def _prefill(self, requests: list[Request], first: int, limit: int) -> list[Event]:
+        model, dev = self.model, self.model.device
+        n = len(requests)
+        view = self.cache.rows(first, first + n)
+        lengths = [len(r.prompt_ids) for r in requests]
+        t0 = time.perf_counter()
+        view.set_lengths([0] * n)
+        tokens = torch.zeros(n, max(lengths), dtype=torch.long)
+        for i, r in enumerate(requests):
+            tokens[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+        last = (torch.tensor(lengths)[:, None] - 1).to(dev)
+        out = model(tokens.to(dev), view, logits_at=last)
+        view.set_lengths(lengths)
+        self.last_hidden[first : first + n] = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]
+        t_prefill = time.perf_counter() - t0
+        events = []
+        for i, r in enumerate(requests):
+            b = first + i
+            s = Sequence(r, r.params.generator(dev), min(r.max_new_tokens, limit - lengths[i]))
+            self.seqs[b] = s
+            s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[i], t_prefill, 1
+            self.decode_start[b] = time.perf_counter()
+            tok = next_token(out.logits[i, 0], r.params, s.generator)
+            self.last_tokens[b] = tok
+            self.history[b] = list(r.prompt_ids) + [tok]
+            s.accept(tok)
+            if s.done:
+                s.stats.decode_time = time.perf_counter() - self.decode_start[b]
+            events.append(Event(b, s.new_ids, s.done))
+        return events
+
+    # ---- one round ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One decoding round over the active slots; returns an event per slot that got tokens."""
+        active_slots = self.active
+        if not active_slots:
+            return []
+        model, dev = self.model, self.model.device
+        hi = active_slots[-1] + 1  # rows 0..hi-1 run; inactive ones among them are rolled back
+        seqs = self.seqs[:hi]
+        active = [s is not None and not s.done for s in seqs]
+        view = self.cache.rows(0, hi)
+        k = min(self.policy.choose(len(active_slots)),
+                max(s.max_new_tokens - len(s.new_ids) for s, a in zip(seqs, active) if a))
+        last_tokens = self.last_tokens[:hi].to(dev)
+        t_round = time.perf_counter()
+        if k > 0:
+            inp = DraftInput(model, view, last_tokens, self.last_hidden[:hi], self.history[:hi],
+                             [s.request.params if s else SamplingParams() for s in seqs],
+                             [s.generator if s else None for s in seqs], active)
+            proposal = self.proposer.propose(inp, k)
+            drafts = proposal.tokens.to(dev)
+        else:
+            drafts = torch.zeros(hi, 0, dtype=torch.long, device=dev)
+            proposal = Proposal(drafts)
+        t_drafted = time.perf_counter()
+
+        out = model(torch.cat([last_tokens[:, None], drafts], dim=1), view)
+        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
+        n_accepted = greedy_n.tolist()
+        emitted: list[list[int]] = []
+        for b, s in enumerate(seqs):
+            if not active[b]:
+                emitted.append([])
+            elif s.request.params.greedy:
+                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
+            else:
+                q = proposal.probs[b] if proposal.probs is not None else None
+                target_p = probabilities(out.logits[b], s.request.params)
+                n_accepted[b], row = verify_sampled_row(drafts[b], q, target_p, s.generator)
+                emitted.append(row)
+        # keep each row's last token + its accepted drafts in the cache; drop the rest
+        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
+        view.rollback((k + 1) - keep)
+        self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
+        now = time.perf_counter()
+        self.policy.observe(len(active_slots), k, [n for n, a in zip(n_accepted, active) if a],
+                            now - t_drafted, t_drafted - t_round)
+        events = []
+        for b, s in enumerate(seqs):
+            if not emitted[b]:
+                continue
+            st = s.stats
+            st.target_forwards += 1
+            st.draft_time += t_drafted - t_round
+            st.record_round(k, n_accepted[b], len(emitted[b]))
+            for tok in emitted[b]:
+                s.accept(tok)
+                self.history[b].append(tok)
+                if s.done:
+                    break
+            self.last_tokens[b] = emitted[b][-1]
+            if s.done:
+                st.decode_time = now - self.decode_start[b]
+            events.append(Event(b, s.new_ids, s.done))
+        return events
+
+
 def generate(
     model: Decoder,
     requests: list[Request],
     proposer: Proposer | None = None,
     draft_length: "DraftLengthPolicy | int" = 0,
 ) -> Iterator[Event]:
-    """Generate for a batch of requests; yields an Event per row and round.
-
-    Without a proposer this is plain decoding (one token per target forward). With one, every
-    round drafts k tokens per row, verifies them in one target forward over k+1 positions, keeps
-    the accepted prefix plus the bonus token (verify.py), and rolls each row's cache back over its
-    rejected positions. Rows accept different numbers of tokens (ragged) and finish independently.
-    The finished `Sequence`s are the generator's return value (see `run`).
-    """
+    """Generate for a batch of requests (plain, or speculative with a proposer); yields an Event
+    per row and round. The finished `Sequence`s, in request order, are the generator's return
+    value (see `run`)."""
     check_requests(model, requests)
-    policy = FixedDraftLength(draft_length) if isinstance(draft_length, int) else draft_length
-    if proposer is None:
-        policy = FixedDraftLength(0)
-    limit = model.cfg.max_position  # never run past the model's context
-    seqs = [
-        Sequence(r, r.params.generator(model.device), min(r.max_new_tokens, limit - len(r.prompt_ids)))
-        for r in requests
-    ]
-    batch, dev = len(seqs), model.device
-    lengths = [len(r.prompt_ids) for r in requests]
-    capacity = max(n + s.max_new_tokens for n, s in zip(lengths, seqs)) + policy.max_k + 1
-    cache = model.new_cache(batch, capacity)
-    history = [list(r.prompt_ids) for r in requests]
-
-    # prefill: right-padded prompts; each row's logits and hidden state at its last prompt position
-    t0 = time.perf_counter()
-    tokens = torch.zeros(batch, max(lengths), dtype=torch.long)
-    for b, r in enumerate(requests):
-        tokens[b, : lengths[b]] = torch.tensor(r.prompt_ids)
-    last = (torch.tensor(lengths)[:, None] - 1).to(dev)
-    out = model(tokens.to(dev), cache, logits_at=last)
-    cache.set_lengths(lengths)
-    last_hidden = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]
-    t_prefill = time.perf_counter() - t0
-    last_tokens = torch.zeros(batch, dtype=torch.long)
-    t_decode = time.perf_counter()
-    for b, s in enumerate(seqs):
-        s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[b], t_prefill, 1
-        tok = next_token(out.logits[b, 0], s.request.params, s.generator)
-        last_tokens[b] = tok
-        history[b].append(tok)
-        s.accept(tok)
-        if s.done:
-            s.stats.decode_time = time.perf_counter() - t_decode
-        yield Event(b, s.new_ids, s.done)
-
-    draft_time = 0.0
-    while not all(s.done for s in seqs):
-        active = [not s.done for s in seqs]
-        k = min(policy.choose(sum(active)), max(s.max_new_tokens - len(s.new_ids) for s in seqs if not s.done))
-        t_round = time.perf_counter()
-        if k > 0:
-            inp = DraftInput(model, cache, last_tokens.to(dev), last_hidden, history,
-                             [s.request.params for s in seqs], [s.generator for s in seqs], active)
-            proposal = proposer.propose(inp, k)
-            drafts = proposal.tokens.to(dev)
-        else:
-            proposal, drafts = Proposal(torch.zeros(batch, 0, dtype=torch.long)), torch.zeros(batch, 0, dtype=torch.long, device=dev)
-        t_drafted = time.perf_counter()
-        draft_time += t_drafted - t_round
-
-        out = model(torch.cat([last_tokens.to(dev)[:, None], drafts], dim=1), cache)
-        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
-        n_accepted = greedy_n.tolist()
-        emitted: list[list[int]] = []
-        for b, s in enumerate(seqs):
-            params = s.request.params
-            if s.done:
-                emitted.append([])
-            elif params.greedy:
-                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
-            else:
-                q = proposal.probs[b] if proposal.probs is not None else None
-                n_accepted[b], row = verify_sampled_row(drafts[b], q, probabilities(out.logits[b], params), s.generator)
-                emitted.append(row)
-        # keep each row's accepted positions: last token + n accepted drafts; drop the rest
-        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
-        cache.rollback((k + 1) - keep)
-        rows = torch.arange(batch, device=dev)
-        last_hidden = out.hidden[rows, torch.tensor(n_accepted, device=dev)]
-        now = time.perf_counter()
-        policy.observe(sum(active), k, [n for n, a in zip(n_accepted, active) if a], now - t_drafted, t_drafted - t_round)
-        for b, s in enumerate(seqs):
-            if not emitted[b]:
-                continue
-            s.stats.target_forwards += 1
-            s.stats.record_round(k, n_accepted[b], len(emitted[b]))
-            for tok in emitted[b]:
-                s.accept(tok)
-                history[b].append(tok)
-                if s.done:
-                    break
-            last_tokens[b] = emitted[b][-1]
-            s.stats.draft_time = draft_time
-            if s.done:
-                s.stats.decode_time = now - t_decode
-            yield Event(b, s.new_ids, s.done)
-    return seqs
+    limit = model.cfg.max_position
+    max_len = max(min(limit, len(r.prompt_ids) + r.max_new_tokens) for r in requests)
+    batch = DecodeBatch(model, len(requests), max_len, proposer, draft_length)
+    yield from batch.add(requests)
+    while batch.active:
+        yield from batch.step()
+    return batch.seqs
 
 
 def run(
