@@ -113,10 +113,11 @@ class Decoder(nn.Module):
     def prepare(self) -> "Decoder":
         """Call once after weights are loaded and moved: lets the linear kernels pack their weights."""
         for m in self.modules():
-            if isinstance(m, Linear) and m is not self.lm_head:
+            if isinstance(m, Linear):
                 m.pack()
-        if not self.cfg.tie_embeddings:
-            self.lm_head.pack()
+        if self.cfg.tie_embeddings and self.lm_head.is_packed:
+            # tied: the packed LM head is the only copy; embeddings read its rows
+            self.embed.weight = nn.Parameter(self.embed.weight.new_empty(0), requires_grad=False)
         return self.eval().requires_grad_(False)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
@@ -152,7 +153,11 @@ class Decoder(nn.Module):
         return StepContext(positions, start, rope, key_range, mask)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed(tokens)
+        """Token embeddings, times the family's embedding scale (Gemma: sqrt(hidden))."""
+        if self.cfg.tie_embeddings and self.lm_head.is_packed:
+            h = self.lm_head.weight_rows(tokens)
+        else:
+            h = self.embed(tokens)
         if self.cfg.embed_scale is not None:
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         return h
