@@ -136,6 +136,41 @@ def bench(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder, 'ngram' (model-free prompt lookup), 'none', or 'auto' (the shipped drafter of the default model if present, else ngram).")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Sequences decoded together (slots of the running batch).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot; more get HTTP 429.")] = 64,
+    max_len: Annotated[int, typer.Option("--max-len", help="Context per sequence, prompt + generated (capped by the model's).")] = 2048,
+    draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (0 = plain; default: adaptive to acceptance and batch size).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients must use (default: the model's).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (continuous batching, speculative decoding)."""
+    from .api import load
+
+    try:
+        from .serve.server import resolve_drafter
+
+        chosen = resolve_drafter(model, drafter)
+        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, device=device, dtype=dtype, cache_dir=cache_dir)
+        from .serve.server import serve as run_server
+
+        typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "
+                   f"on http://{host}:{port}", err=True)
+        run_server(engine, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue,
+                   max_len=max_len, draft_tokens=draft_tokens, model_name=served_model_name, log_level=log_level)
+    except MtpspecError as e:
+        _err(str(e))
+        raise typer.Exit(2) from None
+
+
 def main() -> None:
     app()
 
