@@ -1,0 +1,124 @@
+"""`run_spec_bench` and `run_gemma4_bench` end to end on tiny random models (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mtpspec.bench.gemma4 import run_gemma4_bench
+from mtpspec.bench.spec import parse_draft_tokens, run_spec_bench
+from mtpspec.errors import InputError
+
+from tiny_models import tiny_hf_model
+
+FAST = dict(max_new_tokens=10, repeats=1, cost_repeats=2, show_table=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spec-llama")
+    tiny_hf_model("llama").save_pretrained(folder)
+    return folder
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_parse_draft_tokens():
+    assert parse_draft_tokens("1,2, 4,adaptive") == [1, 2, 4, None]
+    assert parse_draft_tokens([3, None, 3]) == [3, None]
+    for bad in ("0", "x", ""):
+        with pytest.raises(InputError):
+            parse_draft_tokens(bad)
+
+
+def test_spec_bench_ngram_json_plot_identity(tiny_llama, tmp_path, capsys):
+    out, png = tmp_path / "r" / "spec.json", tmp_path / "r" / "spec.png"
+    # repetitive prompts so that the n-gram proposer gets accepted drafts
+    prompts = [[5, 6, 7, 8] * 6, [9, 10, 11] * 8, list(range(20, 50))]
+    res = run_spec_bench(model=tiny_llama, drafter="ngram", batch_sizes=(1, 3), draft_tokens="2,adaptive",
+                         prompts=prompts, out=out, plot=png, command="pytest", **{**FAST, "show_table": True})
+    data = json.loads(out.read_text())
+    for key in ("benchmark", "model", "drafter", "command", "arguments", "machine", "versions", "kernel", "runs",
+                "transformers", "step_costs", "greedy_tokens_identical", "notes", "plot"):
+        assert key in data, key
+    assert data["benchmark"] == "spec" and data["command"] == "pytest"
+    assert data["drafter"]["kind"] == "ngram"
+    assert data["greedy_tokens_identical"] is True
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(r["mode"], r["batch_size"], r["k"]) for r in data["runs"]] == [
+        (m, b, k) for m in ("greedy", "sampled") for b in (1, 3) for k in ("2", "adaptive")]
+    for r in data["runs"]:
+        for key in ("plain_tok_s", "spec_tok_s", "speedup", "mean_accepted_length"):
+            assert _positive(r[key]), (key, r)
+        assert 1.0 <= r["mean_accepted_length"] <= 3.0 or r["k"] == "adaptive"
+        assert all(a is None or 0 <= a <= 1 for a in r["acceptance_per_position"])
+        if r["mode"] == "greedy":
+            assert r["tokens_identical_to_plain"] is True
+        else:
+            assert r["tokens_identical_to_plain"] is None
+    greedy_k2 = [r for r in data["runs"] if r["mode"] == "greedy" and r["k"] == "2"]
+    assert any(r["mean_accepted_length"] > 1.0 for r in greedy_k2)  # repetitive prompts: some accepted
+    # transformers: plain and prompt lookup at batch 1, greedy; prompt lookup is lossless there too
+    whats = [r["what"] for r in data["transformers"]]
+    assert whats[0] == "plain generate" and whats[1].startswith("prompt lookup")
+    assert all(r["hf_tokens_equal_hf_plain"] for r in data["transformers"])
+    assert data["transformers"][0]["hf_tokens_equal_ours_plain"] is True
+    # step costs per batch size
+    assert [c["batch_size"] for c in data["step_costs"]] == [1, 3]
+    for c in data["step_costs"]:
+        assert _positive(c["target_1_ms"])
+        assert [v["k"] for v in c["verify"]] == [2] and _positive(c["verify"][0]["ratio_to_1"])
+        assert [d["k"] for d in c["draft"]] == [2] and _positive(c["draft"][0]["per_token_vs_target_step"])
+    assert res["out"] == str(out)
+    printed = capsys.readouterr().out
+    assert "plain vs speculative" in printed and "transformers at batch 1" in printed and "step costs" in printed
+
+
+def test_spec_bench_mtp_drafter_greedy_only(tiny_llama, tmp_path):
+    """A random MTP drafter saved in the gemma4_assistant format: nothing is accepted, output still
+    identical; transformers cannot run it for a llama target, which is reported."""
+    from mtpspec.checkpoint import load_decoder
+    from mtpspec.drafter_checkpoint import save_drafter
+    from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+
+    target = load_decoder(tiny_llama)
+    drafter = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)).init_random(0, std=0.2)
+    save_drafter(drafter, tmp_path / "drafter", draft_tokens=2)
+    res = run_spec_bench(model=tiny_llama, drafter=tmp_path / "drafter", batch_sizes=(1, 2), draft_tokens=[3],
+                         modes=("greedy",), out=None, plot=None, **FAST)
+    assert res["greedy_tokens_identical"] is True
+    assert res["drafter"]["kind"] == "mtp"
+    assert "only for Gemma 4" in res["transformers_assistant_error"]
+    pl = next(r for r in res["transformers"] if r["what"].startswith("prompt lookup"))
+    assert pl["ours"] == "ours_ngram" and _positive(pl["ours_tok_s"])
+    assert all(_positive(c["draft"][0]["per_token_ms"]) for c in res["step_costs"])
+
+
+def test_spec_bench_bad_arguments(tiny_llama):
+    with pytest.raises(InputError):
+        run_spec_bench(model=tiny_llama, modes=("beam",), out=None, plot=None, **FAST)
+    with pytest.raises(InputError):
+        run_spec_bench(model=tiny_llama, batch_sizes=(0,), out=None, plot=None, **FAST)
+
+
+def test_gemma4_bench_tiny(tmp_path):
+    out = tmp_path / "gemma4.json"
+    res = run_gemma4_bench(tiny=True, out=out, repeats=1, max_new_tokens=6, prompt_tokens=10, moe_steps=2,
+                           show_table=False, command="pytest")
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "gemma4" and data["command"] == "pytest"
+    assert [r["batch_size"] for r in data["dense"]["runs"]] == [1, 8]
+    assert all(_positive(r["tok_s"]) for r in data["dense"]["runs"])
+    assert _positive(data["dense"]["params"]) and _positive(data["dense"]["weight_bytes_per_step"])
+    rows = data["moe"]["widening"]
+    assert [(r["batch_size"], r["k"]) for r in rows] == [(b, k) for b in (1, 4, 8) for k in (0, 4)]
+    e, top = data["moe"]["num_experts"], data["moe"]["top_k_experts"]
+    for r in rows:
+        assert top <= r["experts_per_layer"] <= min(e, top * r["tokens_per_forward"])
+    b1k0 = next(r for r in rows if r["batch_size"] == 1 and r["k"] == 0)
+    assert b1k0["experts_per_layer"] == top  # one token reads exactly top-k experts
+    assert res["out"] == str(out)
