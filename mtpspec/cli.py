@@ -105,29 +105,58 @@ def generate(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure.")] = "float32,bfloat16",
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 128,
+    suite: Annotated[str, typer.Option(help="plain (ours vs transformers generate), spec (plain vs speculative), "
+                                            "gemma4 (Gemma 4-shaped random models), or all.")] = "plain",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32).")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
-    out: Annotated[Path, typer.Option(help="JSON file for the results.")] = Path("bench-results/plain.json"),
+    drafter: Annotated[str, typer.Option("--drafter", help="spec suite: MTP drafter checkpoint folder, or 'ngram'.")] = "ngram",
+    draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
+    modes: Annotated[str, typer.Option(help="spec suite: greedy,sampled (either or both).")] = "greedy,sampled",
+    temperature: Annotated[float, typer.Option(help="spec suite: temperature of the sampled runs.")] = 0.7,
+    seed: Annotated[int, typer.Option(help="spec suite: seed of the sampled runs (row i uses seed + i).")] = 0,
+    no_transformers: Annotated[bool, typer.Option("--no-transformers", help="spec suite: skip transformers assisted generation.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (single suite; default bench-results/<suite>.json).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the default result files (and the spec plot).")] = Path("bench-results"),
+    plot: Annotated[Optional[Path], typer.Option(help="spec suite: PNG plot path (default <out-dir>/spec.png).")] = None,
     device: DeviceOpt = "cpu",
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Measure our plain decoding against transformers `generate` (greedy, same prompts)."""
-    from .bench.plain import run_plain_bench
-
+    """Benchmarks: plain decoding vs transformers (default), speculative vs plain decoding, Gemma 4 shapes."""
+    suites = ["plain", "spec", "gemma4"] if suite == "all" else [suite]
+    command = " ".join(["mtpspec"] + sys.argv[1:])
     try:
-        run_plain_bench(
-            model=model,
-            dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
-            batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()],
-            max_new_tokens=max_new_tokens,
-            repeats=repeats,
-            out=out,
-            device=device,
-            cache_dir=cache_dir,
-            command=" ".join(["mtpspec"] + sys.argv[1:]),
-        )
+        if any(s not in ("plain", "spec", "gemma4") for s in suites):
+            raise MtpspecError(f"--suite must be plain, spec, gemma4 or all, got {suite!r}")
+        if out is not None and len(suites) > 1:
+            raise MtpspecError("--out names one file: with --suite all use --out-dir")
+        dts = [d.strip() for d in dtypes.split(",") if d.strip()]
+        bs = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes is not None else None
+        for s in suites:
+            target = out if out is not None else out_dir / f"{s}.json"
+            if s == "plain":
+                from .bench.plain import run_plain_bench
+
+                run_plain_bench(model=model, dtypes=dts, batch_sizes=bs or [1, 8], max_new_tokens=max_new_tokens or 128,
+                                repeats=repeats, out=target, device=device, cache_dir=cache_dir, command=command)
+            elif s == "spec":
+                from .bench.spec import run_spec_bench
+
+                run_spec_bench(model=model, drafter=drafter, dtype=dts[0] if dts else "float32",
+                               batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
+                               modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
+                               seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
+                               transformers_assisted=not no_transformers, out=target,
+                               plot=plot if plot is not None else out_dir / "spec.png", device=device,
+                               cache_dir=cache_dir, command=command)
+            else:
+                from .bench.gemma4 import run_gemma4_bench
+
+                if model is not None:
+                    typer.echo("mtpspec: note: the gemma4 suite builds its own random models; --model is ignored", err=True)
+                run_gemma4_bench(dtype=dts[0] if dts else "float32", batch_sizes=bs or [1, 8],
+                                 max_new_tokens=max_new_tokens or 32, repeats=repeats, out=target, command=command)
     except MtpspecError as e:
         _err(str(e))
         raise typer.Exit(2) from None
