@@ -200,7 +200,9 @@ class Trainer:
         items = self.samples[r * cfg.shard_size : (r + 1) * cfg.shard_size]
         seqs, froms = [], []
         prompts = [s for s in items if s.needs_response]
+        t0 = time.time()
         responses = self._distill([s.ids for s in prompts]) if prompts else []
+        t1 = time.time()
         resp = iter(responses)
         for s in items:
             ids = list(s.ids)
@@ -214,6 +216,12 @@ class Trainer:
                 froms.append(min(s.loss_from, len(ids) - 1))
         types = list(dict.fromkeys(self.drafter.cfg.layer_types))
         acts = core.harvest(self.target, seqs, froms, types) if seqs else []
+        n_gen = sum(len(x) for x in responses)
+        n_tok = sum(len(x) for x in seqs)
+        if cfg.progress:
+            print(f"shard {r + 1}/{self.n_shards}: {len(seqs)} sequences, {n_tok} tokens ({n_gen} generated in "
+                  f"{t1 - t0:.0f}s, {n_gen / max(t1 - t0, 1e-9):.0f} tok/s; activations in {time.time() - t1:.0f}s)",
+                  file=sys.stderr, flush=True)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(acts, tmp)
@@ -330,12 +338,19 @@ class Trainer:
         self.evals.append(ev)
         return ev
 
-    def save_output(self, folder: Path | None = None) -> Path:
+    def save_output(self, folder: Path | None = None, full_head: bool = False) -> Path:
         from ..api import resolve_dtype
         from ..drafter_checkpoint import save_drafter
 
         folder = folder or self.out
         d = copy.deepcopy(self.drafter).to(resolve_dtype(self.cfg.save_dtype)).eval()
+        if full_head and d.cfg.clustered:
+            import dataclasses
+
+            full = MTPDrafter(dataclasses.replace(d.cfg, clustered=False, num_centroids=0, centroid_top_k=0))
+            sd = {k: v for k, v in d.state_dict().items() if not k.startswith("masked_embedding.")}
+            full.load_state_dict(sd)
+            d = full.to(resolve_dtype(self.cfg.save_dtype)).eval()
         save_drafter(d, folder, draft_tokens=self.cfg.draft_tokens, target_model_type=None)
         info = {"steps": self.step, "training_seconds": round(self.elapsed, 1), "config": asdict(self.cfg),
                 "evals": self.evals, "last": self.history[-1] if self.history else None}
@@ -431,6 +446,8 @@ class Trainer:
         if ev["mean_accepted_length"] > self.best_tau:
             self.best_tau = ev["mean_accepted_length"]
             self.save_output()
+            if self.drafter.cfg.clustered:  # the same weights with the full head, for comparison
+                self.save_output(self.work / "best-full-head", full_head=True)
         self.save_checkpoint()
 
 
