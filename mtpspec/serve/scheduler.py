@@ -74,6 +74,7 @@ class Job:
     finished: bool = False
     slot: int | None = None
     submitted: float = field(default_factory=time.perf_counter)
+    error: Exception | None = None
     _scheduler: "Scheduler | None" = None
 
     def cancel(self) -> None:
@@ -196,6 +197,17 @@ class Scheduler:
         `SchedulerStopped` when the loop is not running."""
         self.validate(request)
         job = Job(request, on_update, _scheduler=self)
+        if request.stop_check is not None:  # a failing stop check ends its own request only
+            check = request.stop_check
+
+            def guarded(ids: list[int]) -> int | None:
+                try:
+                    return check(ids)
+                except Exception as e:
+                    job.error = e
+                    return len(ids)
+
+            request.stop_check = guarded
         with self._cv:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise SchedulerStopped("the scheduler is not running")
@@ -292,4 +304,4 @@ class Scheduler:
             self.observer.on_finished(seq.stats, reason)
         except Exception:
             log.exception("observer failed")
-        job._send(Update(list(seq.new_ids), True, reason, seq.stats))
+        job._send(Update(list(seq.new_ids), True, reason, seq.stats, job.error))
