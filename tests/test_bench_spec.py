@@ -122,3 +122,21 @@ def test_gemma4_bench_tiny(tmp_path):
     b1k0 = next(r for r in rows if r["batch_size"] == 1 and r["k"] == 0)
     assert b1k0["experts_per_layer"] == top  # one token reads exactly top-k experts
     assert res["out"] == str(out)
+
+
+def test_cli_bench_spec_suite(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+
+    out, png = tmp_path / "spec.json", tmp_path / "spec.png"
+    res = CliRunner().invoke(app, ["bench", "--suite", "spec", "--model", str(tiny_llama), "--drafter", "ngram",
+                                   "--draft-tokens", "2", "--modes", "greedy", "--batch-sizes", "1,2", "-n", "6",
+                                   "--repeats", "1", "--no-transformers", "--out", str(out), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("mtpspec") and data["transformers"] == []
+    assert [(r["batch_size"], r["k"]) for r in data["runs"]] == [(1, "2"), (2, "2")]
+    assert png.exists()
+    bad = CliRunner().invoke(app, ["bench", "--suite", "nope"])
+    assert bad.exit_code == 2
