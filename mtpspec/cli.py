@@ -200,6 +200,11 @@ def serve(
         raise typer.Exit(2) from None
 
 
+from .train.cli import train_drafter_cmd  # noqa: E402  (options: mtpspec/train/cli.py)
+
+app.command("train-drafter")(train_drafter_cmd)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,67 @@
+"""`mtpspec train-drafter`: the command (registered in mtpspec/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import MtpspecError
+
+
+def train_drafter_cmd(
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N], humaneval[:N], instructions[:N], python-stdlib[:N].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
+    target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
+    draft_tokens: Annotated[int, typer.Option("--draft-tokens", "-k", help="K: drafting steps unrolled in training, written as num_assistant_tokens.")] = 4,
+    layers: Annotated[int, typer.Option("--layers", help="Drafter layers.")] = 1,
+    hidden_size: Annotated[Optional[int], typer.Option("--hidden-size", help="Drafter width (default: the target's; the head is then the target's own embedding, frozen).")] = None,
+    clustered: Annotated[bool, typer.Option("--clustered", help="Clustered head (balanced k-means token_ordering + trained centroids).")] = False,
+    num_centroids: Annotated[Optional[int], typer.Option("--num-centroids")] = None,
+    centroid_top_k: Annotated[Optional[int], typer.Option("--centroid-top-k")] = None,
+    self_distill: Annotated[bool, typer.Option("--self-distill/--no-self-distill", help="Train on the target's own (greedy) responses to the data's prompts.")] = True,
+    distill_tokens: Annotated[int, typer.Option("--distill-tokens", help="Max response tokens generated per prompt.")] = 192,
+    max_len: Annotated[int, typer.Option("--max-len", help="Max tokens per training sequence.")] = 384,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per activation shard.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over each new shard.")] = 1.0,
+    replay: Annotated[float, typer.Option("--replay", help="Fraction of each batch replayed from earlier shards.")] = 0.5,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop after this many minutes of training.")] = None,
+    full_vocab_loss: Annotated[bool, typer.Option("--full-vocab-loss", help="Cross-entropy over the whole vocabulary (default: over the batch's target top-k candidates).")] = False,
+    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept.")] = None,
+    eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
+    checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the work dir from its last checkpoint.")] = False,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Train an MTP drafter for a target (self-distilled, K-step unrolled); resumable."""
+    from . import TrainConfig, train_drafter
+
+    try:
+        cfg = TrainConfig(
+            data=list(data), out=str(out), target=target, work_dir=str(work_dir) if work_dir else None,
+            draft_tokens=draft_tokens, num_layers=layers, hidden_size=hidden_size, clustered=clustered,
+            num_centroids=num_centroids, centroid_top_k=centroid_top_k, self_distill=self_distill,
+            distill_max_new_tokens=distill_tokens, max_len=max_len, shard_size=shard_size, batch_size=batch_size,
+            lr=lr, epochs=epochs, replay=replay, max_steps=max_steps,
+            time_budget=time_budget * 60 if time_budget else None, full_vocab_loss=full_vocab_loss,
+            eval_prompts=str(eval_prompts) if eval_prompts else None,
+            eval_every=eval_every * 60 if eval_every else None, checkpoint_every=checkpoint_every * 60,
+            save_dtype=save_dtype, seed=seed, device=device,
+        )
+        res = train_drafter(cfg, resume=resume)
+        ev = res.evals[-1] if res.evals else None
+        msg = f"drafter written to {res.out} ({res.steps} steps, {res.seconds / 60:.1f} min)"
+        if ev:
+            msg += (f"; held-out mean accepted length {ev['mean_accepted_length']:.3f}, "
+                    f"per position {ev['acceptance_per_position']}")
+        typer.echo(msg, err=True)
+    except MtpspecError as e:
+        typer.echo(f"mtpspec: error: {e}", err=True)
+        raise typer.Exit(2) from None
