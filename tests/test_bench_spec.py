@@ -140,3 +140,22 @@ def test_cli_bench_spec_suite(tiny_llama, tmp_path):
     assert png.exists()
     bad = CliRunner().invoke(app, ["bench", "--suite", "nope"])
     assert bad.exit_code == 2
+
+
+def test_spec_bench_gemma4_target_runs_transformers_assistant(tmp_path):
+    """For a Gemma 4 target with an MTP drafter checkpoint, transformers' assisted generation with
+    the drafter as `assistant_model` runs at batch 1 and gives plain greedy's tokens."""
+    from drafter_helpers import random_drafter
+    from gemma4_configs import tiny_gemma4
+
+    from mtpspec.checkpoint import load_decoder
+    from mtpspec.drafter_checkpoint import save_drafter
+
+    tiny_gemma4("e2b").save_pretrained(tmp_path / "target")
+    save_drafter(random_drafter(load_decoder(tmp_path / "target")), tmp_path / "drafter", draft_tokens=2)
+    res = run_spec_bench(model=tmp_path / "target", drafter=tmp_path / "drafter", batch_sizes=(1,), draft_tokens=[2],
+                         modes=("greedy",), out=None, plot=None, **FAST)
+    assert res["greedy_tokens_identical"] is True
+    assert "transformers_assistant_error" not in res and "transformers_errors" not in res
+    row = next(r for r in res["transformers"] if r["what"].startswith("Gemma 4 assistant"))
+    assert row["hf_tokens_equal_hf_plain"] and row["ours"] == "spec_2" and _positive(row["hf_tok_s"])

@@ -508,7 +508,7 @@ def _transformers_rows(got: dict, ref: dict, k: int, drafter_kind: str, hf_assis
     add(f"prompt lookup (K={k}) vs our n-gram", "hf_prompt_lookup", ours_ng)
     if hf_assistant is not None:
         best = max((n for n in got if n.startswith("spec_")), key=lambda n: _median([x.tok_s for x in got[n]]), default=None)
-        add("Gemma 4 assistant (assistant_model=) vs our best MTP K", "hf_assistant", best)
+        add("Gemma 4 assistant_model vs our MTP (best K)", "hf_assistant", best)
     return rows
 
 
