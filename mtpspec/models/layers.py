@@ -29,11 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        fp32 = x.dtype == torch.float32  # skip no-op conversions: this runs 2-4 times per layer
+        xf = x if fp32 else x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * (self.weight.float() + self.offset)
-        return y.to(x.dtype)
+            w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+            y = y * (w + self.offset) if self.offset else y * w
+        return y if fp32 else y.to(x.dtype)
 
 
 def rope_cos_sin(spec: LayerSpec, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +114,20 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         spec, hd = self.spec, self.spec.head_dim
         qkv = self.qkv(x)
+        cos, sin = ctx.rope[spec.attention_type]
+        if self.owns_kv and self.q_norm is None and not spec.k_eq_v:
+            # Llama-style: rotate queries and keys together (they are adjacent in qkv), one op set
+            qk = qkv[..., : self.q_size + self.kv_size].view(b, t, spec.n_heads + spec.n_kv_heads, hd)
+            qk = apply_rope(qk.transpose(1, 2), cos, sin)
+            q, k = qk[:, : spec.n_heads], qk[:, spec.n_heads :]
+            v = qkv[..., self.q_size + self.kv_size :].view(b, t, spec.n_kv_heads, hd)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            cache.write(self.index, ctx.positions, ctx.start, k, v.transpose(1, 2))
+            return self._attend(q, ctx, cache, b, t)
         q = qkv[..., : self.q_size].view(b, t, spec.n_heads, hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        cos, sin = ctx.rope[spec.attention_type]
         q = apply_rope(q.transpose(1, 2), cos, sin)
         if self.owns_kv:
             k = qkv[..., self.q_size : self.q_size + self.kv_size].view(b, t, spec.n_kv_heads, hd)
@@ -126,6 +138,11 @@ class Attention(nn.Module):
                 v = self.v_norm(v)
             k = apply_rope(k.transpose(1, 2), cos, sin)
             cache.write(self.index, ctx.positions, ctx.start, k, v.transpose(1, 2))
+        return self._attend(q, ctx, cache, b, t)
+
+    def _attend(self, q: torch.Tensor, ctx: StepContext, cache: KVCache, b: int, t: int) -> torch.Tensor:
+        """Attention of q [b, heads, t, hd] over the cached keys/values of this layer's K/V source."""
+        spec = self.spec
         lo, hi = ctx.key_range[spec.attention_type]
         keys = cache.k[spec.kv_source][:, :, lo:hi]
         values = cache.v[spec.kv_source][:, :, lo:hi]
