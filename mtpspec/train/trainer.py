@@ -88,13 +88,9 @@ class _Stop(Exception):
 
 
 def _read_eval_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: evaluation prompts file not found")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if p.suffix == ".jsonl":
-        return [json.loads(ln)["prompt"] for ln in lines]
-    return lines
+    from .evaluate import read_prompts
+
+    return read_prompts(path)
 
 
 class Trainer:
@@ -318,23 +314,12 @@ class Trainer:
         d.draft_tokens = self.cfg.draft_tokens
         e = self.engine
         eng = Engine(e.model, e.tokenizer, e.path, e.name, MtpProposer(d), self.cfg.draft_tokens)
-        t0 = time.time()
-        res = eng.generate(self.eval_prompts, max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=8)
-        rounds = emitted = 0
-        acc = [0.0] * self.cfg.draft_tokens
-        prop = [0.0] * self.cfg.draft_tokens
-        for r in res:
-            st = r.stats
-            n_rounds = max(0, len(r.token_ids) - 1) / st["mean_accepted_length"] if st["mean_accepted_length"] else 0
-            rounds += n_rounds
-            emitted += n_rounds * st["mean_accepted_length"]
-            for i, a in enumerate(st["acceptance_per_position"][: self.cfg.draft_tokens]):
-                acc[i] += a * n_rounds
-                prop[i] += n_rounds
-        ev = {"step": self.step, "elapsed": round(self.elapsed, 1), "prompts": len(res),
-              "mean_accepted_length": round(emitted / rounds, 4) if rounds else 0.0,
-              "acceptance_per_position": [round(a / p, 4) if p else 0.0 for a, p in zip(acc, prop)],
-              "eval_seconds": round(time.time() - t0, 1)}
+        from .evaluate import acceptance
+
+        a = acceptance(eng, self.eval_prompts, self.cfg.draft_tokens, self.cfg.eval_max_new_tokens)
+        ev = {"step": self.step, "elapsed": round(self.elapsed, 1), "prompts": a["prompts"],
+              "mean_accepted_length": a["mean_accepted_length"],
+              "acceptance_per_position": a["acceptance_per_position"], "eval_seconds": a["seconds"]}
         self.evals.append(ev)
         return ev
 
