@@ -308,10 +308,18 @@ class TextStream:
             yield self.result.text[len(sent):]
 
 
+SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct"
+
+
+def shipped_drafter() -> Path | None:
+    """The trained drafter for the default model that ships in the repository, if present."""
+    return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None
+
+
 def load(
     model: str | Path | None = None,
     *,
-    drafter: str | Path | None = None,
+    drafter: str | Path | None = "auto",
     draft_tokens: int | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
@@ -320,8 +328,9 @@ def load(
     """Load a model and, optionally, a drafter for speculative decoding.
 
     model: None = the default (SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file.
-    drafter: None = plain decoding; a drafter checkpoint folder (`gemma4_assistant` format); or
-        "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
+    drafter: "auto" (default) = the drafter shipped with mtpspec for the default model if there
+        is one, else plain decoding; None = plain decoding; a drafter checkpoint folder
+        (`gemma4_assistant` format); or "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
         (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
     """
     dev = resolve_device(device)
@@ -331,6 +340,8 @@ def load(
     tokenizer = load_tokenizer(folder)
     name = "SmolLM2-135M-Instruct" if model is None else Path(model).name
     proposer, max_k, drafter_name = None, 8, None
+    if drafter == "auto":
+        drafter = shipped_drafter() if model is None else None
     if drafter == "ngram":
         proposer, drafter_name = NgramProposer(), "ngram"
     elif drafter is not None:

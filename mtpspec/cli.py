@@ -48,6 +48,20 @@ def _summary(stats: dict) -> str:
             f"prefill {stats['prefill_time'] * 1000:.0f} ms, {stats['target_forwards']} target forwards{spec}]")
 
 
+def _comparison(plain, spec, drafter_name) -> str:
+    """One line: plain vs speculative decode speed, and whether the tokens are identical."""
+    def rate(results):
+        toks = sum(max(r.stats["new_tokens"] - 1, 0) for r in results)
+        secs = sum(r.stats["decode_time"] for r in results)
+        return toks / secs if secs else 0.0
+
+    p, s = rate(plain), rate(spec)
+    same = all(a.token_ids == b.token_ids for a, b in zip(plain, spec))
+    mal = sum(r.stats["mean_accepted_length"] for r in spec) / len(spec)
+    return (f"plain {p:.1f} tok/s -> speculative ({drafter_name}) {s:.1f} tok/s = {s / p if p else 0:.2f}x, "
+            f"mean accepted length {mal:.2f}, identical output: {'yes' if same else 'NO'}")
+
+
 @app.command()
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt (a user message, unless --raw).")] = None,
@@ -66,37 +80,51 @@ def generate(
     no_drafter: Annotated[bool, typer.Option("--no-drafter", help="Plain decoding, no speculation.")] = False,
     ngram: Annotated[bool, typer.Option("--ngram", help="Model-free n-gram (prompt lookup) drafting.")] = False,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (default: adaptive).")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run plain decoding first and report the speedup and whether the outputs are identical.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Generate text for a prompt (streamed) or a file of prompts (batched)."""
+    """Generate text for a prompt (streamed) or a file of prompts (batched).
+
+    With the default model, the drafter shipped with mtpspec (if any) is used unless
+    --no-drafter / --drafter / --ngram say otherwise."""
     from .api import load
 
     try:
         prompts = _read_prompts(prompt, prompts_file)
         if sum([drafter is not None, no_drafter, ngram]) > 1:
             raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
-        chosen = None if no_drafter else ("ngram" if ngram else drafter)
+        chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, device=device, dtype=dtype,
                       cache_dir=cache_dir)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw)
+        if compare and engine.proposer is None:
+            raise MtpspecError("--compare needs a drafter (--drafter PATH or --ngram); none is loaded")
+        baseline = None
+        if compare:
+            typer.echo("running plain decoding first (for the comparison) ...", err=True)
+            baseline = engine.generate(prompts, batch_size=batch_size, draft_tokens=0, **kwargs)
         if len(prompts) == 1 and not json_out:
-            stream = engine.stream(prompts[0], **kwargs)
+            stream = engine.stream(prompts[0], draft_tokens=draft_tokens, **kwargs)
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             typer.echo(_summary(stream.result.stats), err=True)
+            if baseline is not None:
+                typer.echo(_comparison([baseline[0]], [stream.result], engine.drafter_name), err=True)
             return
-        results = engine.generate(prompts, batch_size=batch_size, **kwargs)
+        results = engine.generate(prompts, batch_size=batch_size, draft_tokens=draft_tokens, **kwargs)
         for r in results:
             if json_out:
                 sys.stdout.write(json.dumps(r.as_dict(), ensure_ascii=False) + "\n")
             else:
                 sys.stdout.write(r.text + "\n\n")
                 typer.echo(_summary(r.stats), err=True)
+        if baseline is not None:
+            typer.echo(_comparison(baseline, results, engine.drafter_name), err=True)
     except MtpspecError as e:
         _err(str(e))
         raise typer.Exit(2) from None

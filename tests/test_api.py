@@ -194,3 +194,12 @@ def test_bad_draft_options(tiny_with_tokenizer, engine):
         engine.generate("hello", draft_tokens=-1)
     res = runner.invoke(app, ["generate", "hi", "--model", str(tiny_with_tokenizer), "--ngram", "--no-drafter"])
     assert res.exit_code == 2 and "at most one" in res.stderr
+
+
+def test_cli_compare_reports_speedup_and_identity(tiny_with_tokenizer):
+    res = runner.invoke(app, ["generate", "hello world hello world", "--model", str(tiny_with_tokenizer), "-n", "12",
+                              "--ngram", "--compare"])
+    assert res.exit_code == 0, res.stderr
+    assert "identical output: yes" in res.stderr and "plain" in res.stderr
+    res = runner.invoke(app, ["generate", "hello", "--model", str(tiny_with_tokenizer), "--compare"])
+    assert res.exit_code == 2 and "--compare needs a drafter" in res.stderr
