@@ -7,16 +7,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import uvicorn
 
 from .app import create_app
 from .metrics import Metrics
 from .scheduler import SafeAdaptiveDraftLength, Scheduler
-
-
-SHIPPED_DRAFTER = Path(__file__).resolve().parents[2] / "drafters" / "smollm2-135m-instruct"
 
 
 def resolve_drafter(model: str | None, drafter: str | None) -> str | None:
@@ -26,9 +22,10 @@ def resolve_drafter(model: str | None, drafter: str | None) -> str | None:
     if drafter in (None, "", "none"):
         return None
     if drafter == "auto":
-        if model is None and (SHIPPED_DRAFTER / "config.json").exists():
-            return str(SHIPPED_DRAFTER)
-        return "ngram"
+        from ..api import shipped_drafter
+
+        shipped = shipped_drafter() if model is None else None
+        return str(shipped) if shipped is not None else "ngram"
     return drafter
 
 
