@@ -159,3 +159,19 @@ def test_spec_bench_gemma4_target_runs_transformers_assistant(tmp_path):
     assert "transformers_assistant_error" not in res and "transformers_errors" not in res
     row = next(r for r in res["transformers"] if r["what"].startswith("Gemma 4 assistant"))
     assert row["hf_tokens_equal_hf_plain"] and row["ours"] == "spec_2" and _positive(row["hf_tok_s"])
+
+
+def test_spec_bench_records_a_failing_configuration(tiny_llama, monkeypatch):
+    """A speculative configuration that raises is recorded under `errors` and dropped; plain
+    decoding and the other measurements survive."""
+    from mtpspec.decoding.proposers import NgramProposer
+
+    def boom(self, inp, k):
+        raise RuntimeError("proposer broke")
+
+    monkeypatch.setattr(NgramProposer, "propose", boom)
+    res = run_spec_bench(model=tiny_llama, drafter="ngram", batch_sizes=(2,), draft_tokens="2", modes=("greedy",),
+                         out=None, plot=None, **FAST)
+    assert res["runs"] == []
+    assert any("spec_2" in name and "proposer broke" in err for name, err in res["errors"].items())
+    assert "step costs batch 2" in res["errors"]

@@ -401,21 +401,34 @@ def run_spec_bench(
                 names = list(runners)
                 _log(f"[{mode}] batch {bsz}: warm-up ({len(names)} configurations) ...")
                 ref: dict[str, list[list[int]]] = {}
+                def failed(name: str, e: Exception) -> None:
+                    # a transformers path may not run; a speculative configuration that raises is a bug
+                    # to report, but must not throw away the other measurements: record, drop, go on
+                    if name == "plain":
+                        raise e
+                    key = "transformers_errors" if name.startswith("hf_") else "errors"
+                    results.setdefault(key, {})[f"{mode} batch {bsz} {name}"] = f"{type(e).__name__}: {e!r}"
+                    _log(f"{mode} batch {bsz} {name} failed: {type(e).__name__}: {e!r}")
+                    del runners[name]
+
                 for name in names:
                     try:
                         ref[name] = runners[name]().tokens
-                    except Exception as e:  # noqa: BLE001 - a transformers path may not run: report it
-                        if not name.startswith("hf_"):
-                            raise
-                        results.setdefault("transformers_errors", {})[name] = f"{type(e).__name__}: {e}"
-                        _log(f"{name} failed: {type(e).__name__}: {e}")
-                        del runners[name]
+                    except Exception as e:  # noqa: BLE001
+                        failed(name, e)
                 names = list(runners)
                 got: dict[str, list[SpecRun]] = {n: [] for n in names}
                 for r in range(repeats):
                     shift = r % len(names)
                     for name in names[shift:] + names[:shift]:
-                        got[name].append(runners[name]())
+                        if name not in runners:
+                            continue
+                        try:
+                            got[name].append(runners[name]())
+                        except Exception as e:  # noqa: BLE001
+                            failed(name, e)
+                            del got[name]
+                    names = [n for n in names if n in runners]
                     _log(f"[{mode}] batch {bsz}: repeat {r + 1}/{repeats}: " + ", ".join(
                         f"{n} {got[n][-1].tok_s:.1f}" for n in names))
                 plain_runs = got["plain"]
@@ -423,7 +436,9 @@ def run_spec_bench(
                 plain_dec = _median([x.decode_tok_s for x in plain_runs if x.decode_tok_s])
                 for k in ks:
                     name = f"spec_{_k_name(k)}"
-                    sruns = got[name]
+                    sruns = got.get(name)
+                    if not sruns:
+                        continue  # failed: see results["errors"]
                     med = _median([x.tok_s for x in sruns])
                     identical = None
                     first_div = None
@@ -452,8 +467,12 @@ def run_spec_bench(
         for bsz in batch_sizes:
             ids = [plist[i % len(plist)] for i in range(bsz)]
             _log(f"step costs at batch {bsz} ...")
-            results["step_costs"].append(step_costs(engine.model, engine.proposer, ids,
-                                                    fixed_ks or [assisted_k], cost_repeats, dev))
+            try:
+                results["step_costs"].append(step_costs(engine.model, engine.proposer, ids,
+                                                        fixed_ks or [assisted_k], cost_repeats, dev))
+            except Exception as e:  # noqa: BLE001 - keep the measurements made so far
+                results.setdefault("errors", {})[f"step costs batch {bsz}"] = f"{type(e).__name__}: {e!r}"
+                _log(f"step costs at batch {bsz} failed: {e!r}")
     finally:
         transformers.logging.set_verbosity(prev_verbosity)
         del hf, hf_assistant
@@ -626,6 +645,8 @@ def print_spec_tables(results: dict, console=None) -> None:
                           f"{v['ms']:.2f}", f"{v['ratio_to_1']:.2f}", _fmt(d and d["ms"], "{:.3f}"),
                           _fmt(d and d["per_token_vs_target_step"], "{:.3f}"))
         console.print(t)
+    for name, err in (results.get("errors") or {}).items():
+        console.print(f"[red]error (configuration dropped): {name}: {err}[/]")
 
 
 def _fmt(x, spec: str) -> str:
