@@ -162,3 +162,18 @@ def test_adaptive_policy_prefers_long_drafts_when_accepted_and_none_when_rejecte
             pol.observe(1, k, [min(acc, k)], 0.010 + 0.0005 * k, 0.001 * k)
     assert good.choose(1) >= 6
     assert bad.choose(1) <= 1
+
+
+def test_adaptive_policy_survives_rounds_capped_to_plain():
+    """The loop may cap k (even to 0) near the end of a sequence: the policy must keep working."""
+    pol = AdaptiveDraftLength(4)
+    for _ in range(5):
+        pol.choose(3)
+        pol.observe(3, 0, [0, 0, 0], 0.01, 0.0)  # the loop ran plain rounds whatever was asked
+    k = pol.choose(3)
+    assert k >= 1
+    pol.observe(3, k, [1, 0, 2], 0.012, 0.001 * k)
+    for _ in range(20):
+        k = pol.choose(3)
+        assert 0 <= k <= 4
+        pol.observe(3, k, [min(1, k)] * 3, 0.01 + 0.001 * k, 0.001 * k)

@@ -70,11 +70,13 @@ class AdaptiveDraftLength:
         self.rounds += 1
         bucket = _bucket(batch_size)
         seen = {kk for (b, kk) in self.verify if b == bucket}
-        if bucket not in self.draft_per_token or len(seen) < 2:
-            # warm-up for this batch size: measure the default k and plain decoding (k = 0) first
-            for k in (self.last_k, 0):
-                if k not in seen:
-                    return k
+        if bucket not in self.draft_per_token:
+            # warm-up for this batch size: a drafting round first (the loop may cap k, even to 0,
+            # near the end of a sequence; we ask again until a drafting round was measured) ...
+            return max(1, self.last_k)
+        if len(seen) < 2:
+            # ... and a second draft length (plain decoding, k = 0, if not yet seen) for the cost slope
+            return next(k for k in (0, max(1, self.last_k), 1, 2) if k not in seen)
         scores = {}
         for k in range(self.max_k + 1):
             t_verify = self._verify_time(bucket, k)

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy, _bucket
+from ..decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy
 from ..decoding.loop import DecodeBatch, Request, SequenceStats, check_requests
 from ..decoding.proposers import Proposer
 from ..errors import InputError
@@ -92,19 +92,6 @@ class Job:
             log.exception("job update callback failed")
 
 
-class SafeAdaptiveDraftLength(AdaptiveDraftLength):
-    """`AdaptiveDraftLength` that never fails for lack of a draft-time measurement: a batch-size
-    bucket whose warm-up rounds were all plain (k capped to 0) gets a drafting round instead."""
-
-    def choose(self, batch_size: int) -> int:
-        if _bucket(batch_size) not in self.draft_per_token and any(
-            b == _bucket(batch_size) for b, _ in self.verify
-        ):
-            self.rounds += 1
-            return max(1, min(self.last_k, self.max_k))
-        return super().choose(batch_size)
-
-
 class Scheduler:
     """Continuous batching over one `DecodeBatch` of `max_batch_size` slots, in its own thread.
 
@@ -132,7 +119,7 @@ class Scheduler:
         if proposer is None:
             draft_length = 0
         elif draft_length is None:
-            draft_length = SafeAdaptiveDraftLength(8)
+            draft_length = AdaptiveDraftLength(8)
         self.draft_length = draft_length
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
