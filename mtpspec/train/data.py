@@ -116,12 +116,21 @@ def _instruction_prompts() -> list[tuple[str, str]]:
     return [(f"{ti}/{ui}", tpl.format(t=t)) for ti, t in enumerate(topics) for ui, tpl in enumerate(_TEMPLATES)]
 
 
+def _chat_heldout_candidates(convs) -> list[str]:
+    return [msgs[0] for key, msgs in convs if _held_out("chitchat/" + key) and len(msgs[0]) >= 15][:48]
+
+
 def heldout_prompts() -> dict[str, list[str]]:
-    """The held-out prompt sets (chat, code) that recipes never emit for training."""
-    chat = [msgs[0] for key, msgs in _chitchat_conversations() if _held_out("chitchat/" + key) and len(msgs[0]) >= 15]
+    """The held-out prompt sets (chat, code, instructions) that recipes never emit for training.
+    Chat: first messages of held-out chitchat conversations (whole conversations are excluded
+    from training) that also occur in no training conversation, not even as a substring."""
+    convs = _chitchat_conversations()
+    cands = _chat_heldout_candidates(convs)
+    train_text = "\x00".join(m for key, msgs in convs if not _held_out("chitchat/" + key) for m in msgs)
+    chat = [c for c in cands if c not in train_text]
     code = [code_prompt(p["prompt"]) for p in _humaneval_problems() if _held_out("humaneval/" + p["task_id"], 0.2)]
     instr = [u for key, u in _instruction_prompts() if _held_out("instructions/" + key, 0.05)]
-    return {"chat": chat[:48], "code": code[:24], "instructions": instr[:24]}
+    return {"chat": chat, "code": code[:24], "instructions": instr[:24]}
 
 
 # ---- readers -----------------------------------------------------------------------------------
@@ -238,8 +247,9 @@ class DataBuilder:
         rng = random.Random(self.seed)
         out: list[Sample] = []
         if name == "chitchat":
-            held = set(heldout_prompts()["chat"])
-            for key, msgs in _chitchat_conversations():
+            convs = _chitchat_conversations()
+            held = set(_chat_heldout_candidates(convs))
+            for key, msgs in convs:
                 if _held_out("chitchat/" + key) or any(m in held for m in msgs):
                     continue
                 n_turns = rng.choice([1, 1, 1, 3, 5])  # mostly single-turn, some short multi-turn

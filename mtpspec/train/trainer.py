@@ -416,7 +416,9 @@ class Trainer:
             self.save_checkpoint()
             if bar is not None:
                 bar.close()
-        if self.eval_prompts:
+        if self._stop_requested:  # SIGTERM: checkpointed, leave quickly (resume later)
+            pass
+        elif self.eval_prompts:
             if not self.evals or self.evals[-1]["step"] != self.step:
                 self._eval_and_keep_best(None)
         else:
