@@ -3,7 +3,7 @@ assistant (with the patch 5.23 needs to even build it) and direct draft comparis
 
 from __future__ import annotations
 
-import contextlib
+
 
 import torch
 
@@ -36,29 +36,11 @@ def random_drafter(target, seed: int = 0, **kw) -> MTPDrafter:
     return MTPDrafter(cfg).init_random(seed, std=0.2).prepare()
 
 
-@contextlib.contextmanager
-def patched_kv_sharing():
-    """transformers 5.23: `Gemma4TextConfig.kv_sharing_modes` raises when every layer is
-    KV-shared, which a gemma4_assistant requires; make such configs 'reuse' on every layer."""
-    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-
-    orig = Gemma4TextConfig.kv_sharing_modes
-
-    def modes(self):
-        if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
-            return ["reuse"] * self.num_hidden_layers
-        return orig.fget(self)
-
-    Gemma4TextConfig.kv_sharing_modes = property(modes)
-    try:
-        yield
-    finally:
-        Gemma4TextConfig.kv_sharing_modes = orig
 
 
 def hf_assistant(target_hf, seed: int = 0, clustered: bool = False, hidden: int = 32, layers=("sliding_attention", "full_attention")):
     """A random transformers Gemma4AssistantForCausalLM for a tiny Gemma 4 target (call inside
-    `patched_kv_sharing`)."""
+    `mtpspec.compat.transformers_gemma4_assistant()`)."""
     import transformers as tf
 
     tc = target_hf.config

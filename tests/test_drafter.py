@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
-from drafter_helpers import TARGETS, hf_assistant, hf_drafts, our_drafts, patched_kv_sharing, random_drafter, tiny_target
+from drafter_helpers import TARGETS, hf_assistant, hf_drafts, our_drafts, random_drafter, tiny_target
+
+from mtpspec.compat import transformers_gemma4_assistant as patched_kv_sharing
 from safetensors.torch import load_file, save_file
 
 from mtpspec.decoding.loop import Request, run

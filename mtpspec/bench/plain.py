@@ -376,7 +376,7 @@ def run_plain_bench(
     from transformers import AutoModelForCausalLM
 
     from ..api import load, resolve_device, resolve_dtype, resolve_model_path
-    from .prompts import CHAT_PROMPTS, token_id_prompts
+    from .prompts import bench_prompts
 
     # ---- argument checks --------------------------------------------------------------------
     def _pos_int(name: str, v: Any) -> None:
@@ -445,15 +445,7 @@ def run_plain_bench(
             tok = engine.tokenizer
 
             # ---- prompts --------------------------------------------------------------------
-            if prompts is not None:
-                plist = [engine.encode(p if isinstance(p, str) else list(p), chat=chat) for p in prompts]
-                prompt_kind = "given"
-            elif tok is not None:
-                plist = [engine.encode(p, chat=chat) for p in CHAT_PROMPTS]
-                prompt_kind = "chat" if chat and getattr(tok, "chat_template", None) else "text"
-            else:
-                plist = token_id_prompts(engine.model.cfg.vocab_size)
-                prompt_kind = "token-ids (checkpoint has no tokenizer)"
+            plist, prompt_kind = bench_prompts(engine, prompts, chat)
             pad_id = next((x for x in (getattr(tok, "pad_token_id", None), hf.config.pad_token_id,
                                        getattr(tok, "eos_token_id", None), hf.config.eos_token_id) if isinstance(x, int)), 0)
 

@@ -28,3 +28,16 @@ def token_id_prompts(vocab_size: int, n: int = len(CHAT_PROMPTS), *, seed: int =
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, 41, (n,), generator=g).tolist()
     return [torch.randint(3, vocab_size, (k,), generator=g).tolist() for k in lengths]
+
+
+def bench_prompts(engine, prompts=None, chat: bool = True) -> tuple[list[list[int]], str]:
+    """Token ids of the prompts a benchmark runs, and what kind they are: the given ones (strings
+    or token-id lists), else the built-in chat prompts, else token-id prompts when the checkpoint
+    has no tokenizer."""
+    if prompts is not None:
+        return [engine.encode(p if isinstance(p, str) else list(p), chat=chat) for p in prompts], "given"
+    tok = engine.tokenizer
+    if tok is not None:
+        kind = "chat" if chat and getattr(tok, "chat_template", None) else "text"
+        return [engine.encode(p, chat=chat) for p in CHAT_PROMPTS], kind
+    return token_id_prompts(engine.model.cfg.vocab_size), "token-ids (checkpoint has no tokenizer)"

@@ -33,7 +33,6 @@ draws a PNG: speedup and mean accepted length against batch size (one line per K
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import shlex
@@ -45,6 +44,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..compat import transformers_gemma4_assistant
 from ..errors import InputError, MtpspecError
 from .plain import (BenchMismatch, _loadavg, _log, _median, _r, _sync, compare_tokens, kernel_info,
                     machine_info, versions)
@@ -223,24 +223,6 @@ def step_costs(model, proposer, prompt_ids: list[list[int]], ks: Sequence[int], 
 # ---------------------------------------------------------------------------------------------
 # transformers Gemma 4 assistant
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _patched_gemma4_kv_sharing():
-    """transformers 5.23: `Gemma4TextConfig.kv_sharing_modes` raises when every layer is KV-shared,
-    which a `gemma4_assistant` config requires; treat such configs as 'reuse' on every layer."""
-    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-
-    orig = Gemma4TextConfig.kv_sharing_modes
-
-    def modes(self):
-        if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
-            return ["reuse"] * self.num_hidden_layers
-        return orig.fget(self)
-
-    Gemma4TextConfig.kv_sharing_modes = property(modes)
-    try:
-        yield
-    finally:
-        Gemma4TextConfig.kv_sharing_modes = orig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +267,7 @@ def run_spec_bench(
     from ..api import load, resolve_model_path
     from ..decoding.proposers import NgramProposer
     from ..decoding.sampling import SamplingParams
-    from .prompts import CHAT_PROMPTS, token_id_prompts
+    from .prompts import bench_prompts
 
     # ---- argument checks --------------------------------------------------------------------
     for name, v in (("max_new_tokens", max_new_tokens), ("repeats", repeats), ("cost_repeats", cost_repeats)):
@@ -318,16 +300,7 @@ def run_spec_bench(
     _log(f"spec bench: model {folder}, drafter {drafter}")
     engine = load(folder, drafter=drafter, device=device, dtype=dtype)
     dev = engine.model.device
-    tok = engine.tokenizer
-    if prompts is not None:
-        plist = [engine.encode(p if isinstance(p, str) else list(p), chat=chat) for p in prompts]
-        prompt_kind = "given"
-    elif tok is not None:
-        plist = [engine.encode(p, chat=chat) for p in CHAT_PROMPTS]
-        prompt_kind = "chat" if chat and getattr(tok, "chat_template", None) else "text"
-    else:
-        plist = token_id_prompts(engine.model.cfg.vocab_size)
-        prompt_kind = "token-ids (checkpoint has no tokenizer)"
+    plist, prompt_kind = bench_prompts(engine, prompts, chat)
 
     results: dict = {
         "benchmark": "spec",
@@ -366,7 +339,7 @@ def run_spec_bench(
             if drafter_kind == "mtp":
                 if getattr(hf.config, "model_type", None) in ("gemma4_text", "gemma4"):
                     try:
-                        with _patched_gemma4_kv_sharing():
+                        with transformers_gemma4_assistant():
                             hf_assistant = AutoModelForCausalLM.from_pretrained(str(drafter), dtype=engine.model.dtype).to(dev).eval()
                     except Exception as e:  # noqa: BLE001 - report, do not fail the bench
                         results["transformers_assistant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -290,7 +290,6 @@ def _gemma4_from_hf(c: Any) -> ModelConfig:
                                             "moe_intermediate_size", "use_bidirectional_attention")}
     raw = {k: v for k, v in raw.items() if v is not None}
     check_gemma4_fields(raw)
-    n = c.num_hidden_layers
     layer_types = list(c.layer_types)
     sources = gemma4_kv_sources(layer_types, c.num_kv_shared_layers or 0)
     moe = MoESpec(c.num_experts, c.top_k_experts, c.moe_intermediate_size) if c.enable_moe_block else None
