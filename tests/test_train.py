@@ -228,3 +228,27 @@ def test_recipes_never_emit_held_out_prompts():
     seen = "\x00".join(tok.seen)
     for p in held["chat"] + held["code"] + held["instructions"]:
         assert p not in seen, p[:60]
+
+
+def test_cli_train_drafter_and_resume(tiny_with_tokenizer, data_files, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+
+    out = tmp_path / "d"
+    args = ["train-drafter", "--target", str(tiny_with_tokenizer), "--data", str(data_files / "chat.jsonl"),
+            "--out", str(out), "--hidden-size", "32", "--draft-tokens", "2", "--max-steps", "3", "--distill-tokens", "8",
+            "--shard-size", "16", "--batch-size", "4", "--eval-prompts", str(data_files / "eval.txt")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "held-out mean accepted length" in r.output
+    assert json.loads((out / "generation_config.json").read_text())["num_assistant_tokens"] == 2
+    assert json.loads((out / "training.json").read_text())["steps"] == 3
+    r = CliRunner().invoke(app, [a if a != "3" else "5" for a in args] + ["--resume"])  # --max-steps 5
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "training.json").read_text())["steps"] == 5
+    r = CliRunner().invoke(app, args)  # a finished run is not overwritten silently
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(app, ["train-drafter", "--target", str(tiny_with_tokenizer), "--data", "nope.txt",
+                                 "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no such file" in r.output
