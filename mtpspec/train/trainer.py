@@ -282,9 +282,13 @@ class Trainer:
     def _train_step(self, items: list[core.Activations]) -> dict:
         cfg = self.cfg
         batch = core.collate(items, self.drafter.dtype)
-        total_steps = cfg.max_steps
+        if self.step >= cfg.warmup and cfg.max_steps is None and cfg.time_budget:
+            # no step count known: cosine decay over the time budget (to 0.1 x lr)
+            lr = core.cosine_lr(int(1000 * min(1.0, self.elapsed / cfg.time_budget)), 1000, 0, cfg.lr)
+        else:
+            lr = core.cosine_lr(self.step, cfg.max_steps, cfg.warmup, cfg.lr)
         for gr in self.opt.param_groups:
-            gr["lr"] = core.cosine_lr(self.step, total_steps, cfg.warmup, cfg.lr)
+            gr["lr"] = lr
         self.drafter.train()
         outs = core.unroll(self.drafter, self.target, batch, cfg.draft_tokens)
         head_is_target = not self.drafter.model.embed_tokens.weight.requires_grad
