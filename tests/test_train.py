@@ -252,3 +252,20 @@ def test_cli_train_drafter_and_resume(tiny_with_tokenizer, data_files, tmp_path)
     r = CliRunner().invoke(app, ["train-drafter", "--target", str(tiny_with_tokenizer), "--data", "nope.txt",
                                  "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+@pytest.mark.slow
+def test_shipped_drafter_loads_and_keeps_generation_lossless():
+    """The shipped SmolLM2-135M-Instruct drafter (drafters/) on the real default model: greedy
+    speculative output equals plain greedy output, and drafts get accepted."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-instruct"
+    plain = mtpspec.load()
+    spec = mtpspec.load(drafter=folder)
+    assert spec.proposer.drafter.draft_tokens == 4
+    prompts = [json.loads(ln)["prompt"] for ln in (folder.parent / "heldout-chat.jsonl").read_text().splitlines()[:3]]
+    a = plain.generate(prompts, max_new_tokens=32)
+    b = spec.generate(prompts, max_new_tokens=32, draft_tokens=4)
+    assert [r.token_ids for r in b] == [r.token_ids for r in a]
+    assert sum(r.stats["mean_accepted_length"] for r in b) / len(b) > 1.3
