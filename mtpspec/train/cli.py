@@ -56,11 +56,13 @@ def train_drafter_cmd(
             save_dtype=save_dtype, seed=seed, device=device,
         )
         res = train_drafter(cfg, resume=resume)
-        ev = res.evals[-1] if res.evals else None
-        msg = f"drafter written to {res.out} ({res.steps} steps, {res.seconds / 60:.1f} min)"
-        if ev:
-            msg += (f"; held-out mean accepted length {ev['mean_accepted_length']:.3f}, "
-                    f"per position {ev['acceptance_per_position']}")
+        msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min); drafter in {res.out}"
+        if res.evals:
+            last = res.evals[-1]
+            best = max(res.evals, key=lambda e: e["mean_accepted_length"])
+            msg += (f" = the best held-out evaluation (step {best['step']}: mean accepted length "
+                    f"{best['mean_accepted_length']:.3f}, per position {best['acceptance_per_position']}); last "
+                    f"(step {last['step']}): held-out mean accepted length {last['mean_accepted_length']:.3f}")
         typer.echo(msg, err=True)
     except MtpspecError as e:
         typer.echo(f"mtpspec: error: {e}", err=True)
