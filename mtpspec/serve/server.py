@@ -12,7 +12,8 @@ import uvicorn
 
 from .app import create_app
 from .metrics import Metrics
-from .scheduler import SafeAdaptiveDraftLength, Scheduler
+from ..decoding.draft_length import AdaptiveDraftLength
+from .scheduler import Scheduler
 
 
 def resolve_drafter(model: str | None, drafter: str | None) -> str | None:
@@ -45,7 +46,7 @@ def build(engine, *, max_batch_size: int = 8, max_queue: int = 64, max_len: int 
     if engine.proposer is None:
         policy = 0
     elif k is None:
-        policy = SafeAdaptiveDraftLength(engine.max_draft_tokens)
+        policy = AdaptiveDraftLength(engine.max_draft_tokens)
     else:
         policy = k
     metrics = Metrics()
