@@ -177,3 +177,20 @@ def test_adaptive_policy_survives_rounds_capped_to_plain():
         k = pol.choose(3)
         assert 0 <= k <= 4
         pol.observe(3, k, [min(1, k)] * 3, 0.01 + 0.001 * k, 0.001 * k)
+
+
+@pytest.mark.parametrize("kind", ["agree", "partial"])
+def test_rows_with_different_budgets_finish_mid_round(target, kind):
+    """A row that reaches its max_new_tokens while its drafts are still being accepted, and then
+    sits out the rounds of a row with a larger budget, must stay inside the cache (regression: the
+    finished row kept the positions of its cut-off tokens and overflowed the cache a round later)."""
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (20, 2, 9)]
+    budgets = [12, 25, 3]  # row 0 sets the batch's length (32); rows 0 and 2 finish first
+    ref = [run(target, [Request(p, n)])[0].new_ids for p, n in zip(ps, budgets)]
+    # the proposer knows each row's continuation well past its budget, so drafts keep being accepted
+    full = [p + r for p, r in zip(ps, plain(target, ps, 40))]
+    for k in (4, 7):
+        proposer = ReferenceProposer(full, VOCAB, 0.0 if kind == "agree" else 0.3, seed=k)
+        seqs = run(target, [Request(p, n) for p, n in zip(ps, budgets)], proposer, k)
+        assert [s.new_ids for s in seqs] == ref

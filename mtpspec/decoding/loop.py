@@ -345,6 +345,9 @@ class DecodeBatch:
             self.last_tokens[b] = emitted[b][-1]
             if s.done:
                 st.decode_time = now - self.decode_start[b]
+                # the row may have been cut (max_new_tokens, stop) inside its accepted run: keep only
+                # what it emitted, so the rounds it sits out until its slot is reused stay in the cache
+                view.lengths[b] = len(self.history[b]) - 1
             events.append(Event(b, s.new_ids, s.done))
         return events
 
