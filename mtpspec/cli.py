@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import MtpspecError
+from .prompts_file import read_prompts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast, lossless text generation with speculative decoding.")
@@ -30,12 +31,7 @@ def _read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
         raise MtpspecError("give either a PROMPT argument or --prompts-file (one of them)")
     if prompt is not None:
         return [prompt]
-    if not prompts_file.exists():
-        raise MtpspecError(f"{prompts_file}: prompts file does not exist")
-    lines = [ln for ln in prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise MtpspecError(f"{prompts_file}: no prompts (the file has no non-empty lines)")
-    return lines
+    return read_prompts(prompts_file)
 
 
 def _summary(stats: dict) -> str:
@@ -145,6 +141,8 @@ def bench(
     temperature: Annotated[float, typer.Option(help="spec suite: temperature of the sampled runs.")] = 0.7,
     seed: Annotated[int, typer.Option(help="spec suite: seed of the sampled runs (row i uses seed + i).")] = 0,
     no_transformers: Annotated[bool, typer.Option("--no-transformers", help="spec suite: skip transformers assisted generation.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="plain/spec suites: prompts to run instead of the built-in chat prompts (.jsonl with a 'prompt' per line, e.g. drafters/heldout-chat.jsonl, or one per line).")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="spec suite: prompts per run, generated in batches of the batch size (default: one batch = the first B prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (single suite; default bench-results/<suite>.json).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the default result files (and the spec plot).")] = Path("bench-results"),
     plot: Annotated[Optional[Path], typer.Option(help="spec suite: PNG plot path (default <out-dir>/spec.png).")] = None,
@@ -161,13 +159,15 @@ def bench(
             raise MtpspecError("--out names one file: with --suite all use --out-dir")
         dts = [d.strip() for d in dtypes.split(",") if d.strip()]
         bs = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes is not None else None
+        prompts = read_prompts(prompts_file) if prompts_file is not None else None
         for s in suites:
             target = out if out is not None else out_dir / f"{s}.json"
             if s == "plain":
                 from .bench.plain import run_plain_bench
 
                 run_plain_bench(model=model, dtypes=dts, batch_sizes=bs or [1, 8], max_new_tokens=max_new_tokens or 128,
-                                repeats=repeats, out=target, device=device, cache_dir=cache_dir, command=command)
+                                repeats=repeats, out=target, device=device, cache_dir=cache_dir, command=command,
+                                prompts=prompts)
             elif s == "spec":
                 from .bench.spec import run_spec_bench
 
@@ -175,7 +175,7 @@ def bench(
                                batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
                                seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
-                               transformers_assisted=not no_transformers, out=target,
+                               transformers_assisted=not no_transformers, out=target, prompts=prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command)
             else:

@@ -175,3 +175,25 @@ def test_spec_bench_records_a_failing_configuration(tiny_llama, monkeypatch):
     assert res["runs"] == []
     assert any("spec_2" in name and "proposer broke" in err for name, err in res["errors"].items())
     assert "step costs batch 2" in res["errors"]
+
+
+def test_batches_for_covers_the_prompt_set_in_batches():
+    from mtpspec.bench.spec import batches_for
+
+    ps = [[1], [2], [3]]
+    assert batches_for(ps, 2, None) == [[[1], [2]]]  # default: one batch
+    assert batches_for(ps, 1, 3) == [[[1]], [[2]], [[3]]]
+    assert batches_for(ps, 2, 3) == [[[1], [2]], [[3], [1]]]  # rounded up to full batches, cycled
+    assert batches_for(ps, 4, 2) == [[[1], [2], [3], [1]]]
+
+
+def test_spec_bench_runs_several_batches_per_run(tiny_llama):
+    prompts = [[5, 6, 7, 5, 6, 7], [8, 9, 10, 11], [12, 13, 12, 13, 12], [20, 21, 22]]
+    res = run_spec_bench(model=tiny_llama, drafter="ngram", batch_sizes=(1, 2), draft_tokens="2", modes=("greedy",),
+                         prompts=prompts, num_prompts=4, transformers_assisted=False, out=None, plot=None, **FAST)
+    assert res["greedy_tokens_identical"] is True
+    runs = {r["batch_size"]: r for r in res["runs"]}
+    assert runs[1]["batches_per_run"] == 4 and runs[2]["batches_per_run"] == 2
+    assert runs[1]["prompt_tokens"] == runs[2]["prompt_tokens"] == [6, 4, 5, 3]
+    with pytest.raises(InputError, match="num_prompts"):
+        run_spec_bench(model=tiny_llama, num_prompts=0, out=None, plot=None, **FAST)

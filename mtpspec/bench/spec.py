@@ -94,46 +94,62 @@ class SpecRun:
         return sum(len(t) for t in self.tokens) / self.wall_s
 
 
-def _ours_runner(model, proposer, prompt_ids, max_new_tokens: int, params_for_row: Callable[[int], Any],
-                 k: DraftSetting, max_k: int, device) -> Callable[[], SpecRun]:
+def _ours_runner(model, proposer, batches: list[list[list[int]]], max_new_tokens: int,
+                 params_for_row: Callable[[int], Any], k: DraftSetting, max_k: int, device) -> Callable[[], SpecRun]:
+    """One run = every batch of `batches` generated in turn (rows numbered across batches)."""
     from ..decoding.draft_length import AdaptiveDraftLength
     from ..decoding.loop import Request, run
 
     def go() -> SpecRun:
-        reqs = [Request(list(p), max_new_tokens, params_for_row(i), frozenset()) for i, p in enumerate(prompt_ids)]
         policy = AdaptiveDraftLength(max_k) if k is None else k  # fresh adaptive state every run
-        _sync(device)
-        t0 = time.perf_counter()
-        seqs = run(model, reqs, proposer if k != 0 else None, policy)
-        _sync(device)
-        wall = time.perf_counter() - t0
-        dec_time = max(s.stats.decode_time for s in seqs)
-        dec_tokens = sum(max(len(s.new_ids) - 1, 0) for s in seqs)
-        return SpecRun([list(s.new_ids) for s in seqs], wall, dec_tokens / dec_time if dec_time > 0 else None,
-                       [s.stats for s in seqs])
+        tokens, stats, wall, dec_time, dec_tokens, row = [], [], 0.0, 0.0, 0, 0
+        for prompt_ids in batches:
+            reqs = [Request(list(p), max_new_tokens, params_for_row(row + i), frozenset()) for i, p in enumerate(prompt_ids)]
+            row += len(prompt_ids)
+            _sync(device)
+            t0 = time.perf_counter()
+            seqs = run(model, reqs, proposer if k != 0 else None, policy)
+            _sync(device)
+            wall += time.perf_counter() - t0
+            dec_time += max(s.stats.decode_time for s in seqs)
+            dec_tokens += sum(max(len(s.new_ids) - 1, 0) for s in seqs)
+            tokens += [list(s.new_ids) for s in seqs]
+            stats += [s.stats for s in seqs]
+        return SpecRun(tokens, wall, dec_tokens / dec_time if dec_time > 0 else None, stats)
 
     return go
 
 
-def _hf_runner(hf_model, prompt: list[int], max_new_tokens: int, device, **gen_kwargs) -> Callable[[], SpecRun]:
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
+def _hf_runner(hf_model, prompts: list[list[int]], max_new_tokens: int, device, **gen_kwargs) -> Callable[[], SpecRun]:
+    """transformers generate at batch 1 over each prompt in turn."""
 
     def go() -> SpecRun:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
-                                    pad_token_id=0, use_cache=True, **gen_kwargs)
-        _sync(device)
-        wall = time.perf_counter() - t0
-        new = out[:, ids.shape[1]:].tolist()
-        if len(new[0]) != max_new_tokens:
-            raise MtpspecError(f"transformers generated {len(new[0])} tokens, expected {max_new_tokens}")
-        return SpecRun(new, wall, None)
+        tokens, wall = [], 0.0
+        for prompt in prompts:
+            ids = torch.tensor([prompt], dtype=torch.long, device=device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                        min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
+                                        pad_token_id=0, use_cache=True, **gen_kwargs)
+            _sync(device)
+            wall += time.perf_counter() - t0
+            new = out[0, ids.shape[1]:].tolist()
+            if len(new) != max_new_tokens:
+                raise MtpspecError(f"transformers generated {len(new)} tokens, expected {max_new_tokens}")
+            tokens.append(new)
+        return SpecRun(tokens, wall, None)
 
     return go
+
+
+def batches_for(plist: list[list[int]], bsz: int, num_prompts: int | None) -> list[list[list[int]]]:
+    """The batches one run at batch size bsz generates: prompts 0..n-1 (cycled when the set is
+    smaller) in groups of bsz, n = num_prompts rounded up to a multiple of bsz (default: one batch)."""
+    n = bsz if not num_prompts else -(-max(num_prompts, bsz) // bsz) * bsz
+    rows = [plist[i % len(plist)] for i in range(n)]
+    return [rows[i : i + bsz] for i in range(0, n, bsz)]
 
 
 def _aggregate(runs: list[SpecRun]) -> dict:
@@ -243,6 +259,7 @@ def run_spec_bench(
     max_new_tokens: int = 64,
     repeats: int = 3,
     prompts: Sequence[str | list[int]] | None = None,
+    num_prompts: int | None = None,
     chat: bool = True,
     transformers_assisted: bool = True,
     assisted_k: int | None = None,
@@ -259,7 +276,9 @@ def run_spec_bench(
     and/or None/"adaptive" (e.g. "1,2,4,8,adaptive"). modes: "greedy" and/or "sampled"
     (temperature `temperature`, row i seeded with seed + i). assisted_k: K for transformers'
     prompt lookup and our n-gram comparison at batch 1 (default: 4 if in draft_tokens, else the
-    largest fixed K). out / plot: JSON and PNG paths (None = do not write).
+    largest fixed K). prompts: the prompt set (default: the built-in chat prompts); num_prompts:
+    how many of them one run generates, in batches of the batch size (default: one batch, i.e.
+    the first B prompts at batch size B). out / plot: JSON and PNG paths (None = do not write).
     """
     import transformers
     from transformers import AutoModelForCausalLM
@@ -275,6 +294,8 @@ def run_spec_bench(
             raise InputError(f"{name} must be an integer >= 1, got {v!r}")
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise InputError(f"batch_sizes must be integers >= 1, got {list(batch_sizes)!r}")
+    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
+        raise InputError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     ks = parse_draft_tokens(draft_tokens)
     fixed_ks = [k for k in ks if k is not None]
     modes = list(dict.fromkeys(modes))
@@ -292,7 +313,7 @@ def run_spec_bench(
     arguments = dict(model=None if model is None else str(model), drafter=str(drafter), device=device, dtype=dtype,
                      batch_sizes=list(batch_sizes), draft_tokens=[_k_name(k) for k in ks], modes=modes,
                      temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, repeats=repeats,
-                     prompts=None if prompts is None else list(prompts), chat=chat,
+                     prompts=None if prompts is None else list(prompts), num_prompts=num_prompts, chat=chat,
                      transformers_assisted=transformers_assisted, assisted_k=assisted_k, cost_repeats=cost_repeats,
                      out=None if out is None else str(out), plot=None if plot is None else str(plot))
 
@@ -351,26 +372,27 @@ def run_spec_bench(
 
         for mode in modes:
             for bsz in batch_sizes:
-                ids = [plist[i % len(plist)] for i in range(bsz)]
+                batches = batches_for(plist, bsz, num_prompts)
+                firsts = [b[0] for b in batches]  # transformers runs batch 1 only
                 if mode == "greedy":
                     params_for_row = lambda i: SamplingParams()  # noqa: E731
                 else:
                     params_for_row = lambda i: SamplingParams(temperature, 0, 1.0, seed + i)  # noqa: E731
                 runners: dict[str, Callable[[], SpecRun]] = {
-                    "plain": _ours_runner(engine.model, None, ids, max_new_tokens, params_for_row, 0, 1, dev)}
+                    "plain": _ours_runner(engine.model, None, batches, max_new_tokens, params_for_row, 0, 1, dev)}
                 for k in ks:
-                    runners[f"spec_{_k_name(k)}"] = _ours_runner(engine.model, engine.proposer, ids, max_new_tokens,
+                    runners[f"spec_{_k_name(k)}"] = _ours_runner(engine.model, engine.proposer, batches, max_new_tokens,
                                                                 params_for_row, k, engine.max_draft_tokens, dev)
                 hf_here = hf is not None and bsz == 1 and mode == "greedy"
                 if hf_here:
-                    runners["hf_plain"] = _hf_runner(hf, ids[0], max_new_tokens, dev)
-                    runners["hf_prompt_lookup"] = _hf_runner(hf, ids[0], max_new_tokens, dev,
+                    runners["hf_plain"] = _hf_runner(hf, firsts, max_new_tokens, dev)
+                    runners["hf_prompt_lookup"] = _hf_runner(hf, firsts, max_new_tokens, dev,
                                                              prompt_lookup_num_tokens=assisted_k)
                     if ngram_for_hf is not None:
-                        runners["ours_ngram"] = _ours_runner(engine.model, ngram_for_hf, ids, max_new_tokens,
+                        runners["ours_ngram"] = _ours_runner(engine.model, ngram_for_hf, batches, max_new_tokens,
                                                              params_for_row, assisted_k, assisted_k, dev)
                     if hf_assistant is not None:
-                        runners["hf_assistant"] = _hf_runner(hf, ids[0], max_new_tokens, dev, assistant_model=hf_assistant)
+                        runners["hf_assistant"] = _hf_runner(hf, firsts, max_new_tokens, dev, assistant_model=hf_assistant)
                 names = list(runners)
                 _log(f"[{mode}] batch {bsz}: warm-up ({len(names)} configurations) ...")
                 ref: dict[str, list[list[int]]] = {}
@@ -422,7 +444,7 @@ def run_spec_bench(
                             first_div = compare_tokens(sruns[0].tokens, plain_runs[0].tokens)["first_divergence"]
                             mismatches.append(f"greedy batch {bsz} K={_k_name(k)}: first divergence {first_div}")
                     row = {"mode": mode, "batch_size": bsz, "k": _k_name(k), "max_new_tokens": max_new_tokens,
-                           "prompt_tokens": [len(p) for p in ids],
+                           "prompt_tokens": [len(p) for b in batches for p in b], "batches_per_run": len(batches),
                            "plain_tok_s": _r(plain_med), "spec_tok_s": _r(med), "speedup": _r(med / plain_med, 4),
                            "plain_decode_tok_s": _r(plain_dec),
                            "spec_decode_tok_s": _r(_median([x.decode_tok_s for x in sruns if x.decode_tok_s])),

@@ -9,16 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: prompts file not found")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if p.suffix == ".jsonl":
-        return [json.loads(ln)["prompt"] for ln in lines]
-    return lines
+from ..prompts_file import read_prompts
 
 
 def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, MtpspecError
+from ..prompts_file import read_prompts
 from ..models.drafter import DrafterConfig, MTPDrafter
 from . import core
 from .data import Sample, build_samples
@@ -87,12 +88,6 @@ class _Stop(Exception):
     pass
 
 
-def _read_eval_prompts(path: str) -> list[str]:
-    from .evaluate import read_prompts
-
-    return read_prompts(path)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, engine=None) -> None:
         self.cfg = cfg
@@ -138,7 +133,7 @@ class Trainer:
         self.history: list[dict] = []
         self.evals: list[dict] = []
         self.best_tau = -1.0
-        self.eval_prompts = _read_eval_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
+        self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
         self._stop_requested = False
         self._interrupt_at: int | None = None  # tests: simulate an interruption before this step
 
