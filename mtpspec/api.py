@@ -242,8 +242,8 @@ class Engine:
         """Generate for one prompt (returns one result) or a list of prompts (returns a list).
 
         A prompt is a string (the chat template is applied unless chat=False) or a list of token
-        ids (used as is). temperature=0 is greedy. Prompts run as one batch, or in batches of
-        `batch_size`. With a proposer loaded, decoding is speculative: draft_tokens fixes K
+        ids (used as is). temperature=0 is greedy. Prompts run as one batch, or at most
+        `batch_size` at a time, a finished prompt's slot going to the next one (continuous batching). With a proposer loaded, decoding is speculative: draft_tokens fixes K
         (0 = plain decoding), None uses the engine's default (adaptive unless set at load).
         """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
@@ -255,11 +255,9 @@ class Engine:
         size = batch_size or len(requests)
         if size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        results: list[GenerationResult] = []
-        for start in range(0, len(requests), size):
-            policy = self.draft_policy(draft_tokens, params)
-            seqs = run(self.model, requests[start : start + size], self.proposer, policy)
-            results += [self._result(p, s, stop) for p, s in zip(plist[start : start + size], seqs)]
+        policy = self.draft_policy(draft_tokens, params)
+        seqs = run(self.model, requests, self.proposer, policy, slots=size)
+        results = [self._result(p, s, stop) for p, s in zip(plist, seqs)]
         return results[0] if single else results
 
     def stream(

@@ -70,7 +70,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Makes sampling reproducible.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Run a prompts file N prompts at a time.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Decode at most N prompts of a prompts file at a time; a finished prompt's slot goes to the next one.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line on stdout.")] = False,
     drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder (gemma4_assistant format).")] = None,
     no_drafter: Annotated[bool, typer.Option("--no-drafter", help="Plain decoding, no speculation.")] = False,

@@ -9,6 +9,7 @@ import torch
 from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.loop import DecodeBatch, Request, run
 from mtpspec.decoding.proposers import NgramProposer
+from mtpspec.errors import InputError
 from tiny_models import VOCAB
 
 
@@ -71,3 +72,29 @@ def test_prompt_too_long_for_the_batch(model):
 
     with pytest.raises(InputError, match="at most 7"):
         batch.add([Request([5] * 9, 4)])
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_run_with_fewer_slots_than_requests_refills_slots(model, spec):
+    from mtpspec.decoding.loop import generate
+
+    prompts = _prompts(6, seed=2)
+    budgets = [3, 25, 1, 14, 30, 6]
+    alone = [run(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
+    proposer = NgramProposer() if spec else None
+    it = generate(model, [Request(p, n) for p, n in zip(prompts, budgets)], proposer, 3, slots=2)
+    last: dict[int, list[int]] = {}
+    while True:
+        try:
+            ev = next(it)
+        except StopIteration as stop:
+            seqs = stop.value
+            break
+        assert len(ev.new_ids) >= len(last.get(ev.row, []))  # events are per request index
+        last[ev.row] = list(ev.new_ids)
+    assert [s.new_ids for s in seqs] == alone
+    assert [last[i] for i in range(6)] == alone
+    with pytest.raises(InputError, match="no prompts"):
+        run(model, [], proposer, 3, slots=2)
+    with pytest.raises(InputError, match="slots"):
+        run(model, [Request(prompts[0], 2)], slots=0)

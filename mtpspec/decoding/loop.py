@@ -9,7 +9,7 @@ the same tokens whatever else is in the batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -357,18 +357,35 @@ def generate(
     requests: list[Request],
     proposer: Proposer | None = None,
     draft_length: "DraftLengthPolicy | int" = 0,
+    slots: int | None = None,
 ) -> Iterator[Event]:
-    """Generate for a batch of requests (plain, or speculative with a proposer); yields an Event
-    per row and round. The finished `Sequence`s, in request order, are the generator's return
-    value (see `run`)."""
+    """Generate for a list of requests (plain, or speculative with a proposer); yields an Event
+    per request and round, its `row` being the request's index. slots=None decodes all requests
+    as one batch; slots=N decodes at most N at a time and gives a slot to the next request as soon
+    as its sequence finishes (continuous batching). Every sequence equals generating it alone.
+    The finished `Sequence`s, in request order, are the generator's return value (see `run`)."""
     check_requests(model, requests)
+    if slots is not None and slots < 1:
+        raise InputError(f"slots must be >= 1, got {slots}")
     limit = model.cfg.max_position
     max_len = max(min(limit, len(r.prompt_ids) + r.max_new_tokens) for r in requests)
-    batch = DecodeBatch(model, len(requests), max_len, proposer, draft_length)
-    yield from batch.add(requests)
-    while batch.active:
-        yield from batch.step()
-    return batch.seqs
+    batch = DecodeBatch(model, min(slots or len(requests), len(requests)), max_len, proposer, draft_length)
+    seqs: list[Sequence | None] = [None] * len(requests)
+    owner: dict[int, int] = {}  # slot -> request index
+    nxt = 0
+    while nxt < len(requests) or batch.active:
+        free = batch.free_slots()[: len(requests) - nxt]
+        if free:
+            events = batch.add(requests[nxt : nxt + len(free)], free)
+            for j, slot in enumerate(free):
+                owner[slot] = nxt + j
+                seqs[nxt + j] = batch.seqs[slot]
+            nxt += len(free)
+        else:
+            events = batch.step()
+        for ev in events:
+            yield replace(ev, row=owner[ev.row])
+    return seqs
 
 
 def run(
@@ -377,9 +394,10 @@ def run(
     proposer: Proposer | None = None,
     draft_length: "DraftLengthPolicy | int" = 0,
     on_event: Callable[[Event], None] | None = None,
+    slots: int | None = None,
 ) -> list[Sequence]:
-    """Run `generate` to completion and return the finished sequences."""
-    it = generate(model, requests, proposer, draft_length)
+    """Run `generate` to completion and return the finished sequences, in request order."""
+    it = generate(model, requests, proposer, draft_length, slots)
     while True:
         try:
             ev = next(it)

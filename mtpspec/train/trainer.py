@@ -220,19 +220,16 @@ class Trainer:
         return acts
 
     def _distill(self, prompts: list[list[int]]) -> list[list[int]]:
-        """Greedy responses of the target (our plain decoding loop, batched)."""
+        """Greedy responses of the target (our plain decoding loop, continuously batched)."""
         from ..decoding.loop import Request, run
         from ..decoding.sampling import SamplingParams
 
         cfg = self.cfg
         limit = self.target.cfg.max_position
-        out = []
-        for i in range(0, len(prompts), cfg.distill_batch):
-            chunk = prompts[i : i + cfg.distill_batch]
-            reqs = [Request(p, max(1, min(cfg.distill_max_new_tokens, cfg.max_len - len(p), limit - len(p))),
-                            SamplingParams(0.0, 0, 1.0, None), self.engine.eos_ids, None) for p in chunk]
-            out += [list(s.new_ids) for s in run(self.target, reqs, None, 0)]
-        return out
+        reqs = [Request(p, max(1, min(cfg.distill_max_new_tokens, cfg.max_len - len(p), limit - len(p))),
+                        SamplingParams(0.0, 0, 1.0, None), self.engine.eos_ids, None) for p in prompts]
+        # distill_batch slots, each refilled as soon as its response ends (continuous batching)
+        return [list(s.new_ids) for s in run(self.target, reqs, None, 0, slots=cfg.distill_batch)]
 
     # ---- batches ---------------------------------------------------------------------------
     def _round_plan(self, r: int) -> tuple[int, int]:
