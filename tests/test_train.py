@@ -84,8 +84,9 @@ def _cfg(data_files, tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def test_training_lowers_loss_and_raises_acceptance(engine, data_files, tmp_path):
-    tr = Trainer(_cfg(data_files, tmp_path, max_steps=60, epochs=3), engine)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_lowers_loss_and_raises_acceptance(engine, data_files, tmp_path, bf16):
+    tr = Trainer(_cfg(data_files, tmp_path, max_steps=60, epochs=3, bf16=bf16), engine)
     before = tr.evaluate()["mean_accepted_length"]
     res = tr.run()
     losses = [h["loss"] for h in res.history]

@@ -36,6 +36,7 @@ def train_drafter_cmd(
     eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the drafter's training steps (faster on CPUs with AVX-512 BF16/AMX and on GPUs; weights stay fp32).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the work dir from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
@@ -53,7 +54,7 @@ def train_drafter_cmd(
             time_budget=time_budget * 60 if time_budget else None, full_vocab_loss=full_vocab_loss,
             eval_prompts=str(eval_prompts) if eval_prompts else None,
             eval_every=eval_every * 60 if eval_every else None, checkpoint_every=checkpoint_every * 60,
-            save_dtype=save_dtype, seed=seed, device=device,
+            save_dtype=save_dtype, bf16=bf16, seed=seed, device=device,
         )
         res = train_drafter(cfg, resume=resume)
         msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min); drafter in {res.out}"

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_max_new_tokens: int = 64
     eval_limit: int = 16
     save_dtype: str = "float16"
+    bf16: bool = False  # bfloat16 autocast for the drafter's forward/backward (weights stay fp32)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -282,11 +283,12 @@ class Trainer:
         for gr in self.opt.param_groups:
             gr["lr"] = lr
         self.drafter.train()
-        outs = core.unroll(self.drafter, self.target, batch, cfg.draft_tokens)
         head_is_target = not self.drafter.model.embed_tokens.weight.requires_grad
-        loss, stats = core.step_losses(self.drafter, outs, batch, full_vocab=cfg.full_vocab_loss,
-                                       feature_weight=cfg.feature_weight if head_is_target else 0.0,
-                                       cluster_of=self.cluster_of)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            outs = core.unroll(self.drafter, self.target, batch, cfg.draft_tokens)
+            loss, stats = core.step_losses(self.drafter, outs, batch, full_vocab=cfg.full_vocab_loss,
+                                           feature_weight=cfg.feature_weight if head_is_target else 0.0,
+                                           cluster_of=self.cluster_of)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
