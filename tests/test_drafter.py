@@ -197,15 +197,23 @@ def test_drafter_position_is_the_last_token_position(targets):
 
 def test_clustered_head_logits_only_on_chosen_clusters(targets):
     _, target = targets("e2b")
-    drafter = random_drafter(target, seed=13, clustered=True, num_centroids=16, centroid_top_k=3)
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32, clustered=True, num_centroids=16,
+                                   centroid_top_k=3)
+    drafter = MTPDrafter(cfg).init_random(13, std=0.2)
     me = drafter.masked_embedding
     order = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))
     me.token_ordering.copy_(order)
-    assert torch.equal(me.token_ordering.sort().values, torch.arange(VOCAB))
+    w = drafter.model.embed_tokens.weight.detach().clone()  # standard order
     s = torch.randn(4, drafter.cfg.hidden_size)
+    unprepared = drafter.logits(s)
+    before = {k: v.clone() for k, v in drafter.state_dict().items()}
+    drafter.prepare()  # stores the LM weight cluster-major
+    assert me.cluster_major
     logits = drafter.logits(s)
+    torch.testing.assert_close(logits, unprepared)
+    after = drafter.state_dict()  # still the standard order (what a checkpoint holds)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     top = torch.topk(me.centroids(s), 3, dim=-1).indices
-    w = drafter.model.embed_tokens.weight
     for r in range(4):
         chosen = order.view(16, VOCAB // 16)[top[r]].reshape(-1)
         finite = torch.isfinite(logits[r]).nonzero().view(-1)

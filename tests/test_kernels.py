@@ -121,10 +121,13 @@ def test_weight_rows_and_to_dtype():
     layer = _make(577, 33, False, torch.float32).pack()
     w = layer.unpacked_weight().clone()
     ids = torch.tensor([[0, 32], [17, 5]])
+    many = torch.randint(0, 33, (3, 50))  # > 64 ids: the element-gather path
     assert torch.equal(layer.weight_rows(ids), w[ids])
+    assert torch.equal(layer.weight_rows(many), w[many])
     layer.to(torch.bfloat16)  # re-packs in the bf16 layout
     assert torch.equal(layer.unpacked_weight(), w.to(torch.bfloat16))
     assert torch.equal(layer.weight_rows(ids), w.to(torch.bfloat16)[ids])
+    assert torch.equal(layer.weight_rows(many), w.to(torch.bfloat16)[many])
     x = torch.randn(3, 577, dtype=torch.bfloat16)
     _close(layer(x), x, w.to(torch.bfloat16), None, torch.bfloat16)
 

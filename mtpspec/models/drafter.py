@@ -268,15 +268,25 @@ class MaskedEmbedding(nn.Module):
         self.per_cluster = cfg.vocab_size // cfg.num_centroids
         self.centroids = Linear(cfg.hidden_size, cfg.num_centroids, bias=False)
         self.register_buffer("token_ordering", torch.arange(cfg.vocab_size, dtype=torch.long))
+        # True once MTPDrafter.prepare() stored the LM weight cluster-major (row i = token
+        # token_ordering[i]): a cluster's rows are then one contiguous block
+        self.cluster_major = False
 
     def selected(self, s: torch.Tensor) -> torch.Tensor:
         """Token ids [B, top_k * V/C] of the chosen clusters for final drafter states s [B, H]."""
-        top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices
-        return self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)
+        return self._select(s)[1]
+
+    def _select(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices  # [B, top_k]
+        return top, self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)
 
     def forward(self, s: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
-        ids = self.selected(s)
-        rows = lm_weight[ids]  # [B, n, H]
+        top, ids = self._select(s)
+        if self.cluster_major:  # copy top_k contiguous blocks
+            rows = lm_weight.view(self.num_centroids, self.per_cluster, -1).index_select(0, top.flatten())
+        else:
+            rows = lm_weight.index_select(0, ids.flatten())
+        rows = rows.view(*ids.shape, -1)  # [B, n, H]
         vals = (rows @ s[:, :, None]).squeeze(-1)
         out = torch.full((s.shape[0], lm_weight.shape[0]), float("-inf"), dtype=vals.dtype, device=s.device)
         return out.scatter_(1, ids, vals)
@@ -305,6 +315,8 @@ class MTPDrafter(nn.Module):
         self.post_projection = Linear(cfg.hidden_size, cfg.backbone_hidden_size, bias=False)
         self.masked_embedding = MaskedEmbedding(cfg) if cfg.clustered else None
         self.draft_tokens: int | None = None  # the checkpoint's num_assistant_tokens (set by load_drafter)
+        self._register_state_dict_hook(MTPDrafter._standard_order_hook)
+        self._register_load_state_dict_pre_hook(MTPDrafter._load_pre_hook, with_module=True)
 
     @property
     def device(self) -> torch.device:
@@ -326,11 +338,31 @@ class MTPDrafter(nn.Module):
         return self
 
     def prepare(self) -> "MTPDrafter":
-        """Call after loading weights / moving: packs the linear kernels, eval, no grad."""
+        """Call after loading weights / moving: packs the linear kernels, stores a clustered head's
+        LM weight cluster-major (state_dict() still gives the standard order), eval, no grad."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack()
+        me = self.masked_embedding
+        if me is not None and not me.cluster_major:
+            w = self.model.embed_tokens.weight
+            w.data = w.data.index_select(0, me.token_ordering).contiguous()
+            me.cluster_major = True
         return self.eval().requires_grad_(False)
+
+    @staticmethod
+    def _standard_order_hook(module, state_dict, prefix, local_metadata):
+        me = module.masked_embedding
+        if me is not None and me.cluster_major:
+            key = prefix + "model.embed_tokens.weight"
+            w = state_dict[key]
+            state_dict[key] = torch.empty_like(w).index_copy_(0, me.token_ordering.to(w.device), w)
+
+    @staticmethod
+    def _load_pre_hook(module, state_dict, prefix, *args):
+        me = module.masked_embedding
+        if me is not None and me.cluster_major and prefix + "model.embed_tokens.weight" in state_dict:
+            me.cluster_major = False  # a standard-order weight is being loaded: call prepare() again
 
     def check_target(self, target_cfg: ModelConfig) -> None:
         """Raise ValueError naming the first mismatch between this drafter and a target config."""
