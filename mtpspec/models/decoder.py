@@ -149,7 +149,7 @@ class Decoder(nn.Module):
             window = spec.sliding_window
             lo = max(0, int(positions[:, 0].min()) - window + 1) if window else 0
             key_range[lt] = (lo, hi)
-            mask[lt] = visibility(positions, lo, hi, window)
+            mask[lt] = visibility(positions, lo, hi, window, self.dtype)
         return StepContext(positions, start, rope, key_range, mask)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,11 @@ class StepContext:
     moe_stats: "MoEStats | None" = None  # filled by MoE layers when the caller asks for it
 
 
-def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None) -> torch.Tensor | None:
-    """Key j in [lo, hi) is visible from a query at position p iff j <= p and (no window or j > p - window)."""
+def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Key j in [lo, hi) is visible from a query at position p iff j <= p and (no window or j > p - window).
+    Returns None when every key is visible, else an additive mask [B, 1, T, hi - lo] (0 / -inf) in
+    `dtype`, built once per forward (a boolean mask would be converted again in every layer)."""
     keys = torch.arange(lo, hi, device=positions.device)
     p = positions[:, :, None]
     visible = keys <= p
@@ -84,7 +87,7 @@ def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None) ->
         visible &= keys > p - window
     if bool(visible.all()):
         return None
-    return visible[:, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))[:, None]
 
 
 class Attention(nn.Module):
