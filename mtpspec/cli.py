@@ -228,9 +228,10 @@ def serve(
         raise typer.Exit(2) from None
 
 
-from .train.cli import train_drafter_cmd  # noqa: E402  (options: mtpspec/train/cli.py)
+from .train.cli import eval_drafter_cmd, train_drafter_cmd  # noqa: E402  (options: mtpspec/train/cli.py)
 
 app.command("train-drafter")(train_drafter_cmd)
+app.command("eval-drafter")(eval_drafter_cmd)
 
 
 def main() -> None:

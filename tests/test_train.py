@@ -270,3 +270,29 @@ def test_shipped_drafter_loads_and_keeps_generation_lossless():
     b = spec.generate(prompts, max_new_tokens=32, draft_tokens=4)
     assert [r.token_ids for r in b] == [r.token_ids for r in a]
     assert sum(r.stats["mean_accepted_length"] for r in b) / len(b) > 1.3
+
+
+def test_cli_eval_drafter_compares_heads(engine, tiny_with_tokenizer, data_files, tmp_path):
+    """`mtpspec eval-drafter`: held-out acceptance with the clustered head and with the full head
+    of the same weights, and both heads' costs; a drafter that is its own full head scores the
+    same whichever head is asked for."""
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+    from mtpspec.drafter_checkpoint import save_drafter
+
+    cfg = DrafterConfig.for_target(engine.model.cfg, num_layers=1, hidden_size=32, clustered=True, num_centroids=8,
+                                   centroid_top_k=8)  # every cluster chosen: same drafts as the full head
+    save_drafter(MTPDrafter(cfg).init_random(3, std=0.2), tmp_path / "d", draft_tokens=2)
+    r = CliRunner().invoke(app, ["eval-drafter", str(tmp_path / "d"), "--target", str(tiny_with_tokenizer),
+                                 "-p", str(data_files / "eval.txt"), "-n", "12", "--compare-heads", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    clustered, full = res["evaluations"]
+    assert (clustered["head"], full["head"]) == ("clustered", "full") and res["draft_tokens"] == 2
+    assert clustered["mean_accepted_length"] == full["mean_accepted_length"] >= 1.0
+    assert len(clustered["acceptance_per_position"]) == 2
+    hc = res["head_costs"]
+    assert hc["clustered"]["head_ms"] > 0 and hc["full"]["draft_step_ms"] > 0
+    r = CliRunner().invoke(app, ["eval-drafter", str(tmp_path / "nope"), "-p", str(data_files / "eval.txt")])
+    assert r.exit_code == 2 and "nope" in r.output

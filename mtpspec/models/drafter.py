@@ -350,6 +350,16 @@ class MTPDrafter(nn.Module):
             me.cluster_major = True
         return self.eval().requires_grad_(False)
 
+    def full_head_copy(self) -> "MTPDrafter":
+        """The same weights with the full LM head instead of the clustered one (unprepared): what
+        the clustered head is compared against."""
+        import dataclasses
+
+        full = MTPDrafter(dataclasses.replace(self.cfg, clustered=False, num_centroids=0, centroid_top_k=0))
+        full.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("masked_embedding.")})
+        full.draft_tokens = self.draft_tokens
+        return full.to(self.dtype)
+
     @staticmethod
     def _standard_order_hook(module, state_dict, prefix, local_metadata):
         me = module.masked_embedding

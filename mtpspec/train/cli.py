@@ -68,3 +68,57 @@ def train_drafter_cmd(
     except MtpspecError as e:
         typer.echo(f"mtpspec: error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+def eval_drafter_cmd(
+    drafter: Annotated[Path, typer.Argument(help="Drafter folder (gemma4_assistant format).")],
+    prompts_file: Annotated[list[Path], typer.Option("--prompts-file", "-p", help="Held-out prompts (.jsonl with 'prompt' or one per line); repeatable.")],
+    target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
+    draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="K (default: the drafter's num_assistant_tokens).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N prompts of each file.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    compare_heads: Annotated[bool, typer.Option("--compare-heads", help="For a clustered drafter: also evaluate the full head (same weights) and measure both heads' cost.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K),
+    optionally clustered vs full head with their costs."""
+    import json
+
+    import mtpspec
+
+    from ..drafter_checkpoint import read_drafter_config
+    from .evaluate import evaluate_drafter, head_costs
+
+    try:
+        _, k_ckpt = read_drafter_config(drafter)
+        k = draft_tokens or k_ckpt or 4
+        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, device=device)
+        clustered = eng.proposer.drafter.cfg.clustered
+        heads = [False, True] if compare_heads and clustered else [False]
+        res = {"drafter": str(drafter), "draft_tokens": k, "evaluations": []}
+        for path in prompts_file:
+            for full in heads:
+                res["evaluations"].append(evaluate_drafter(drafter, path, k=k, max_new_tokens=max_new_tokens, limit=limit,
+                                                           batch_size=batch_size, full_head=full, engine=eng))
+        if compare_heads:
+            res["head_costs"] = head_costs(eng)
+        if json_out:
+            typer.echo(json.dumps(res))
+            return
+        for e in res["evaluations"]:
+            acc = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
+            typer.echo(f"{e['prompts_file']} ({e['prompts']} prompts, {e['head']} head, K={k}): mean accepted length "
+                       f"{e['mean_accepted_length']:.3f}, acceptance per position [{acc}]")
+        if "head_costs" in res:
+            hc = res["head_costs"]
+            for name in ("clustered", "full"):
+                if name in hc:
+                    typer.echo(f"{name} head: {hc[name]['head_ms']} ms alone, drafting step {hc[name]['draft_step_ms']} ms (batch 1)")
+            if "head_cost_ratio_full_over_clustered" in hc:
+                typer.echo(f"clustered head {hc['head_cost_ratio_full_over_clustered']}x cheaper than the full head "
+                           f"(drafting step {hc['step_cost_ratio_full_over_clustered']}x)")
+    except MtpspecError as e:
+        typer.echo(f"mtpspec: error: {e}", err=True)
+        raise typer.Exit(2) from None

@@ -328,12 +328,7 @@ class Trainer:
         folder = folder or self.out
         d = copy.deepcopy(self.drafter).to(resolve_dtype(self.cfg.save_dtype)).eval()
         if full_head and d.cfg.clustered:
-            import dataclasses
-
-            full = MTPDrafter(dataclasses.replace(d.cfg, clustered=False, num_centroids=0, centroid_top_k=0))
-            sd = {k: v for k, v in d.state_dict().items() if not k.startswith("masked_embedding.")}
-            full.load_state_dict(sd)
-            d = full.to(resolve_dtype(self.cfg.save_dtype)).eval()
+            d = d.full_head_copy().eval()
         save_drafter(d, folder, draft_tokens=self.cfg.draft_tokens, target_model_type=None)
         info = {"steps": self.step, "training_seconds": round(self.elapsed, 1), "config": asdict(self.cfg),
                 "evals": self.evals, "last": self.history[-1] if self.history else None}
