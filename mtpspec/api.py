@@ -309,6 +309,19 @@ class TextStream:
 SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct"
 
 
+def resolve_drafter(model: str | Path | None, drafter: str | Path | None) -> str | None:
+    """A `--drafter` value for speculative decoding where one is wanted (server, spec bench):
+    'none'/None -> None (plain); 'auto' -> the shipped MTP drafter of the default model
+    (drafters/smollm2-135m-instruct) if it is there, else the n-gram proposer; anything else (a
+    folder or 'ngram') as given."""
+    if drafter in (None, "", "none"):
+        return None
+    if drafter == "auto":
+        shipped = shipped_drafter() if model is None else None
+        return str(shipped) if shipped is not None else "ngram"
+    return str(drafter)
+
+
 def shipped_drafter() -> Path | None:
     """The trained drafter for the default model that ships in the repository, if present."""
     return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None

@@ -130,12 +130,13 @@ def generate(
 def bench(
     model: ModelOpt = None,
     suite: Annotated[str, typer.Option(help="plain (ours vs transformers generate), spec (plain vs speculative), "
-                                            "gemma4 (Gemma 4-shaped random models), or all.")] = "plain",
+                                            "gemma4 (Gemma 4-shaped random models), serve (the HTTP server under "
+                                            "concurrent clients, with and without the drafter), or all.")] = "plain",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32).")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32, serve 32).")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
-    drafter: Annotated[str, typer.Option("--drafter", help="spec suite: MTP drafter checkpoint folder, or 'ngram'.")] = "ngram",
+    drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the shipped drafter of the default model, else ngram).")] = "auto",
     draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
     modes: Annotated[str, typer.Option(help="spec suite: greedy,sampled (either or both).")] = "greedy,sampled",
     temperature: Annotated[float, typer.Option(help="spec suite: temperature of the sampled runs.")] = 0.7,
@@ -145,16 +146,16 @@ def bench(
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="spec suite: prompts per run, generated in batches of the batch size (default: one batch = the first B prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (single suite; default bench-results/<suite>.json).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the default result files (and the spec plot).")] = Path("bench-results"),
-    plot: Annotated[Optional[Path], typer.Option(help="spec suite: PNG plot path (default <out-dir>/spec.png).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="spec/serve suite: PNG plot path (default <out-dir>/<suite>.png).")] = None,
     device: DeviceOpt = "cpu",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Benchmarks: plain decoding vs transformers (default), speculative vs plain decoding, Gemma 4 shapes."""
-    suites = ["plain", "spec", "gemma4"] if suite == "all" else [suite]
+    suites = ["plain", "spec", "gemma4", "serve"] if suite == "all" else [suite]
     command = " ".join(["mtpspec"] + sys.argv[1:])
     try:
-        if any(s not in ("plain", "spec", "gemma4") for s in suites):
-            raise MtpspecError(f"--suite must be plain, spec, gemma4 or all, got {suite!r}")
+        if any(s not in ("plain", "spec", "gemma4", "serve") for s in suites):
+            raise MtpspecError(f"--suite must be plain, spec, gemma4, serve or all, got {suite!r}")
         if out is not None and len(suites) > 1:
             raise MtpspecError("--out names one file: with --suite all use --out-dir")
         dts = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -178,6 +179,13 @@ def bench(
                                transformers_assisted=not no_transformers, out=target, prompts=prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command)
+            elif s == "serve":
+                from .serve.bench import main as run_serve_bench
+
+                argv = ["--concurrency", ",".join(str(b) for b in (bs or [1, 4, 8, 16])),
+                        "--max-tokens", str(max_new_tokens or 32), "--drafter", drafter, "--out", str(target),
+                        "--plot", str(plot if plot is not None and len(suites) == 1 else out_dir / "serve.png")]
+                run_serve_bench(argv + (["--model", model] if model else []), command=command)
             else:
                 from .bench.gemma4 import run_gemma4_bench
 

@@ -197,3 +197,23 @@ def test_spec_bench_runs_several_batches_per_run(tiny_llama):
     assert runs[1]["prompt_tokens"] == runs[2]["prompt_tokens"] == [6, 4, 5, 3]
     with pytest.raises(InputError, match="num_prompts"):
         run_spec_bench(model=tiny_llama, num_prompts=0, out=None, plot=None, **FAST)
+
+
+def test_cli_bench_serve_suite(tiny_with_tokenizer, tmp_path):
+    """`mtpspec bench --suite serve`: two real servers (with the drafter and without) under 1 and 2
+    concurrent clients; every request completes; the JSON records this command."""
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+
+    out, png = tmp_path / "serve.json", tmp_path / "serve.png"
+    res = CliRunner().invoke(app, ["bench", "--suite", "serve", "--model", str(tiny_with_tokenizer), "--drafter", "ngram",
+                                   "--batch-sizes", "1,2", "-n", "4", "--out", str(out), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("mtpspec ")  # the mtpspec command line, not python -m ...
+    assert set(data["configs"]) == {"drafter: ngram", "no drafter"}
+    for rows in data["configs"].values():
+        assert [r["concurrency"] for r in rows] == [1, 2]
+        assert all(r["requests"] == 4 and not r["errors"] and _positive(r["throughput_tok_s"]) for r in rows)
+    assert png.exists()

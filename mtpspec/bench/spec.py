@@ -272,7 +272,8 @@ def run_spec_bench(
     """Benchmark speculative against plain decoding (see module docstring); returns the results.
 
     model: checkpoint folder / .gguf / None (default model). drafter: "ngram", an MTP drafter
-    checkpoint folder (gemma4_assistant format), or None = "ngram". draft_tokens: fixed K values
+    checkpoint folder (gemma4_assistant format), "auto" (the shipped drafter of the default model,
+    else "ngram") or None = "ngram". draft_tokens: fixed K values
     and/or None/"adaptive" (e.g. "1,2,4,8,adaptive"). modes: "greedy" and/or "sampled"
     (temperature `temperature`, row i seeded with seed + i). assisted_k: K for transformers'
     prompt lookup and our n-gram comparison at batch 1 (default: 4 if in draft_tokens, else the
@@ -307,7 +308,9 @@ def run_spec_bench(
         raise InputError("prompts is empty")
     if assisted_k is None:
         assisted_k = 4 if 4 in fixed_ks else (max(fixed_ks) if fixed_ks else 4)
-    drafter = "ngram" if drafter is None else drafter
+    from ..api import resolve_drafter
+
+    drafter = resolve_drafter(model, drafter) or "ngram"
     drafter_kind = "ngram" if drafter == "ngram" else "mtp"
 
     arguments = dict(model=None if model is None else str(model), drafter=str(drafter), device=device, dtype=dtype,

@@ -1,5 +1,6 @@
 """Bench of the running server: throughput and per-request latency under concurrent clients.
 
+    mtpspec bench --suite serve [--batch-sizes 1,4,8,16] [-n 32] [--drafter auto]
     python -m mtpspec.serve.bench [--concurrency 1,4,8,16] [--max-tokens 48] [--drafter auto]
                                   [--out bench-results/serve.json] [--plot bench-results/serve.png]
 
@@ -153,7 +154,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, command: str | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m mtpspec.serve.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", type=Path, default=Path("bench-results/serve.png"))
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    results = {"command": "python -m mtpspec.serve.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    results = {"command": command or "python -m mtpspec.serve.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                "max_tokens": args.max_tokens, "load_average_at_start": _loadavg(), "configs": {}, "spec_stats": {}}
     servers = []  # (name, url, model, stop)
     if args.url:

@@ -10,24 +10,11 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from ..api import resolve_drafter  # noqa: F401  (re-exported: the server's --drafter)
+from ..decoding.draft_length import AdaptiveDraftLength
 from .app import create_app
 from .metrics import Metrics
-from ..decoding.draft_length import AdaptiveDraftLength
 from .scheduler import Scheduler
-
-
-def resolve_drafter(model: str | None, drafter: str | None) -> str | None:
-    """The `drafter` argument for `mtpspec.load`: 'none'/None -> plain decoding; 'auto' -> the
-    shipped MTP drafter of the default model (drafters/smollm2-135m-instruct) if it is there, else
-    the n-gram proposer; anything else (a folder or 'ngram') as given."""
-    if drafter in (None, "", "none"):
-        return None
-    if drafter == "auto":
-        from ..api import shipped_drafter
-
-        shipped = shipped_drafter() if model is None else None
-        return str(shipped) if shipped is not None else "ngram"
-    return drafter
 
 
 @dataclass
