@@ -213,6 +213,9 @@ def test_clustered_head_logits_only_on_chosen_clusters(targets):
     torch.testing.assert_close(logits, unprepared)
     after = drafter.state_dict()  # still the standard order (what a checkpoint holds)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the greedy drafting path (no [B, V] logits) picks the same tokens, prepared or not
+    assert torch.equal(drafter.argmax(s), logits.argmax(-1))
+    assert torch.equal(drafter.argmax(s), unprepared.argmax(-1))
     top = torch.topk(me.centroids(s), 3, dim=-1).indices
     for r in range(4):
         chosen = order.view(16, VOCAB // 16)[top[r]].reshape(-1)

@@ -161,6 +161,31 @@ def test_text_data_without_self_distillation(engine, data_files, tmp_path):
     assert res.steps == 4 and (res.out / "model.safetensors").is_file()
 
 
+def test_init_from_a_drafter_and_replay_another_runs_shards(engine, data_files, tmp_path):
+    from mtpspec.drafter_checkpoint import load_drafter
+
+    first = Trainer(_cfg(data_files, tmp_path / "a", max_steps=6, eval_prompts=None), engine)
+    first.run()
+    saved = load_drafter(first.out, engine.model, dtype=torch.float32)
+    second = Trainer(_cfg(data_files, tmp_path / "b", data=[str(data_files / "text.txt")], self_distill=False,
+                          init_from=str(first.out), replay_from=[str(first.work)], max_steps=3, eval_prompts=None),
+                     engine)
+    for (n, a), (_, b) in zip(saved.state_dict().items(), second.drafter.state_dict().items()):
+        assert torch.equal(a, b), n  # starts exactly from the given drafter
+    assert len(second.external) == len(first.shards) > 0
+    n_steps, b_new = second._round_plan(0)
+    assert b_new == 2  # half of each batch of 4 is replayed, from the other run from the first round on
+    ids = {id(a) for shard in second.external for a in shard}
+    batch = second._batch(0, 0, b_new)
+    assert sum(id(a) in ids for a in batch) == 2
+    res = second.run()
+    assert res.steps == 3
+    with pytest.raises(InputError, match="hidden_size is 32, this run's is 48"):
+        Trainer(_cfg(data_files, tmp_path / "c", hidden_size=48, init_from=str(first.out), eval_prompts=None), engine)
+    with pytest.raises(InputError, match="no shard"):
+        Trainer(_cfg(data_files, tmp_path / "d", replay_from=[str(tmp_path)], eval_prompts=None), engine)
+
+
 @pytest.mark.parametrize("content,match", [
     ("", "empty"),
     ("   \n\n", "empty"),
@@ -226,6 +251,8 @@ def test_recipes_never_emit_held_out_prompts():
     for name in ("chitchat", "humaneval", "instructions"):
         samples = b.recipe(name, None)
         assert samples and all(s.needs_response for s in samples)
+    texts = b.recipe("chitchat-text", None)  # whole conversations, as text
+    assert len(texts) > 1000 and not any(s.needs_response for s in texts)
     seen = "\x00".join(tok.seen)
     for p in held["chat"] + held["code"] + held["instructions"]:
         assert p not in seen, p[:60]

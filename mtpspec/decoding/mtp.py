@@ -36,14 +36,18 @@ class MtpProposer:
         ctx = d.context(target.cfg, inp.cache)
         tok, hidden = inp.last_tokens, inp.last_hidden
         for i in range(k):
-            logits, hidden = d.step(target.embed_tokens(tok), hidden, ctx)
+            s, hidden = d.step_state(target.embed_tokens(tok), hidden, ctx)
+            if probs is None:  # all greedy: the head's argmax, no [B, V] logits
+                tokens[:, i] = tok = d.argmax(s)
+                continue
+            logits = d.logits(s)
             nxt = logits.argmax(dim=-1)
             for r in range(b):
                 if sampled[r]:
                     q = probabilities(logits[r], inp.params[r])
                     nxt[r] = torch.multinomial(q, 1, generator=inp.generators[r])[0]
                     probs[r, i] = q
-                elif probs is not None:
+                else:
                     probs[r, i, nxt[r]] = 1.0
             tokens[:, i] = nxt
             tok = nxt

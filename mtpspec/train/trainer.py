@@ -71,6 +71,8 @@ class TrainConfig:
     eval_limit: int = 16
     save_dtype: str = "float16"
     bf16: bool = False  # bfloat16 autocast for the drafter's forward/backward (weights stay fp32)
+    init_from: str | None = None  # a drafter folder to start from (fine-tuning) instead of a fresh init
+    replay_from: list[str] = field(default_factory=list)  # other runs' work dirs (or shards/ folders) to replay
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -117,9 +119,12 @@ class Trainer:
         train_head = cfg.train_head if cfg.train_head is not None else not copied
         self.drafter.model.embed_tokens.weight.requires_grad_(train_head)
         self.cluster_of = None
-        if dcfg.clustered:
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from))
+        elif dcfg.clustered:
             order = core.balanced_kmeans(self.drafter.model.embed_tokens.weight.detach(), dcfg.num_centroids, seed=cfg.seed)
             self.drafter.masked_embedding.token_ordering.copy_(order)
+        if dcfg.clustered:
             self._set_cluster_of()
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -127,6 +132,7 @@ class Trainer:
                                                    max_len=cfg.max_len, seed=cfg.seed)
         self.n_shards = math.ceil(len(self.samples) / cfg.shard_size)
         self.shards: list[list[core.Activations]] = []
+        self.external = self._read_external_shards(cfg.replay_from)  # replayed alongside this run's own
         self.step = 0
         self.round = 0
         self.round_step = 0
@@ -137,6 +143,31 @@ class Trainer:
         self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
         self._stop_requested = False
         self._interrupt_at: int | None = None  # tests: simulate an interruption before this step
+
+    def _init_from(self, folder: Path) -> None:
+        """Start from an existing drafter's weights (token ordering included): same shape required."""
+        from ..drafter_checkpoint import load_drafter
+
+        src = load_drafter(folder, self.target, dtype=torch.float32)
+        mine, theirs = self.drafter.cfg, src.cfg
+        for field_ in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "clustered", "num_centroids", "centroid_top_k"):
+            if getattr(mine, field_) != getattr(theirs, field_):
+                raise InputError(f"--init {folder}: its {field_} is {getattr(theirs, field_)}, this run's is "
+                                 f"{getattr(mine, field_)} (pass the same drafter shape options)")
+        with torch.no_grad():
+            self.drafter.load_state_dict(src.state_dict())
+
+    @staticmethod
+    def _read_external_shards(dirs: list[str]) -> list[list[core.Activations]]:
+        out = []
+        for d in dirs:
+            p = Path(d)
+            folder = p / "shards" if (p / "shards").is_dir() else p
+            files = sorted(folder.glob("shard_*.pt"))
+            if not files:
+                raise InputError(f"--replay-from {d}: no shard_*.pt files (expected a training work dir or its shards/)")
+            out += [torch.load(f, weights_only=False) for f in files]
+        return [s for s in out if s]
 
     def _set_cluster_of(self) -> None:
         order = self.drafter.masked_embedding.token_ordering
@@ -240,14 +271,15 @@ class Trainer:
             n = len(self._shard(r))
             if n == 0:
                 return 0, 0
-            b_new = B - (int(round(B * self.cfg.replay)) if r > 0 and self._older_count(r) else 0)
+            b_new = B - (int(round(B * self.cfg.replay)) if self._older_count(r) else 0)
             b_new = max(1, b_new)
             return max(1, math.ceil(self.cfg.epochs * n / b_new)), b_new
         total = self._older_count(self.n_shards)
         return (max(1, math.ceil(total / B)) if total else 0), 0
 
     def _older_count(self, r: int) -> int:
-        return sum(len(self._shard(i)) for i in range(r))
+        """Samples available for replay before round r: external shards + this run's shards < r."""
+        return sum(len(x) for x in self.external) + sum(len(self._shard(i)) for i in range(r))
 
     def _batch(self, r: int, s: int, b_new: int) -> list[core.Activations]:
         B = self.cfg.batch_size
@@ -259,14 +291,14 @@ class Trainer:
                 items.append(shard[int(perm[(s * b_new + j) % len(shard)])])
         n_old = B - b_new
         if n_old:
-            limit = min(r, self.n_shards)
-            sizes = [len(self._shard(i)) for i in range(limit)]
+            pools = self.external + [self._shard(i) for i in range(min(r, self.n_shards))]
+            sizes = [len(p) for p in pools]
             total = sum(sizes)
             g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + r) * 100_003 + s)
             for idx in torch.randint(total, (n_old,), generator=g).tolist():
-                for i, n in enumerate(sizes):
+                for pool, n in zip(pools, sizes):
                     if idx < n:
-                        items.append(self._shard(i)[idx])
+                        items.append(pool[idx])
                         break
                     idx -= n
         return items
