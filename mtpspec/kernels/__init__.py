@@ -243,8 +243,8 @@ class Linear(nn.Module):
         if (not self.is_packed or x.dtype != self._packed.dtype or x.device.type != "cpu"
                 or (x.requires_grad and torch.is_grad_enabled())):  # kernel has no backward
             return F.linear(x, self.unpacked_weight(), self.bias)
-        ext = _ext()
-        if ext is None:  # MTPSPEC_KERNELS=torch set after packing
+        ext = _state["ext"]  # packed => built (MTPSPEC_KERNELS is read when packing, not per call)
+        if ext is None:
             return F.linear(x, self.unpacked_weight(), self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
