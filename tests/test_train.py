@@ -75,6 +75,36 @@ def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_
                         tok = torch.tensor([seq[p + i + 1]])
 
 
+def test_soft_labels_are_the_targets_top_k_distribution(engine):
+    target = engine.model
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)
+    drafter = MTPDrafter(cfg).init_random(2, std=0.2)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (12, 9)]
+    acts = core.harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    with torch.no_grad():
+        logits = target.forward(torch.tensor([seqs[0]]), target.new_cache(1, 16)).logits[0].float()
+    want = logits.topk(core.TOPK_STORED, dim=-1)
+    assert torch.equal(acts[0].topk.long(), want.indices)
+    torch.testing.assert_close(acts[0].topk_logits.float(), want.values, atol=2e-2, rtol=2e-3)  # stored fp16
+
+    def loss(items, soft):
+        batch = core.collate(items)
+        with torch.no_grad():
+            outs = core.unroll(drafter, target, batch, 2)
+            return float(core.step_losses(drafter, outs, batch, full_vocab=True, feature_weight=0.0,
+                                          cluster_of=None, soft_labels=soft)[0])
+
+    hard = loss(acts, False)
+    assert loss(acts, True) != pytest.approx(hard, rel=1e-3)  # the soft teacher is another objective
+    peaked = [core.Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from,
+                               torch.where(torch.arange(core.TOPK_STORED) == 0, 80.0, 0.0).expand_as(a.topk_logits))
+              for a in acts]
+    assert loss(peaked, True) == pytest.approx(hard, rel=1e-4)  # one-hot soft teacher = the argmax
+    old = [core.Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from) for a in acts]
+    assert loss(old, True) == pytest.approx(hard, rel=1e-6)  # shards without logits: hard labels
+
+
 def _cfg(data_files, tmp_path, **kw):
     base = dict(data=[str(data_files / "chat.jsonl")], out=str(tmp_path / "drafter"), draft_tokens=3, num_layers=1,
                 hidden_size=32, distill_max_new_tokens=24, distill_batch=16, max_len=64, shard_size=16,
@@ -274,7 +304,8 @@ def test_cli_train_drafter_and_resume(tiny_with_tokenizer, data_files, tmp_path)
     assert json.loads((out / "training.json").read_text())["steps"] == 3
     r = CliRunner().invoke(app, [a if a != "3" else "5" for a in args] + ["--resume"])  # --max-steps 5
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "training.json").read_text())["steps"] == 5
+    assert torch.load(tmp_path / "d.work" / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert "trained 5 steps" in r.output
     r = CliRunner().invoke(app, args)  # a finished run is not overwritten silently
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(app, ["train-drafter", "--target", str(tiny_with_tokenizer), "--data", "nope.txt",

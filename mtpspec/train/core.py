@@ -33,7 +33,8 @@ TOPK_STORED = 8  # target top-k ids kept per position (the hard negatives of the
 class Activations:
     """One sequence's target activations (fp16 on disk/in memory): ids [T], hidden [T, H] (final
     normed), kv {attention_type: (k, v) each [kv_heads, T, head_dim]}, labels [T] (target argmax
-    at each position = its next token), topk [T, TOPK_STORED], loss_from."""
+    at each position = its next token), topk [T, TOPK_STORED] ids and topk_logits [T, TOPK_STORED]
+    their logits (the soft teacher; None in shards written before it existed), loss_from."""
 
     ids: torch.Tensor
     hidden: torch.Tensor
@@ -41,6 +42,7 @@ class Activations:
     labels: torch.Tensor
     topk: torch.Tensor
     loss_from: int
+    topk_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -68,14 +70,15 @@ def harvest(target: Decoder, seqs: list[list[int]], loss_from: list[int], attent
             toks[r, : len(seqs[g])] = torch.tensor(seqs[g])
         cache = target.new_cache(len(group), longest)
         res = target.forward(toks, cache)
-        top = res.logits.float().topk(TOPK_STORED, dim=-1).indices
+        top_logits, top = res.logits.float().topk(TOPK_STORED, dim=-1)
         for r, g in enumerate(group):
             n = len(seqs[g])
             kv = {t: (cache.k[l][r, :, :n].to(store_dtype).clone(), cache.v[l][r, :, :n].to(store_dtype).clone())
                   for t, l in layers.items()}
             out[g] = Activations(toks[r, :n].clone().cpu(), res.hidden[r, :n].to(store_dtype).cpu(),
                                  {t: (k.cpu(), v.cpu()) for t, (k, v) in kv.items()},
-                                 top[r, :n, 0].cpu(), top[r, :n].to(torch.int32).cpu(), loss_from[g])
+                                 top[r, :n, 0].cpu(), top[r, :n].to(torch.int32).cpu(), loss_from[g],
+                                 top_logits[r, :n].to(torch.float16).cpu())
         i = j
     return out  # type: ignore[return-value]
 
@@ -90,6 +93,8 @@ class Batch:
     topk: torch.Tensor  # [B, L, TOPK]
     lengths: torch.Tensor  # [B]
     loss_from: torch.Tensor  # [B]
+    topk_logits: torch.Tensor | None = None  # [B, L, TOPK] fp32 (rows without them: soft[b] False)
+    soft: torch.Tensor | None = None  # [B] bool: the row has the target's top-k logits
 
 
 def collate(items: list[Activations], dtype: torch.dtype = torch.float32) -> Batch:
@@ -99,6 +104,8 @@ def collate(items: list[Activations], dtype: torch.dtype = torch.float32) -> Bat
     hidden = torch.zeros(b, L, h, dtype=dtype)
     labels = torch.zeros(b, L, dtype=torch.long)
     topk = torch.zeros(b, L, items[0].topk.shape[-1], dtype=torch.long)
+    topk_logits = torch.zeros(b, L, items[0].topk.shape[-1])
+    soft = torch.tensor([a.topk_logits is not None for a in items])
     kv = {}
     for t, (k, _) in items[0].kv.items():
         kv[t] = (torch.zeros(b, k.shape[0], L, k.shape[-1], dtype=dtype), torch.zeros(b, k.shape[0], L, k.shape[-1], dtype=dtype))
@@ -108,11 +115,13 @@ def collate(items: list[Activations], dtype: torch.dtype = torch.float32) -> Bat
         hidden[r, :n] = a.hidden.to(dtype)
         labels[r, :n] = a.labels
         topk[r, :n] = a.topk.long()
+        if a.topk_logits is not None:
+            topk_logits[r, :n] = a.topk_logits.float()
         for t, (k, v) in a.kv.items():
             kv[t][0][r, :, :n] = k.to(dtype)
             kv[t][1][r, :, :n] = v.to(dtype)
     return Batch(ids, hidden, kv, labels, topk, torch.tensor([len(a) for a in items]),
-                 torch.tensor([a.loss_from for a in items]))
+                 torch.tensor([a.loss_from for a in items]), topk_logits if bool(soft.any()) else None, soft)
 
 
 # ---- the unrolled objective --------------------------------------------------------------------
@@ -144,6 +153,8 @@ class StepOut:
     labels: torch.Tensor  # [B, T]
     mask: torch.Tensor  # [B, T] bool: this (anchor, step) is trained
     target_hidden: torch.Tensor  # [B, T, H_target] the target's hidden that produced the label
+    topk: torch.Tensor | None = None  # [B, T, TOPK] the target's top-k ids at the label position
+    topk_logits: torch.Tensor | None = None  # [B, T, TOPK] and their logits (None: hard labels only)
 
 
 def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int) -> list[StepOut]:
@@ -167,6 +178,8 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int) -> list[S
     valid_pos = lambda idx: idx < batch.lengths[:, None]  # noqa: E731
     pad = lambda x, i: F.pad(x, (0, i)) if x.dim() == 2 else F.pad(x, (0, 0, 0, i))  # noqa: E731
     ids_p, labels_p, hidden_p = pad(batch.ids, k), pad(batch.labels, k), pad(batch.hidden, k)
+    topk_p = F.pad(batch.topk, (0, 0, 0, k))
+    topl_p = F.pad(batch.topk_logits, (0, 0, 0, k)) if batch.topk_logits is not None else None
     hidden = batch.hidden[:, :-1]  # h_{p-1}
     alive = valid_pos(p[None].expand(b, T))  # anchor exists
     outs = []
@@ -184,15 +197,21 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int) -> list[S
             x = _layer(layer, x, ctx)
         s = drafter.model.norm(x)
         hidden = drafter.post_projection(s)
-        outs.append(StepOut(s, lab, m, hidden_p[:, i : i + T]))
+        outs.append(StepOut(s, lab, m, hidden_p[:, i : i + T], topk_p[:, i : i + T],
+                            topl_p[:, i : i + T] if topl_p is not None else None))
     return outs
 
 
 def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_vocab: bool,
-                feature_weight: float, cluster_of: torch.Tensor | None):
-    """Loss (CE to the target argmax, over the full vocabulary or over the batch's candidate
-    tokens = every target top-k id in the batch; + feature_weight * (1 - cos(s, target hidden))
-    when the drafter head is the target's own), per-step accuracy and cluster hit counts."""
+                feature_weight: float, cluster_of: torch.Tensor | None, soft_labels: bool = False):
+    """Loss, per-step accuracy (of the argmax) and cluster hit counts.
+
+    Loss per step: cross-entropy of the drafter's logits (over the full vocabulary, or over the
+    batch's candidate tokens = every target top-k id in the batch) against the teacher: the
+    target's argmax (hard), or with soft_labels, for rows whose shards hold the target's top-k
+    logits, the target's distribution renormalised over its top-k tokens (soft: more signal per
+    position than the argmax alone); + feature_weight * (1 - cos(s, target hidden)) when the
+    drafter head is the target's own; + the cluster layer's cross-entropy to the label's cluster."""
     w = drafter.model.embed_tokens.weight
     cand = None
     if not full_vocab:
@@ -216,8 +235,15 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
         else:
             logits = F.linear(s, w_c)
             y = remap[lab]
-        ce = F.cross_entropy(logits.float(), y)
-        loss = ce
+        logp = F.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, y[:, None]).squeeze(1)  # hard: -log q(argmax)
+        if soft_labels and o.topk_logits is not None:
+            soft_rows = batch.soft[:, None].expand_as(m)[m]
+            ids = o.topk[m] if cand is None else remap[o.topk[m]]
+            p = torch.softmax(o.topk_logits[m].float(), dim=-1)
+            soft_nll = -(p * logp.gather(1, ids)).sum(-1)  # -sum_j p_j log q_j over the top-k
+            nll = torch.where(soft_rows, soft_nll, nll)
+        loss = nll.mean()
         if feature_weight:
             th = o.target_hidden[m].to(s.dtype)
             loss = loss + feature_weight * (1 - F.cosine_similarity(s.float(), th.float(), dim=-1)).mean()

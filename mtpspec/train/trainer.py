@@ -62,6 +62,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None  # seconds of training (building shards included)
     full_vocab_loss: bool = False
+    soft_labels: bool = True  # teacher = the target's top-k distribution where shards hold it, else its argmax
     feature_weight: float = 0.2
     train_head: bool | None = None  # None: frozen when copied from the target, else trained
     checkpoint_every: float = 300.0  # seconds
@@ -320,7 +321,7 @@ class Trainer:
             outs = core.unroll(self.drafter, self.target, batch, cfg.draft_tokens)
             loss, stats = core.step_losses(self.drafter, outs, batch, full_vocab=cfg.full_vocab_loss,
                                            feature_weight=cfg.feature_weight if head_is_target else 0.0,
-                                           cluster_of=self.cluster_of)
+                                           cluster_of=self.cluster_of, soft_labels=cfg.soft_labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
