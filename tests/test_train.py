@@ -185,6 +185,14 @@ def test_clustered_head_training_reports_hit_rate(engine, data_files, tmp_path):
     assert torch.equal(torch.sort(order).values, torch.arange(order.numel()))
 
 
+def test_training_with_soft_labels(engine, data_files, tmp_path):
+    tr = Trainer(_cfg(data_files, tmp_path, max_steps=30, epochs=3, soft_labels=True, eval_prompts=None), engine)
+    res = tr.run()
+    assert all(a.topk_logits is not None for a in tr.shards[0])
+    losses = [h["loss"] for h in res.history]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
 def test_text_data_without_self_distillation(engine, data_files, tmp_path):
     res = Trainer(_cfg(data_files, tmp_path, data=[str(data_files / "text.txt")], self_distill=False, max_steps=4,
                        eval_prompts=None), engine).run()

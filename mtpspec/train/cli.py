@@ -32,7 +32,7 @@ def train_drafter_cmd(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop after this many minutes of training.")] = None,
     full_vocab_loss: Annotated[bool, typer.Option("--full-vocab-loss", help="Cross-entropy over the whole vocabulary (default: over the batch's target top-k candidates).")] = False,
-    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="Teacher: the target's top-8 distribution (soft, default) or only its argmax (hard).")] = True,
+    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="Teacher: the target's top-8 distribution (soft; shards harvested before this option existed fall back to hard) or only its argmax (hard, default).")] = False,
     eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept.")] = None,
     eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,

@@ -62,7 +62,7 @@ class TrainConfig:
     max_steps: int | None = None
     time_budget: float | None = None  # seconds of training (building shards included)
     full_vocab_loss: bool = False
-    soft_labels: bool = True  # teacher = the target's top-k distribution where shards hold it, else its argmax
+    soft_labels: bool = False  # teacher: the target top-k distribution where shards hold it (else its argmax)
     feature_weight: float = 0.2
     train_head: bool | None = None  # None: frozen when copied from the target, else trained
     checkpoint_every: float = 300.0  # seconds
