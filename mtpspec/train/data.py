@@ -124,6 +124,14 @@ def _chat_heldout_candidates(convs) -> list[str]:
     return [msgs[0] for key, msgs in convs if _held_out("chitchat/" + key) and len(msgs[0]) >= 15][:48]
 
 
+def _training_conversations() -> list[tuple[str, list[str]]]:
+    """The chitchat conversations recipes may train on: not in the held-out split, and containing
+    no held-out prompt candidate."""
+    convs = _chitchat_conversations()
+    held = set(_chat_heldout_candidates(convs))
+    return [(key, msgs) for key, msgs in convs if not _held_out("chitchat/" + key) and not any(m in held for m in msgs)]
+
+
 def heldout_prompts() -> dict[str, list[str]]:
     """The held-out prompt sets (chat, code, instructions) that recipes never emit for training.
     Chat: first messages of held-out chitchat conversations (whole conversations are excluded
@@ -269,11 +277,7 @@ class DataBuilder:
         rng = random.Random(self.seed)
         out: list[Sample] = []
         if name == "chitchat":
-            convs = _chitchat_conversations()
-            held = set(_chat_heldout_candidates(convs))
-            for key, msgs in convs:
-                if _held_out("chitchat/" + key) or any(m in held for m in msgs):
-                    continue
+            for key, msgs in _training_conversations():
                 n_turns = rng.choice([1, 1, 1, 3, 5])  # mostly single-turn, some short multi-turn
                 n_turns = min(n_turns, len(msgs) if len(msgs) % 2 else len(msgs) - 1) or 1
                 conv = [{"role": "user" if i % 2 == 0 else "assistant", "content": m} for i, m in enumerate(msgs[:n_turns])]
@@ -281,11 +285,7 @@ class DataBuilder:
                 if len(ids) < self.max_len // 2:
                     out.append(Sample(ids, len(ids), True, "chitchat/" + key))
         elif name == "chitchat-text":
-            convs = _chitchat_conversations()
-            held = set(_chat_heldout_candidates(convs))
-            for key, msgs in convs:
-                if _held_out("chitchat/" + key) or any(m in held for m in msgs):
-                    continue
+            for key, msgs in _training_conversations():
                 out += self._conversation_windows(msgs, "chitchat-text/" + key)
         elif name == "humaneval":
             for p in _humaneval_problems():
