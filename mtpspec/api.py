@@ -119,11 +119,14 @@ class Engine:
         self.draft_tokens = draft_tokens
         self.max_draft_tokens = max_draft_tokens
         self.drafter_name = drafter_name
+        # adaptive draft-length state, kept across calls (greedy and sampled accept differently)
+        self._adaptive: dict[bool, AdaptiveDraftLength] = {}
 
     def draft_policy(self, draft_tokens: int | None, params: SamplingParams) -> DraftLengthPolicy | int:
         """The draft-length policy for one call: fixed K if given (or if a seeded sampling run must
         be reproducible: adaptive K depends on timings and so would change the random draws),
-        else adaptive."""
+        else adaptive, with the acceptance and costs this engine measured in earlier calls (one
+        state for greedy calls, one for sampled ones)."""
         k = self.draft_tokens if draft_tokens is None else draft_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise InputError(f"draft_tokens must be an integer >= 0 (0 = plain decoding), got {k!r}")
@@ -131,7 +134,11 @@ class Engine:
             return 0
         if k is None and not params.greedy and params.seed is not None:
             k = self.max_draft_tokens // 2 or 1
-        return AdaptiveDraftLength(self.max_draft_tokens) if k is None else k
+        if k is not None:
+            return k
+        if params.greedy not in self._adaptive:
+            self._adaptive[params.greedy] = AdaptiveDraftLength(self.max_draft_tokens)
+        return self._adaptive[params.greedy]
 
     @property
     def eos_ids(self) -> frozenset[int]:

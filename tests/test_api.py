@@ -189,6 +189,22 @@ def test_ngram_speculation_is_lossless_through_api_and_cli(tiny_with_tokenizer, 
     assert len(line["stats"]["acceptance_per_position"]) == 3
 
 
+def test_adaptive_draft_length_learns_across_calls(tiny_with_tokenizer):
+    from mtpspec.decoding.sampling import SamplingParams
+
+    spec = mtpspec.load(tiny_with_tokenizer, drafter="ngram")
+    greedy = SamplingParams()
+    policy = spec.draft_policy(None, greedy)
+    spec.generate("hello world hello world", max_new_tokens=16)
+    rounds = policy.rounds
+    assert rounds > 0 and spec.draft_policy(None, greedy) is policy  # the same state next call
+    spec.generate("the lazy dog the lazy dog", max_new_tokens=16)
+    assert policy.rounds > rounds  # it kept learning
+    sampled = spec.draft_policy(None, SamplingParams(temperature=0.8))
+    assert sampled is not policy and sampled.rounds == 0  # sampling accepts differently: its own state
+    assert spec.draft_policy(3, greedy) == 3 and spec.draft_policy(None, SamplingParams(0.8, seed=1)) == 4
+
+
 def test_bad_draft_options(tiny_with_tokenizer, engine):
     with pytest.raises(InputError, match="draft_tokens"):
         engine.generate("hello", draft_tokens=-1)
