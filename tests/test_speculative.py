@@ -164,6 +164,20 @@ def test_adaptive_policy_prefers_long_drafts_when_accepted_and_none_when_rejecte
     assert bad.choose(1) <= 1
 
 
+def test_adaptive_policy_forgets_its_prior_at_the_first_observation():
+    pol = AdaptiveDraftLength(8, prior_acceptance=0.7)
+    pol.observe(1, 2, [1], 0.01, 0.002)  # draft 1 accepted, draft 2 rejected
+    assert pol.accept[:2] == [1.0, 0.0]
+    assert pol.expected_tokens(4) == pytest.approx(2.0)  # 1 + 1 + 1 * 0 + ...
+    pol.observe(1, 2, [0], 0.01, 0.002)
+    assert pol.accept[0] == pytest.approx(0.5)  # a running mean while few rounds were seen
+    fresh = AdaptiveDraftLength(8, prior_acceptance=0.7)
+    fresh.observe(1, 1, [1], 0.01, 0.001)
+    fresh.observe(1, 1, [0], 0.01, 0.001)
+    # positions 2.. not observed yet take the observed mean (0.5), not the prior
+    assert fresh.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
 def test_adaptive_policy_survives_rounds_capped_to_plain():
     """The loop may cap k (even to 0) near the end of a sequence: the policy must keep working."""
     pol = AdaptiveDraftLength(4)

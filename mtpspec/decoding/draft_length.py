@@ -5,7 +5,9 @@ A round with k drafts costs  T(k) = draft(k) + verify(k)  and emits on average
     E(k) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k
 
 tokens, where a_i is the probability that draft i is accepted given drafts 1..i-1 were. The
-adaptive policy estimates a_i from the rounds it has seen (exponential moving averages), measures
+adaptive policy estimates a_i from the rounds it has seen (running means that turn into
+exponential moving averages after 1 / (1 - decay) observations, so the prior is forgotten at once;
+a position not observed yet takes the mean of the observed ones), measures
 draft time per drafted token and verify time per k (both per batch-size bucket, since batching
 changes both), and picks the k in [0, max_k] that maximises E(k) / T(k). k = 0 is plain decoding,
 chosen when the drafter does not pay; an exploration round now and then keeps the estimates fresh.
@@ -38,16 +40,20 @@ class AdaptiveDraftLength:
         self.max_k = max_k
         self.decay = decay
         self.explore_every = explore_every
+        self.prior = prior_acceptance
         self.accept = [prior_acceptance] * max_k  # a_1 .. a_max_k
+        self.seen = [0] * max_k  # observations of each a_i
         self.verify: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds
         self.draft_per_token: dict[int, float] = {}  # bucket -> seconds per drafted token
         self.rounds = 0
         self.last_k = min(4, max_k)
 
     def expected_tokens(self, k: int) -> float:
+        observed = [a for a, n in zip(self.accept, self.seen) if n]
+        unseen = sum(observed) / len(observed) if observed else self.prior
         total, run = 1.0, 1.0
         for i in range(k):
-            run *= self.accept[i]
+            run *= self.accept[i] if self.seen[i] else unseen
             total += run
         return total
 
@@ -99,4 +105,6 @@ class AdaptiveDraftLength:
             reached = [n for n in accepted if n >= i]
             if reached:
                 rate = sum(1 for n in reached if n > i) / len(reached)
-                self.accept[i] = d * self.accept[i] + (1 - d) * rate
+                self.seen[i] += 1
+                w = max(1 - d, 1 / self.seen[i])  # running mean first, then EMA
+                self.accept[i] += w * (rate - self.accept[i])
