@@ -153,14 +153,24 @@ class Attention(nn.Module):
         lo, hi = ctx.key_range[spec.attention_type]
         keys = cache.k[spec.kv_source][:, :, lo:hi]
         values = cache.v[spec.kv_source][:, :, lo:hi]
+        mask = ctx.mask[spec.attention_type]
+        dtype = q.dtype
+        low_precision_step = t == 1 and dtype != torch.float32 and q.device.type == "cpu"
+        if low_precision_step:
+            # torch's CPU attention for one bf16/fp16 query is 2x (100 keys) to 4.5x (1000 keys)
+            # slower than casting to fp32 and back (torch 2.13, measured): decode steps take fp32
+            q, keys, values = q.float(), keys.float(), values.float()
+            mask = mask.float() if mask is not None else None
         out = F.scaled_dot_product_attention(
             q,
             keys,
             values,
-            attn_mask=ctx.mask[spec.attention_type],
+            attn_mask=mask,
             scale=self.scale,
             enable_gqa=spec.n_heads != spec.n_kv_heads,
         )
+        if low_precision_step:
+            out = out.to(dtype)
         return self.o(out.transpose(1, 2).reshape(b, t, self.q_size))
 
 
