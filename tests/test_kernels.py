@@ -179,3 +179,20 @@ def test_lower_isa_kernels(isa, dtype):
                 _close(layer(x), x, w, layer.bias, dtype)
     finally:
         ext.force_isa("auto")
+
+
+@pytest.mark.parametrize("weighted,offset", [(True, 0.0), (True, 1.0), (False, 0.0)])
+def test_bf16_rms_norm_matches_torch(weighted, offset):
+    if K._ext() is None:
+        pytest.skip("no compiled kernels")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 577, generator=g) * 3).bfloat16()  # odd width: the scalar tail
+    w = torch.randn(577, generator=g) if weighted else None
+    got = K.rms_norm(x, w, 1e-6, offset)
+    xf = x.float()
+    ref = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+    if weighted:
+        ref = ref * (w + offset)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    torch.testing.assert_close(got.float(), ref.bfloat16().float(), atol=0, rtol=2 ** -7)  # within 1 bf16 ulp
+    assert K.rms_norm(x.float(), w, 1e-6, offset) is None  # fp32 stays with torch (bitwise = the reference)

@@ -115,6 +115,17 @@ def kernel_info() -> dict:
 
 
 # ----------------------------------------------------------------- layouts
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0) -> torch.Tensor | None:
+    """The extension's RMS norm (fp32 maths) for a bf16 CPU tensor without autograd, else None
+    (the caller then uses torch). fp32 models keep torch's own, which the reference matches."""
+    ext = _state["ext"]
+    if (ext is None or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)))):
+        return None
+    w = None if weight is None else weight.detach().float().contiguous()
+    return ext.rms_norm(x.contiguous(), w, float(eps), float(offset))
+
+
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """[N, K] -> panel layout described in the module docstring."""
     n, k = w.shape

@@ -27,6 +27,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
 #include <cstdint>
 #include <vector>
@@ -354,6 +355,48 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
+// RMS norm of the rows of x [*, H] (fp32 or bf16, contiguous), computed in fp32:
+// y = x * rsqrt(mean(x^2) + eps) * (w + offset)  (no weight: * 1). One pass per row, no
+// temporaries: torch's CPU rms_norm costs ~10 us per decode-step row (fp32) and ~25 us for bf16
+// with its conversions; this is ~1 us.
+torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight, double eps, double offset) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() >= 1, "rms_norm: x must be contiguous");
+  const bool bf = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf || x.scalar_type() == torch::kFloat32, "rms_norm: fp32 or bf16 only");
+  const int64_t H = x.size(-1), R = H ? x.numel() / H : 0;
+  const bool has_w = weight.has_value() && weight->defined();
+  if (has_w) TORCH_CHECK(weight->is_contiguous() && weight->scalar_type() == torch::kFloat32 && weight->numel() == H,
+                         "rms_norm: weight must be fp32 [H]");
+  auto y = torch::empty_like(x);
+  const float* w = has_w ? weight->data_ptr<float>() : nullptr;
+  const float off = float(offset), e = float(eps);
+  std::vector<float> row(H);
+  for (int64_t r = 0; r < R; ++r) {
+    if (bf) {
+      const uint16_t* xr = reinterpret_cast<const uint16_t*>(x.data_ptr()) + r * H;
+      for (int64_t k = 0; k < H; ++k) row[k] = bf16_to_f32(xr[k]);
+    } else {
+      std::memcpy(row.data(), x.data_ptr<float>() + r * H, H * sizeof(float));
+    }
+    float part[16] = {0};
+    int64_t k = 0;
+    for (; k + 16 <= H; k += 16)
+      for (int j = 0; j < 16; ++j) part[j] += row[k + j] * row[k + j];
+    float ss = 0;
+    for (int j = 0; j < 16; ++j) ss += part[j];
+    for (; k < H; ++k) ss += row[k] * row[k];
+    const float inv = 1.0f / std::sqrt(ss / float(H) + e);
+    for (int64_t k2 = 0; k2 < H; ++k2) row[k2] = row[k2] * inv * (w ? w[k2] + off : 1.0f);
+    if (bf) {
+      uint16_t* yr = reinterpret_cast<uint16_t*>(y.data_ptr()) + r * H;
+      for (int64_t k2 = 0; k2 < H; ++k2) yr[k2] = f32_to_bf16(row[k2]);
+    } else {
+      std::memcpy(y.data_ptr<float>() + r * H, row.data(), H * sizeof(float));
+    }
+  }
+  return y;
+}
+
 std::string isa_name() {
   switch (g_isa) {
     case AVX512BF16: return "avx512+bf16";
@@ -366,6 +409,7 @@ std::string isa_name() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias (any M; built for small M)");
   m.def("isa", &isa_name, "instruction set selected at runtime");
+  m.def("rms_norm", &rms_norm, "fp32-computed RMS norm of fp32/bf16 rows");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;
     g_isa = std::min(want, g_detected);
