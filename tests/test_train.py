@@ -218,6 +218,19 @@ def test_init_from_a_drafter_and_replay_another_runs_shards(engine, data_files, 
     assert sum(id(a) in ids for a in batch) == 2
     res = second.run()
     assert res.steps == 3
+    # a deeper drafter grown from it starts as the same function (extra layers are identities)
+    deeper = Trainer(_cfg(data_files, tmp_path / "e", num_layers=2, init_from=str(first.out), max_steps=6,
+                          eval_prompts=None), engine)
+    batch = core.collate(first.shards[0][:3])
+    with torch.no_grad():
+        want = core.unroll(saved, engine.model, batch, 2)
+        got = core.unroll(deeper.drafter, engine.model, batch, 2)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.s, a.s)
+    assert deeper.run().steps == 6  # and it trains
+    assert any(float(layer.post_attention_layernorm.weight.detach().abs().sum()) > 0 for layer in deeper.drafter.model.layers[1:])
+    with pytest.raises(InputError, match="not a prefix"):
+        Trainer(_cfg(data_files, tmp_path / "f", init_from=str(deeper.out), eval_prompts=None), engine)
     with pytest.raises(InputError, match="hidden_size is 32, this run's is 48"):
         Trainer(_cfg(data_files, tmp_path / "c", hidden_size=48, init_from=str(first.out), eval_prompts=None), engine)
     with pytest.raises(InputError, match="no shard"):

@@ -146,17 +146,29 @@ class Trainer:
         self._interrupt_at: int | None = None  # tests: simulate an interruption before this step
 
     def _init_from(self, folder: Path) -> None:
-        """Start from an existing drafter's weights (token ordering included): same shape required."""
+        """Start from an existing drafter's weights (token ordering included). Same shape required,
+        except that this run may have more layers: the given drafter's layers come first and each
+        extra layer starts as the identity (its post-attention and post-MLP norm weights are 0, so
+        both residual branches add nothing until training grows them): the deeper drafter begins
+        exactly where the given one is."""
         from ..drafter_checkpoint import load_drafter
 
         src = load_drafter(folder, self.target, dtype=torch.float32)
         mine, theirs = self.drafter.cfg, src.cfg
-        for field_ in ("n_layers", "hidden_size", "intermediate_size", "n_heads", "clustered", "num_centroids", "centroid_top_k"):
+        for field_ in ("hidden_size", "intermediate_size", "n_heads", "clustered", "num_centroids", "centroid_top_k"):
             if getattr(mine, field_) != getattr(theirs, field_):
                 raise InputError(f"--init {folder}: its {field_} is {getattr(theirs, field_)}, this run's is "
                                  f"{getattr(mine, field_)} (pass the same drafter shape options)")
+        if theirs.n_layers > mine.n_layers or mine.layer_types[: theirs.n_layers] != theirs.layer_types:
+            raise InputError(f"--init {folder}: its layers {list(theirs.layer_types)} are not a prefix of this run's "
+                             f"{list(mine.layer_types)} (--layers must be at least {theirs.n_layers})")
         with torch.no_grad():
-            self.drafter.load_state_dict(src.state_dict())
+            own = self.drafter.state_dict()
+            own.update(src.state_dict())  # the extra layers keep their fresh init ...
+            self.drafter.load_state_dict(own)
+            for layer in self.drafter.model.layers[theirs.n_layers :]:  # ... as identity maps
+                layer.post_attention_layernorm.weight.zero_()
+                layer.post_feedforward_layernorm.weight.zero_()
 
     @staticmethod
     def _read_external_shards(dirs: list[str]) -> list[list[core.Activations]]:
