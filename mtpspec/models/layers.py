@@ -30,9 +30,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) * w like the reference (bitwise, tested
-        # against transformers), in one op instead of five: this runs 2-4 times per layer
-        fused = kernels.rms_norm(x, self.weight, self.eps, self.offset)  # bf16 on CPU: one C++ pass
+        # runs 2-4 times per layer: bf16 on CPU takes one C++ pass; otherwise F.rms_norm computes
+        # x * rsqrt(mean(x^2) + eps) * w in one op instead of five (fp32 stays token-identical to
+        # transformers, see tests/test_equivalence.py)
+        fused = kernels.rms_norm(x, self.weight, self.eps, self.offset)
         if fused is not None:
             return fused
         fp32 = x.dtype == torch.float32
