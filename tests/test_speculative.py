@@ -164,16 +164,18 @@ def test_adaptive_policy_prefers_long_drafts_when_accepted_and_none_when_rejecte
     assert bad.choose(1) <= 1
 
 
-def test_adaptive_policy_forgets_its_prior_at_the_first_observation():
-    pol = AdaptiveDraftLength(8, prior_acceptance=0.7)
-    pol.observe(1, 2, [1], 0.01, 0.002)  # draft 1 accepted, draft 2 rejected
-    assert pol.accept[:2] == [1.0, 0.0]
-    assert pol.expected_tokens(4) == pytest.approx(2.0)  # 1 + 1 + 1 * 0 + ...
-    pol.observe(1, 2, [0], 0.01, 0.002)
-    assert pol.accept[0] == pytest.approx(0.5)  # a running mean while few rounds were seen
-    fresh = AdaptiveDraftLength(8, prior_acceptance=0.7)
+def test_adaptive_policy_replaces_its_prior_within_a_few_rounds():
+    pol = AdaptiveDraftLength(8, prior_acceptance=0.7, prior_weight=2.0)
+    pol.observe(1, 2, [0], 0.01, 0.002)  # one unlucky round: draft 1 rejected
+    assert pol.accept[0] == pytest.approx(1.4 / 3)  # the prior counts as two observations
+    assert pol.expected_tokens(2) > 1.2  # drafting is not written off after one round
+    for _ in range(8):
+        pol.observe(1, 2, [1], 0.01, 0.002)  # then draft 1 accepted, draft 2 rejected, every round
+    assert pol.accept[0] > 0.8 and pol.accept[1] < 0.2  # the evidence has replaced the prior
+    fresh = AdaptiveDraftLength(8, prior_acceptance=0.7, prior_weight=0.0)
     fresh.observe(1, 1, [1], 0.01, 0.001)
     fresh.observe(1, 1, [0], 0.01, 0.001)
+    assert fresh.accept[0] == pytest.approx(0.5)  # a running mean while few rounds were seen
     # positions 2.. not observed yet take the observed mean (0.5), not the prior
     assert fresh.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
 

@@ -5,9 +5,10 @@ A round with k drafts costs  T(k) = draft(k) + verify(k)  and emits on average
     E(k) = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k
 
 tokens, where a_i is the probability that draft i is accepted given drafts 1..i-1 were. The
-adaptive policy estimates a_i from the rounds it has seen (running means that turn into
-exponential moving averages after 1 / (1 - decay) observations, so the prior is forgotten at once;
-a position not observed yet takes the mean of the observed ones), measures
+adaptive policy estimates a_i from the rounds it has seen (running means in which the prior counts
+as `prior_weight` observations, turning into exponential moving averages after 1 / (1 - decay)
+observations: a few rounds replace the prior, one unlucky round does not switch drafting off; a
+position not observed yet takes the mean of the observed ones), measures
 draft time per drafted token and verify time per k (both per batch-size bucket, since batching
 changes both), and picks the k in [0, max_k] that maximises E(k) / T(k). k = 0 is plain decoding,
 chosen when the drafter does not pay; an exploration round now and then keeps the estimates fresh.
@@ -34,13 +35,15 @@ def _bucket(batch_size: int) -> int:
 class AdaptiveDraftLength:
     """Pick k from measured acceptance and costs (see module docstring)."""
 
-    def __init__(self, max_k: int = 8, *, prior_acceptance: float = 0.7, decay: float = 0.9, explore_every: int = 16):
+    def __init__(self, max_k: int = 8, *, prior_acceptance: float = 0.7, prior_weight: float = 2.0, decay: float = 0.9,
+                 explore_every: int = 16):
         if max_k < 1:
             raise ValueError("max_k must be >= 1")
         self.max_k = max_k
         self.decay = decay
         self.explore_every = explore_every
         self.prior = prior_acceptance
+        self.prior_weight = prior_weight
         self.accept = [prior_acceptance] * max_k  # a_1 .. a_max_k
         self.seen = [0] * max_k  # observations of each a_i
         self.verify: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds
@@ -106,5 +109,5 @@ class AdaptiveDraftLength:
             if reached:
                 rate = sum(1 for n in reached if n > i) / len(reached)
                 self.seen[i] += 1
-                w = max(1 - d, 1 / self.seen[i])  # running mean first, then EMA
+                w = max(1 - d, 1 / (self.seen[i] + self.prior_weight))  # running mean first, then EMA
                 self.accept[i] += w * (rate - self.accept[i])
