@@ -111,5 +111,26 @@ class KVCache:
             raise ValueError("rollback: n must be between 0 and the row's length")
         self.lengths -= n_t
 
+    def compact(self, base: torch.Tensor, keep: list[list[int]]) -> None:
+        """Keep, per row b, the entries at slots base[b] + keep[b][j] (increasing offsets) as slots
+        base[b] + j, and set the row's length to base[b] + len(keep[b]). This is how a draft
+        tree's accepted path (scattered over the tree's slots) becomes a contiguous sequence; it
+        copies only the rows whose path is not already in place (a chain never copies)."""
+        dev = self.lengths.device
+        moved = [b for b, ks in enumerate(keep) if any(k != j for j, k in enumerate(ks))]
+        if moved:
+            width = max(len(keep[b]) for b in moved)
+            src = torch.tensor([keep[b] + list(range(len(keep[b]), width)) for b in moved], device=dev)
+            rows = torch.tensor(moved, device=dev)
+            start = base.to(dev)[rows][:, None]
+            dst = start + torch.arange(width, device=dev)
+            src = start + src
+            r = rows[:, None]
+            for layer in self.k:
+                kc, vc = self.k[layer], self.v[layer]
+                kc[r, :, dst] = kc[r, :, src]  # advanced indexing reads a copy first: overlap is safe
+                vc[r, :, dst] = vc[r, :, src]
+        self.lengths.copy_(base.to(dev) + torch.tensor([len(k) for k in keep], device=dev))
+
     def reset(self) -> None:
         self.lengths.zero_()

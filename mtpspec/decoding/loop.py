@@ -19,6 +19,7 @@ from ..models.decoder import Decoder
 from .draft_length import DraftLengthPolicy
 from .proposers import DraftInput, Proposal, Proposer
 from .sampling import SamplingParams, next_token, probabilities
+from .tree import TreeMask, verify_greedy_tree
 from .verify import verify_greedy, verify_sampled_row
 
 StopCheck = Callable[[list[int]], int | None]
@@ -202,7 +203,8 @@ class DecodeBatch:
         self.proposer = proposer
         self.policy = policy if proposer is not None else FixedDraftLength(0)
         self.max_len = max_len
-        self.cache = model.new_cache(slots, max_len + self.policy.max_k + 1)
+        extra = self.proposer.max_tokens(self.policy.max_k) if proposer is not None else 0
+        self.cache = model.new_cache(slots, max_len + extra + 1)
         self.seqs: list[Sequence | None] = [None] * slots
         self.history: list[list[int]] = [[] for _ in range(slots)]
         self.last_tokens = torch.zeros(slots, dtype=torch.long)
@@ -308,24 +310,10 @@ class DecodeBatch:
             proposal = Proposal(drafts)
         t_drafted = time.perf_counter()
 
-        out = model(torch.cat([last_tokens[:, None], drafts], dim=1), view)
-        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
-        n_accepted = greedy_n.tolist()
-        emitted: list[list[int]] = []
-        for b, s in enumerate(seqs):
-            if not active[b]:
-                emitted.append([])
-            elif s.request.params.greedy:
-                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
-            else:
-                q = proposal.probs[b] if proposal.probs is not None else None
-                target_p = probabilities(out.logits[b], s.request.params)
-                n_accepted[b], row = verify_sampled_row(drafts[b], q, target_p, s.generator)
-                emitted.append(row)
-        # keep each row's last token + its accepted drafts in the cache; drop the rest
-        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
-        view.rollback((k + 1) - keep)
-        self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
+        if proposal.parents is None:
+            n_accepted, emitted = self._verify_chain(view, seqs, active, last_tokens, drafts, proposal, k)
+        else:
+            n_accepted, emitted = self._verify_tree(view, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
         self.policy.observe(len(active_slots), k, [n for n, a in zip(n_accepted, active) if a],
                             now - t_drafted, t_drafted - t_round)
@@ -350,6 +338,45 @@ class DecodeBatch:
                 view.lengths[b] = len(self.history[b]) - 1
             events.append(Event(b, s.new_ids, s.done))
         return events
+
+
+    def _verify_chain(self, view, seqs, active, last_tokens, drafts, proposal, k):
+        """Verify k drafts per row in one forward over [last, d_1..d_k] (verify.py); keep each row's
+        last token + accepted drafts in the cache. Returns (n_accepted, emitted) per row."""
+        dev = self.model.device
+        hi = len(seqs)
+        out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view)
+        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
+        n_accepted = greedy_n.tolist()
+        emitted: list[list[int]] = []
+        for b, s in enumerate(seqs):
+            if not active[b]:
+                emitted.append([])
+            elif s.request.params.greedy:
+                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
+            else:
+                q = proposal.probs[b] if proposal.probs is not None else None
+                target_p = probabilities(out.logits[b], s.request.params)
+                n_accepted[b], row = verify_sampled_row(drafts[b], q, target_p, s.generator)
+                emitted.append(row)
+        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
+        view.rollback((k + 1) - keep)
+        self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
+        return n_accepted, emitted
+
+    def _verify_tree(self, view, active, last_tokens, drafts, parents):
+        """Verify a draft tree per row (tree.py) in one forward; move each row's accepted path to
+        contiguous cache slots. Greedy rows only. Returns (n_accepted, emitted) per row."""
+        dev = self.model.device
+        hi = len(active)
+        base = view.lengths.clone()
+        out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view, tree=TreeMask.from_parents(parents))
+        paths, emitted = verify_greedy_tree(drafts, parents, out.logits)
+        emitted = [e if a else [] for e, a in zip(emitted, active)]
+        view.compact(base, [[0] + p if a else [] for p, a in zip(paths, active)])
+        last = torch.tensor([p[-1] if p else 0 for p in paths], device=dev)
+        self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), last]
+        return [len(p) for p in paths], emitted
 
 
 def generate(

@@ -5,26 +5,75 @@ position), then k autoregressive drafter steps, batched over rows. Greedy rows d
 sampled rows draw from `probabilities(drafter_logits, params)` (temperature / top-k / top-p applied
 exactly as on the target side) with the row's own generator, and that distribution is returned
 for rejection sampling. The target cache is only read.
+
+With a `TreeShape`, batches of greedy rows get a draft tree instead of a chain (tree.py), grown as
+EAGLE-2 does (Li et al. 2024): at depth 1 the drafter's `branch` most likely tokens; at each next
+depth the `beam` nodes of the previous depth with the highest path probability (product of the
+drafter's probabilities along the path) are expanded, all in one drafter call (the drafter has no
+KV cache of its own, so a branch costs one more query row, nothing else), each into its `branch`
+most likely children; finally the `nodes` candidates with the highest path probability are kept.
+A node's path probability is below its parent's, so the kept set contains every kept node's
+ancestors. Rows that sample get a chain (verification of sampled trees is not implemented).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..errors import InputError
 from ..models.drafter import MTPDrafter
 from .proposers import DraftInput, Proposal
 from .sampling import probabilities
 
 
+@dataclass(frozen=True)
+class TreeShape:
+    """A draft tree's budget: `nodes` tokens verified per row and round, grown by expanding the
+    `beam` best nodes of each depth into their `branch` best children (module docstring)."""
+
+    nodes: int
+    beam: int = 4
+    branch: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "beam", "branch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"draft tree {name} must be an integer >= 1, got {v!r}")
+
+    def candidates(self, depth: int) -> int:
+        """An upper bound on the candidates grown for `depth` levels (before keeping `nodes`)."""
+        return self.branch + (depth - 1) * self.beam * self.branch if depth else 0
+
+    @staticmethod
+    def parse(text: str) -> "TreeShape":
+        """'N' (N nodes, beam = branch = 4) or 'N:BEAM:BRANCH', e.g. '16:4:4'."""
+        try:
+            parts = [int(p) for p in str(text).split(":")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3:
+            raise InputError(f"draft tree must be NODES or NODES:BEAM:BRANCH (integers), got {text!r}")
+        return TreeShape(*parts)
+
+
 class MtpProposer:
     """Proposer backed by an `MTPDrafter` (check it against the target first: `load_drafter`
-    does, or `drafter.check_target(target.cfg)`)."""
+    does, or `drafter.check_target(target.cfg)`); `tree` makes greedy batches draft trees."""
 
-    def __init__(self, drafter: MTPDrafter) -> None:
+    def __init__(self, drafter: MTPDrafter, tree: TreeShape | None = None) -> None:
         self.drafter = drafter
+        self.tree = tree
+
+    def max_tokens(self, k: int) -> int:
+        return k if self.tree is None else max(k, min(self.tree.nodes, self.tree.candidates(k)))
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput, k: int) -> Proposal:
+        if self.tree is not None and k > 0 and all(p.greedy for p, a in zip(inp.params, inp.active) if a):
+            return self._propose_tree(inp, k, self.tree)
         d, target = self.drafter, inp.target
         b = inp.last_tokens.shape[0]
         dev = inp.last_tokens.device
@@ -52,3 +101,38 @@ class MtpProposer:
             tokens[:, i] = nxt
             tok = nxt
         return Proposal(tokens, probs)
+
+    def _propose_tree(self, inp: DraftInput, k: int, shape: TreeShape) -> Proposal:
+        """A draft tree of depth <= k per row (module docstring), as tokens + parents [B, N]."""
+        d, target = self.drafter, inp.target
+        b = inp.last_tokens.shape[0]
+        ctx = d.context(target.cfg, inp.cache)
+        s, hidden = d.step_state(target.embed_tokens(inp.last_tokens), inp.last_hidden, ctx)
+        ids, logp = d.top_tokens(s, shape.branch)  # depth 1: children of the root (node 0)
+        level_tok, level_score = ids, logp
+        level_hidden = hidden[:, None].expand(-1, shape.branch, -1)
+        level_first = 1  # node index of the level's first node
+        toks, scores, parents = [ids], [logp], [torch.zeros_like(ids)]
+        for depth in range(2, k + 1):
+            w = min(shape.beam, level_tok.shape[1])
+            sel = level_score.topk(w, dim=-1).indices  # [B, w] the nodes to expand
+            f_tok, f_score = level_tok.gather(1, sel), level_score.gather(1, sel)
+            f_hidden = level_hidden.gather(1, sel[..., None].expand(-1, -1, level_hidden.shape[-1]))
+            s, hidden = d.step_state(target.embed_tokens(f_tok.reshape(-1)), f_hidden.reshape(b * w, -1), ctx)
+            ids, logp = d.top_tokens(s, shape.branch)  # [B*w, branch]
+            n = w * shape.branch
+            parents.append((level_first + sel)[..., None].expand(-1, -1, shape.branch).reshape(b, n))
+            level_first += level_tok.shape[1]
+            level_tok = ids.view(b, n)
+            # a tiny penalty per depth keeps a child strictly below its parent even when p = 1
+            level_score = (f_score[..., None] + logp.view(b, w, -1) - 1e-4).view(b, n)
+            level_hidden = hidden.view(b, w, 1, -1).expand(-1, -1, shape.branch, -1).reshape(b, n, -1)
+            toks.append(level_tok)
+            scores.append(level_score)
+        all_tok, all_score, all_par = torch.cat(toks, 1), torch.cat(scores, 1), torch.cat(parents, 1)
+        m = all_tok.shape[1]
+        keep = all_score.topk(min(shape.nodes, m), dim=-1).indices.sort(dim=-1).values  # [B, N]
+        new_index = torch.zeros(b, m + 1, dtype=torch.long, device=keep.device)  # old node -> kept node
+        new_index.scatter_(1, keep + 1, torch.arange(1, keep.shape[1] + 1, device=keep.device).expand(b, -1))
+        kept_par = new_index.gather(1, all_par.gather(1, keep))
+        return Proposal(all_tok.gather(1, keep), parents=kept_par)

@@ -45,17 +45,25 @@ class DraftInput:
 
 @dataclass
 class Proposal:
-    """tokens: [B, k] drafted ids. probs: [B, k, V] the processed distributions each draft was
-    sampled from (rows with sampling), or None if every draft is deterministic."""
+    """tokens: [B, n] drafted ids: a chain d_1..d_k (n = k), or the nodes of a draft tree of depth
+    at most k (tree.py), in which case parents [B, n] gives each node's parent (0 = the row's last
+    token, i = tokens[:, i-1]); trees are for greedy rows only.
+    probs: [B, k, V] the processed distributions each chain draft was sampled from (rows with
+    sampling), or None if every draft is deterministic."""
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
+    parents: torch.Tensor | None = None
 
 
 class Proposer(Protocol):
-    """Drafts k tokens per row."""
+    """Drafts up to k tokens deep per row."""
 
     def propose(self, inp: DraftInput, k: int) -> Proposal: ...
+
+    def max_tokens(self, k: int) -> int:
+        """The most tokens per row `propose(inp, k)` returns (the cache reserves that room)."""
+        ...
 
 
 class NgramProposer:
@@ -82,6 +90,9 @@ class NgramProposer:
                     if follow:
                         return follow
         return []
+
+    def max_tokens(self, k: int) -> int:
+        return k
 
     def propose(self, inp: DraftInput, k: int) -> Proposal:
         rows = []

@@ -29,7 +29,8 @@ from torch import nn
 from ..cache import CacheLayout, KVCache
 from ..kernels import Linear
 from .config import ModelConfig
-from .layers import MLP, Attention, PerLayerInput, RMSNorm, StepContext, rope_cos_sin, visibility
+from .layers import (MLP, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin, tree_visibility,
+                     visibility)
 from .moe import MoE, MoEStats
 
 
@@ -137,11 +138,12 @@ class Decoder(nn.Module):
         return cache.k[layer], cache.v[layer]
 
     # ---- forward -----------------------------------------------------------------------------
-    def step_context(self, cache: KVCache, t: int) -> StepContext:
-        positions = cache.positions(t)
+    def step_context(self, cache: KVCache, t: int, tree: TreeMask | None = None) -> StepContext:
+        slots = cache.positions(t)
+        positions = slots if tree is None else cache.lengths[:, None] + tree.depth
         first = cache.lengths
         start = int(first[0]) if bool((first == first[0]).all()) else None
-        hi = int(positions[:, -1].max()) + 1
+        hi = int(slots[:, -1].max()) + 1
         rope, key_range, mask = {}, {}, {}
         for lt in {s.attention_type for s in self.cfg.layers}:
             spec = next(s for s in self.cfg.layers if s.attention_type == lt)
@@ -149,8 +151,11 @@ class Decoder(nn.Module):
             window = spec.sliding_window
             lo = max(0, int(positions[:, 0].min()) - window + 1) if window else 0
             key_range[lt] = (lo, hi)
-            mask[lt] = visibility(positions, lo, hi, window, self.dtype)
-        return StepContext(positions, start, rope, key_range, mask)
+            if tree is None:
+                mask[lt] = visibility(positions, lo, hi, window, self.dtype)
+            else:
+                mask[lt] = tree_visibility(tree, first, lo, hi, window, self.dtype)
+        return StepContext(positions, slots, start, rope, key_range, mask)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings, times the family's embedding scale (Gemma: sqrt(hidden))."""
@@ -186,6 +191,7 @@ class Decoder(nn.Module):
         cache: KVCache,
         logits_at: torch.Tensor | None = None,
         moe_stats: MoEStats | None = None,
+        tree: TreeMask | None = None,
     ) -> ForwardOutput:
         """Run T new tokens per row ([B, T]) through the model, appending their K/V to the cache.
 
@@ -193,10 +199,13 @@ class Decoder(nn.Module):
         there (a prefill needs just each row's last prompt position). Default: every position.
         moe_stats: optional `MoEStats`; MoE layers record how many distinct experts the B*T tokens
         of this forward were routed to (every token counts, padding included).
+        tree: the T tokens are a draft tree's nodes (decoding/tree.py): node i goes to cache slot
+        cache.lengths + i but sits at position cache.lengths + tree.depth[:, i] and attends to the
+        row's cache and its own ancestors. The caller keeps the accepted path with `cache.compact`.
         """
         b, t = tokens.shape
         cache.check_room(t)
-        ctx = self.step_context(cache, t)
+        ctx = self.step_context(cache, t, tree)
         if moe_stats is not None:
             ctx.moe_stats = moe_stats
             moe_stats.tokens = b * t

@@ -180,11 +180,15 @@ class DrafterAttention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * lay.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, kv: "TypeContext") -> torch.Tensor:
+        """x: [B * W, hidden] for a context of B rows: W drafts per row (W > 1 when drafting a
+        tree's branches), all at the row's constant position, as W more queries per head."""
         b = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(b, self.n_heads, 1, self.head_dim))
-        q = apply_rope(q, kv.cos, kv.sin)  # [B, H, 1, hd]
+        rows = kv.mask.shape[0]
+        w = b // rows
+        q = self.q_norm(self.q_proj(x).view(rows, w, self.n_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rope(q, kv.cos, kv.sin)  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
-        q = q.view(b, self.n_kv, g, self.head_dim)  # GQA: heads of one group share a kv head
+        q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
         # scores over the shared prefix [lo, mid) (valid for all rows) and the ragged tail [mid, hi)
         parts = []
         if kv.k_head is not None:
@@ -201,6 +205,7 @@ class DrafterAttention(nn.Module):
         if kv.v_tail is not None:
             t = probs[..., n_head:] @ kv.v_tail
             out = t if out is None else out + t
+        out = out.view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
         return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
 
 
@@ -454,6 +459,16 @@ class MTPDrafter(nn.Module):
             return self.logits(s).argmax(dim=-1)
         ids, vals = self.masked_embedding.candidates(s, self.model.embed_tokens.weight)
         return ids.gather(1, vals.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+    def top_tokens(self, s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k most likely tokens (ids [B, k], log-probabilities [B, k] in fp32, best first) of
+        final states s [B, H]; a clustered head normalises over its chosen clusters' tokens."""
+        if self.masked_embedding is None:
+            ids, vals = None, F.linear(s, self.model.embed_tokens.weight)
+        else:
+            ids, vals = self.masked_embedding.candidates(s, self.model.embed_tokens.weight)
+        logp, top = torch.log_softmax(vals.float(), dim=-1).topk(k, dim=-1)
+        return (top if ids is None else ids.gather(1, top)), logp
 
 
 def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:

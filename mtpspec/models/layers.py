@@ -68,8 +68,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class StepContext:
     """Everything a forward over T new tokens per row shares across layers.
 
-    positions: [batch, T] absolute positions of the new tokens.
-    start: the common first position when all rows are aligned (fast contiguous cache writes),
+    positions: [batch, T] absolute (RoPE) positions of the new tokens.
+    slots: [batch, T] the cache slots their K/V go to: equal to positions, except for a draft tree
+        whose nodes share positions (node i of a tree goes to slot cache.lengths + i).
+    start: the common first slot when all rows are aligned (fast contiguous cache writes),
         else None (per-row scatter).
     rope: per attention type, cos/sin tables.
     key_range / mask: per attention type, the slice [lo, hi) of cache positions attention reads and
@@ -77,6 +79,7 @@ class StepContext:
     """
 
     positions: torch.Tensor
+    slots: torch.Tensor
     start: int | None
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     key_range: dict[str, tuple[int, int]]
@@ -97,6 +100,52 @@ def visibility(positions: torch.Tensor, lo: int, hi: int, window: int | None,
     if bool(visible.all()):
         return None
     return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))[:, None]
+
+
+def tree_visibility(tree: "TreeMask", lengths: torch.Tensor, lo: int, hi: int, window: int | None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive mask [B, 1, T, hi - lo] of a forward over tree nodes: node i of row b (position
+    p = lengths[b] + depth[b, i], slot lengths[b] + i) sees the row's cached keys j < lengths[b]
+    (and, with a window, j > p - window) and the slots of its ancestors and itself."""
+    b, t = tree.depth.shape
+    keys = torch.arange(lo, hi, device=lengths.device)
+    p = (lengths[:, None] + tree.depth)[:, :, None]  # [B, T, 1]
+    cached = (keys < lengths[:, None, None]).expand(b, t, -1)
+    if window is not None:
+        cached = cached & (keys > p - window)
+    node = keys - lengths[:, None, None]  # key slot -> node index (valid in 0..T-1)
+    in_tree = (node >= 0) & (node < t)
+    idx = node.clamp(0, t - 1).expand(b, t, -1)
+    anc = tree.visible.gather(2, idx) & in_tree
+    if window is not None:
+        anc = anc & (tree.depth.gather(1, idx.reshape(b, -1)).view(b, t, -1) > tree.depth[:, :, None] - window)
+    visible = cached | anc
+    return torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))[:, None]
+
+
+@dataclass
+class TreeMask:
+    """A draft tree for a target forward (see decoding/tree.py). depth: [B, T] (root 0); visible: [B, T, T]
+    bool, visible[b, i, j] iff node j is node i or one of its ancestors."""
+
+    depth: torch.Tensor
+    visible: torch.Tensor
+
+    @staticmethod
+    def from_parents(parents: torch.Tensor) -> "TreeMask":
+        """parents: [B, N] (decoding/tree.py); the mask covers the root and the N nodes."""
+        b, n = parents.shape
+        dev = parents.device
+        visible = torch.zeros(b, n + 1, n + 1, dtype=torch.bool, device=dev)
+        visible[:, 0, 0] = True
+        depth = torch.zeros(b, n + 1, dtype=torch.long, device=dev)
+        rows = torch.arange(b, device=dev)
+        for j in range(n):  # N is small (tens); parents precede children, so one pass suffices
+            i, p = j + 1, parents[:, j]
+            visible[:, i] = visible[rows, p]
+            visible[:, i, i] = True
+            depth[:, i] = depth[rows, p] + 1
+        return TreeMask(depth, visible)
 
 
 class Attention(nn.Module):
@@ -135,7 +184,7 @@ class Attention(nn.Module):
             v = qkv[..., self.q_size + self.kv_size :].view(b, t, spec.n_kv_heads, hd)
             if self.v_norm is not None:
                 v = self.v_norm(v)
-            cache.write(self.index, ctx.positions, ctx.start, k, v.transpose(1, 2))
+            cache.write(self.index, ctx.slots, ctx.start, k, v.transpose(1, 2))
             return self._attend(q, ctx, cache, b, t)
         q = qkv[..., : self.q_size].view(b, t, spec.n_heads, hd)
         if self.q_norm is not None:
@@ -149,7 +198,7 @@ class Attention(nn.Module):
             if self.v_norm is not None:
                 v = self.v_norm(v)
             k = apply_rope(k.transpose(1, 2), cos, sin)
-            cache.write(self.index, ctx.positions, ctx.start, k, v.transpose(1, 2))
+            cache.write(self.index, ctx.slots, ctx.start, k, v.transpose(1, 2))
         return self._attend(q, ctx, cache, b, t)
 
     def _attend(self, q: torch.Tensor, ctx: StepContext, cache: KVCache, b: int, t: int) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""Draft trees: several candidate continuations verified in ONE target forward.
+
+A chain proposal drafts d_1..d_K and the target checks them in a forward over [x, d_1..d_K]; the
+round ends at the first draft the target disagrees with. A tree proposal drafts N nodes, each a
+token with a parent (the root x = the row's last emitted token, or an earlier node), so siblings
+are alternatives for the same position: when the target rejects the drafter's favourite at some
+depth, a sibling may hold the target's token and the round goes on from there.
+
+Layout, per row b (all rows have the same N):
+
+    tokens[b, j]   the token of node j+1 (node 0 is the root x, not stored here)
+    parents[b, j]  the node index (0 = root, else 1..j) of node j+1's parent: parents come first
+    depth of node i: 0 for the root, depth(parent) + 1 otherwise
+
+The target reads the N+1 nodes [x, tokens...] as one forward. Node i sits at RoPE position
+L + depth(i) (L = cache length before the round: x's position) but is written to cache slot
+L + i, and attends to the row's cache entries before L plus exactly its ancestors (and itself)
+among the nodes: `TreeMask` carries that. A chain d_1..d_K is the tree with parents 0, 1, .., K-1,
+for which slot = position and the mask is causal.
+
+After verification the accepted path's K/V (scattered over slots L + path) move to slots
+L, L+1, ... (`KVCache.compact`), so the cache again holds one contiguous sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.layers import TreeMask
+
+__all__ = ["TreeMask", "verify_greedy_tree", "chain_parents"]
+
+
+def verify_greedy_tree(
+    tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy verification of a draft tree, for a batch.
+
+    tokens, parents: [B, N] (module docstring); target_logits: [B, N+1, V], the target's logits
+    at the root and every node (node i's logits predict the token after node i's path).
+
+    Terms, as in verify.py, along one root-to-node path:
+    - accepted tokens: starting at the root, while the target's argmax after the current node is
+      the token of one of its children, move to that child (siblings hold distinct tokens, so
+      there is at most one). The children moved to are the accepted path, of length n (0..depth).
+    - rejected tokens: every other node (the other branches, and the children of the last
+      accepted node, none of which is the target's token).
+    - bonus token: the target's argmax after the last accepted node.
+    The emitted tokens, path tokens + bonus, are exactly what plain greedy decoding emits: each
+    is the target's argmax given everything before it, because a node's logits were computed
+    attending to exactly its ancestors (`TreeMask`), i.e. as if its path had been emitted.
+
+    Returns (paths, emitted): paths[b] = the accepted nodes' indices (1..N, root excluded), and
+    emitted[b] = their tokens followed by the bonus token.
+    """
+    target = target_logits.argmax(dim=-1).tolist()  # [B][N+1]
+    toks, pars = tokens.tolist(), parents.tolist()
+    paths, emitted = [], []
+    for b in range(len(toks)):
+        children: dict[tuple[int, int], int] = {}  # (parent node, token) -> child node
+        for j, (tok, par) in enumerate(zip(toks[b], pars[b])):
+            children.setdefault((par, tok), j + 1)
+        node, path = 0, []
+        while (child := children.get((node, target[b][node]))) is not None:
+            path.append(child)
+            node = child
+        paths.append(path)
+        emitted.append([toks[b][i - 1] for i in path] + [target[b][node]])
+    return paths, emitted
+
+
+def chain_parents(batch: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The parents [B, k] of a chain d_1..d_k (node i's parent is node i-1)."""
+    return torch.arange(k, device=device).expand(batch, k).clone()
