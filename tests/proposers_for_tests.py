@@ -19,6 +19,9 @@ class ReferenceProposer:
         self.corrupt = corrupt
         self.gen = torch.Generator().manual_seed(seed)
 
+    def max_tokens(self, k: int) -> int:
+        return k
+
     def propose(self, inp: DraftInput, k: int) -> Proposal:
         rows = []
         for b, hist in enumerate(inp.history):

@@ -203,7 +203,10 @@ class DecodeBatch:
         self.proposer = proposer
         self.policy = policy if proposer is not None else FixedDraftLength(0)
         self.max_len = max_len
-        extra = self.proposer.max_tokens(self.policy.max_k) if proposer is not None else 0
+        # room for the widest proposal: a chain of max_k, or a tree (`max_tokens`; a proposer written
+        # before trees existed has no such method and drafts chains)
+        max_tokens = getattr(proposer, "max_tokens", None)
+        extra = 0 if proposer is None else max_tokens(self.policy.max_k) if max_tokens else self.policy.max_k
         self.cache = model.new_cache(slots, max_len + extra + 1)
         self.seqs: list[Sequence | None] = [None] * slots
         self.history: list[list[int]] = [[] for _ in range(slots)]

@@ -189,6 +189,8 @@ class DrafterAttention(nn.Module):
         q = apply_rope(q, kv.cos, kv.sin)  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
         q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
+        kv_dtype = (kv.k_head if kv.k_head is not None else kv.k_tail).dtype
+        q = q.to(kv_dtype)  # a drafter may run in another dtype than the target (e.g. bf16 on fp32)
         # scores over the shared prefix [lo, mid) (valid for all rows) and the ragged tail [mid, hi)
         parts = []
         if kv.k_head is not None:
@@ -197,7 +199,7 @@ class DrafterAttention(nn.Module):
             parts.append(q @ kv.k_tail.transpose(-1, -2))
         scores = torch.cat(parts, dim=-1).float() if len(parts) > 1 else parts[0].float()  # scaling 1.0 (Gemma 4)
         scores = scores.masked_fill(~kv.mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(x.dtype)  # a row with nothing visible -> 0
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(kv_dtype)  # a row with nothing visible -> 0
         out = None
         n_head = kv.k_head.shape[2] if kv.k_head is not None else 0
         if kv.v_head is not None:
@@ -205,7 +207,7 @@ class DrafterAttention(nn.Module):
         if kv.v_tail is not None:
             t = probs[..., n_head:] @ kv.v_tail
             out = t if out is None else out + t
-        out = out.view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
+        out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
         return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
 
 
