@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 
 import torch
 
@@ -20,6 +20,9 @@ from .decoding.proposers import NgramProposer, Proposer
 from .decoding.sampling import SamplingParams
 from .errors import CheckpointError, InputError
 from .models.decoder import Decoder
+
+if TYPE_CHECKING:
+    from .decoding.mtp import TreeShape
 
 log = logging.getLogger("mtpspec")
 
@@ -339,6 +342,7 @@ def load(
     *,
     drafter: str | Path | None = "auto",
     draft_tokens: int | None = None,
+    draft_tree: "str | TreeShape | None" = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     cache_dir: str | Path | None = None,
@@ -350,6 +354,8 @@ def load(
         is one, else plain decoding; None = plain decoding; a drafter checkpoint folder
         (`gemma4_assistant` format); or "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
         (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
+    draft_tree: with an MTP drafter, greedy generation drafts a tree of K levels instead of a chain
+        of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -360,6 +366,13 @@ def load(
     proposer, max_k, drafter_name = None, 8, None
     if drafter == "auto":
         drafter = shipped_drafter() if model is None else None
+    tree = None
+    if draft_tree is not None:
+        from .decoding.mtp import TreeShape
+
+        tree = TreeShape.parse(draft_tree)
+        if drafter is None or drafter == "ngram":
+            raise InputError("a draft tree needs an MTP drafter (plain decoding and n-gram drafting have none)")
     if drafter == "ngram":
         proposer, drafter_name = NgramProposer(), "ngram"
     elif drafter is not None:
@@ -367,6 +380,6 @@ def load(
         from .drafter_checkpoint import load_drafter
 
         mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=dt)
-        proposer, drafter_name = MtpProposer(mtp), Path(drafter).name
+        proposer, drafter_name = MtpProposer(mtp, tree), Path(drafter).name
         max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
     return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

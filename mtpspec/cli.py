@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
+TreeOpt = Annotated[Optional[str], typer.Option("--tree", help="MTP drafter, greedy: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children).")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -77,6 +78,7 @@ def generate(
     ngram: Annotated[bool, typer.Option("--ngram", help="Model-free n-gram (prompt lookup) drafting.")] = False,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (default: adaptive).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run plain decoding first and report the speedup and whether the outputs are identical.")] = False,
+    tree: TreeOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
@@ -92,7 +94,7 @@ def generate(
         if sum([drafter is not None, no_drafter, ngram]) > 1:
             raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
         chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
-        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, device=device, dtype=dtype,
+        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
                       cache_dir=cache_dir)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw)
@@ -138,6 +140,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
     drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the shipped drafter of the default model, else ngram).")] = "auto",
     draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
+    trees: Annotated[Optional[str], typer.Option("--trees", help="spec suite, MTP drafter: also run each K drafting trees of these shapes (greedy), e.g. 5:1:2,8:2:3 (NODES:BEAM:BRANCH).")] = None,
     modes: Annotated[str, typer.Option(help="spec suite: greedy,sampled (either or both).")] = "greedy,sampled",
     temperature: Annotated[float, typer.Option(help="spec suite: temperature of the sampled runs.")] = 0.7,
     seed: Annotated[int, typer.Option(help="spec suite: seed of the sampled runs (row i uses seed + i).")] = 0,
@@ -174,6 +177,7 @@ def bench(
 
                 run_spec_bench(model=model, drafter=drafter, dtype=dts[0] if dts else "float32",
                                batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
+                               trees=[t.strip() for t in (trees or "").split(",") if t.strip()],
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
                                seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
                                transformers_assisted=not no_transformers, out=target, prompts=prompts, num_prompts=num_prompts,
@@ -211,6 +215,7 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot; more get HTTP 429.")] = 64,
     max_len: Annotated[int, typer.Option("--max-len", help="Context per sequence, prompt + generated (capped by the model's).")] = 2048,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (0 = plain; default: adaptive to acceptance and batch size).")] = None,
+    tree: TreeOpt = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients must use (default: the model's).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     device: DeviceOpt = "cpu",
@@ -224,7 +229,8 @@ def serve(
         from .serve.server import resolve_drafter
 
         chosen = resolve_drafter(model, drafter)
-        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, device=device, dtype=dtype, cache_dir=cache_dir)
+        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
+                      cache_dir=cache_dir)
         from .serve.server import serve as run_server
 
         typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "

@@ -59,6 +59,11 @@ def _k_name(k: DraftSetting) -> str:
     return "adaptive" if k is None else str(k)
 
 
+def _config_name(k: DraftSetting, tree) -> str:
+    """'4', 'adaptive', or with a draft tree '4 tree 5:1:2' (the runner/table label)."""
+    return _k_name(k) if tree is None else f"{_k_name(k)} tree {tree}"
+
+
 def parse_draft_tokens(spec: str | Sequence[Any]) -> list[DraftSetting]:
     """"1,2,4,8,adaptive" (or a list of ints / None / "adaptive") -> [1, 2, 4, 8, None]."""
     items = [x.strip() for x in spec.split(",") if x.strip()] if isinstance(spec, str) else list(spec)
@@ -253,6 +258,7 @@ def run_spec_bench(
     dtype: str = "float32",
     batch_sizes: Sequence[int] = (1, 4, 8),
     draft_tokens: str | Sequence[Any] = (1, 2, 4, 8, None),
+    trees: Sequence[Any] = (),
     modes: Sequence[str] = ("greedy", "sampled"),
     temperature: float = 0.7,
     seed: int = 0,
@@ -274,7 +280,9 @@ def run_spec_bench(
     model: checkpoint folder / .gguf / None (default model). drafter: "ngram", an MTP drafter
     checkpoint folder (gemma4_assistant format), "auto" (the shipped drafter of the default model,
     else "ngram") or None = "ngram". draft_tokens: fixed K values
-    and/or None/"adaptive" (e.g. "1,2,4,8,adaptive"). modes: "greedy" and/or "sampled"
+    and/or None/"adaptive" (e.g. "1,2,4,8,adaptive"). trees: draft tree shapes ("5:1:2" or
+    `TreeShape`s; MTP drafters, greedy mode): each K is also run drafting trees of each shape at
+    depth K. modes: "greedy" and/or "sampled"
     (temperature `temperature`, row i seeded with seed + i). assisted_k: K for transformers'
     prompt lookup and our n-gram comparison at batch 1 (default: 4 if in draft_tokens, else the
     largest fixed K). prompts: the prompt set (default: the built-in chat prompts); num_prompts:
@@ -299,6 +307,9 @@ def run_spec_bench(
         raise InputError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
     ks = parse_draft_tokens(draft_tokens)
     fixed_ks = [k for k in ks if k is not None]
+    from ..decoding.mtp import MtpProposer, TreeShape
+
+    tree_shapes = list(dict.fromkeys(TreeShape.parse(t) for t in trees))
     modes = list(dict.fromkeys(modes))
     if not modes or any(m not in ("greedy", "sampled") for m in modes):
         raise InputError(f"modes must be 'greedy' and/or 'sampled', got {modes!r}")
@@ -312,9 +323,13 @@ def run_spec_bench(
 
     drafter = resolve_drafter(model, drafter) or "ngram"
     drafter_kind = "ngram" if drafter == "ngram" else "mtp"
+    if tree_shapes and drafter_kind != "mtp":
+        raise InputError("draft trees need an MTP drafter (the n-gram proposer drafts chains)")
+    settings = [(k, None) for k in ks] + [(k, t) for t in tree_shapes for k in ks]
 
     arguments = dict(model=None if model is None else str(model), drafter=str(drafter), device=device, dtype=dtype,
-                     batch_sizes=list(batch_sizes), draft_tokens=[_k_name(k) for k in ks], modes=modes,
+                     batch_sizes=list(batch_sizes), draft_tokens=[_k_name(k) for k in ks],
+                     trees=[str(t) for t in tree_shapes], modes=modes,
                      temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, repeats=repeats,
                      prompts=None if prompts is None else list(prompts), num_prompts=num_prompts, chat=chat,
                      transformers_assisted=transformers_assisted, assisted_k=assisted_k, cost_repeats=cost_repeats,
@@ -343,7 +358,9 @@ def run_spec_bench(
             "speedup": "spec tok_s / plain tok_s, same mode and batch size, interleaved in the same repeats",
             "mean_accepted_length": "tokens emitted per target forward in the decode phase (accepted drafts + bonus)",
             "acceptance_per_position": "accepted / proposed at draft position i (i accepted only if all before were)",
-            "mean_k": "drafted tokens per round (the adaptive policy's mean choice)",
+            "mean_k": "drafted tokens per round (the adaptive policy's mean choice); with a tree, its depth",
+            "tree": "draft tree NODES:BEAM:BRANCH of depth K (greedy only): NODES tokens verified per round, grown by "
+                    "expanding the BEAM best nodes of each depth into their BRANCH best children",
             "sampled": f"temperature {temperature}, row i seeded with seed + i; lossless in distribution (tokens not compared)",
             "eos": "ignored; every row makes exactly max_new_tokens tokens",
             "step_costs": "median ms on a warmed cache; verify = target forward of K+1 tokens; draft = propose K tokens",
@@ -383,9 +400,12 @@ def run_spec_bench(
                     params_for_row = lambda i: SamplingParams(temperature, 0, 1.0, seed + i)  # noqa: E731
                 runners: dict[str, Callable[[], SpecRun]] = {
                     "plain": _ours_runner(engine.model, None, batches, max_new_tokens, params_for_row, 0, 1, dev)}
-                for k in ks:
-                    runners[f"spec_{_k_name(k)}"] = _ours_runner(engine.model, engine.proposer, batches, max_new_tokens,
-                                                                params_for_row, k, engine.max_draft_tokens, dev)
+                for k, tree in settings:
+                    if tree is not None and mode != "greedy":
+                        continue  # sampled rows draft chains
+                    proposer = engine.proposer if tree is None else MtpProposer(engine.proposer.drafter, tree)
+                    runners[f"spec_{_config_name(k, tree)}"] = _ours_runner(
+                        engine.model, proposer, batches, max_new_tokens, params_for_row, k, engine.max_draft_tokens, dev)
                 hf_here = hf is not None and bsz == 1 and mode == "greedy"
                 if hf_here:
                     runners["hf_plain"] = _hf_runner(hf, firsts, max_new_tokens, dev)
@@ -432,8 +452,8 @@ def run_spec_bench(
                 plain_runs = got["plain"]
                 plain_med = _median([x.tok_s for x in plain_runs])
                 plain_dec = _median([x.decode_tok_s for x in plain_runs if x.decode_tok_s])
-                for k in ks:
-                    name = f"spec_{_k_name(k)}"
+                for k, tree in settings:
+                    name = f"spec_{_config_name(k, tree)}"
                     sruns = got.get(name)
                     if not sruns:
                         continue  # failed: see results["errors"]
@@ -445,8 +465,9 @@ def run_spec_bench(
                             ref[name] == ref["plain"] == plain_runs[0].tokens
                         if not identical:
                             first_div = compare_tokens(sruns[0].tokens, plain_runs[0].tokens)["first_divergence"]
-                            mismatches.append(f"greedy batch {bsz} K={_k_name(k)}: first divergence {first_div}")
-                    row = {"mode": mode, "batch_size": bsz, "k": _k_name(k), "max_new_tokens": max_new_tokens,
+                            mismatches.append(f"greedy batch {bsz} K={_config_name(k, tree)}: first divergence {first_div}")
+                    row = {"mode": mode, "batch_size": bsz, "k": _k_name(k), "tree": None if tree is None else str(tree),
+                           "config": _config_name(k, tree), "max_new_tokens": max_new_tokens,
                            "prompt_tokens": [len(p) for b in batches for p in b], "batches_per_run": len(batches),
                            "plain_tok_s": _r(plain_med), "spec_tok_s": _r(med), "speedup": _r(med / plain_med, 4),
                            "plain_decode_tok_s": _r(plain_dec),
@@ -456,7 +477,7 @@ def run_spec_bench(
                            **_aggregate(sruns),
                            "tokens_identical_to_plain": identical, "first_divergence": first_div}
                     results["runs"].append(row)
-                    _log(f"[{mode}] batch {bsz} K={_k_name(k)}: plain {plain_med:.1f}, spec {med:.1f} tok/s "
+                    _log(f"[{mode}] batch {bsz} K={_config_name(k, tree)}: plain {plain_med:.1f}, spec {med:.1f} tok/s "
                          f"({med / plain_med:.2f}x), mean accepted {row['mean_accepted_length']}")
                 if hf_here:
                     results["transformers"].extend(_transformers_rows(got, ref, assisted_k, drafter_kind, hf_assistant))
@@ -543,30 +564,34 @@ def plot_spec(results: dict, path: str | Path) -> Path:
     runs = results["runs"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     styles = {"greedy": "-", "sampled": "--"}
-    ks = list(dict.fromkeys(r["k"] for r in runs))
+    configs = list(dict.fromkeys(r.get("config", r["k"]) for r in runs))
     batches = sorted({r["batch_size"] for r in runs})
     cmap = plt.get_cmap("tab10")
     for (row_i, metric, label) in ((0, "speedup", "speedup (spec / plain tok/s)"),
                                    (1, "mean_accepted_length", "mean accepted length (tokens / target forward)")):
         ax = axes[row_i][0]
-        for ci, k in enumerate(ks):
+        for ci, c in enumerate(configs):
             for mode, ls in styles.items():
-                pts = sorted((r["batch_size"], r[metric]) for r in runs if r["k"] == k and r["mode"] == mode and r[metric] is not None)
+                pts = sorted((r["batch_size"], r[metric]) for r in runs
+                             if r.get("config", r["k"]) == c and r["mode"] == mode and r[metric] is not None)
                 if pts:
-                    ax.plot(*zip(*pts), ls, marker="o", color=cmap(ci % 10), label=f"K={k} {mode}")
+                    ax.plot(*zip(*pts), ls, marker="o", color=cmap(ci % 10), label=f"K={c} {mode}")
         ax.set_xlabel("batch size")
         ax.set_xticks(batches)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax = axes[row_i][1]
+        trees = list(dict.fromkeys(r.get("tree") for r in runs))
         for ci, b in enumerate(batches):
             for mode, ls in styles.items():
                 sel = [r for r in runs if r["batch_size"] == b and r["mode"] == mode and r[metric] is not None]
-                pts = sorted((float(r["k"]), r[metric]) for r in sel if r["k"] != "adaptive")
-                if pts:
-                    ax.plot(*zip(*pts), ls, marker="o", color=cmap(ci % 10), label=f"batch {b} {mode}")
+                for ti, tree in enumerate(trees):  # chains solid/dashed, trees dotted with other markers
+                    pts = sorted((float(r["k"]), r[metric]) for r in sel if r["k"] != "adaptive" and r.get("tree") == tree)
+                    if pts:
+                        ax.plot(*zip(*pts), ls if tree is None else ":", marker="osD^v"[ti % 5], color=cmap(ci % 10),
+                                label=f"batch {b} {mode}" + ("" if tree is None else f" tree {tree}"))
                 for r in sel:
-                    if r["k"] == "adaptive" and r.get("mean_k") is not None:
+                    if r["k"] == "adaptive" and r.get("tree") is None and r.get("mean_k") is not None:
                         ax.plot([r["mean_k"]], [r[metric]], marker="*", markersize=12, color=cmap(ci % 10),
                                 linestyle="none")
         ax.set_xlabel("draft tokens K (star: adaptive, at its mean K)")
@@ -612,7 +637,7 @@ def print_spec_tables(results: dict, console=None) -> None:
     for r in results["runs"]:
         acc = " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_per_position"])
         ident = "-" if r["tokens_identical_to_plain"] is None else ("yes" if r["tokens_identical_to_plain"] else "[red]NO[/]")
-        t.add_row(r["mode"], str(r["batch_size"]), r["k"], f"{r['plain_tok_s']:.1f}", f"{r['spec_tok_s']:.1f}",
+        t.add_row(r["mode"], str(r["batch_size"]), r.get("config", r["k"]), f"{r['plain_tok_s']:.1f}", f"{r['spec_tok_s']:.1f}",
                   f"{r['speedup']:.2f}x", _fmt(r["mean_accepted_length"], "{:.2f}"), _fmt(r["mean_k"], "{:.2f}"), acc,
                   _fmt(r["drafter_time_share"], "{:.0%}"), ident)
     console.print(t)

@@ -47,9 +47,14 @@ class TreeShape:
         """An upper bound on the candidates grown for `depth` levels (before keeping `nodes`)."""
         return self.branch + (depth - 1) * self.beam * self.branch if depth else 0
 
+    def __str__(self) -> str:
+        return f"{self.nodes}:{self.beam}:{self.branch}"
+
     @staticmethod
-    def parse(text: str) -> "TreeShape":
+    def parse(text: "str | TreeShape") -> "TreeShape":
         """'N' (N nodes, beam = branch = 4) or 'N:BEAM:BRANCH', e.g. '16:4:4'."""
+        if isinstance(text, TreeShape):
+            return text
         try:
             parts = [int(p) for p in str(text).split(":")]
         except ValueError:
