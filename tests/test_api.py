@@ -189,6 +189,30 @@ def test_ngram_speculation_is_lossless_through_api_and_cli(tiny_with_tokenizer, 
     assert len(line["stats"]["acceptance_per_position"]) == 3
 
 
+def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
+    from mtpspec.drafter_checkpoint import save_drafter
+    from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+
+    d = MTPDrafter(DrafterConfig.for_target(engine.model.cfg, num_layers=1, hidden_size=32)).init_random(2, std=0.2)
+    save_drafter(d, tmp_path / "drafter", draft_tokens=3)
+    prompts = ["the quick brown fox", "hello world"]
+    plain = [r.token_ids for r in engine.generate(prompts, max_new_tokens=16)]
+    spec = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="6:2:2")
+    assert spec.proposer.tree is not None and str(spec.proposer.tree) == "6:2:2"
+    for k in (None, 3):
+        assert [r.token_ids for r in spec.generate(prompts, max_new_tokens=16, draft_tokens=k)] == plain
+    res = runner.invoke(app, ["generate", prompts[0], "--model", str(tiny_with_tokenizer), "-n", "16", "--drafter",
+                              str(tmp_path / "drafter"), "--tree", "5:1:2", "-k", "3", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["token_ids"] == plain[0]
+    for bad, msg in (("0", "nodes must be"), ("5:a", "NODES or NODES:BEAM:BRANCH")):
+        res = runner.invoke(app, ["generate", "hi", "--model", str(tiny_with_tokenizer), "--drafter",
+                                  str(tmp_path / "drafter"), "--tree", bad])
+        assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(mtpspec.InputError, match="needs an MTP drafter"):
+        mtpspec.load(tiny_with_tokenizer, drafter="ngram", draft_tree="4")
+
+
 def test_adaptive_draft_length_learns_across_calls(tiny_with_tokenizer):
     from mtpspec.decoding.sampling import SamplingParams
 

@@ -98,6 +98,29 @@ def test_spec_bench_mtp_drafter_greedy_only(tiny_llama, tmp_path):
     assert all(_positive(c["draft"][0]["per_token_ms"]) for c in res["step_costs"])
 
 
+def test_spec_bench_draft_trees(tiny_llama, tmp_path):
+    """Tree configurations run next to the chains (greedy only), identical to plain, labelled."""
+    from mtpspec.checkpoint import load_decoder
+    from mtpspec.drafter_checkpoint import save_drafter
+    from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+
+    target = load_decoder(tiny_llama)
+    drafter = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)).init_random(1, std=0.2)
+    save_drafter(drafter, tmp_path / "drafter", draft_tokens=2)
+    res = run_spec_bench(model=tiny_llama, drafter=tmp_path / "drafter", batch_sizes=(1, 2), draft_tokens="2,adaptive",
+                         trees=["4:1:2"], transformers_assisted=False, out=tmp_path / "s.json", plot=tmp_path / "s.png",
+                         **FAST)
+    assert res["greedy_tokens_identical"] is True
+    greedy = {(r["batch_size"], r["config"]) for r in res["runs"] if r["mode"] == "greedy"}
+    assert greedy == {(b, c) for b in (1, 2) for c in ("2", "adaptive", "2 tree 4:1:2", "adaptive tree 4:1:2")}
+    assert all(r["tree"] is None for r in res["runs"] if r["mode"] == "sampled")
+    assert res["arguments"]["trees"] == ["4:1:2"] and (tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(InputError, match="MTP drafter"):
+        run_spec_bench(model=tiny_llama, drafter="ngram", trees=["4"], out=None, plot=None, **FAST)
+    with pytest.raises(InputError, match="draft tree"):
+        run_spec_bench(model=tiny_llama, drafter=tmp_path / "drafter", trees=["4:x"], out=None, plot=None, **FAST)
+
+
 def test_spec_bench_bad_arguments(tiny_llama):
     with pytest.raises(InputError):
         run_spec_bench(model=tiny_llama, modes=("beam",), out=None, plot=None, **FAST)

@@ -254,3 +254,17 @@ def test_tree_shape_parsing_and_errors():
     for bad in ("", "x", "1:2:3:4", "0", "8:0", "8:2:-1"):
         with pytest.raises(InputError, match="draft tree"):
             TreeShape.parse(bad)
+
+
+@pytest.mark.parametrize("name", ["e2b", "26b-a4b"])
+def test_mtp_tree_drafting_equals_plain_on_gemma4(name, tmp_path):
+    """Gemma 4: KV-shared layers read their source layer's tree slots through the same mask; MoE
+    routes every node; generation crosses the sliding window."""
+    from drafter_helpers import tiny_target
+
+    _, target = tiny_target(name, tmp_path)
+    drafter = random_drafter(target, seed=4)
+    ps = _prompts(5)[:3]
+    ref = _plain(target, ps, 20)
+    seqs = run(target, [Request(p, 20) for p in ps], MtpProposer(drafter, TreeShape(8, 2, 3)), 3)
+    assert [s.new_ids for s in seqs] == ref

@@ -83,6 +83,7 @@ def eval_drafter_cmd(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N prompts of each file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     compare_heads: Annotated[bool, typer.Option("--compare-heads", help="For a clustered drafter: also evaluate the full head (same weights) and measure both heads' cost.")] = False,
+    tree: Annotated[Optional[str], typer.Option("--tree", help="Draft trees of K levels instead of chains, NODES:BEAM:BRANCH (e.g. 8:2:3).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
 ) -> None:
@@ -98,10 +99,10 @@ def eval_drafter_cmd(
     try:
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
-        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, device=device)
+        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree, device=device)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
-        res = {"drafter": str(drafter), "draft_tokens": k, "evaluations": []}
+        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.proposer.tree), "evaluations": []}
         for path in prompts_file:
             for full in heads:
                 res["evaluations"].append(evaluate_drafter(drafter, path, k=k, max_new_tokens=max_new_tokens, limit=limit,
@@ -113,7 +114,8 @@ def eval_drafter_cmd(
             return
         for e in res["evaluations"]:
             acc = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-            typer.echo(f"{e['prompts_file']} ({e['prompts']} prompts, {e['head']} head, K={k}): mean accepted length "
+            shape = f", tree {res['tree']}" if res["tree"] else ""
+            typer.echo(f"{e['prompts_file']} ({e['prompts']} prompts, {e['head']} head, K={k}{shape}): mean accepted length "
                        f"{e['mean_accepted_length']:.3f}, acceptance per position [{acc}]")
         if "head_costs" in res:
             hc = res["head_costs"]

@@ -1,6 +1,6 @@
 """Held-out evaluation of a drafter: mean accepted length (tokens per target forward, bonus token
 included) and per-position acceptance, measured with the real MtpProposer in our decoding loop
-(greedy, fixed K)."""
+(greedy, fixed K; chains, or draft trees of K levels if the engine's proposer drafts trees)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | 
     eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k)
     if full_head:
         eng = copy.copy(eng)
-        eng.proposer = MtpProposer(eng.proposer.drafter.full_head_copy().prepare())
+        eng.proposer = MtpProposer(eng.proposer.drafter.full_head_copy().prepare(), eng.proposer.tree)
     ps = read_prompts(prompts)[:limit] if limit else read_prompts(prompts)
     out = acceptance(eng, ps, k, max_new_tokens, batch_size)
     out["prompts_file"] = str(prompts)
