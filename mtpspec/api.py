@@ -342,7 +342,7 @@ def load(
     *,
     drafter: str | Path | None = "auto",
     draft_tokens: int | None = None,
-    draft_tree: "str | TreeShape | None" = None,
+    draft_tree: "str | TreeShape | None" = "auto",
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     cache_dir: str | Path | None = None,
@@ -355,7 +355,9 @@ def load(
         (`gemma4_assistant` format); or "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
         (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
     draft_tree: with an MTP drafter, greedy generation drafts a tree of K levels instead of a chain
-        of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py).
+        of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py), at
+        every batch size; "auto" (default) = `AUTO_TREE` ("6:1:3") when one sequence is decoding,
+        chains otherwise; None or "none" = always chains.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -366,8 +368,12 @@ def load(
     proposer, max_k, drafter_name = None, 8, None
     if drafter == "auto":
         drafter = shipped_drafter() if model is None else None
-    tree = None
-    if draft_tree is not None:
+    tree, tree_max_batch = None, None
+    if draft_tree == "auto":
+        from .decoding.mtp import AUTO_TREE
+
+        tree, tree_max_batch = AUTO_TREE, 1
+    elif draft_tree not in (None, "none"):
         from .decoding.mtp import TreeShape
 
         tree = TreeShape.parse(draft_tree)
@@ -380,6 +386,6 @@ def load(
         from .drafter_checkpoint import load_drafter
 
         mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=dt)
-        proposer, drafter_name = MtpProposer(mtp, tree), Path(drafter).name
+        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch), Path(drafter).name
         max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
     return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
-TreeOpt = Annotated[Optional[str], typer.Option("--tree", help="MTP drafter, greedy: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children).")]
+TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter, greedy: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' = 6:1:3 while one sequence decodes, chains otherwise; 'none' = chains.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -78,7 +78,7 @@ def generate(
     ngram: Annotated[bool, typer.Option("--ngram", help="Model-free n-gram (prompt lookup) drafting.")] = False,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (default: adaptive).")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run plain decoding first and report the speedup and whether the outputs are identical.")] = False,
-    tree: TreeOpt = None,
+    tree: TreeOpt = "auto",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     cache_dir: CacheOpt = None,
@@ -215,7 +215,7 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot; more get HTTP 429.")] = 64,
     max_len: Annotated[int, typer.Option("--max-len", help="Context per sequence, prompt + generated (capped by the model's).")] = 2048,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="Fixed draft length K (0 = plain; default: adaptive to acceptance and batch size).")] = None,
-    tree: TreeOpt = None,
+    tree: TreeOpt = "auto",
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients must use (default: the model's).")] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     device: DeviceOpt = "cpu",

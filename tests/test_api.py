@@ -211,6 +211,12 @@ def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
         assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(mtpspec.InputError, match="needs an MTP drafter"):
         mtpspec.load(tiny_with_tokenizer, drafter="ngram", draft_tree="4")
+    from mtpspec.decoding.mtp import AUTO_TREE
+
+    auto = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter")  # default: the auto tree at batch 1
+    assert auto.proposer.tree == AUTO_TREE and auto.proposer.tree_max_batch == 1
+    assert [r.token_ids for r in auto.generate(prompts, max_new_tokens=16)] == plain
+    assert mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="none").proposer.tree is None
 
 
 def test_adaptive_draft_length_learns_across_calls(tiny_with_tokenizer):

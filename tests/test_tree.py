@@ -268,3 +268,19 @@ def test_mtp_tree_drafting_equals_plain_on_gemma4(name, tmp_path):
     ref = _plain(target, ps, 20)
     seqs = run(target, [Request(p, 20) for p in ps], MtpProposer(drafter, TreeShape(8, 2, 3)), 3)
     assert [s.new_ids for s in seqs] == ref
+
+
+def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
+    from drafter_helpers import our_drafts
+
+    drafter = random_drafter(target, seed=6)
+    prop = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1)
+    _, inp = our_drafts(target, drafter, _prompts(5)[:2], 3)
+    assert prop.propose(inp, 3).parents is None  # two active rows: a chain
+    inp.active = [True, False]
+    assert prop.propose(inp, 3).parents is not None  # one: a tree
+    ps = _prompts(5)
+    ref = _plain(target, ps, 16)
+    for slots in (1, 2):  # continuous batching: the batch shrinks to one row near the end
+        got = run(target, [Request(p, 16) for p in ps], prop, 3, slots=slots)
+        assert [s.new_ids for s in got] == ref

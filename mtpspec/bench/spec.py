@@ -337,7 +337,7 @@ def run_spec_bench(
 
     folder = resolve_model_path(model, cache_dir)
     _log(f"spec bench: model {folder}, drafter {drafter}")
-    engine = load(folder, drafter=drafter, device=device, dtype=dtype)
+    engine = load(folder, drafter=drafter, draft_tree=None, device=device, dtype=dtype)  # chains; trees below
     dev = engine.model.device
     plist, prompt_kind = bench_prompts(engine, prompts, chat)
 

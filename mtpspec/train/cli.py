@@ -99,7 +99,7 @@ def eval_drafter_cmd(
     try:
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
-        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree, device=device)
+        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
         res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.proposer.tree), "evaluations": []}

@@ -47,7 +47,7 @@ def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | 
 
     _, k_ckpt = read_drafter_config(drafter)
     k = k or k_ckpt or 4
-    eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k)
+    eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=None)
     if full_head:
         eng = copy.copy(eng)
         eng.proposer = MtpProposer(eng.proposer.drafter.full_head_copy().prepare(), eng.proposer.tree)
