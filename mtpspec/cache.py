@@ -117,19 +117,17 @@ class KVCache:
         tree's accepted path (scattered over the tree's slots) becomes a contiguous sequence; it
         copies only the rows whose path is not already in place (a chain never copies)."""
         dev = self.lengths.device
-        moved = [b for b, ks in enumerate(keep) if any(k != j for j, k in enumerate(ks))]
-        if moved:
-            width = max(len(keep[b]) for b in moved)
-            src = torch.tensor([keep[b] + list(range(len(keep[b]), width)) for b in moved], device=dev)
-            rows = torch.tensor(moved, device=dev)
-            start = base.to(dev)[rows][:, None]
-            dst = start + torch.arange(width, device=dev)
-            src = start + src
-            r = rows[:, None]
+        starts = base.tolist()
+        for b, ks in enumerate(keep):
+            # offsets increase and start at 0, so entries stay in place up to the first that moves
+            j0 = next((j for j, k in enumerate(ks) if k != j), len(ks))
+            if j0 == len(ks):
+                continue
+            lo = starts[b]
+            src = torch.tensor(ks[j0:], device=dev) + lo
             for layer in self.k:
-                kc, vc = self.k[layer], self.v[layer]
-                kc[r, :, dst] = kc[r, :, src]  # advanced indexing reads a copy first: overlap is safe
-                vc[r, :, dst] = vc[r, :, src]
+                for cache in (self.k[layer], self.v[layer]):
+                    cache[b, :, lo + j0 : lo + len(ks)] = cache[b].index_select(1, src)  # a copy: overlap is safe
         self.lengths.copy_(base.to(dev) + torch.tensor([len(k) for k in keep], device=dev))
 
     def reset(self) -> None:
