@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
-TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter, greedy: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' = 6:1:3 while one sequence decodes, chains otherwise; 'none' = chains.")]
+TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' = 6:1:3 while one sequence decodes, chains otherwise; 'none' = chains.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -140,7 +140,7 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
     drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the shipped drafter of the default model, else ngram).")] = "auto",
     draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
-    trees: Annotated[Optional[str], typer.Option("--trees", help="spec suite, MTP drafter: also run each K drafting trees of these shapes (greedy), e.g. 5:1:2,8:2:3 (NODES:BEAM:BRANCH).")] = None,
+    trees: Annotated[Optional[str], typer.Option("--trees", help="spec suite, MTP drafter: also run each K drafting trees of these shapes, e.g. 5:1:2,8:2:3 (NODES:BEAM:BRANCH).")] = None,
     modes: Annotated[str, typer.Option(help="spec suite: greedy,sampled (either or both).")] = "greedy,sampled",
     temperature: Annotated[float, typer.Option(help="spec suite: temperature of the sampled runs.")] = 0.7,
     seed: Annotated[int, typer.Option(help="spec suite: seed of the sampled runs (row i uses seed + i).")] = 0,

@@ -99,7 +99,7 @@ def test_spec_bench_mtp_drafter_greedy_only(tiny_llama, tmp_path):
 
 
 def test_spec_bench_draft_trees(tiny_llama, tmp_path):
-    """Tree configurations run next to the chains (greedy only), identical to plain, labelled."""
+    """Tree configurations run next to the chains (greedy and sampled), greedy identical to plain, labelled."""
     from mtpspec.checkpoint import load_decoder
     from mtpspec.drafter_checkpoint import save_drafter
     from mtpspec.models.drafter import DrafterConfig, MTPDrafter
@@ -111,9 +111,10 @@ def test_spec_bench_draft_trees(tiny_llama, tmp_path):
                          trees=["4:1:2"], transformers_assisted=False, out=tmp_path / "s.json", plot=tmp_path / "s.png",
                          **FAST)
     assert res["greedy_tokens_identical"] is True
-    greedy = {(r["batch_size"], r["config"]) for r in res["runs"] if r["mode"] == "greedy"}
-    assert greedy == {(b, c) for b in (1, 2) for c in ("2", "adaptive", "2 tree 4:1:2", "adaptive tree 4:1:2")}
-    assert all(r["tree"] is None for r in res["runs"] if r["mode"] == "sampled")
+    for mode in ("greedy", "sampled"):
+        got = {(r["batch_size"], r["config"]) for r in res["runs"] if r["mode"] == mode}
+        assert got == {(b, c) for b in (1, 2) for c in ("2", "adaptive", "2 tree 4:1:2", "adaptive tree 4:1:2")}
+    assert {r["tree"] for r in res["runs"]} == {None, "4:1:2"}
     assert res["arguments"]["trees"] == ["4:1:2"] and (tmp_path / "s.png").stat().st_size > 0
     with pytest.raises(InputError, match="MTP drafter"):
         run_spec_bench(model=tiny_llama, drafter="ngram", trees=["4"], out=None, plot=None, **FAST)

@@ -14,7 +14,8 @@ from mtpspec.decoding.loop import Request, run
 from mtpspec.decoding.mtp import MtpProposer, TreeShape
 from mtpspec.decoding.proposers import DraftInput, Proposal
 from mtpspec.decoding.sampling import SamplingParams
-from mtpspec.decoding.tree import TreeMask, chain_parents, verify_greedy_tree
+from mtpspec.decoding.sampling import probabilities
+from mtpspec.decoding.tree import TreeMask, chain_parents, verify_greedy_tree, verify_sampled_tree_row
 from mtpspec.decoding.verify import verify_greedy
 from mtpspec.errors import InputError
 from tiny_models import VOCAB
@@ -236,16 +237,17 @@ def test_mtp_trees_hold_the_drafters_best_paths(target):
         assert all(p < i + 1 for i, p in enumerate(pars))  # parents precede their children
 
 
-def test_sampled_rows_draft_chains_and_greedy_rows_stay_exact(target):
+def test_mixed_batches_draft_trees_greedy_rows_exact_sampled_rows_reproducible(target):
     drafter = random_drafter(target, seed=5)
     ps = _prompts(5)
     ref = _plain(target, ps, 16)
     params = [SamplingParams(), SamplingParams(0.8, seed=1), SamplingParams(), SamplingParams(), SamplingParams(1.0, seed=2)]
     reqs = lambda: [Request(p, 16, q) for p, q in zip(ps, params)]  # noqa: E731
-    a = run(target, reqs(), MtpProposer(drafter, TreeShape(8)), 3)
-    b = run(target, reqs(), MtpProposer(drafter), 3)
-    assert [s.new_ids for s in a] == [s.new_ids for s in b]  # the sampled batch drafted chains
+    prop = MtpProposer(drafter, TreeShape(8))
+    a, b = run(target, reqs(), prop, 3), run(target, reqs(), prop, 3)
+    assert [s.new_ids for s in a] == [s.new_ids for s in b]  # seeded rows draw the same tokens
     assert [a[i].new_ids for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
+    assert all(len(s.new_ids) == 16 for s in a)
 
 
 def test_tree_shape_parsing_and_errors():
@@ -284,3 +286,116 @@ def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
     for slots in (1, 2):  # continuous batching: the batch shrinks to one row near the end
         got = run(target, [Request(p, 16) for p in ps], prop, 3, slots=slots)
         assert [s.new_ids for s in got] == ref
+
+
+# ---- sampling over trees -------------------------------------------------------------------------
+
+SMALL_V = 12
+
+
+class RandomTreeProposer:
+    """A random tree of `nodes` tokens over a small vocabulary (random parents, distinct siblings),
+    the same one every round: candidates that sometimes hold likely tokens and sometimes not."""
+
+    def __init__(self, nodes: int = 6, seed: int = 0):
+        self.nodes, self.seed = nodes, seed
+
+    def max_tokens(self, k: int) -> int:
+        return self.nodes
+
+    def propose(self, inp: DraftInput, k: int) -> Proposal:
+        gen = torch.Generator().manual_seed(self.seed + k)
+        toks, pars, depth = [], [], [0]
+        for j in range(self.nodes):
+            options = [i for i in range(j + 1) if depth[i] < k]
+            par = options[int(torch.randint(len(options), (), generator=gen))]
+            taken = {t for t, p in zip(toks, pars) if p == par}
+            free = [t for t in range(SMALL_V) if t not in taken]
+            toks.append(free[int(torch.randint(len(free), (), generator=gen))])
+            pars.append(par)
+            depth.append(depth[par] + 1)
+        b = len(inp.history)
+        return Proposal(torch.tensor([toks] * b), parents=torch.tensor([pars] * b))
+
+
+@pytest.fixture(scope="module")
+def small_vocab_target(tmp_path_factory):
+    from tiny_models import tiny_hf_model
+
+    hf = tiny_hf_model("llama", vocab_size=SMALL_V)
+    folder = tmp_path_factory.mktemp("small-vocab-tree")
+    hf.save_pretrained(folder)
+    return load_decoder(folder)
+
+
+def _exact_third_token(model, prompt, params):
+    """P(third generated token), summing over the first two (processed by params)."""
+    def p_next(ids):
+        c = model.new_cache(1, 32)
+        return probabilities(model(torch.tensor([ids]), c).logits[0, -1], params)
+
+    total = torch.zeros(SMALL_V)
+    p1 = p_next(prompt)
+    for t1 in range(SMALL_V):
+        if p1[t1] == 0:
+            continue
+        p2 = p_next(prompt + [t1])
+        for t2 in range(SMALL_V):
+            if p2[t2] > 0:
+                total += p1[t1] * p2[t2] * p_next(prompt + [t1, t2])
+    return total
+
+
+def _empirical(model, prompt, params, n, proposer, k):
+    """Frequencies of the second and third generated tokens."""
+    reqs = [Request(prompt, 4, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i)) for i in range(n)]
+    seqs = run(model, reqs, proposer, k, slots=500)
+    return [torch.bincount(torch.tensor([s.new_ids[i] for s in seqs]), minlength=SMALL_V).float() / n for i in (1, 2)]
+
+
+def _exact_second_token(model, prompt, params):
+    def p_next(ids):
+        c = model.new_cache(1, 32)
+        return probabilities(model(torch.tensor([ids]), c).logits[0, -1], params)
+
+    p1 = p_next(prompt)
+    return sum(p1[t] * p_next(prompt + [t]) for t in range(SMALL_V) if p1[t] > 0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_k=6), SamplingParams(1.2, top_p=0.8)],
+                         ids=["temperature", "top_k", "top_p"])
+def test_tree_sampling_matches_target_distribution(small_vocab_target, params, monkeypatch):
+    """The third token (reached through accepted tree nodes, siblings and bonus draws) follows the
+    target's distribution; a verifier biased towards the tree's candidates is caught."""
+    model, prompt, n = small_vocab_target, [3, 5, 7, 3, 5], 6000
+    exact = [_exact_second_token(model, prompt, params), _exact_third_token(model, prompt, params)]
+    got = _empirical(model, prompt, params, n, RandomTreeProposer(6, seed=1), 2)
+    for g, e in zip(got, exact):  # total-variation sampling noise for n=6000 over 12 tokens: about 0.02
+        assert 0.5 * (g - e).abs().sum() < 0.04, (g, e)
+
+    import mtpspec.decoding.loop as loop
+
+    real = loop.verify_sampled_tree_row
+
+    def biased(tokens, parents, p, g):  # after a miss at the root, half the time emit its first child
+        path, emitted = real(tokens, parents, p, g)
+        if not path and float(torch.rand((), generator=g)) < 0.5:
+            emitted = [tokens[0]]
+        return path, emitted
+
+    monkeypatch.setattr(loop, "verify_sampled_tree_row", biased)
+    broken = _empirical(model, prompt, params, n, RandomTreeProposer(6, seed=1), 2)
+    assert 0.5 * (broken[0] - exact[0]).abs().sum() > 0.1
+
+
+def test_verify_sampled_tree_row_walks_the_drawn_tokens():
+    # root -> children 4 (node 1), 6 (node 2); node 1 -> child 8 (node 3)
+    tokens, parents = [4, 6, 8], [0, 0, 1]
+    p = torch.zeros(4, 10)
+    p[0, 4] = 1.0  # the target surely draws 4 at the root: node 1 accepted
+    p[1, 8] = 1.0  # then 8: node 3 accepted
+    p[3, 2] = 1.0  # then 2: no child there, the bonus
+    assert verify_sampled_tree_row(tokens, parents, p, None) == ([1, 3], [4, 8, 2])
+    p[0] = 0.0
+    p[0, 5] = 1.0  # 5 at the root: no child holds it
+    assert verify_sampled_tree_row(tokens, parents, p, None) == ([], [5])

@@ -281,8 +281,7 @@ def run_spec_bench(
     checkpoint folder (gemma4_assistant format), "auto" (the shipped drafter of the default model,
     else "ngram") or None = "ngram". draft_tokens: fixed K values
     and/or None/"adaptive" (e.g. "1,2,4,8,adaptive"). trees: draft tree shapes ("5:1:2" or
-    `TreeShape`s; MTP drafters, greedy mode): each K is also run drafting trees of each shape at
-    depth K. modes: "greedy" and/or "sampled"
+    `TreeShape`s; MTP drafters): each K is also run drafting trees of each shape at depth K. modes: "greedy" and/or "sampled"
     (temperature `temperature`, row i seeded with seed + i). assisted_k: K for transformers'
     prompt lookup and our n-gram comparison at batch 1 (default: 4 if in draft_tokens, else the
     largest fixed K). prompts: the prompt set (default: the built-in chat prompts); num_prompts:
@@ -359,7 +358,7 @@ def run_spec_bench(
             "mean_accepted_length": "tokens emitted per target forward in the decode phase (accepted drafts + bonus)",
             "acceptance_per_position": "accepted / proposed at draft position i (i accepted only if all before were)",
             "mean_k": "drafted tokens per round (the adaptive policy's mean choice); with a tree, its depth",
-            "tree": "draft tree NODES:BEAM:BRANCH of depth K (greedy only): NODES tokens verified per round, grown by "
+            "tree": "draft tree NODES:BEAM:BRANCH of depth K: NODES tokens verified per round, grown by "
                     "expanding the BEAM best nodes of each depth into their BRANCH best children",
             "sampled": f"temperature {temperature}, row i seeded with seed + i; lossless in distribution (tokens not compared)",
             "eos": "ignored; every row makes exactly max_new_tokens tokens",
@@ -401,8 +400,6 @@ def run_spec_bench(
                 runners: dict[str, Callable[[], SpecRun]] = {
                     "plain": _ours_runner(engine.model, None, batches, max_new_tokens, params_for_row, 0, 1, dev)}
                 for k, tree in settings:
-                    if tree is not None and mode != "greedy":
-                        continue  # sampled rows draft chains
                     proposer = engine.proposer if tree is None else MtpProposer(engine.proposer.drafter, tree)
                     runners[f"spec_{_config_name(k, tree)}"] = _ours_runner(
                         engine.model, proposer, batches, max_new_tokens, params_for_row, k, engine.max_draft_tokens, dev)

@@ -19,7 +19,7 @@ from ..models.decoder import Decoder
 from .draft_length import DraftLengthPolicy
 from .proposers import DraftInput, Proposal, Proposer
 from .sampling import SamplingParams, next_token, probabilities
-from .tree import TreeMask, verify_greedy_tree
+from .tree import TreeMask, verify_greedy_tree, verify_sampled_tree_row
 from .verify import verify_greedy, verify_sampled_row
 
 StopCheck = Callable[[list[int]], int | None]
@@ -316,7 +316,7 @@ class DecodeBatch:
         if proposal.parents is None:
             n_accepted, emitted = self._verify_chain(view, seqs, active, last_tokens, drafts, proposal, k)
         else:
-            n_accepted, emitted = self._verify_tree(view, active, last_tokens, drafts, proposal.parents)
+            n_accepted, emitted = self._verify_tree(view, seqs, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
         self.policy.observe(len(active_slots), k, [n for n, a in zip(n_accepted, active) if a],
                             now - t_drafted, t_drafted - t_round)
@@ -367,14 +367,19 @@ class DecodeBatch:
         self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
         return n_accepted, emitted
 
-    def _verify_tree(self, view, active, last_tokens, drafts, parents):
+    def _verify_tree(self, view, seqs, active, last_tokens, drafts, parents):
         """Verify a draft tree per row (tree.py) in one forward; move each row's accepted path to
-        contiguous cache slots. Greedy rows only. Returns (n_accepted, emitted) per row."""
+        contiguous cache slots. Returns (n_accepted, emitted) per row."""
         dev = self.model.device
         hi = len(active)
         base = view.lengths.clone()
         out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view, tree=TreeMask.from_parents(parents))
         paths, emitted = verify_greedy_tree(drafts, parents, out.logits)
+        for b, s in enumerate(seqs):
+            if active[b] and not s.request.params.greedy:
+                target_p = probabilities(out.logits[b], s.request.params)
+                paths[b], emitted[b] = verify_sampled_tree_row(drafts[b].tolist(), parents[b].tolist(), target_p,
+                                                               s.generator)
         emitted = [e if a else [] for e, a in zip(emitted, active)]
         view.compact(base, [[0] + p if a else [] for p, a in zip(paths, active)])
         last = torch.tensor([p[-1] if p else 0 for p in paths], device=dev)

@@ -6,14 +6,15 @@ sampled rows draw from `probabilities(drafter_logits, params)` (temperature / to
 exactly as on the target side) with the row's own generator, and that distribution is returned
 for rejection sampling. The target cache is only read.
 
-With a `TreeShape`, batches of greedy rows get a draft tree instead of a chain (tree.py), grown as
+With a `TreeShape`, rows get a draft tree instead of a chain (tree.py), grown as
 EAGLE-2 does (Li et al. 2024): at depth 1 the drafter's `branch` most likely tokens; at each next
 depth the `beam` nodes of the previous depth with the highest path probability (product of the
 drafter's probabilities along the path) are expanded, all in one drafter call (the drafter has no
 KV cache of its own, so a branch costs one more query row, nothing else), each into its `branch`
 most likely children; finally the `nodes` candidates with the highest path probability are kept.
 A node's path probability is below its parent's, so the kept set contains every kept node's
-ancestors. Rows that sample get a chain (verification of sampled trees is not implemented).
+ancestors. The tree's tokens are deterministic for greedy and sampled rows alike (tree.py
+verifies sampled rows by drawing from the target at each node of the walk).
 """
 
 from __future__ import annotations
@@ -65,14 +66,14 @@ class TreeShape:
 
 
 AUTO_TREE = TreeShape(6, 1, 3)
-"""The tree `mtpspec.load` drafts by default with an MTP drafter, at batch 1 (greedy): 6 nodes,
+"""The tree `mtpspec.load` drafts by default with an MTP drafter, at batch 1: 6 nodes,
 the best node of each level expanded into its 3 best children. On our 2-core CPU it beat chains
 at batch 1 (README, Performance); at larger batches the wider verification does not pay there."""
 
 
 class MtpProposer:
     """Proposer backed by an `MTPDrafter` (check it against the target first: `load_drafter`
-    does, or `drafter.check_target(target.cfg)`); `tree` makes greedy batches draft trees."""
+    does, or `drafter.check_target(target.cfg)`); `tree` makes it draft trees."""
 
     def __init__(self, drafter: MTPDrafter, tree: TreeShape | None = None, tree_max_batch: int | None = None) -> None:
         """tree_max_batch: draft trees only while at most this many rows are active (None: any
@@ -86,8 +87,7 @@ class MtpProposer:
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput, k: int) -> Proposal:
-        if self.tree is not None and k > 0 and all(p.greedy for p, a in zip(inp.params, inp.active) if a) and (
-                self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch):
+        if self.tree is not None and k > 0 and (self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch):
             return self._propose_tree(inp, k, self.tree)
         d, target = self.drafter, inp.target
         b = inp.last_tokens.shape[0]

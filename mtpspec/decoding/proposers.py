@@ -47,7 +47,7 @@ class DraftInput:
 class Proposal:
     """tokens: [B, n] drafted ids: a chain d_1..d_k (n = k), or the nodes of a draft tree of depth
     at most k (tree.py), in which case parents [B, n] gives each node's parent (0 = the row's last
-    token, i = tokens[:, i-1]); trees are for greedy rows only.
+    token, i = tokens[:, i-1]); tree tokens are deterministic (probs unused).
     probs: [B, k, V] the processed distributions each chain draft was sampled from (rows with
     sampling), or None if every draft is deterministic."""
 

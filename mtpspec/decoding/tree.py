@@ -18,6 +18,7 @@ L + i, and attends to the row's cache entries before L plus exactly its ancestor
 among the nodes: `TreeMask` carries that. A chain d_1..d_K is the tree with parents 0, 1, .., K-1,
 for which slot = position and the mask is causal.
 
+Greedy rows verify with `verify_greedy_tree`, sampled rows with `verify_sampled_tree_row`.
 After verification the accepted path's K/V (scattered over slots L + path) move to slots
 L, L+1, ... (`KVCache.compact`), so the cache again holds one contiguous sequence.
 """
@@ -28,7 +29,7 @@ import torch
 
 from ..models.layers import TreeMask
 
-__all__ = ["TreeMask", "verify_greedy_tree", "chain_parents"]
+__all__ = ["TreeMask", "verify_greedy_tree", "verify_sampled_tree_row", "chain_parents"]
 
 
 def verify_greedy_tree(
@@ -67,6 +68,37 @@ def verify_greedy_tree(
         paths.append(path)
         emitted.append([toks[b][i - 1] for i in path] + [target[b][node]])
     return paths, emitted
+
+
+def verify_sampled_tree_row(
+    tokens: list[int], parents: list[int], target_probs: torch.Tensor, generator: torch.Generator | None
+) -> tuple[list[int], list[int]]:
+    """Sampling verification of one row's draft tree whose nodes were chosen deterministically
+    (the drafter's most likely tokens, not samples).
+
+    target_probs: [N+1, V] the target's processed distributions p at the root and every node
+    (sampling.py: temperature / top-k / top-p applied). Starting at the root: draw x ~ p(node);
+    if a child of the node holds x, it is accepted and the walk goes on from it; otherwise x is the
+    bonus token and the round ends. Each emitted token is thus drawn from exactly the target's
+    distribution given everything before it, as in plain sampling: the tree only decides how many
+    of those draws one target forward can serve. (This is speculative sampling with one-hot
+    proposals: a deterministic candidate c is accepted with probability min(1, p(c)/1) = p(c), and
+    after rejecting candidates c_1..c_j the residual is p restricted to the other tokens,
+    renormalised; trying candidates in turn like that is the same as the single draw above.)
+
+    Returns (path, emitted) as `verify_greedy_tree` does for one row.
+    """
+    children: dict[tuple[int, int], int] = {}
+    for j, (tok, par) in enumerate(zip(tokens, parents)):
+        children.setdefault((par, tok), j + 1)
+    node, path = 0, []
+    while True:
+        x = int(torch.multinomial(target_probs[node], 1, generator=generator))
+        child = children.get((node, x))
+        if child is None:
+            return path, [tokens[i - 1] for i in path] + [x]
+        path.append(child)
+        node = child
 
 
 def chain_parents(batch: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
