@@ -25,3 +25,14 @@ def tiny_with_tokenizer(tmp_path_factory):
     tiny_hf_model("llama").save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def small_vocab_target(tmp_path_factory):
+    """A tiny Llama with a 12-token vocabulary (exact output distributions are enumerable)."""
+    from mtpspec.checkpoint import load_decoder
+    from sampling_helpers import SMALL_V
+
+    folder = tmp_path_factory.mktemp("small-vocab")
+    tiny_hf_model("llama", vocab_size=SMALL_V).save_pretrained(folder)
+    return load_decoder(folder)

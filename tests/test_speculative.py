@@ -12,9 +12,10 @@ from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.draft_length import AdaptiveDraftLength
 from mtpspec.decoding.loop import Request, run
 from mtpspec.decoding.proposers import NgramProposer
-from mtpspec.decoding.sampling import SamplingParams, probabilities
+from mtpspec.decoding.sampling import SamplingParams
 from proposers_for_tests import RandomSamplingProposer, ReferenceProposer
-from tiny_models import VOCAB, tiny_hf_model
+from sampling_helpers import SMALL_V, exact_token_distribution
+from tiny_models import VOCAB
 
 NEW = 40  # > 8, the Gemma 3 tiny model's sliding window, together with the prompt
 
@@ -94,29 +95,9 @@ def test_eos_and_max_tokens_inside_an_accepted_run(target):
 
 # ---- sampling: the output distribution equals the target's -----------------------------------
 
-SMALL_V = 12
-
-
-@pytest.fixture(scope="module")
-def small_vocab_target(tmp_path_factory):
-    hf = tiny_hf_model("llama", vocab_size=SMALL_V)
-    folder = tmp_path_factory.mktemp("small-vocab")
-    hf.save_pretrained(folder)
-    return load_decoder(folder)
-
-
 def exact_second_token_distribution(model, prompt, params):
     """P(second generated token) = sum_t1 p(t1 | prompt) p(t2 | prompt, t1), processed by params."""
-    cache = model.new_cache(1, 32)
-    p1 = probabilities(model(torch.tensor([prompt]), cache).logits[0, -1], params)
-    total = torch.zeros(SMALL_V)
-    for t1 in range(SMALL_V):
-        if p1[t1] == 0:
-            continue
-        c = model.new_cache(1, 32)
-        p2 = probabilities(model(torch.tensor([prompt + [t1]]), c).logits[0, -1], params)
-        total += p1[t1] * p2
-    return total
+    return exact_token_distribution(model, prompt, params, 1)
 
 
 def empirical(model, prompt, params, n, proposer, k):

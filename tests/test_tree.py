@@ -14,10 +14,10 @@ from mtpspec.decoding.loop import Request, run
 from mtpspec.decoding.mtp import MtpProposer, TreeShape
 from mtpspec.decoding.proposers import DraftInput, Proposal
 from mtpspec.decoding.sampling import SamplingParams
-from mtpspec.decoding.sampling import probabilities
 from mtpspec.decoding.tree import TreeMask, chain_parents, verify_greedy_tree, verify_sampled_tree_row
 from mtpspec.decoding.verify import verify_greedy
 from mtpspec.errors import InputError
+from sampling_helpers import SMALL_V, exact_token_distribution
 from tiny_models import VOCAB
 
 NEW = 40  # with the prompts, crosses the Gemma 3 tiny model's sliding window (8)
@@ -290,9 +290,6 @@ def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
 
 # ---- sampling over trees -------------------------------------------------------------------------
 
-SMALL_V = 12
-
-
 class RandomTreeProposer:
     """A random tree of `nodes` tokens over a small vocabulary (random parents, distinct siblings),
     the same one every round: candidates that sometimes hold likely tokens and sometimes not."""
@@ -318,48 +315,11 @@ class RandomTreeProposer:
         return Proposal(torch.tensor([toks] * b), parents=torch.tensor([pars] * b))
 
 
-@pytest.fixture(scope="module")
-def small_vocab_target(tmp_path_factory):
-    from tiny_models import tiny_hf_model
-
-    hf = tiny_hf_model("llama", vocab_size=SMALL_V)
-    folder = tmp_path_factory.mktemp("small-vocab-tree")
-    hf.save_pretrained(folder)
-    return load_decoder(folder)
-
-
-def _exact_third_token(model, prompt, params):
-    """P(third generated token), summing over the first two (processed by params)."""
-    def p_next(ids):
-        c = model.new_cache(1, 32)
-        return probabilities(model(torch.tensor([ids]), c).logits[0, -1], params)
-
-    total = torch.zeros(SMALL_V)
-    p1 = p_next(prompt)
-    for t1 in range(SMALL_V):
-        if p1[t1] == 0:
-            continue
-        p2 = p_next(prompt + [t1])
-        for t2 in range(SMALL_V):
-            if p2[t2] > 0:
-                total += p1[t1] * p2[t2] * p_next(prompt + [t1, t2])
-    return total
-
-
 def _empirical(model, prompt, params, n, proposer, k):
     """Frequencies of the second and third generated tokens."""
     reqs = [Request(prompt, 4, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i)) for i in range(n)]
     seqs = run(model, reqs, proposer, k, slots=500)
     return [torch.bincount(torch.tensor([s.new_ids[i] for s in seqs]), minlength=SMALL_V).float() / n for i in (1, 2)]
-
-
-def _exact_second_token(model, prompt, params):
-    def p_next(ids):
-        c = model.new_cache(1, 32)
-        return probabilities(model(torch.tensor([ids]), c).logits[0, -1], params)
-
-    p1 = p_next(prompt)
-    return sum(p1[t] * p_next(prompt + [t]) for t in range(SMALL_V) if p1[t] > 0)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_k=6), SamplingParams(1.2, top_p=0.8)],
@@ -368,7 +328,7 @@ def test_tree_sampling_matches_target_distribution(small_vocab_target, params, m
     """The third token (reached through accepted tree nodes, siblings and bonus draws) follows the
     target's distribution; a verifier biased towards the tree's candidates is caught."""
     model, prompt, n = small_vocab_target, [3, 5, 7, 3, 5], 6000
-    exact = [_exact_second_token(model, prompt, params), _exact_third_token(model, prompt, params)]
+    exact = [exact_token_distribution(model, prompt, params, i) for i in (1, 2)]
     got = _empirical(model, prompt, params, n, RandomTreeProposer(6, seed=1), 2)
     for g, e in zip(got, exact):  # total-variation sampling noise for n=6000 over 12 tokens: about 0.02
         assert 0.5 * (g - e).abs().sum() < 0.04, (g, e)
