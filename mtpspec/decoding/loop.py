@@ -185,7 +185,8 @@ class DecodeBatch:
     and returns their first-token events; `step` runs one round for every active slot: plain
     decoding (k = 0) or speculative (draft k tokens per row, verify all k+1 positions in one target
     forward, keep the accepted prefix plus the bonus token, roll each row's cache back over its
-    rejected positions). Rows accept different numbers of tokens (ragged) and finish
+    rejected positions; or draft a tree of depth k per row, verify all its nodes in one forward
+    and keep the accepted path, see tree.py). Rows accept different numbers of tokens (ragged) and finish
     independently; a finished or cancelled slot is free for the next `add`. This is the one
     decoding loop: `generate` below and the server's scheduler both drive it.
     """
@@ -341,7 +342,6 @@ class DecodeBatch:
                 view.lengths[b] = len(self.history[b]) - 1
             events.append(Event(b, s.new_ids, s.done))
         return events
-
 
     def _verify_chain(self, view, seqs, active, last_tokens, drafts, proposal, k):
         """Verify k drafts per row in one forward over [last, d_1..d_k] (verify.py); keep each row's
