@@ -356,8 +356,8 @@ def load(
         (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
     draft_tree: with an MTP drafter, greedy generation drafts a tree of K levels instead of a chain
         of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py), at
-        every batch size; "auto" (default) = `AUTO_TREE` ("6:1:3") when one sequence is decoding,
-        chains otherwise; None or "none" = always chains.
+        every batch size and for sampled rows too; "auto" (default) = `AUTO_TREE` ("6:1:3") when
+        one greedy sequence is decoding, chains otherwise; None or "none" = always chains.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -368,11 +368,11 @@ def load(
     proposer, max_k, drafter_name = None, 8, None
     if drafter == "auto":
         drafter = shipped_drafter() if model is None else None
-    tree, tree_max_batch = None, None
+    tree, tree_max_batch, tree_sampled = None, None, True
     if draft_tree == "auto":
         from .decoding.mtp import AUTO_TREE
 
-        tree, tree_max_batch = AUTO_TREE, 1
+        tree, tree_max_batch, tree_sampled = AUTO_TREE, 1, False
     elif draft_tree not in (None, "none"):
         from .decoding.mtp import TreeShape
 
@@ -386,6 +386,6 @@ def load(
         from .drafter_checkpoint import load_drafter
 
         mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=dt)
-        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch), Path(drafter).name
+        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch, tree_sampled), Path(drafter).name
         max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
     return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

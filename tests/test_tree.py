@@ -281,6 +281,12 @@ def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
     assert prop.propose(inp, 3).parents is None  # two active rows: a chain
     inp.active = [True, False]
     assert prop.propose(inp, 3).parents is not None  # one: a tree
+    inp.params = [SamplingParams(0.7, seed=1), SamplingParams()]
+    assert prop.propose(inp, 3).parents is not None  # trees for sampled rows too, unless ...
+    greedy_only = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1, tree_sampled=False)
+    assert greedy_only.propose(inp, 3).parents is None  # ... tree_sampled=False
+    inp.params = [SamplingParams(), SamplingParams()]
+    assert greedy_only.propose(inp, 3).parents is not None
     ps = _prompts(5)
     ref = _plain(target, ps, 16)
     for slots in (1, 2):  # continuous batching: the batch shrinks to one row near the end

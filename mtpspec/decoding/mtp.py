@@ -66,28 +66,34 @@ class TreeShape:
 
 
 AUTO_TREE = TreeShape(6, 1, 3)
-"""The tree `mtpspec.load` drafts by default with an MTP drafter, at batch 1: 6 nodes,
+"""The tree `mtpspec.load` drafts by default with an MTP drafter, at batch 1 and greedy: 6 nodes,
 the best node of each level expanded into its 3 best children. On our 2-core CPU it beat chains
-at batch 1 (README, Performance); at larger batches the wider verification does not pay there."""
+at batch 1 greedy (README, Performance); at larger batches the wider verification does not pay
+there, and sampled chains accept more than this tree."""
 
 
 class MtpProposer:
     """Proposer backed by an `MTPDrafter` (check it against the target first: `load_drafter`
     does, or `drafter.check_target(target.cfg)`); `tree` makes it draft trees."""
 
-    def __init__(self, drafter: MTPDrafter, tree: TreeShape | None = None, tree_max_batch: int | None = None) -> None:
+    def __init__(self, drafter: MTPDrafter, tree: TreeShape | None = None, tree_max_batch: int | None = None,
+                 tree_sampled: bool = True) -> None:
         """tree_max_batch: draft trees only while at most this many rows are active (None: any
-        number); bigger batches draft chains (a tree multiplies the tokens each row verifies)."""
+        number); bigger batches draft chains (a tree multiplies the tokens each row verifies).
+        tree_sampled=False: batches with a sampled row draft chains (sampled chains, drawn from
+        the drafter's distribution, accept more than deterministic trees with beam 1)."""
         self.drafter = drafter
         self.tree = tree
         self.tree_max_batch = tree_max_batch
+        self.tree_sampled = tree_sampled
 
     def max_tokens(self, k: int) -> int:
         return k if self.tree is None else max(k, min(self.tree.nodes, self.tree.candidates(k)))
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput, k: int) -> Proposal:
-        if self.tree is not None and k > 0 and (self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch):
+        if self.tree is not None and k > 0 and (self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch) and (
+                self.tree_sampled or all(p.greedy for p, a in zip(inp.params, inp.active) if a)):
             return self._propose_tree(inp, k, self.tree)
         d, target = self.drafter, inp.target
         b = inp.last_tokens.shape[0]
