@@ -345,6 +345,7 @@ def load(
     draft_tree: "str | TreeShape | None" = "auto",
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    drafter_dtype: str | torch.dtype | None = "auto",
     cache_dir: str | Path | None = None,
 ) -> Engine:
     """Load a model and, optionally, a drafter for speculative decoding.
@@ -358,6 +359,10 @@ def load(
         of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py), at
         every batch size and for sampled rows too; "auto" (default) = `AUTO_TREE` ("6:1:3") when
         one greedy sequence is decoding, chains otherwise; None or "none" = always chains.
+    drafter_dtype: the MTP drafter's weights and activations. "auto" (default) = bfloat16 on CPU
+        (drafting reads the drafter's weights from memory at every step, so half the bytes make it
+        ~25% cheaper; acceptance is unchanged to within noise) and the target's dtype elsewhere;
+        None = the target's dtype. Output tokens never depend on it (verification is the target's).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -385,7 +390,11 @@ def load(
         from .decoding.mtp import MtpProposer
         from .drafter_checkpoint import load_drafter
 
-        mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=dt)
+        if drafter_dtype == "auto":
+            ddt = torch.bfloat16 if dev.type == "cpu" else dt
+        else:
+            ddt = dt if drafter_dtype is None else resolve_dtype(drafter_dtype)
+        mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=ddt)
         proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch, tree_sampled), Path(drafter).name
         max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
     return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

@@ -20,6 +20,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoi
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
 TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' = 6:1:3 while one greedy sequence decodes, chains otherwise; 'none' = chains.")]
+DrafterDtypeOpt = Annotated[str, typer.Option("--drafter-dtype", help="MTP drafter dtype: 'auto' = bfloat16 on CPU (cheaper drafting, same acceptance), the model's dtype elsewhere; or float32 / bfloat16 / float16.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -81,6 +82,7 @@ def generate(
     tree: TreeOpt = "auto",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    drafter_dtype: DrafterDtypeOpt = "auto",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Generate text for a prompt (streamed) or a file of prompts (batched).
@@ -95,7 +97,7 @@ def generate(
             raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
         chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      cache_dir=cache_dir)
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw)
         if compare and engine.proposer is None:
@@ -220,6 +222,7 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    drafter_dtype: DrafterDtypeOpt = "auto",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, speculative decoding)."""
@@ -230,7 +233,7 @@ def serve(
 
         chosen = resolve_drafter(model, drafter)
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      cache_dir=cache_dir)
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir)
         from .serve.server import serve as run_server
 
         typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "

@@ -219,6 +219,34 @@ def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
     assert mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="none").proposer.tree is None
 
 
+def test_drafter_dtype_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
+    """The drafter runs in bf16 on CPU by default (fp32 target), in the target's dtype with None;
+    its dtype never changes the output."""
+    import torch
+    from mtpspec.drafter_checkpoint import save_drafter
+    from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+
+    d = MTPDrafter(DrafterConfig.for_target(engine.model.cfg, num_layers=1, hidden_size=32)).init_random(3, std=0.2)
+    save_drafter(d, tmp_path / "drafter", draft_tokens=3)
+    prompts = ["the quick brown fox", "hello world"]
+    plain = [r.token_ids for r in engine.generate(prompts, max_new_tokens=16)]
+    for ddt, want in (("auto", torch.bfloat16), (None, torch.float32), ("float32", torch.float32)):
+        spec = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", drafter_dtype=ddt)
+        assert spec.model.dtype == torch.float32 and spec.proposer.drafter.dtype == want
+        for k in (None, 3):
+            assert [r.token_ids for r in spec.generate(prompts, max_new_tokens=16, draft_tokens=k)] == plain
+        assert spec.generate(prompts[0], max_new_tokens=16, temperature=0.8, seed=1).token_ids  # sampled chains run
+    with pytest.raises(mtpspec.InputError, match="dtype must be one of"):
+        mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", drafter_dtype="int8")
+    res = runner.invoke(app, ["generate", prompts[0], "--model", str(tiny_with_tokenizer), "-n", "16", "--drafter",
+                              str(tmp_path / "drafter"), "--drafter-dtype", "float32", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["token_ids"] == plain[0]
+    res = runner.invoke(app, ["generate", "hi", "--model", str(tiny_with_tokenizer), "--drafter",
+                              str(tmp_path / "drafter"), "--drafter-dtype", "int8"])
+    assert res.exit_code == 2 and "dtype must be one of" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_adaptive_draft_length_learns_across_calls(tiny_with_tokenizer):
     from mtpspec.decoding.sampling import SamplingParams
 

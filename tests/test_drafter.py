@@ -192,6 +192,37 @@ def test_drafter_position_is_the_last_token_position(targets):
     assert not torch.allclose(a, b)
 
 
+def test_fused_attention_path_equals_the_masked_path(targets):
+    """A row that sees every key of its range (batch 1, no ragged tail) takes one fused attention
+    op; it must give what the general masked path gives, and ragged batches keep the masked path."""
+    import dataclasses
+
+    for name in ("gemma3", "e2b"):
+        _, target = targets(name)
+        drafter = random_drafter(target, seed=15)
+        _, inp = our_drafts(target, drafter, [_prompt(17, 3)], 1)
+        ctx = drafter.context(target.cfg, inp.cache)
+        assert all(t.all_visible for t in ctx.types.values())
+        slow = dataclasses.replace(ctx, types={k: dataclasses.replace(t, all_visible=False) for k, t in ctx.types.items()})
+        emb = target.embed_tokens(inp.last_tokens)
+        with torch.inference_mode():
+            a, ha = drafter.step(emb, inp.last_hidden, ctx)
+            b, hb = drafter.step(emb, inp.last_hidden, slow)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ha, hb, atol=1e-5, rtol=1e-5)
+        _, ragged = our_drafts(target, drafter, [_prompt(5, 1), _prompt(17, 3)], 1)
+        assert not any(t.all_visible for t in drafter.context(target.cfg, ragged.cache).types.values())
+
+
+def test_prepare_moves_only_drafter_norms_to_the_fp32_kernel(targets):
+    from mtpspec.models.layers import RMSNorm
+
+    _, target = targets("llama")
+    drafter = random_drafter(target, seed=16)
+    assert all(m.fp32_kernel for m in drafter.modules() if isinstance(m, RMSNorm))
+    assert not any(m.fp32_kernel for m in target.modules() if isinstance(m, RMSNorm))  # exact = the reference
+
+
 # ---- clustered head and sampling -----------------------------------------------------------------
 
 

@@ -196,3 +196,33 @@ def test_bf16_rms_norm_matches_torch(weighted, offset):
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     torch.testing.assert_close(got.float(), ref.bfloat16().float(), atol=0, rtol=2 ** -7)  # within 1 bf16 ulp
     assert K.rms_norm(x.float(), w, 1e-6, offset) is None  # fp32 stays with torch (bitwise = the reference)
+
+
+def test_fp32_rms_norm_on_request_matches_torch():
+    """Drafters run their fp32 norms through the kernel (fp32=True); close to torch, not bitwise."""
+    if K._ext() is None:
+        pytest.skip("no compiled kernels")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 577, generator=g) * 3
+    w = torch.randn(577, generator=g)
+    got = K.rms_norm(x, w, 1e-6, 0.0, fp32=True)
+    torch.testing.assert_close(got, F.rms_norm(x, (577,), w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,per_cluster", [(576, 128), (61, 13)])  # odd sizes: the scalar tails
+def test_cluster_scores_match_per_cluster_products(dtype, hidden, per_cluster):
+    if K._ext() is None:
+        pytest.skip("no compiled kernels")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(20, per_cluster, hidden, generator=g).to(dtype)
+    s = torch.randn(3, hidden, generator=g).to(dtype)
+    top = torch.randint(0, 20, (3, 5), generator=g)
+    got = K.cluster_scores(w, s, top)
+    ref = torch.stack([torch.cat([w[c].double() @ s[b].double() for c in top[b]]) for b in range(3)])
+    assert got.dtype == dtype and got.shape == (3, 5 * per_cluster)
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -7 * ref.abs().max().item()
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=1e-4 if dtype == torch.float32 else 2 ** -7)
+    with pytest.raises(RuntimeError, match="out of range"):
+        K.cluster_scores(w, s, torch.full((3, 1), 20))
+    assert K.cluster_scores(w, s.to(torch.float64 if dtype == torch.float32 else torch.float32), top) is None

@@ -338,6 +338,8 @@ def run_spec_bench(
     _log(f"spec bench: model {folder}, drafter {drafter}")
     engine = load(folder, drafter=drafter, draft_tree=None, device=device, dtype=dtype)  # chains; trees below
     dev = engine.model.device
+    mtp = getattr(engine.proposer, "drafter", None)
+    arguments["drafter_dtype"] = None if mtp is None else str(mtp.dtype).removeprefix("torch.")
     plist, prompt_kind = bench_prompts(engine, prompts, chat)
 
     results: dict = {

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import KVCache
+from .. import kernels
 from ..kernels import Linear
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin
@@ -191,6 +192,10 @@ class DrafterAttention(nn.Module):
         q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
         kv_dtype = (kv.k_head if kv.k_head is not None else kv.k_tail).dtype
         q = q.to(kv_dtype)  # a drafter may run in another dtype than the target (e.g. bf16 on fp32)
+        if kv.all_visible:  # every row sees all of [lo, hi): one fused op (batch 1 always is)
+            out = F.scaled_dot_product_attention(q, kv.k_head, kv.v_head, scale=1.0)  # scaling 1.0 (Gemma 4)
+            out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)
+            return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
         # scores over the shared prefix [lo, mid) (valid for all rows) and the ragged tail [mid, hi)
         parts = []
         if kv.k_head is not None:
@@ -257,6 +262,7 @@ class TypeContext:
     mask: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    all_visible: bool = False  # no ragged tail and the mask is all True (attention needs no mask)
 
 
 @dataclass
@@ -290,6 +296,10 @@ class MaskedEmbedding(nn.Module):
     def candidates(self, s: torch.Tensor, lm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, n], logits [B, n]) of the chosen clusters' n = top_k * V/C tokens."""
         top, ids = self._select(s)
+        if self.cluster_major:
+            vals = kernels.cluster_scores(lm_weight.view(self.num_centroids, self.per_cluster, -1), s, top)
+            if vals is not None:
+                return ids, vals
         if self.cluster_major and s.device.type == "cpu":
             # one matrix-vector product per chosen cluster, straight from its contiguous block: no
             # gathered copy (a fresh multi-MB tensor per step costs page faults) and no batched
@@ -364,6 +374,8 @@ class MTPDrafter(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack()
+            elif isinstance(m, RMSNorm):
+                m.fp32_kernel = True
         me = self.masked_embedding
         if me is not None and not me.cluster_major:
             w = self.model.embed_tokens.weight
@@ -431,7 +443,8 @@ class MTPDrafter(nn.Module):
                 v_tail = k_tail
                 visible = torch.zeros(b, 1, dtype=torch.bool, device=pos.device)
             cos, sin = rope_cos_sin(spec, pos[:, None], dtype)
-            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin)
+            all_visible = k_tail is None and bool(visible.all())
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin, all_visible)
         return DraftContext(pos, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:

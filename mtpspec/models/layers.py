@@ -27,13 +27,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.offset = offset
+        # fp32 through the C++ kernel too (not bitwise torch's): set by MTPDrafter.prepare(), whose
+        # ~10 norms per drafting step are a tenth of its cost; targets keep torch's exact fp32 norm
+        self.fp32_kernel = False
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # runs 2-4 times per layer: bf16 on CPU takes one C++ pass; otherwise F.rms_norm computes
         # x * rsqrt(mean(x^2) + eps) * w in one op instead of five (fp32 stays token-identical to
         # transformers, see tests/test_equivalence.py)
-        fused = kernels.rms_norm(x, self.weight, self.eps, self.offset)
+        fused = kernels.rms_norm(x, self.weight, self.eps, self.offset, fp32=self.fp32_kernel)
         if fused is not None:
             return fused
         fp32 = x.dtype == torch.float32
