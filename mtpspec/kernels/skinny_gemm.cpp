@@ -378,14 +378,15 @@ torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor
     } else {
       std::memcpy(row.data(), x.data_ptr<float>() + r * H, H * sizeof(float));
     }
-    float part[16] = {0};
+    // sum of squares in double: the mean is correctly rounded to fp32
+    double part[8] = {0};
     int64_t k = 0;
-    for (; k + 16 <= H; k += 16)
-      for (int j = 0; j < 16; ++j) part[j] += row[k + j] * row[k + j];
-    float ss = 0;
-    for (int j = 0; j < 16; ++j) ss += part[j];
-    for (; k < H; ++k) ss += row[k] * row[k];
-    const float inv = 1.0f / std::sqrt(ss / float(H) + e);
+    for (; k + 8 <= H; k += 8)
+      for (int j = 0; j < 8; ++j) part[j] += double(row[k + j] * row[k + j]);
+    double ss = 0;
+    for (int j = 0; j < 8; ++j) ss += part[j];
+    for (; k < H; ++k) ss += double(row[k] * row[k]);
+    const float inv = 1.0f / std::sqrt(float(ss / double(H)) + e);
     for (int64_t k2 = 0; k2 < H; ++k2) row[k2] = row[k2] * inv * (w ? w[k2] + off : 1.0f);
     if (bf) {
       uint16_t* yr = reinterpret_cast<uint16_t*>(y.data_ptr()) + r * H;
