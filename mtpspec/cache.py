@@ -45,10 +45,17 @@ class KVCache:
         self.capacity = capacity
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        for layer, lay in layouts.items():
-            shape = (batch_size, lay.n_kv_heads, capacity, lay.head_dim)
-            self.k[layer] = torch.zeros(shape, dtype=dtype, device=device)
-            self.v[layer] = torch.zeros(shape, dtype=dtype, device=device)
+        # layers of one layout share one [n_layers, batch, kv_heads, capacity, head_dim] tensor
+        # (k[layer] is a view of it), so `compact` moves every layer's entries in one op
+        self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for lay in dict.fromkeys(layouts.values()):
+            members = [layer for layer, l2 in layouts.items() if l2 == lay]
+            shape = (len(members), batch_size, lay.n_kv_heads, capacity, lay.head_dim)
+            kg = torch.zeros(shape, dtype=dtype, device=device)
+            vg = torch.zeros(shape, dtype=dtype, device=device)
+            self.groups.append((kg, vg))
+            for i, layer in enumerate(members):
+                self.k[layer], self.v[layer] = kg[i], vg[i]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def rows(self, start: int, end: int) -> "KVCache":
@@ -60,6 +67,7 @@ class KVCache:
         view.capacity = self.capacity
         view.k = {i: t[start:end] for i, t in self.k.items()}
         view.v = {i: t[start:end] for i, t in self.v.items()}
+        view.groups = [(kg[:, start:end], vg[:, start:end]) for kg, vg in self.groups]
         view.lengths = self.lengths[start:end]
         return view
 
@@ -125,9 +133,9 @@ class KVCache:
                 continue
             lo = starts[b]
             src = torch.tensor(ks[j0:], device=dev) + lo
-            for layer in self.k:
-                for cache in (self.k[layer], self.v[layer]):
-                    cache[b, :, lo + j0 : lo + len(ks)] = cache[b].index_select(1, src)  # a copy: overlap is safe
+            for group in self.groups:  # every layer of a layout at once
+                for cache in group:
+                    cache[:, b, :, lo + j0 : lo + len(ks)] = cache[:, b].index_select(2, src)  # a copy: overlap is safe
         self.lengths.copy_(base.to(dev) + torch.tensor([len(k) for k in keep], device=dev))
 
     def reset(self) -> None:

@@ -124,6 +124,8 @@ def test_weight_rows_and_to_dtype():
     many = torch.randint(0, 33, (3, 50))  # > 64 ids: the element-gather path
     assert torch.equal(layer.weight_rows(ids), w[ids])
     assert torch.equal(layer.weight_rows(many), w[many])
+    with pytest.raises(RuntimeError, match="row id 33 out of range"):  # 33 is in the last panel's padding
+        layer.weight_rows(torch.tensor([5, 33]))
     layer.to(torch.bfloat16)  # re-packs in the bf16 layout
     assert torch.equal(layer.unpacked_weight(), w.to(torch.bfloat16))
     assert torch.equal(layer.weight_rows(ids), w.to(torch.bfloat16)[ids])

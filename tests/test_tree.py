@@ -72,15 +72,24 @@ def test_a_chain_tree_verifies_like_a_chain():
 
 
 def test_compact_moves_the_accepted_path_and_sets_lengths():
-    cache = KVCache({0: CacheLayout(1, 2)}, batch_size=3, capacity=12, dtype=torch.float32, device="cpu")
-    for t in (cache.k[0], cache.v[0]):
-        t.copy_(torch.arange(12.0).view(1, 1, 12, 1).expand(3, 1, 12, 2))  # entry value = its slot
+    # three layers in two layouts (as Gemma 4's sliding / full layers): compaction moves each group at once
+    layouts = {0: CacheLayout(1, 2), 1: CacheLayout(2, 4), 3: CacheLayout(1, 2)}
+    full = KVCache(layouts, batch_size=4, capacity=12, dtype=torch.float32, device="cpu")
+    assert len(full.groups) == 2 and full.k[3].data_ptr() == full.groups[0][0][1].data_ptr()
+    cache = full.rows(1, 4)  # a view of rows 1..3, as the decoding loop uses
+    for layer in layouts:
+        for i, t in enumerate((cache.k[layer], cache.v[layer])):  # entry value = its slot (+ 100 layer + 1000 for v)
+            t.copy_((torch.arange(12.0) + 100 * layer + 1000 * i).view(1, 1, 12, 1).expand_as(t))
     base = torch.tensor([2, 5, 3])
     cache.compact(base, [[0, 2, 5], [0, 1], []])
-    assert cache.lengths.tolist() == [5, 7, 3]
-    assert cache.k[0][0, 0, 2:5, 0].tolist() == [2.0, 4.0, 7.0]  # slots 2+0, 2+2, 2+5
-    assert cache.v[0][1, 0, 5:7, 0].tolist() == [5.0, 6.0]  # already in place
-    assert cache.k[0][0, 0, :2, 0].tolist() == [0.0, 1.0]  # the prefix is untouched
+    assert cache.lengths.tolist() == [5, 7, 3] and full.lengths.tolist() == [0, 5, 7, 3]
+    for layer in layouts:
+        assert cache.k[layer][0, -1, 2:5, -1].tolist() == [100 * layer + s for s in (2.0, 4.0, 7.0)]  # slots 2+0, 2+2, 2+5
+        assert cache.v[layer][0, 0, 2:5, 0].tolist() == [1000 + 100 * layer + s for s in (2.0, 4.0, 7.0)]
+        assert cache.v[layer][1, 0, 5:7, 0].tolist() == [1005.0 + 100 * layer, 1006.0 + 100 * layer]  # already in place
+        assert cache.k[layer][0, 0, :2, 0].tolist() == [100 * layer + 0.0, 100 * layer + 1.0]  # the prefix is untouched
+        assert cache.k[layer][2, 0, :, 0].tolist() == [100 * layer + s for s in range(12)]  # the empty path moves nothing
+        assert full.k[layer][0].abs().sum() == 0  # rows outside the view are untouched
 
 
 # ---- the target forward over a tree ---------------------------------------------------------------

@@ -223,18 +223,9 @@ class Linear(nn.Module):
         """`unpacked_weight()[ids]` without unpacking (for tied embeddings)."""
         if not (self.is_packed and self.weight.numel() == 0):
             return F.embedding(ids, self.weight)
-        flat = ids.reshape(-1)
-        p, j = flat // PANEL, flat % PANEL
-        if flat.numel() > 64:  # prefill: gather just the needed elements (a panel holds 16 rows)
-            rows = self._packed[p, :, j, :].flatten(-2) if self._packed.dim() == 4 else self._packed[p, :, j]
-            return rows[:, : self.in_features].reshape(*ids.shape, self.in_features)
-        # decode / draft steps: copying the few whole panels is much cheaper than strided indexing
-        panels = self._packed.index_select(0, p)  # [n, K, 16] or [n, K/2, 16, 2]: one panel per id
-        if panels.dim() == 4:
-            idx = j.view(-1, 1, 1, 1).expand(-1, panels.shape[1], 1, 2)
-            rows = panels.gather(2, idx).flatten(1)
-        else:
-            rows = panels.gather(2, j.view(-1, 1, 1).expand(-1, panels.shape[1], 1)).squeeze(-1)
+        # the extension copies each row out of its panel (packing implies a CPU tensor and a built
+        # extension): one strided copy per row instead of gathering whole panels or elements
+        rows = _ext().panel_rows(self._packed, ids.reshape(-1), self.out_features)
         return rows[:, : self.in_features].reshape(*ids.shape, self.in_features)
 
     # ------------------------------------------------------ state dict hooks

@@ -494,6 +494,34 @@ torch::Tensor cluster_scores(const torch::Tensor& w, const torch::Tensor& s, con
   return bf ? out.to(torch::kBFloat16) : out;
 }
 
+// Rows ids[i] of a packed weight (see the header's layouts), unpacked: out [n, K_padded] in the
+// weight's dtype (the caller drops bf16's padding column). For tied embeddings read at decode and
+// drafting steps: one strided copy per row instead of ~6 torch ops.
+torch::Tensor panel_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t rows) {
+  TORCH_CHECK(packed.is_contiguous() && (packed.dim() == 3 || packed.dim() == 4), "panel_rows: bad packed weight");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "panel_rows: ids must be int64 [n]");
+  const bool bf = packed.dim() == 4;
+  const int64_t P = packed.size(0), n = ids.size(0);
+  const int64_t K = bf ? packed.size(1) * 2 : packed.size(1);
+  auto out = torch::empty({n, K}, packed.options());
+  auto idc = ids.contiguous();
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = id[i], p = r / PW, j = r % PW;
+    TORCH_CHECK(r >= 0 && r < rows && p < P, "panel_rows: row id ", r, " out of range [0, ", rows, ")");
+    if (bf) {  // P[p][q][j][i]
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(packed.data_ptr()) + p * (K / 2) * PW + j;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr()) + i * (K / 2);
+      for (int64_t q = 0; q < K / 2; ++q) dst[q] = src[q * PW];
+    } else {  // P[p][k][j]
+      const float* src = packed.data_ptr<float>() + p * K * PW + j;
+      float* dst = out.data_ptr<float>() + i * K;
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[k * PW];
+    }
+  }
+  return out;
+}
+
 std::string isa_name() {
   switch (g_isa) {
     case AVX512BF16: return "avx512+bf16";
@@ -507,6 +535,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias (any M; built for small M)");
   m.def("isa", &isa_name, "instruction set selected at runtime");
   m.def("rms_norm", &rms_norm, "fp32-computed RMS norm of fp32/bf16 rows");
+  m.def("panel_rows", &panel_rows, "unpacked rows of a packed weight (tied embeddings)");
   m.def("cluster_scores", &cluster_scores, "logits of the chosen clusters' tokens (clustered LM head)");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;
