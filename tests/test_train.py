@@ -369,9 +369,14 @@ def test_cli_eval_drafter_compares_heads(engine, tiny_with_tokenizer, data_files
     res = json.loads(r.output.strip().splitlines()[-1])
     clustered, full = res["evaluations"]
     assert (clustered["head"], full["head"]) == ("clustered", "full") and res["draft_tokens"] == 2
+    assert res["drafter_dtype"] == "bfloat16"  # as generate / serve on CPU
     assert clustered["mean_accepted_length"] == full["mean_accepted_length"] >= 1.0
     assert len(clustered["acceptance_per_position"]) == 2
     hc = res["head_costs"]
     assert hc["clustered"]["head_ms"] > 0 and hc["full"]["draft_step_ms"] > 0
+    r = CliRunner().invoke(app, ["eval-drafter", str(tmp_path / "d"), "--target", str(tiny_with_tokenizer),
+                                 "-p", str(data_files / "eval.txt"), "-n", "12", "--drafter-dtype", "float32", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["drafter_dtype"] == "float32"
     r = CliRunner().invoke(app, ["eval-drafter", str(tmp_path / "nope"), "-p", str(data_files / "eval.txt")])
     assert r.exit_code == 2 and "nope" in r.output

@@ -86,6 +86,7 @@ def eval_drafter_cmd(
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft trees of K levels instead of chains, NODES:BEAM:BRANCH (e.g. 8:2:3).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+    drafter_dtype: Annotated[str, typer.Option("--drafter-dtype", help="'auto' = bfloat16 on CPU (as generate/serve), or float32 / bfloat16 / float16.")] = "auto",
 ) -> None:
     """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K),
     optionally clustered vs full head with their costs."""
@@ -99,10 +100,12 @@ def eval_drafter_cmd(
     try:
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
-        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device)
+        eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device,
+                           drafter_dtype=drafter_dtype)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
-        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.proposer.tree), "evaluations": []}
+        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.proposer.tree),
+               "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."), "evaluations": []}
         for path in prompts_file:
             for full in heads:
                 res["evaluations"].append(evaluate_drafter(drafter, path, k=k, max_new_tokens=max_new_tokens, limit=limit,
