@@ -161,6 +161,42 @@ def test_adaptive_policy_replaces_its_prior_within_a_few_rounds():
     assert fresh.expected_tokens(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
 
 
+def test_adaptive_policy_keys_verify_cost_by_tokens_verified():
+    """A 6-node tree verifies 7 tokens for every depth k >= 2: all those rounds share one cost
+    estimate, so a slow early round at k = 3 does not keep k = 3 looking expensive once k = 5
+    rounds (same 7 tokens) measure it again."""
+    pol = AdaptiveDraftLength(8)
+    pol.observe(1, 0, [0], 0.020, 0.0)  # plain round: 1 token
+    pol.observe(1, 3, [3], 0.050, 0.003, verified_tokens=7)  # one slow round
+    for _ in range(40):
+        pol.observe(1, 5, [2], 0.022, 0.005, verified_tokens=7)
+    assert pol.verified_tokens(1, 3) == pol.verified_tokens(1, 5) == 7
+    assert pol._verify_time(1, pol.verified_tokens(1, 3)) == pytest.approx(0.022, rel=0.02)
+    assert pol.verified_tokens(1, 4) == 5  # never seen: assumed a chain (k + 1 tokens)
+    assert pol._verify_time(1, 5) == pytest.approx(0.020 + (0.022 - 0.020) * 4 / 6, rel=0.02)  # interpolated
+
+
+def test_the_loop_reports_tokens_verified_per_round(target):
+    """Chains verify k + 1 tokens, trees their node count + 1; the policy records both."""
+    from mtpspec.decoding.mtp import MtpProposer, TreeShape
+
+    seen = []
+
+    class Recording(AdaptiveDraftLength):
+        def observe(self, batch_size, k, accepted, verify_time, draft_time, verified_tokens=None):
+            seen.append((k, verified_tokens))
+            super().observe(batch_size, k, accepted, verify_time, draft_time, verified_tokens)
+
+    ps = [torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(3)).tolist()]
+    run(target, [Request(ps[0] * 2, 24)], NgramProposer(), Recording(4))
+    assert seen and all(n == k + 1 for k, n in seen)
+    from drafter_helpers import random_drafter
+
+    seen.clear()
+    run(target, [Request(ps[0], 24)], MtpProposer(random_drafter(target, seed=1), TreeShape(6, 1, 3)), Recording(4))
+    assert {n for k, n in seen if k >= 2} == {7} and all(n == 4 for k, n in seen if k == 1)
+
+
 def test_adaptive_policy_survives_rounds_capped_to_plain():
     """The loop may cap k (even to 0) near the end of a sequence: the policy must keep working."""
     pol = AdaptiveDraftLength(4)

@@ -9,9 +9,17 @@ adaptive policy estimates a_i from the rounds it has seen (running means in whic
 as `prior_weight` observations, turning into exponential moving averages after 1 / (1 - decay)
 observations: a few rounds replace the prior, one unlucky round does not switch drafting off; a
 position not observed yet takes the mean of the observed ones), measures
-draft time per drafted token and verify time per k (both per batch-size bucket, since batching
-changes both), and picks the k in [0, max_k] that maximises E(k) / T(k). k = 0 is plain decoding,
-chosen when the drafter does not pay; an exploration round now and then keeps the estimates fresh.
+draft time per drafted token and the verify time per number of tokens verified (both per
+batch-size bucket, since batching changes both), and picks the k in [0, max_k] that maximises
+E(k) / T(k). k = 0 is plain decoding, chosen when the drafter does not pay; an exploration round
+now and then keeps the estimates fresh.
+
+The verify cost is keyed by the tokens a round verifies, not by k: a chain of k drafts verifies
+k + 1 tokens, a draft tree of depth k its node count + 1, which is the same for every k past the
+tree's full size (6:1:3: 7 tokens for every k >= 2). Keyed by k, the estimate of a k the policy
+stopped choosing went stale (one slow early round kept it looking expensive); keyed by tokens, every
+round that verifies the same number of tokens refreshes it. The loop reports the count with each
+round (`observe(..., verified_tokens=)`); a k not seen yet is assumed to verify k + 1 tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ class DraftLengthPolicy(Protocol):
 
     def choose(self, batch_size: int) -> int: ...
 
-    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None: ...
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
+                verified_tokens: int | None = None) -> None: ...
 
 
 def _bucket(batch_size: int) -> int:
@@ -46,7 +55,8 @@ class AdaptiveDraftLength:
         self.prior_weight = prior_weight
         self.accept = [prior_acceptance] * max_k  # a_1 .. a_max_k
         self.seen = [0] * max_k  # observations of each a_i
-        self.verify: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds
+        self.verify: dict[tuple[int, int], float] = {}  # (bucket, tokens verified) -> seconds
+        self.tokens: dict[tuple[int, int], int] = {}  # (bucket, k) -> tokens a round of k verified
         self.draft_per_token: dict[int, float] = {}  # bucket -> seconds per drafted token
         self.rounds = 0
         self.last_k = min(4, max_k)
@@ -60,35 +70,40 @@ class AdaptiveDraftLength:
             total += run
         return total
 
-    def _verify_time(self, bucket: int, k: int) -> float | None:
-        known = sorted((kk, t) for (b, kk), t in self.verify.items() if b == bucket)
+    def verified_tokens(self, bucket: int, k: int) -> int:
+        """Tokens a round of k drafts verifies in this bucket: as observed, else k + 1 (a chain)."""
+        return self.tokens.get((bucket, k), k + 1)
+
+    def _verify_time(self, bucket: int, n: int) -> float | None:
+        """Verify time of n tokens: measured, else interpolated (extrapolated) from the nearest."""
+        known = sorted((nn, t) for (b, nn), t in self.verify.items() if b == bucket)
         if not known:
             return None
         exact = dict(known)
-        if k in exact:
-            return exact[k]
+        if n in exact:
+            return exact[n]
         if len(known) == 1:  # one point: assume a verify pass grows 5% per extra token
-            k0, t0 = known[0]
-            return t0 * (1 + 0.05 * (k - k0))
-        below = [p for p in known if p[0] < k]
-        above = [p for p in known if p[0] > k]
-        (k0, t0), (k1, t1) = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
-        return max(t0 + (t1 - t0) * (k - k0) / (k1 - k0), 1e-9)
+            n0, t0 = known[0]
+            return t0 * (1 + 0.05 * (n - n0))
+        below = [p for p in known if p[0] < n]
+        above = [p for p in known if p[0] > n]
+        (n0, t0), (n1, t1) = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
+        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
 
     def choose(self, batch_size: int) -> int:
         self.rounds += 1
         bucket = _bucket(batch_size)
-        seen = {kk for (b, kk) in self.verify if b == bucket}
+        seen = {nn for (b, nn) in self.verify if b == bucket}
         if bucket not in self.draft_per_token:
             # warm-up for this batch size: a drafting round first (the loop may cap k, even to 0,
             # near the end of a sequence; we ask again until a drafting round was measured) ...
             return max(1, self.last_k)
         if len(seen) < 2:
-            # ... and a second draft length (plain decoding, k = 0, if not yet seen) for the cost slope
-            return next(k for k in (0, max(1, self.last_k), 1, 2) if k not in seen)
+            # ... and a second verify size (plain decoding, k = 0, if not yet seen) for the cost slope
+            return next(k for k in (0, max(1, self.last_k), 1, 2) if self.verified_tokens(bucket, k) not in seen)
         scores = {}
         for k in range(self.max_k + 1):
-            t_verify = self._verify_time(bucket, k)
+            t_verify = self._verify_time(bucket, self.verified_tokens(bucket, k))
             scores[k] = self.expected_tokens(k) / (t_verify + k * self.draft_per_token[bucket])
         best = max(scores, key=scores.get)
         if self.explore_every and self.rounds % self.explore_every == 0:
@@ -96,9 +111,14 @@ class AdaptiveDraftLength:
         self.last_k = best
         return best
 
-    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None:
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
+                verified_tokens: int | None = None) -> None:
+        """One round's outcome: k drafted per row (0 = plain), each active row's accepted count,
+        the verify and draft times, and the tokens each row verified (default k + 1)."""
         bucket, d = _bucket(batch_size), self.decay
-        key = (bucket, k)
+        n = k + 1 if verified_tokens is None else verified_tokens
+        self.tokens[(bucket, k)] = n
+        key = (bucket, n)
         self.verify[key] = verify_time if key not in self.verify else d * self.verify[key] + (1 - d) * verify_time
         if k > 0:
             per_tok = draft_time / k

@@ -170,7 +170,8 @@ class FixedDraftLength:
     def choose(self, batch_size: int) -> int:
         return self.k
 
-    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float) -> None:
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
+                verified_tokens: int | None = None) -> None:
         pass
 
     @property
@@ -320,7 +321,7 @@ class DecodeBatch:
             n_accepted, emitted = self._verify_tree(view, seqs, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
         self.policy.observe(len(active_slots), k, [n for n, a in zip(n_accepted, active) if a],
-                            now - t_drafted, t_drafted - t_round)
+                            now - t_drafted, t_drafted - t_round, verified_tokens=drafts.shape[1] + 1)
         events = []
         for b, s in enumerate(seqs):
             if not emitted[b]:
