@@ -214,6 +214,58 @@ def test_fused_attention_path_equals_the_masked_path(targets):
         assert not any(t.all_visible for t in drafter.context(target.cfg, ragged.cache).types.values())
 
 
+@pytest.mark.parametrize("isa", ["auto", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["llama", "gemma3", "e2b"])
+def test_one_call_cpp_layer_matches_the_torch_modules(targets, name, dtype, isa, monkeypatch):
+    """Rows that see all of their K/V run each drafter layer as one C++ call (kernels.drafter_layer,
+    the drafting hot path at batch 1). It must give the torch modules' result to the dtype's
+    rounding, for one draft per row and for a tree level's several drafts per row (GQA heads,
+    sliding and full layers, partial RoPE), and follow in-place weight updates (cached fp32 norm
+    weights must not go stale)."""
+    from mtpspec import kernels
+    from mtpspec.models.drafter import DrafterLayer
+
+    if kernels.kernel_info()["path"] != "cpp":
+        pytest.skip("C++ kernels not available")
+    _, target = targets(name)
+    drafter = random_drafter(target, seed=21).to(dtype).prepare()
+    _, inp = our_drafts(target, drafter, [_prompt(19, 4)], 1)
+    ctx = drafter.context(target.cfg, inp.cache)
+    assert all(t.all_visible for t in ctx.types.values())
+    calls = []
+    real = kernels.drafter_layer
+    monkeypatch.setattr(kernels, "drafter_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch_path = DrafterLayer._fused_args
+
+    def both(emb, hidden):
+        monkeypatch.setattr(DrafterLayer, "_fused_args", torch_path)
+        n = len(calls)
+        fused = drafter.step_state(emb, hidden, ctx)
+        assert len(calls) - n == drafter.cfg.n_layers  # the C++ path really ran, once per layer
+        monkeypatch.setattr(DrafterLayer, "_fused_args", lambda self, dt: None)
+        ref = drafter.step_state(emb, hidden, ctx)
+        assert len(calls) - n == drafter.cfg.n_layers
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.03, atol=0.03)
+        for a, b in zip(fused, ref):
+            scale = float(b.float().abs().max())
+            torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol)
+        return fused
+
+    kernels._ext().force_isa(isa)  # "avx2": the kernels of machines without AVX-512
+    try:
+        with torch.inference_mode():
+            for w in (1, 3):  # one draft per row; three branches of a tree level
+                tokens = torch.tensor([5, 9, 11][:w])
+                hidden = inp.last_hidden.repeat(w, 1) * torch.linspace(1.0, 1.5, w)[:, None]
+                first = both(target.embed_tokens(tokens), hidden)
+            drafter.model.layers[-1].post_feedforward_layernorm.weight.mul_(3.0)  # an in-place update
+            second = both(target.embed_tokens(tokens), hidden)
+    finally:
+        kernels._ext().force_isa("auto")
+    assert not torch.allclose(first[0].float(), second[0].float())
+
+
 def test_prepare_moves_only_drafter_norms_to_the_fp32_kernel(targets):
     from mtpspec.models.layers import RMSNorm
 

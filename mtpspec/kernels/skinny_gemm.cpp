@@ -522,6 +522,209 @@ torch::Tensor panel_rows(const torch::Tensor& packed, const torch::Tensor& ids, 
   return out;
 }
 
+// ------------------------------------------------------------------ MTP drafter layer
+// One layer of an MTP drafter (models/drafter.py, DrafterLayer) in one call, for N query rows that
+// each see ALL keys of their row's K/V slice (no mask: batch 1, or rows of equal length):
+//
+//   a  = attention(rope(q_norm(q_proj(norm_in(h)))), K, V)     (scale 1, GQA; K/V fp32)
+//   h1 = h + norm_post_attn(o_proj(a))
+//   h2 = (h1 + norm_post_ff(down(act(gate(x)) * up(x)))) * layer_scalar,  x = norm_pre_ff(h1)
+//
+// Arithmetic is fp32 (norm sums in double, like rms_norm above); values are rounded to the
+// drafter's dtype where the torch path rounds them (after each norm, projection, activation,
+// product and residual add), so the two paths agree to the dtype's rounding. The point is not
+// the maths but the ~60 torch calls per layer it replaces (~0.2 ms per drafting step, as much as
+// the weights' streaming). Row r of the K/V (k: [R, KVH, L, HD], last dim contiguous) serves
+// query rows r*W .. r*W+W-1 (W = N / R drafts per row).
+namespace {
+template <typename T> inline float ldf(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return p[i]; else return bf16_to_f32(p[i]);
+}
+template <typename T> inline void stf(T* p, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, float>) p[i] = v; else p[i] = f32_to_bf16(v);
+}
+template <typename T> inline float rnd(float v) {  // round to T's precision
+  if constexpr (std::is_same_v<T, float>) return v; else return bf16_to_f32(f32_to_bf16(v));
+}
+
+// y[n, :] = x[n, :] * rsqrt(mean(x^2) + eps) * w, n < rows (fp32 maths, result rounded to T)
+template <typename T>
+void norm_rows(const T* x, const float* w, float eps, int64_t rows, int64_t H, T* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t k = 0; k < H; ++k) { const float v = ldf(x, r * H + k); ss += double(v * v); }
+    const float inv = 1.0f / std::sqrt(float(ss / double(H)) + eps);
+    for (int64_t k = 0; k < H; ++k) stf(y, r * H + k, ldf(x, r * H + k) * inv * w[k]);
+  }
+}
+
+// y [M, N] = x [M, K] @ W^T for a packed weight, through the skinny GEMM above
+template <typename T>
+void gemm(const T* x, int64_t M, int64_t K, const torch::Tensor& packed, int64_t N, T* y) {
+  if constexpr (std::is_same_v<T, float>) {
+    const bool a512 = g_isa >= AVX512;
+    run<float, float>(x, K, M, packed.data_ptr<float>(), K, K * PW, N, y, N, nullptr,
+                      a512 ? f32_avx512 : f32_avx2, a512 ? 16 : 6);
+  } else {
+    const bool bf = g_isa == AVX512BF16;
+    run<uint32_t, uint16_t>(reinterpret_cast<const uint32_t*>(x), K / 2, M,
+                            reinterpret_cast<const uint16_t*>(packed.data_ptr()), K / 2, K * PW, N, y, N, nullptr,
+                            bf ? bf16_avx512bf16 : bf16_avx2, bf ? 16 : 6);
+  }
+}
+
+// Attention of the G = heads-per-kv-head query vectors q[G][HD] (fp32) over L keys/values
+// (row stride ks / vs floats, HD % 8 == 0): out[G][HD] (fp32).
+__attribute__((target("avx2,fma")))
+void attend_group(const float* q, int G, const float* k, int64_t ks, const float* v, int64_t vs, int64_t L,
+                  int64_t HD, float* scores, float* out) {
+  for (int64_t j = 0; j < L; ++j) {
+    const float* kj = k + j * ks;
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + g * HD;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < HD; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kj + d), acc);
+      scores[g * L + j] = hsum256(acc);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * L;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) mx = std::max(mx, sg[j]);
+    float sum = 0;
+    for (int64_t j = 0; j < L; ++j) { sg[j] = std::exp(sg[j] - mx); sum += sg[j]; }
+    const float inv = 1.0f / sum;
+    float* og = out + g * HD;
+    for (int64_t d = 0; d < HD; ++d) og[d] = 0;
+    for (int64_t d0 = 0; d0 < HD; d0 += 32) {  // 4 accumulators of 8 dims at a time
+      const int64_t n8 = std::min<int64_t>(4, (HD - d0) / 8);
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t j = 0; j < L; ++j) {
+        const __m256 p = _mm256_set1_ps(sg[j]);
+        const float* vj = v + j * vs + d0;
+        for (int64_t i = 0; i < n8; ++i) a[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), a[i]);
+      }
+      for (int64_t i = 0; i < n8; ++i) _mm256_storeu_ps(og + d0 + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(inv)));
+    }
+  }
+}
+
+inline float gelu_tanh(float x) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+}
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+template <typename T>
+torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<torch::Tensor>& w,
+                                 const std::vector<torch::Tensor>& nw, double eps_d, const torch::Tensor& k,
+                                 const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 int64_t NH, double layer_scalar, bool gelu) {
+  const int64_t N = h.size(0), H = h.size(1), R = k.size(0), KVH = k.size(1), L = k.size(2), HD = k.size(3);
+  const int64_t QS = NH * HD;
+  const int64_t INTER = w[2].numel() / H;  // packed numel = (out features, a multiple of 16) * in features
+  const int64_t W = N / R, G = NH / KVH, ROT = cos.size(1);
+  const float eps = float(eps_d);
+  const T* hp = reinterpret_cast<const T*>(h.data_ptr());
+  std::vector<T> xn(N * H), q(N * QS), att(N * QS), o(N * H), gt(N * INTER), up(N * INTER);
+  // attention block
+  norm_rows(hp, nw[0].data_ptr<float>(), eps, N, H, xn.data());
+  gemm(xn.data(), N, H, w[0], QS, q.data());
+  std::vector<float> qf(N * QS);
+  const float* qn = nw[1].data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* c = cos.data_ptr<float>() + (n / W) * ROT;
+    const float* s = sin.data_ptr<float>() + (n / W) * ROT;
+    for (int64_t hh = 0; hh < NH; ++hh) {
+      const int64_t base = n * QS + hh * HD;
+      double ss = 0;
+      for (int64_t d = 0; d < HD; ++d) { const float x = ldf(q.data(), base + d); ss += double(x * x); }
+      const float inv = 1.0f / std::sqrt(float(ss / double(HD)) + eps);
+      float x[512];
+      for (int64_t d = 0; d < HD; ++d) x[d] = rnd<T>(ldf(q.data(), base + d) * inv * qn[d]);
+      const int64_t half = ROT / 2;
+      for (int64_t d = 0; d < HD; ++d) {
+        float y = x[d];
+        if (d < ROT) y = x[d] * c[d] + (d < half ? -x[d + half] : x[d - half]) * s[d];
+        qf[base + d] = rnd<T>(y);
+      }
+    }
+  }
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  // one task per (kv row, kv head, draft): its G query heads share the keys
+  at::parallel_for(0, R * KVH * W, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(G * L), out(G * HD), qg(G * HD);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / (KVH * W), kh = (t / W) % KVH, wi = t % W, n = r * W + wi;
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(qg.data() + g * HD, qf.data() + n * QS + (kh * G + g) * HD, HD * sizeof(float));
+      attend_group(qg.data(), int(G), kp + r * ks0 + kh * ks1, ks2, vp + r * vs0 + kh * vs1, vs2, L, HD,
+                   scores.data(), out.data());
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < HD; ++d) stf(att.data(), n * QS + (kh * G + g) * HD + d, out[g * HD + d]);
+    }
+  });
+  gemm(att.data(), N, QS, w[1], H, o.data());
+  std::vector<T> tmp(N * H), h1(N * H);
+  norm_rows(o.data(), nw[2].data_ptr<float>(), eps, N, H, tmp.data());
+  for (int64_t i = 0; i < N * H; ++i) stf(h1.data(), i, ldf(hp, i) + ldf(tmp.data(), i));
+  // MLP block
+  norm_rows(h1.data(), nw[3].data_ptr<float>(), eps, N, H, xn.data());
+  gemm(xn.data(), N, H, w[2], INTER, gt.data());
+  gemm(xn.data(), N, H, w[3], INTER, up.data());
+  for (int64_t i = 0; i < N * INTER; ++i) {
+    const float a = rnd<T>(gelu ? gelu_tanh(ldf(gt.data(), i)) : silu(ldf(gt.data(), i)));
+    stf(gt.data(), i, a * ldf(up.data(), i));
+  }
+  gemm(gt.data(), N, INTER, w[4], H, o.data());
+  norm_rows(o.data(), nw[4].data_ptr<float>(), eps, N, H, tmp.data());
+  auto y = torch::empty_like(h);
+  T* yp = reinterpret_cast<T*>(y.data_ptr());
+  const float ls = float(layer_scalar);
+  for (int64_t i = 0; i < N * H; ++i) stf(yp, i, rnd<T>(ldf(h1.data(), i) + ldf(tmp.data(), i)) * ls);
+  return y;
+}
+}  // namespace
+
+torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Tensor>& packed,
+                            const std::vector<torch::Tensor>& norm_weights, double eps, const torch::Tensor& k,
+                            const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
+                            int64_t n_heads, double layer_scalar, bool gelu) {
+  TORCH_CHECK(g_isa >= AVX2, "drafter_layer needs AVX2+FMA");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "drafter_layer: h must be contiguous [N, H]");
+  const bool bf = h.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf || h.scalar_type() == torch::kFloat32, "drafter_layer: h must be fp32 or bf16");
+  TORCH_CHECK(packed.size() == 5 && norm_weights.size() == 5, "drafter_layer: 5 packed weights (q, o, gate, up, "
+              "down) and 5 norm weights (input, q, post-attention, pre-feedforward, post-feedforward)");
+  for (const auto& p : packed)
+    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == h.scalar_type(), "drafter_layer: weights must be packed in h's dtype");
+  for (const auto& n : norm_weights)
+    TORCH_CHECK(n.is_contiguous() && n.scalar_type() == torch::kFloat32, "drafter_layer: norm weights must be fp32");
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32 && k.stride(3) == 1 && v.stride(3) == 1,
+              "drafter_layer: k, v must be fp32 [R, KVH, L, HD] with a contiguous last dim");
+  const int64_t N = h.size(0), H = h.size(1), R = k.size(0), KVH = k.size(1), L = k.size(2), HD = k.size(3);
+  TORCH_CHECK(R > 0 && N % R == 0 && L > 0, "drafter_layer: N must be a multiple of the K/V rows, L > 0");
+  TORCH_CHECK(n_heads % KVH == 0 && HD % 8 == 0 && HD <= 512, "drafter_layer: heads / head_dim not supported");
+  TORCH_CHECK(norm_weights[0].numel() == H && norm_weights[1].numel() == HD && norm_weights[2].numel() == H &&
+              norm_weights[3].numel() == H && norm_weights[4].numel() == H, "drafter_layer: norm weight sizes");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == R && sin.sizes() == cos.sizes() && cos.size(1) <= HD &&
+              cos.size(1) % 2 == 0 && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
+              cos.is_contiguous() && sin.is_contiguous(), "drafter_layer: cos/sin must be fp32 [R, rotary_dim]");
+  const int64_t QS = n_heads * HD;  // packed numel = out features padded to 16 * in features (even here)
+  TORCH_CHECK(H % 2 == 0 && QS % 2 == 0, "drafter_layer: even widths only");
+  TORCH_CHECK(packed[0].numel() == (QS + PW - 1) / PW * PW * H && packed[1].numel() == (H + PW - 1) / PW * PW * QS,
+              "drafter_layer: q/o weight shapes");
+  TORCH_CHECK(packed[2].numel() == packed[3].numel() && packed[2].numel() % (PW * H) == 0 &&
+              packed[4].numel() == (H + PW - 1) / PW * PW * (packed[2].numel() / H),
+              "drafter_layer: MLP weight shapes (intermediate size must be a multiple of 16)");
+  if (bf) return drafter_layer_impl<uint16_t>(h, packed, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
+  return drafter_layer_impl<float>(h, packed, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
+}
+
 std::string isa_name() {
   switch (g_isa) {
     case AVX512BF16: return "avx512+bf16";
@@ -536,6 +739,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "instruction set selected at runtime");
   m.def("rms_norm", &rms_norm, "fp32-computed RMS norm of fp32/bf16 rows");
   m.def("panel_rows", &panel_rows, "unpacked rows of a packed weight (tied embeddings)");
+  m.def("drafter_layer", &drafter_layer, "one MTP drafter layer for rows that see all their K/V (models/drafter.py)");
   m.def("cluster_scores", &cluster_scores, "logits of the chosen clusters' tokens (clustered LM head)");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;

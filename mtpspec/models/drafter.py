@@ -223,6 +223,7 @@ class DrafterMLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = _act(cfg.activation)
+        self.gelu = cfg.activation != "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -243,8 +244,39 @@ class DrafterLayer(nn.Module):
         self.post_feedforward_layernorm = norm()
         self.register_buffer("layer_scalar", torch.ones(1))
 
+    def _fused_args(self, dtype: torch.dtype) -> tuple | None:
+        """What the one-call C++ layer (`kernels.drafter_layer`) needs, or None if it cannot run this
+        layer: packed bias-free projections in `dtype`, Gemma-style x * w norms, head_dim % 8 == 0,
+        intermediate % 16 == 0. The fp32 norm weights are cached while the weights stay the same
+        tensors at the same version (training updates and reloads invalidate the cache)."""
+        attn, mlp = self.self_attn, self.mlp
+        lins = (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(l.is_packed and l.weight.numel() == 0 and l.bias is None and l._packed.dtype == dtype for l in lins):
+            return None
+        norms = (self.input_layernorm, attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                 self.post_feedforward_layernorm)
+        key = tuple((n.weight.data_ptr(), n.weight._version) for n in norms if n.weight is not None)
+        key += ((self.layer_scalar.data_ptr(), self.layer_scalar._version),)
+        cached = getattr(self, "_fused_cache", None)
+        if cached is None or cached[0] != key:
+            ok = (len(key) == 6 and not any(n.offset for n in norms) and attn.head_dim % 8 == 0
+                  and mlp.gate_proj.out_features % 16 == 0 and self.input_layernorm.weight.shape[0] % 2 == 0)
+            norm_w = [n.weight.detach().float().contiguous() for n in norms] if ok else None
+            cached = self._fused_cache = (key, norm_w, float(self.layer_scalar.float()))
+        if cached[1] is None:
+            return None
+        return [l._packed for l in lins], cached[1], cached[2]
+
     def forward(self, h: torch.Tensor, ctx: "DraftContext") -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), ctx.types[self.attention_type]))
+        kv = ctx.types[self.attention_type]
+        if kv.all_visible and kv.rope_f32 is not None and h.dim() == 2 and kv.k_head.dtype == torch.float32:
+            args = self._fused_args(h.dtype)
+            if args is not None:
+                out = kernels.drafter_layer(h, args[0], args[1], self.input_layernorm.eps, kv.k_head, kv.v_head,
+                                            *kv.rope_f32, self.self_attn.n_heads, args[2], self.mlp.gelu)
+                if out is not None:
+                    return out
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), kv))
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         return h * self.layer_scalar
 
@@ -263,6 +295,7 @@ class TypeContext:
     cos: torch.Tensor
     sin: torch.Tensor
     all_visible: bool = False  # no ragged tail and the mask is all True (attention needs no mask)
+    rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [B, rotary_dim] fp32, when all_visible
 
 
 @dataclass
@@ -444,7 +477,12 @@ class MTPDrafter(nn.Module):
                 visible = torch.zeros(b, 1, dtype=torch.bool, device=pos.device)
             cos, sin = rope_cos_sin(spec, pos[:, None], dtype)
             all_visible = k_tail is None and bool(visible.all())
-            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin, all_visible)
+            rope_f32 = None
+            if all_visible:  # for the one-call C++ layer (DrafterLayer.fuse)
+                rope_f32 = (cos.reshape(cos.shape[0], -1).float().contiguous(),
+                            sin.reshape(sin.shape[0], -1).float().contiguous())
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin, all_visible,
+                                   rope_f32)
         return DraftContext(pos, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
