@@ -80,7 +80,10 @@ template <int M> constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); 
 // (>= 12 rows); for fewer rows the hardware prefetcher does better alone
 // (measured: -20% at M=1, +15..25% at M=16).
 constexpr int64_t kPrefetchBytes = 2048;
-template <int M> constexpr bool use_prefetch() { return M >= 12; }
+#ifndef MTP_PREFETCH_MIN_M
+#define MTP_PREFETCH_MIN_M 12
+#endif
+template <int M> constexpr bool use_prefetch() { return M >= MTP_PREFETCH_MIN_M; }
 
 // ----------------------------------------------------------------- AVX-512
 // Epilogues: add bias, convert, store the nn valid lanes of one output row.

@@ -138,17 +138,21 @@ class TreeMask:
     def from_parents(parents: torch.Tensor) -> "TreeMask":
         """parents: [B, N] (decoding/tree.py); the mask covers the root and the N nodes."""
         b, n = parents.shape
+        depth, visible = [], []
+        for row in parents.tolist():  # small (tens of nodes): Python lists, one tensor per field
+            d, anc = [0], [[0]]  # anc[i]: node i and its ancestors
+            for j, p in enumerate(row):  # parents precede children, so one pass suffices
+                d.append(d[p] + 1)
+                anc.append(anc[p] + [j + 1])
+            mask = [[False] * (n + 1) for _ in range(n + 1)]
+            for i, a in enumerate(anc):
+                for j in a:
+                    mask[i][j] = True
+            depth.append(d)
+            visible.append(mask)
         dev = parents.device
-        visible = torch.zeros(b, n + 1, n + 1, dtype=torch.bool, device=dev)
-        visible[:, 0, 0] = True
-        depth = torch.zeros(b, n + 1, dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)
-        for j in range(n):  # N is small (tens); parents precede children, so one pass suffices
-            i, p = j + 1, parents[:, j]
-            visible[:, i] = visible[rows, p]
-            visible[:, i, i] = True
-            depth[:, i] = depth[rows, p] + 1
-        return TreeMask(depth, visible)
+        return TreeMask(torch.tensor(depth, dtype=torch.long, device=dev).view(b, n + 1),
+                        torch.tensor(visible, dtype=torch.bool, device=dev).view(b, n + 1, n + 1))
 
 
 class Attention(nn.Module):
