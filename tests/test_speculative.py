@@ -165,7 +165,7 @@ def test_adaptive_policy_keys_verify_cost_by_tokens_verified():
     """A 6-node tree verifies 7 tokens for every depth k >= 2: all those rounds share one cost
     estimate, so a slow early round at k = 3 does not keep k = 3 looking expensive once k = 5
     rounds (same 7 tokens) measure it again."""
-    pol = AdaptiveDraftLength(8)
+    pol = AdaptiveDraftLength(8, decay=0.9)  # forgets the slow round within the 40 rounds below
     pol.observe(1, 0, [0], 0.020, 0.0)  # plain round: 1 token
     pol.observe(1, 3, [3], 0.050, 0.003, verified_tokens=7)  # one slow round
     for _ in range(40):
@@ -227,3 +227,29 @@ def test_rows_with_different_budgets_finish_mid_round(target, kind):
         proposer = ReferenceProposer(full, VOCAB, 0.0 if kind == "agree" else 0.3, seed=k)
         seqs = run(target, [Request(p, n) for p, n in zip(ps, budgets)], proposer, k)
         assert [s.new_ids for s in seqs] == ref
+
+
+def test_default_policy_settles_on_one_k_at_batch_1():
+    """At batch 1 a round is one 0/1 observation per draft position. The default estimates
+    (averaged over ~50 rounds) settle on one K for a drafter of constant quality; with the old
+    10-round averages (decay 0.9) the choice swung between K values round after round."""
+    import random
+
+    def modal_share(decay: float | None, seed: int) -> float:
+        rnd = random.Random(seed)
+        pol = AdaptiveDraftLength(8) if decay is None else AdaptiveDraftLength(8, decay=decay)
+        ks = []
+        for _ in range(300):
+            k = pol.choose(1)
+            n = 0
+            while n < k and rnd.random() < 0.6:  # each draft accepted with probability 0.6
+                n += 1
+            pol.observe(1, k, [n], (20 + 1.0 * k) / 1000, 0.8 * k / 1000)
+            ks.append(k)
+        tail = ks[100:]
+        return max(tail.count(k) for k in set(tail)) / len(tail)
+
+    settled = [modal_share(None, s) for s in range(8)]
+    swinging = [modal_share(0.9, s) for s in range(8)]
+    assert min(settled) >= 0.65 and sum(settled) / 8 >= 0.85  # exploration rounds aside, one K
+    assert sum(swinging) / 8 < sum(settled) / 8 - 0.1

@@ -20,6 +20,12 @@ tree's full size (6:1:3: 7 tokens for every k >= 2). Keyed by k, the estimate of
 stopped choosing went stale (one slow early round kept it looking expensive); keyed by tokens, every
 round that verifies the same number of tokens refreshes it. The loop reports the count with each
 round (`observe(..., verified_tokens=)`); a k not seen yet is assumed to verify k + 1 tokens.
+
+The default decay, 0.98, averages over about 50 rounds. With 0.9 (10 rounds) the estimates at
+batch 1, where a round is one 0/1 observation per position, swung so much that the policy
+thrashed: on 8 held-out chat prompts it chose K = 1..7 (K=2 most often) and accepted 2.10 tokens
+per round against 2.38 for a fixed K=4, 9% slower; with 0.98 it settles on K = 4 (chains) or
+5 (the 6:1:3 tree) and matches the best fixed K.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def _bucket(batch_size: int) -> int:
 class AdaptiveDraftLength:
     """Pick k from measured acceptance and costs (see module docstring)."""
 
-    def __init__(self, max_k: int = 8, *, prior_acceptance: float = 0.7, prior_weight: float = 2.0, decay: float = 0.9,
+    def __init__(self, max_k: int = 8, *, prior_acceptance: float = 0.7, prior_weight: float = 2.0, decay: float = 0.98,
                  explore_every: int = 16):
         if max_k < 1:
             raise ValueError("max_k must be >= 1")
