@@ -358,7 +358,8 @@ def load(
     draft_tree: with an MTP drafter, greedy generation drafts a tree of K levels instead of a chain
         of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py), at
         every batch size and for sampled rows too; "auto" (default) = `AUTO_TREE` ("6:1:3") when
-        one greedy sequence is decoding, chains otherwise; None or "none" = always chains.
+        one sampled sequence is decoding, chains for greedy sequences and batches (what measured
+        fastest on CPU, see its docstring); None or "none" = always chains.
     drafter_dtype: the MTP drafter's weights and activations. "auto" (default) = bfloat16 on CPU
         (drafting reads the drafter's weights from memory at every step, so half the bytes make it
         ~25% cheaper; acceptance is unchanged to within noise) and the target's dtype elsewhere;
@@ -373,11 +374,11 @@ def load(
     proposer, max_k, drafter_name = None, 8, None
     if drafter == "auto":
         drafter = shipped_drafter() if model is None else None
-    tree, tree_max_batch, tree_sampled = None, None, True
+    tree, tree_max_batch, tree_sampled, tree_greedy = None, None, True, True
     if draft_tree == "auto":
         from .decoding.mtp import AUTO_TREE
 
-        tree, tree_max_batch, tree_sampled = AUTO_TREE, 1, False
+        tree, tree_max_batch, tree_sampled, tree_greedy = AUTO_TREE, 1, True, False
     elif draft_tree not in (None, "none"):
         from .decoding.mtp import TreeShape
 
@@ -395,6 +396,6 @@ def load(
         else:
             ddt = dt if drafter_dtype is None else resolve_dtype(drafter_dtype)
         mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=ddt)
-        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch, tree_sampled), Path(drafter).name
+        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch, tree_sampled, tree_greedy), Path(drafter).name
         max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
     return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)

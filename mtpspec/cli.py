@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
-TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' = 6:1:3 while one greedy sequence decodes, chains otherwise; 'none' = chains.")]
+TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' (default) = 6:1:3 while one sampled sequence decodes, chains for greedy sequences and batches (what measured fastest on CPU; see mtpspec.decoding.mtp.AUTO_TREE); 'none' = chains.")]
 DrafterDtypeOpt = Annotated[str, typer.Option("--drafter-dtype", help="MTP drafter dtype: 'auto' = bfloat16 on CPU (cheaper drafting, same acceptance), the model's dtype elsewhere; or float32 / bfloat16 / float16.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 

@@ -213,8 +213,9 @@ def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
         mtpspec.load(tiny_with_tokenizer, drafter="ngram", draft_tree="4")
     from mtpspec.decoding.mtp import AUTO_TREE
 
-    auto = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter")  # default: the auto tree at batch 1
-    assert auto.proposer.tree == AUTO_TREE and auto.proposer.tree_max_batch == 1 and not auto.proposer.tree_sampled
+    auto = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter")  # default: AUTO_TREE for one sampled row
+    assert auto.proposer.tree == AUTO_TREE and auto.proposer.tree_max_batch == 1
+    assert auto.proposer.tree_sampled and not auto.proposer.tree_greedy
     assert [r.token_ids for r in auto.generate(prompts, max_new_tokens=16)] == plain
     assert mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="none").proposer.tree is None
 

@@ -296,6 +296,10 @@ def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
     assert greedy_only.propose(inp, 3).parents is None  # ... tree_sampled=False
     inp.params = [SamplingParams(), SamplingParams()]
     assert greedy_only.propose(inp, 3).parents is not None
+    sampled_only = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1, tree_greedy=False)  # "auto"
+    assert sampled_only.propose(inp, 3).parents is None  # a greedy row: a chain
+    inp.params = [SamplingParams(0.7, seed=1), SamplingParams()]
+    assert sampled_only.propose(inp, 3).parents is not None  # a sampled row: a tree
     ps = _prompts(5)
     ref = _plain(target, ps, 16)
     for slots in (1, 2):  # continuous batching: the batch shrinks to one row near the end

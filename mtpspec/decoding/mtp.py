@@ -66,10 +66,17 @@ class TreeShape:
 
 
 AUTO_TREE = TreeShape(6, 1, 3)
-"""The tree `mtpspec.load` drafts by default with an MTP drafter, at batch 1 and greedy: 6 nodes,
-the best node of each level expanded into its 3 best children. On our 2-core CPU it beat chains
-at batch 1 greedy (README, Performance); at larger batches the wider verification does not pay
-there, and sampled chains accept more than this tree."""
+"""The tree `mtpspec.load(draft_tree="auto")` drafts with an MTP drafter for one SAMPLED
+sequence: 6 nodes, the best node of each level expanded into its 3 best children. Greedy
+sequences and batches draft chains. Measured on our 2-core CPU (spec bench, batch 1, held-out
+chat): sampled rows accept far more with this tree (1.53-1.59 tokens per round against 1.31-1.36
+for adaptive chains; 1.24-1.27x against 1.10-1.14x in four runs), because the walk down the tree
+draws the target's token at every node and a runner-up child can hold it. Greedy rows used it too
+while drafting cost ~1 ms per level; since the drafter layer runs as one C++ call, greedy chains
+cost less per round than the tree's two extra verified tokens and top-k bookkeeping are worth: K=4
+chains beat the K=4 tree in both runs of the sixth session (1.80x against 1.77x, 1.79x against
+1.69x), adaptive chains the adaptive tree (1.80x against 1.63x). At larger batches the wider
+verification does not pay."""
 
 
 class MtpProposer:
@@ -77,24 +84,26 @@ class MtpProposer:
     does, or `drafter.check_target(target.cfg)`); `tree` makes it draft trees."""
 
     def __init__(self, drafter: MTPDrafter, tree: TreeShape | None = None, tree_max_batch: int | None = None,
-                 tree_sampled: bool = True) -> None:
+                 tree_sampled: bool = True, tree_greedy: bool = True) -> None:
         """tree_max_batch: draft trees only while at most this many rows are active (None: any
         number); bigger batches draft chains (a tree multiplies the tokens each row verifies).
-        tree_sampled=False: batches with a sampled row draft chains (sampled chains, drawn from
-        the drafter's distribution, accept more than deterministic trees with beam 1)."""
+        tree_sampled=False: batches with a sampled row draft chains; tree_greedy=False: batches of
+        greedy rows only draft chains (see `AUTO_TREE` for what we measured)."""
         self.drafter = drafter
         self.tree = tree
         self.tree_max_batch = tree_max_batch
         self.tree_sampled = tree_sampled
+        self.tree_greedy = tree_greedy
 
     def max_tokens(self, k: int) -> int:
         return k if self.tree is None else max(k, min(self.tree.nodes, self.tree.candidates(k)))
 
     @torch.inference_mode()
     def propose(self, inp: DraftInput, k: int) -> Proposal:
-        if self.tree is not None and k > 0 and (self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch) and (
-                self.tree_sampled or all(p.greedy for p, a in zip(inp.params, inp.active) if a)):
-            return self._propose_tree(inp, k, self.tree)
+        if self.tree is not None and k > 0 and (self.tree_max_batch is None or sum(inp.active) <= self.tree_max_batch):
+            sampled = any(not p.greedy for p, a in zip(inp.params, inp.active) if a)
+            if self.tree_sampled if sampled else self.tree_greedy:
+                return self._propose_tree(inp, k, self.tree)
         d, target = self.drafter, inp.target
         b = inp.last_tokens.shape[0]
         dev = inp.last_tokens.device
