@@ -255,11 +255,14 @@ class DrafterLayer(nn.Module):
             return None
         norms = (self.input_layernorm, attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
                  self.post_feedforward_layernorm)
-        key = tuple((n.weight.data_ptr(), n.weight._version) for n in norms if n.weight is not None)
-        key += ((self.layer_scalar.data_ptr(), self.layer_scalar._version),)
+        try:
+            key = tuple((n.weight.data_ptr(), n.weight._version) for n in norms if n.weight is not None)
+            key += ((self.layer_scalar.data_ptr(), self.layer_scalar._version),)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version: no cache
+            key = None
         cached = getattr(self, "_fused_cache", None)
-        if cached is None or cached[0] != key:
-            ok = (len(key) == 6 and not any(n.offset for n in norms) and attn.head_dim % 8 == 0
+        if key is None or cached is None or cached[0] != key:
+            ok = (all(n.weight is not None for n in norms) and not any(n.offset for n in norms) and attn.head_dim % 8 == 0
                   and mlp.gate_proj.out_features % 16 == 0 and self.input_layernorm.weight.shape[0] % 2 == 0)
             norm_w = [n.weight.detach().float().contiguous() for n in norms] if ok else None
             cached = self._fused_cache = (key, norm_w, float(self.layer_scalar.float()))
