@@ -253,3 +253,15 @@ def test_default_policy_settles_on_one_k_at_batch_1():
     swinging = [modal_share(0.9, s) for s in range(8)]
     assert min(settled) >= 0.65 and sum(settled) / 8 >= 0.85  # exploration rounds aside, one K
     assert sum(swinging) / 8 < sum(settled) / 8 - 0.1
+
+
+def test_acceptance_estimates_count_rows_not_rounds():
+    """A round of 4 rows is 4 observations: it moves the estimate as 4 one-row rounds do (in the
+    running-mean phase exactly), so batches adapt as fast as before while batch 1 averages over
+    ~50 rounds."""
+    batched, single = AdaptiveDraftLength(8), AdaptiveDraftLength(8)
+    batched.observe(4, 1, [1, 1, 0, 0], 0.02, 0.001)
+    for n in (1, 1, 0, 0):
+        single.observe(1, 1, [n], 0.02, 0.001)
+    assert batched.seen[0] == single.seen[0] == 4
+    assert batched.accept[0] == pytest.approx(single.accept[0]) == pytest.approx((0.7 * 2 + 2) / 6)

@@ -21,7 +21,8 @@ stopped choosing went stale (one slow early round kept it looking expensive); ke
 round that verifies the same number of tokens refreshes it. The loop reports the count with each
 round (`observe(..., verified_tokens=)`); a k not seen yet is assumed to verify k + 1 tokens.
 
-The default decay, 0.98, averages over about 50 rounds. With 0.9 (10 rounds) the estimates at
+Acceptance estimates count rows, not rounds (a round of a batch of 4 weighs as much as 4 rounds
+of one row). The default decay, 0.98, averages over about 50 such observations. With 0.9 (10 rounds) the estimates at
 batch 1, where a round is one 0/1 observation per position, swung so much that the policy
 thrashed: on 8 held-out chat prompts it chose K = 1..7 (K=2 most often) and accepted 2.10 tokens
 per round against 2.38 for a fixed K=4, 9% slower; with 0.98 it settles on K = 4 (chains) or
@@ -134,6 +135,7 @@ class AdaptiveDraftLength:
             reached = [n for n in accepted if n >= i]
             if reached:
                 rate = sum(1 for n in reached if n > i) / len(reached)
-                self.seen[i] += 1
-                w = max(1 - d, 1 / (self.seen[i] + self.prior_weight))  # running mean first, then EMA
+                r = len(reached)  # each row is one observation: a batch of r rows weighs r rounds of one
+                self.seen[i] += r
+                w = max(1 - d**r, r / (self.seen[i] + self.prior_weight))  # running mean first, then EMA
                 self.accept[i] += w * (rate - self.accept[i])
