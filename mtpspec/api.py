@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Iterator, Sequence as Seq
 import torch
 
 from .checkpoint import load_decoder
-from .decoding.loop import Request, Sequence, generate as loop_generate, run
+from .decoding.loop import Request, Sequence, StopCheck, generate as loop_generate, run
 from .decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy
 from .decoding.proposers import NgramProposer, Proposer
 from .decoding.sampling import SamplingParams
 from .errors import CheckpointError, InputError
 from .models.decoder import Decoder
+from .text import IncrementalText, cut_at_stop, make_stop_check, stop_strings
 
 if TYPE_CHECKING:
     from .decoding.mtp import TreeShape
@@ -189,39 +190,34 @@ class Engine:
             raise InputError(f"{self.path} has no tokenizer: pass prompts as lists of token ids")
         return self.tokenizer
 
-    def _stop_check(self, stop: Seq[str] | None):
-        if not stop:
-            return None
-        if isinstance(stop, str):
-            stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
-            raise InputError("stop must be a list of non-empty strings")
-        self._need_tokenizer()
+    # ---- stop strings and output text (the API, the CLI and the server all use these) ----------
+    def stop_check(self, stop: str | Seq[str] | None) -> StopCheck | None:
+        """The decoding loop's callback for stop strings (`Request.stop_check`), or None without
+        any: given a sequence's new token ids, how many to keep once their text contains a stop
+        string (the shortest prefix that does), else None. Raises InputError for invalid stop
+        strings or a model without a tokenizer."""
+        stop = stop_strings(stop)
+        if stop:
+            self._need_tokenizer()
+        return make_stop_check(self.decode, stop)
 
-        def check(new_ids: list[int]) -> int | None:
-            text = self.decode(new_ids)
-            if not any(s in text for s in stop):
-                return None
-            # keep the shortest prefix of tokens whose text contains a stop string
-            for n in range(1, len(new_ids) + 1):
-                if any(s in self.decode(new_ids[:n]) for s in stop):
-                    return n
-            return len(new_ids)
+    def final_text(self, ids: list[int], stop: str | Seq[str] | None = None) -> str:
+        """The text of generated token ids as results carry it: decoded, cut before the first stop
+        string."""
+        return cut_at_stop(self.decode(ids), stop_strings(stop))
 
-        return check
-
-    def _finish_text(self, ids: list[int], stop: Seq[str] | None) -> str:
-        text = self.decode(ids)
-        for s in ([stop] if isinstance(stop, str) else (stop or [])):
-            if s in text:
-                text = text[: text.index(s)]
-        return text
+    def incremental_text(self, stop: str | Seq[str] | None = None) -> IncrementalText:
+        """Streamed text of one sequence: `.delta(new_ids, finished)` gives the text new since
+        the last call, holding back a partial character or a possible start of a stop string,
+        so the pieces always concatenate to `final_text(new_ids, stop)`."""
+        stop = stop_strings(stop)
+        return IncrementalText(lambda ids: self.final_text(ids, stop), stop)
 
     # ---- generation --------------------------------------------------------------------------
     def _requests(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, stop, chat: bool):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        check = self._stop_check(stop)
+        check = self.stop_check(stop)
         ids = [self.encode(p, chat) for p in prompts]
         return [Request(i, max_new_tokens, params, self.eos_ids, check) for i in ids]
 
@@ -230,7 +226,7 @@ class Engine:
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=seq.request.prompt_ids,
             token_ids=list(seq.new_ids),
-            text=self._finish_text(seq.new_ids, stop),
+            text=self.final_text(seq.new_ids, stop),
             finish_reason=seq.finish_reason or "length",
             stats=seq.stats.as_dict(),
         )
@@ -291,29 +287,30 @@ class Engine:
 
 
 class TextStream:
-    """Iterator of text pieces for one prompt (see `Engine.stream`)."""
+    """Iterator of text pieces for one prompt (see `Engine.stream`). The pieces concatenate to
+    `.result.text`: a piece that could be the start of a stop string (or a partial character) is
+    held back until later tokens settle it (`Engine.incremental_text`, as the server streams)."""
 
     def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop, policy) -> None:
         self._engine, self._prompt, self._stop = engine, prompt, stop
         self._events = loop_generate(engine.model, requests, engine.proposer, policy)
+        self._text = engine.incremental_text(stop)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        sent = ""
         while True:
             try:
                 ev = next(self._events)
             except StopIteration as done:
                 seq = done.value[0]
                 break
-            text = self._engine._finish_text(ev.new_ids, self._stop)
-            stable = text if ev.finished else text.rstrip("\ufffd")  # hold back a partial character
-            if len(stable) > len(sent) and stable.startswith(sent):
-                yield stable[len(sent):]
-                sent = stable
+            piece = self._text.delta(ev.new_ids, ev.finished)
+            if piece:
+                yield piece
         self.result = self._engine._result(self._prompt, seq, self._stop)
-        if len(self.result.text) > len(sent) and self.result.text.startswith(sent):
-            yield self.result.text[len(sent):]
+        piece = self._text.delta(seq.new_ids, True)  # empty unless the last event was not final
+        if piece:
+            yield piece
 
 
 SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct"

@@ -23,7 +23,7 @@ from mtpspec.api import Engine
 from mtpspec.decoding.loop import Request, run
 from mtpspec.serve.scheduler import Scheduler, Update
 from mtpspec.serve.server import ServerThread, build, resolve_drafter
-from mtpspec.serve.text import IncrementalText, chat_prompt_ids
+from mtpspec.serve.text import chat_prompt_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -287,13 +287,6 @@ def test_a_failing_request_fails_alone(engine):
         assert sched.alive
     finally:
         sched.stop()
-
-
-def test_incremental_text_never_sends_a_stop_string():
-    text = IncrementalText(lambda ids: "".join(ids).split("END")[0], ["END"])
-    pieces = [text.delta(["Hello", " E"][:n], False) for n in (1, 2)]
-    pieces.append(text.delta(["Hello", " E", "ND"], True))
-    assert "".join(pieces) == "Hello " and pieces[1] == " "
 
 
 # ---- metrics -------------------------------------------------------------------------------------------

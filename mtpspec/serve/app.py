@@ -30,7 +30,7 @@ from ..decoding.sampling import SamplingParams
 from ..errors import InputError
 from .metrics import Metrics
 from .scheduler import QueueFull, Scheduler, SchedulerStopped, Update
-from .text import IncrementalText, chat_prompt_ids
+from .text import chat_prompt_ids
 
 log = logging.getLogger("mtpspec.serve")
 
@@ -297,7 +297,7 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
 
         max_new = p.max_tokens if p.max_tokens is not None else scheduler.max_len - len(prompt_ids)
         try:
-            stop_check = engine._stop_check(p.stop)
+            stop_check = engine.stop_check(p.stop)
             req = Request(prompt_ids, max(1, max_new), p.sampling, eos_ids, stop_check)
             job = scheduler.submit(req, on_update)
         except InputError as e:
@@ -340,7 +340,7 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created_at = int(time.time())
-        text = IncrementalText(lambda ids: engine._finish_text(ids, p.stop), p.stop)
+        text = engine.incremental_text(p.stop)  # streamed deltas concatenate to the final text
 
         def usage(u: Update) -> dict:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(u.new_ids),
@@ -364,7 +364,7 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
                 err = _job_error(u.error, chat)
                 count(endpoint, err.status)
                 return err.response()
-            final_text = engine._finish_text(u.new_ids, p.stop)
+            final_text = engine.final_text(u.new_ids, p.stop)
             reason = u.finish_reason if u.finish_reason in ("stop", "length") else "stop"
             choice = {"index": 0, "logprobs": None, "finish_reason": reason, "token_ids": list(u.new_ids)}
             if chat:

@@ -1,9 +1,7 @@
-"""Text around the token-id scheduler: chat prompts from message lists and incremental text with
-stop strings (what a streaming client receives must be a prefix of the final text)."""
+"""Text around the token-id scheduler: chat prompts from message lists. Stop strings and streamed
+text come from `mtpspec.text` (shared with the Python API and the CLI)."""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 from ..errors import InputError
 
@@ -21,35 +19,3 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)
-
-
-class IncrementalText:
-    """Turns a sequence's growing token ids into text deltas.
-
-    `finish_text(ids)` is the final text (stop strings cut off). While the sequence runs, a trailing
-    partial UTF-8 character and a trailing piece that could start a stop string are held back, so
-    the concatenated deltas always equal the final text.
-    """
-
-    def __init__(self, finish_text, stop: Sequence[str] | None) -> None:
-        self._finish_text = finish_text
-        self._stop = list(stop or [])
-        self.sent = ""
-
-    def delta(self, ids: list[int], finished: bool) -> str:
-        text = self._finish_text(ids)
-        if not finished:
-            text = text.rstrip("\ufffd")
-            hold = 0
-            for s in self._stop:
-                for n in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:n]):
-                        hold = max(hold, n)
-                        break
-            if hold:
-                text = text[:-hold]
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            out = text[len(self.sent):]
-            self.sent = text
-            return out
-        return ""
