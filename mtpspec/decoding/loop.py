@@ -3,7 +3,10 @@ speculatively (draft with a proposer, verify in one target forward, keep what th
 
 It works on token ids only (no text, no HTTP). Stop strings reach it as a callback from the API
 layer. Every row keeps its own sampling parameters and random generator, so a seeded row draws
-the same tokens whatever else is in the batch.
+the same tokens whatever else is in the batch, given the same draft length and the same kind of
+proposal (chain or tree) each round: a fixed `draft_length` and a proposer whose choice does not
+depend on the batch (an adaptive draft length follows measured timings; `MtpProposer` with
+`tree_max_batch` or `tree_greedy=False` drafts trees or chains depending on the batch).
 """
 
 from __future__ import annotations
@@ -300,8 +303,13 @@ class DecodeBatch:
         seqs = self.seqs[:hi]
         active = [s is not None and not s.done for s in seqs]
         view = self.cache.rows(0, hi)
-        k = min(self.policy.choose(len(active_slots)),
-                max(s.max_new_tokens - len(s.new_ids) for s, a in zip(seqs, active) if a))
+        k = self.policy.choose(len(active_slots))
+        running = [s for s, a in zip(seqs, active) if a]
+        if all(s.request.params.greedy for s in running):
+            # no longer than the longest remaining budget needs. Only for greedy rows: a sampled
+            # row's random draws depend on k, and capping k by OTHER rows' budgets would make its
+            # tokens depend on what else is in the batch
+            k = min(k, max(s.max_new_tokens - len(s.new_ids) for s in running))
         last_tokens = self.last_tokens[:hi].to(dev)
         t_round = time.perf_counter()
         if k > 0:
@@ -335,7 +343,7 @@ class DecodeBatch:
                 self.history[b].append(tok)
                 if s.done:
                     break
-            self.last_tokens[b] = emitted[b][-1]
+            self.last_tokens[b] = self.history[b][-1]  # the last token kept (a stop may cut the round)
             if s.done:
                 st.decode_time = now - self.decode_start[b]
                 # the row may have been cut (max_new_tokens, stop) inside its accepted run: keep only
