@@ -36,3 +36,41 @@ def small_vocab_target(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small-vocab")
     tiny_hf_model("llama", vocab_size=SMALL_V).save_pretrained(folder)
     return load_decoder(folder)
+
+
+def check_batch_consistency(batch) -> None:
+    """What must hold after every prefill and round of the decoding loop, for every occupied slot:
+    the KV cache holds exactly the row's history minus its pending last token (the next forward
+    processes it), the pending token is the history's last, and the output is the history after
+    the prompt (cut at a stop string or EOS, never altered)."""
+    lengths = batch.cache.lengths.tolist()
+    for b, s in enumerate(batch.seqs):
+        if s is None:
+            continue
+        h, prompt = batch.history[b], s.request.prompt_ids
+        assert lengths[b] == len(h) - 1, f"slot {b}: cache holds {lengths[b]} tokens, history {len(h)} (+1 pending)"
+        assert int(batch.last_tokens[b]) == h[-1], f"slot {b}: pending token is not the history's last"
+        assert h[: len(prompt)] == prompt and s.new_ids == h[len(prompt) : len(prompt) + len(s.new_ids)], (
+            f"slot {b}: output is not the history after the prompt")
+
+
+@pytest.fixture(autouse=True)
+def _decode_batch_invariants(monkeypatch):
+    """Every test that drives the decoding loop checks `check_batch_consistency` after every
+    prefill and every round (greedy and sampled rows, chains and trees, plain and speculative)."""
+    from mtpspec.decoding.loop import DecodeBatch
+
+    real_add, real_step = DecodeBatch.add, DecodeBatch.step
+
+    def add(self, *args, **kwargs):
+        events = real_add(self, *args, **kwargs)
+        check_batch_consistency(self)
+        return events
+
+    def step(self):
+        events = real_step(self)
+        check_batch_consistency(self)
+        return events
+
+    monkeypatch.setattr(DecodeBatch, "add", add)
+    monkeypatch.setattr(DecodeBatch, "step", step)

@@ -38,6 +38,24 @@ def random_drafter(target, seed: int = 0, **kw) -> MTPDrafter:
 
 
 
+def copying_drafter(target) -> MTPDrafter:
+    """An MTP drafter (the target's width, random weights) rewired to draft a repeat of its input
+    token: the pre-projection passes the token embedding through, the layers add nothing (zero
+    post-norms) and the head is the target's embedding, whose rows are each their own argmax."""
+    h = target.cfg.hidden_size
+    d = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=h)).init_random(0, std=0.2)
+    emb = target.embed_tokens(torch.arange(target.cfg.vocab_size)).detach().float()
+    with torch.no_grad():
+        d.pre_projection.weight.copy_(torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
+        for layer in d.model.layers:
+            layer.post_attention_layernorm.weight.zero_()
+            layer.post_feedforward_layernorm.weight.zero_()
+        d.model.norm.weight.fill_(1.0)
+        d.model.embed_tokens.weight.copy_(emb)
+    assert torch.equal((emb @ emb.T).argmax(-1), torch.arange(len(emb)))
+    return d
+
+
 def hf_assistant(target_hf, seed: int = 0, clustered: bool = False, hidden: int = 32, layers=("sliding_attention", "full_attention")):
     """A random transformers Gemma4AssistantForCausalLM for a tiny Gemma 4 target (call inside
     `mtpspec.compat.transformers_gemma4_assistant()`)."""

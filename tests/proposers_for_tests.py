@@ -50,6 +50,9 @@ class RandomSamplingProposer:
         toks = torch.zeros(b, k, dtype=torch.long)
         probs = torch.zeros(b, k, self.logits.shape[0])
         for r in range(b):
+            if inp.params[r].greedy:  # a greedy row gets the argmax (verified greedily: probs unused)
+                toks[r] = self.logits.argmax()
+                continue
             q = probabilities(self.logits, inp.params[r])
             toks[r] = torch.multinomial(q, k, replacement=True, generator=inp.generators[r])
             probs[r] = q

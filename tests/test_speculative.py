@@ -265,3 +265,76 @@ def test_acceptance_estimates_count_rows_not_rounds():
         single.observe(1, 1, [n], 0.02, 0.001)
     assert batched.seen[0] == single.seen[0] == 4
     assert batched.accept[0] == pytest.approx(single.accept[0]) == pytest.approx((0.7 * 2 + 2) / 6)
+
+
+@pytest.mark.parametrize("kind", ["ngram", "mtp-chain", "mtp-tree", "random-sampling"])
+def test_a_seeded_row_alone_equals_the_same_row_in_a_mixed_batch(target, kind):
+    """The loop's promise: a seeded sampled row draws the same tokens whatever else is in the batch
+    (greedy and sampled rows, other prompt lengths and budgets, joining later through continuous
+    batching), given a fixed draft length and proposal kind. Regression: rounds were shortened to
+    the longest remaining budget in the batch, so a row's last rounds drew different numbers of
+    random values alone and in a batch."""
+    from drafter_helpers import random_drafter
+    from mtpspec.decoding.mtp import MtpProposer, TreeShape
+
+    g = torch.Generator().manual_seed(21)
+    ps = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 3, 12, 5, 9)]
+    params = [SamplingParams(0.9, seed=11), SamplingParams(), SamplingParams(1.2, top_k=20, seed=5),
+              SamplingParams(0.7, top_p=0.9, seed=9), SamplingParams(1.0, seed=3)]
+    budgets = [13, 30, 9, 22, 17]
+    proposer = {
+        "ngram": lambda: NgramProposer(),
+        "mtp-chain": lambda: MtpProposer(random_drafter(target, seed=3)),
+        "mtp-tree": lambda: MtpProposer(random_drafter(target, seed=3), TreeShape(6, 2, 2)),
+        "random-sampling": lambda: RandomSamplingProposer(VOCAB),
+    }[kind]()
+    reqs = [Request(p, n, q) for p, n, q in zip(ps, budgets, params)]
+    alone = [run(target, [r], proposer, 3)[0].new_ids for r in reqs]
+    assert len({tuple(a) for a in alone}) == len(alone)
+    for slots in (None, 2):
+        together = run(target, reqs, proposer, 3, slots=slots)
+        assert [s.new_ids for s in together] == alone, f"slots={slots}"
+
+
+class HiddenStateCheck:
+    """Wraps a proposer and checks, every round, what it is given to draft from: for each active
+    row, `last_hidden` must be the target's final hidden state at the position of the row's last
+    accepted token's predecessor (the position whose logits produced the pending token), as a
+    fresh forward over the row's history computes it."""
+
+    def __init__(self, inner):
+        self.inner, self.rounds = inner, 0
+
+    def max_tokens(self, k: int) -> int:
+        return getattr(self.inner, "max_tokens", lambda k: k)(k)
+
+    def propose(self, inp, k):
+        for b, (hist, active) in enumerate(zip(inp.history, inp.active)):
+            if active:
+                fresh = inp.target(torch.tensor([hist[:-1]]), inp.target.new_cache(1, len(hist))).hidden[0, -1]
+                torch.testing.assert_close(inp.last_hidden[b], fresh, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m: f"row {b}, history {len(hist)}: {m}")
+        self.rounds += 1
+        return self.inner.propose(inp, k)
+
+
+@pytest.mark.parametrize("kind", ["reference", "random-sampling", "mtp-chain", "mtp-tree"])
+def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(target, kind):
+    """Greedy and sampled rows of different lengths, drafts partly accepted, chains and trees."""
+    from drafter_helpers import copying_drafter
+    from mtpspec.decoding.mtp import MtpProposer, TreeShape
+
+    ps = prompts(4, seed=8)
+    params = [SamplingParams(), SamplingParams(0.8, seed=1), SamplingParams(), SamplingParams(1.0, seed=2)]
+    full = [p + r for p, r in zip(ps, plain(target, ps, 30))]
+    inner = {
+        "reference": lambda: ReferenceProposer(full, VOCAB, 0.4, seed=3),
+        "random-sampling": lambda: RandomSamplingProposer(VOCAB),
+        "mtp-chain": lambda: MtpProposer(copying_drafter(target).prepare()),
+        "mtp-tree": lambda: MtpProposer(copying_drafter(target).prepare(), TreeShape(6, 2, 2)),
+    }[kind]()
+    if kind == "reference":
+        params = [SamplingParams()] * 4  # the reference continuation is the greedy one
+    check = HiddenStateCheck(inner)
+    seqs = run(target, [Request(p, 20, q) for p, q in zip(ps, params)], check, 3)
+    assert check.rounds >= 5 and any(s.stats.mean_accepted_length > 1 for s in seqs)

@@ -36,7 +36,7 @@ import mtpspec
 from mtpspec.cli import app
 from mtpspec.decoding.loop import Request, generate as loop_generate
 from mtpspec.drafter_checkpoint import save_drafter
-from mtpspec.models.drafter import DrafterConfig, MTPDrafter
+from drafter_helpers import copying_drafter
 from mtpspec.serve.server import ServerThread, build
 from mtpspec.serve.text import chat_prompt_ids
 from mtpspec.text import IncrementalText, cut_at_stop, make_stop_check, partial_stop_length, stop_strings
@@ -46,24 +46,6 @@ PROMPT, N = "here g", 28  # raw completion: " g" x 22, then "ow" x ...
 POSITIONS = [3, 4, 8, 21, 22, 23, 24]  # tokens (0-based) that complete a stop string
 CHAT, CHAT_N, CHAT_J = "hello world", 16, 6  # chat template: ":" x ... (the stop string: 7 x ":", final text "")
 DRAFTING = ["ngram", "mtp-chain", "mtp-tree"]
-
-
-def copying_drafter(target) -> MTPDrafter:
-    """An MTP drafter (the target's width, random weights) rewired to draft a repeat of its input
-    token: the pre-projection passes the token embedding through, the layers add nothing (zero
-    post-norms) and the head is the target's embedding, whose rows are each their own argmax."""
-    h = target.cfg.hidden_size
-    d = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=h)).init_random(0, std=0.2)
-    emb = target.embed_tokens(torch.arange(target.cfg.vocab_size)).detach().float()
-    with torch.no_grad():
-        d.pre_projection.weight.copy_(torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
-        for layer in d.model.layers:
-            layer.post_attention_layernorm.weight.zero_()
-            layer.post_feedforward_layernorm.weight.zero_()
-        d.model.norm.weight.fill_(1.0)
-        d.model.embed_tokens.weight.copy_(emb)
-    assert torch.equal((emb @ emb.T).argmax(-1), torch.arange(len(emb)))
-    return d
 
 
 @dataclass
