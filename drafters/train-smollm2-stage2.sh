@@ -6,7 +6,7 @@
 # The result lands in the stage-2 work dir; it replaces the shipped drafter only if it is better
 # on the held-out prompts (see drafters/README.md).
 cd "$(dirname "$0")/.." && OMP_WAIT_POLICY=passive TQDM_MININTERVAL=30 exec .venv/bin/mtpspec train-drafter \
-  --init drafters/smollm2-135m-instruct --replay-from drafters/smollm2-135m-instruct.work \
+  --init mtpspec/drafters/smollm2-135m-instruct --replay-from drafters/smollm2-135m-instruct.work \
   --data chitchat-text --no-self-distill \
   --out drafters/smollm2-135m-instruct.stage2.work/drafter --work-dir drafters/smollm2-135m-instruct.stage2.work \
   --draft-tokens 4 --layers 1 --clustered --centroid-top-k 16 \

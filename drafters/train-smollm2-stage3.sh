@@ -5,7 +5,7 @@
 # dir) plus one new chat-text shard; no target passes after that shard. (Stage 2's chat-text
 # fine-tuning, train-smollm2-stage2.sh, lowered held-out acceptance and is not used.)
 cd "$(dirname "$0")/.." && OMP_WAIT_POLICY=passive TQDM_MININTERVAL=30 exec .venv/bin/mtpspec train-drafter \
-  --init drafters/smollm2-135m-instruct --layers 2 --replay-from drafters/smollm2-135m-instruct.work \
+  --init mtpspec/drafters/smollm2-135m-instruct --layers 2 --replay-from drafters/smollm2-135m-instruct.work \
   --data chitchat-text:64 --no-self-distill --seed 1 \
   --out drafters/smollm2-135m-instruct.stage3.work/drafter --work-dir drafters/smollm2-135m-instruct.stage3.work \
   --draft-tokens 4 --clustered --centroid-top-k 16 \

@@ -313,13 +313,14 @@ class TextStream:
             yield piece
 
 
-SHIPPED_DRAFTER = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct"
+# package data (mtpspec/drafters/), so it ships in the wheel and is found wherever mtpspec is installed
+SHIPPED_DRAFTER = Path(__file__).resolve().parent / "drafters" / "smollm2-135m-instruct"
 
 
 def resolve_drafter(model: str | Path | None, drafter: str | Path | None) -> str | None:
     """A `--drafter` value for speculative decoding where one is wanted (server, spec bench):
     'none'/None -> None (plain); 'auto' -> the shipped MTP drafter of the default model
-    (drafters/smollm2-135m-instruct) if it is there, else the n-gram proposer; anything else (a
+    (mtpspec/drafters/smollm2-135m-instruct) if it is there, else the n-gram proposer; anything else (a
     folder or 'ngram') as given."""
     if drafter in (None, "", "none"):
         return None
@@ -330,7 +331,7 @@ def resolve_drafter(model: str | Path | None, drafter: str | Path | None) -> str
 
 
 def shipped_drafter() -> Path | None:
-    """The trained drafter for the default model that ships in the repository, if present."""
+    """The trained drafter for the default model that ships with the package (package data), if present."""
     return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None
 
 

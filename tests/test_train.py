@@ -336,15 +336,16 @@ def test_cli_train_drafter_and_resume(tiny_with_tokenizer, data_files, tmp_path)
 
 @pytest.mark.slow
 def test_shipped_drafter_loads_and_keeps_generation_lossless():
-    """The shipped SmolLM2-135M-Instruct drafter (drafters/) on the real default model: greedy
-    speculative output equals plain greedy output, and drafts get accepted."""
+    """The shipped SmolLM2-135M-Instruct drafter (package data, mtpspec/drafters/) on the real default
+    model: greedy speculative output equals plain greedy output, and drafts get accepted."""
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-instruct"
+    folder = Path(mtpspec.__file__).resolve().parent / "drafters" / "smollm2-135m-instruct"
     plain = mtpspec.load()
     spec = mtpspec.load(drafter=folder)
     assert spec.proposer.drafter.draft_tokens == 4
-    prompts = [json.loads(ln)["prompt"] for ln in (folder.parent / "heldout-chat.jsonl").read_text().splitlines()[:3]]
+    heldout = Path(__file__).resolve().parents[1] / "drafters" / "heldout-chat.jsonl"
+    prompts = [json.loads(ln)["prompt"] for ln in heldout.read_text().splitlines()[:3]]
     a = plain.generate(prompts, max_new_tokens=32)
     b = spec.generate(prompts, max_new_tokens=32, draft_tokens=4)
     assert [r.token_ids for r in b] == [r.token_ids for r in a]

@@ -130,6 +130,13 @@ def kernel_info() -> dict:
         return {"path": "unknown", "reason": f"kernel_info() failed: {type(e).__name__}: {e}"}
 
 
+def kernel_summary(k: dict) -> str:
+    """The kernel path of a run for the tables: "cpp avx2 (prebuilt)", "torch (reason)"."""
+    if k.get("path") == "cpp":
+        return f"cpp {k.get('isa', '')} ({k.get('build') or 'build unknown'})"
+    return f"{k.get('path')}{' (' + k['reason'] + ')' if k.get('reason') else ''}"
+
+
 # ---------------------------------------------------------------------------------------------
 # memory bandwidth and bytes per step
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +573,7 @@ def print_tables(results: dict, console=None) -> None:
     m, bw, k = results["machine"], results["bandwidth"], results["kernel"]
     console.print(f"[bold]plain decoding: {results['model']['name']}[/]  "
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
-                  f"kernel: {k.get('path')}{' ' + k['isa'] if k.get('isa') else ''}  "
+                  f"kernel: {kernel_summary(k)}  "
                   f"read bandwidth: {bw['gb_per_s']:.1f} GB/s")
     loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
     if loads and m.get("logical_cores") and max(x[0] for x in loads) > m["logical_cores"] + 0.5:

@@ -46,7 +46,7 @@ import torch
 
 from ..compat import transformers_gemma4_assistant
 from ..errors import InputError, MtpspecError
-from .plain import (BenchMismatch, _loadavg, _log, _median, _r, _sync, compare_tokens, kernel_info,
+from .plain import (BenchMismatch, _loadavg, _log, _median, _r, _sync, compare_tokens, kernel_info, kernel_summary,
                     machine_info, versions)
 
 DEFAULT_OUT = "bench-results/spec.json"
@@ -624,7 +624,7 @@ def print_spec_tables(results: dict, console=None) -> None:
                   f"{results['arguments']['dtype']}, {results['arguments']['max_new_tokens']} new tokens/row, "
                   f"{results['arguments']['repeats']} interleaved repeats  "
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
-                  f"kernel: {k.get('path')}")
+                  f"kernel: {kernel_summary(k)}")
     loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
     if loads and m.get("logical_cores") and max(x[0] for x in loads) > m["logical_cores"] + 0.5:
         console.print(f"[yellow]warning: load average {' -> '.join(str(x[0]) for x in loads)} on "

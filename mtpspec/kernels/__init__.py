@@ -6,7 +6,7 @@ rows, so its cost is the time to stream the weights from DRAM. torch's
 these shapes on CPU, and gets *slower per byte* from M=1 to M=2..16. This
 module provides `Linear`, a drop-in `torch.nn.Linear` whose `pack()` re-lays
 the weight out in 16-feature panels for a small C++ kernel
-(`skinny_gemm.cpp`, JIT-compiled once with `torch.utils.cpp_extension`):
+(`skinny_gemm.cpp`, see "Build" below):
 
     fp32 : P[N/16][K][16]          P[p, k, j]    = W[16p + j, k]
     bf16 : P[N/16][K/2][16][2]     P[p, q, j, i] = W[16p + j, 2q + i]
@@ -32,9 +32,19 @@ assigning `layer.weight.data = W` re-packs on the next forward. Use
 `unpacked_weight()` to get the [out, in] tensor and `weight_rows(ids)` to
 read rows (e.g. a tied embedding) without unpacking.
 
-Fallbacks: CUDA tensors, dtypes other than fp32/bf16, CPUs without AVX2, a
-failed compile (one warning via `logging`) or `MTPSPEC_KERNELS=torch` all use
-plain `F.linear` on the standard layout.
+Build: `pip install` / `pip wheel` compile skinny_gemm.cpp into the package as
+`mtpspec.kernels._skinny_gemm` (setup.py, a torch `CppExtension`), which is
+what runs. Without it (a source checkout never installed; or, in a checkout,
+a skinny_gemm.cpp newer than its in-place build) the source is compiled at run
+time with `torch.utils.cpp_extension` into $TORCH_EXTENSIONS_DIR (default
+~/.cache/torch_extensions)/mtpspec/, once per source version, without a lock
+a killed build could leave behind (`_jit_build`). `MTPSPEC_KERNELS=jit`
+skips the prebuilt extension, `MTPSPEC_KERNELS=torch` skips the extension.
+`kernel_info()` says which path runs.
+
+Fallbacks: CUDA tensors, dtypes other than fp32/bf16, CPUs without AVX2, no
+usable build (one warning via `logging`, with the reason) or
+`MTPSPEC_KERNELS=torch` all use plain `F.linear` on the standard layout.
 """
 
 from __future__ import annotations
@@ -56,16 +66,129 @@ log = logging.getLogger(__name__)
 PANEL = 16
 _SUPPORTED = (torch.float32, torch.bfloat16)
 
+# Compile flags, shared with setup.py (which adds -g0 against Python's own -g). No -march: the
+# translation unit targets baseline x86-64 and only the kernels carry target("avx2,fma") /
+# target("avx512f,...") attributes, chosen at run time (ext.isa(); ext.force_isa() lowers it for
+# tests), so one build runs on every x86-64 CPU.
+CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
+LD_FLAGS = ["-fopenmp"]          # resolves to the copy torch already loaded (one thread pool)
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
+PREBUILT = "mtpspec.kernels._skinny_gemm"  # built by setup.py at install / wheel-build time
+JIT_NAME = "mtpspec_skinny_gemm"
+# the one warning of a missing / failed build: what it costs (python -m mtpspec.kernels.bench_linear,
+# weight-streaming GB/s of F.linear vs the kernels on our 2-core CPU: 1.2-1.6x at M=1, 3x at M=5)
+SLOWER = ("CPU decoding runs slower (F.linear streams the weights ~1.5x slower for one token per step "
+          "and ~3x slower for speculative decoding's verify steps)")
+
 _lock = threading.Lock()
-_state: dict = {"ext": None, "tried": False, "error": None, "compile_s": None}
+_state: dict = {"ext": None, "tried": False, "error": None, "compile_s": None, "build": None, "file": None}
+
+
+def _mode() -> str:
+    """MTPSPEC_KERNELS: "torch" (never the extension), "jit" (skip the prebuilt one: compile the
+    current source), anything else = auto (the prebuilt extension, else a JIT build)."""
+    return os.environ.get("MTPSPEC_KERNELS", "").strip().lower()
 
 
 def _forced_torch() -> bool:
-    return os.environ.get("MTPSPEC_KERNELS", "").strip().lower() == "torch"
+    return _mode() == "torch"
+
+
+def _prebuilt():
+    """(module, None) or (None, why it cannot be used)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(PREBUILT)
+    if spec is None or not spec.origin:
+        return None, ("no prebuilt extension (this copy of mtpspec was not installed with pip, or its build "
+                      "step was skipped)")
+    # in a source checkout (the .cpp sits next to the .so: `pip install -e .`; wheels carry no .cpp),
+    # an edited or pulled skinny_gemm.cpp makes the in-place build stale: compile the current source
+    if os.path.exists(SOURCE) and os.path.getmtime(SOURCE) > os.path.getmtime(spec.origin):
+        return None, (f"the prebuilt {os.path.basename(spec.origin)} is older than skinny_gemm.cpp "
+                      "(re-run `bash setup.sh` or `pip install --no-build-isolation -e .` to rebuild it)")
+    try:
+        return importlib.import_module(PREBUILT), None
+    except ImportError as e:  # e.g. built against another torch
+        return None, f"the prebuilt extension does not load ({type(e).__name__}: {e})"
+
+
+def _import_file(path: str, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _jit_build(source: str = SOURCE, name: str = JIT_NAME):
+    """Compile `source` (skinny_gemm.cpp) into the module `name` with torch.utils.cpp_extension,
+    for a source checkout that was never installed or a stale in-place build. Returns (module, file).
+
+    Never waits on a lock, so a build killed half-way (Ctrl-C, kill -9, a closed terminal) cannot
+    hang a later run (torch's own JIT lock file, left behind by a killed build, made every later run
+    wait forever). Each build runs in a private directory `build-<host>-<pid>-*`; the finished
+    library is published under a name keyed by the source, flags and versions with an atomic
+    rename, and later runs load that file. Two processes building at once both compile and publish
+    identical files. Private directories of dead processes are deleted by the next build."""
+    import hashlib
+    import platform
+    import shutil
+    import socket
+    import sys
+    import tempfile
+
+    from torch.utils import cpp_extension
+
+    root = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), "mtpspec")
+    h = hashlib.sha256()
+    with open(source, "rb") as f:
+        h.update(f.read())
+    h.update(repr((CXX_FLAGS, LD_FLAGS, torch.__version__, sys.version, platform.machine())).encode())
+    final = os.path.join(root, f"{name}-{h.hexdigest()[:16]}.so")
+    if os.path.exists(final):
+        try:
+            return _import_file(final, name), final
+        except ImportError as e:  # unloadable (should not happen: published by rename): rebuild
+            log.info("mtpspec.kernels: cached JIT build %s does not load (%s); rebuilding", final, e)
+    os.makedirs(root, exist_ok=True)
+    host = socket.gethostname()
+    for d in os.listdir(root):  # private build dirs of dead processes on this host
+        parts = d.split("-")
+        if (d.startswith(f"build-{host}-") and len(parts) >= 4 and parts[-2].isdigit()
+                and not _pid_alive(int(parts[-2]))):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    log.info("mtpspec.kernels: compiling the C++ kernels (once, about a minute) into %s", root)
+    tmp = tempfile.mkdtemp(prefix=f"build-{host}-{os.getpid()}-", dir=root)
+    try:
+        ext = cpp_extension.load(name=name, sources=[source], extra_cflags=CXX_FLAGS,
+                                 extra_ldflags=LD_FLAGS, build_directory=tmp, verbose=False)
+        if ext.__name__ != name:  # a second build in one process: torch renamed it name_v1
+            return ext, ext.__file__
+        os.replace(ext.__file__, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ext, final
+
+
+def _short(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def _ext():
-    """The compiled extension, or None (forced torch path or build failure)."""
+    """The compiled extension, or None (forced torch path, or no usable build: one warning)."""
     if _forced_torch():
         return None
     if _state["tried"]:
@@ -73,32 +196,43 @@ def _ext():
     with _lock:
         if not _state["tried"]:
             t0 = time.perf_counter()
+            ext = why_prebuilt = None
+            if _mode() != "jit":
+                ext, why_prebuilt = _prebuilt()
+                if ext is not None:
+                    _state["build"], _state["file"] = "prebuilt", ext.__file__
             try:
-                from torch.utils import cpp_extension
-
-                src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
-                ext = cpp_extension.load(
-                    name="mtpspec_skinny_gemm",
-                    sources=[src],
-                    # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
-                    # resolves to the copy torch already loaded (one thread pool).
-                    extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-                if ext.isa() == "none":
-                    raise RuntimeError("CPU has neither AVX-512 nor AVX2+FMA")
-                _state["ext"] = ext
+                if ext is None:
+                    if not os.path.exists(SOURCE):
+                        raise FileNotFoundError(f"no C++ source to compile ({SOURCE})")
+                    if why_prebuilt:
+                        log.info("mtpspec.kernels: %s; compiling skinny_gemm.cpp instead", why_prebuilt)
+                    ext, _state["file"] = _jit_build(SOURCE)
+                    _state["build"] = "jit"
             except Exception as e:  # noqa: BLE001 - any failure => torch path
-                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                log.warning("mtpspec.kernels: C++ kernel unavailable, using F.linear (%s)", _state["error"])
+                ext = None
+                _state["build"] = None
+                _state["error"] = "; ".join(x for x in (why_prebuilt, f"JIT build: {_short(e)}") if x)
+                log.warning("mtpspec.kernels: C++ kernels unavailable, using torch's F.linear: %s (%s). Install "
+                            "mtpspec with its build step: `pip install torch==2.13.0` then "
+                            "`pip install --no-build-isolation mtpspec` (or `bash setup.sh` in a clone)",
+                            SLOWER, _state["error"])
+            if ext is not None and ext.isa() == "none":
+                _state["build"] = None
+                _state["error"] = "this CPU has neither AVX-512 nor AVX2+FMA"
+                log.warning("mtpspec.kernels: C++ kernels unavailable, using torch's F.linear: %s (%s)",
+                            SLOWER, _state["error"])
+                ext = None
+            _state["ext"] = ext
             _state["compile_s"] = round(time.perf_counter() - t0, 2)
             _state["tried"] = True
     return _state["ext"]
 
 
 def kernel_info() -> dict:
-    """Which path `Linear` uses (builds the extension if not built yet)."""
+    """Which path `Linear` uses (loads or builds the extension if not done yet): path "cpp" with
+    build "prebuilt" (compiled at install time) or "jit" (compiled at run time), the ISA and the
+    library file; or path "torch" with the reason."""
     ext = _ext()
     info = {
         "path": "cpp" if ext is not None else "torch",
@@ -107,6 +241,8 @@ def kernel_info() -> dict:
     }
     if ext is not None:
         info["isa"] = ext.isa()
+        info["build"] = _state["build"]
+        info["file"] = _state["file"]
     elif _forced_torch():
         info["reason"] = "MTPSPEC_KERNELS=torch"
     elif _state["error"]:
