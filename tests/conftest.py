@@ -43,13 +43,13 @@ def check_batch_consistency(batch) -> None:
     the KV cache holds exactly the row's history minus its pending last token (the next forward
     processes it), the pending token is the history's last, and the output is the history after
     the prompt (cut at a stop string or EOS, never altered)."""
-    lengths = batch.cache.lengths.tolist()
+    lengths, pending = batch.cache.lengths.tolist(), batch.last_tokens.tolist()
     for b, s in enumerate(batch.seqs):
         if s is None:
             continue
         h, prompt = batch.history[b], s.request.prompt_ids
         assert lengths[b] == len(h) - 1, f"slot {b}: cache holds {lengths[b]} tokens, history {len(h)} (+1 pending)"
-        assert int(batch.last_tokens[b]) == h[-1], f"slot {b}: pending token is not the history's last"
+        assert pending[b] == h[-1], f"slot {b}: pending token is not the history's last"
         assert h[: len(prompt)] == prompt and s.new_ids == h[len(prompt) : len(prompt) + len(s.new_ids)], (
             f"slot {b}: output is not the history after the prompt")
 

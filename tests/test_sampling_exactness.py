@@ -105,12 +105,14 @@ def test_the_fit_detects_a_002_bias_in_the_bonus_token_only(sharp_target, monkey
     assert any(f.startswith(f"slot {k + 1}") for f in failed_fits(obs, k))
 
 
-@pytest.mark.parametrize("tree", [None, TreeShape(6, 2, 2)], ids=["chains", "trees"])
-def test_mtp_sampled_drafting_follows_the_target(sharp_target, tree):
+@pytest.mark.parametrize("tree,params", [(None, SamplingParams(1.0)), (TreeShape(6, 2, 2), SamplingParams(1.0)),
+                                         (TreeShape(6, 2, 2), SamplingParams(0.8, top_k=6, top_p=0.9))],
+                         ids=["chains", "trees", "trees-top-k-top-p"])
+def test_mtp_sampled_drafting_follows_the_target(sharp_target, tree, params):
     """The real MTP proposer: sampled chains (drafts drawn from the drafter's processed
     distribution, returned as q) and draft trees (deterministic nodes, walked by target draws)."""
     proposer = MtpProposer(random_drafter(sharp_target, seed=2), tree)
-    obs, k = _observe(sharp_target, "far", SamplingParams(1.0), seed=1, proposer=proposer)
+    obs, k = _observe(sharp_target, "far", params, seed=1, proposer=proposer)
     counts = torch.bincount(obs.slots, minlength=k + 2)[1:].tolist()
     assert counts[1] > 500, f"drafts must be accepted often enough to test later slots: {counts}"
     assert failed_fits(obs, k) == []
