@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from ..bench.plain import kernel_info, kernel_summary
 from ..bench.prompts import CHAT_PROMPTS
 
 
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         model = httpx.get(args.url + "/v1/models", timeout=30).json()["data"][0]["id"]
         servers.append(("external", args.url.rstrip("/"), model, None))
         results["model"] = model
+        results["kernel"] = {"path": "unknown", "reason": "an external server"}
     else:
         import mtpspec
         from mtpspec.api import Engine
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
         spec = mtpspec.load(args.model, drafter=resolve_drafter(args.model, args.drafter))
         plain = Engine(spec.model, spec.tokenizer, spec.path, spec.name)
         results["model"] = spec.name
+        results["kernel"] = kernel_info()
         for name, eng in ((f"drafter: {spec.drafter_name}", spec), ("no drafter", plain)):
             served = build(eng, max_batch_size=args.max_batch_size, max_queue=256, max_len=1024)
             srv = ServerThread(served.app).start()
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     args.out.write_text(json.dumps(results, indent=2))
     plot(results, args.plot)
     print(table(results))
-    print(f"\nload average at start {results['load_average_at_start']}, at end {results['load_average_at_end']}; "
+    print(f"\nkernel: {kernel_summary(results['kernel'])}")
+    print(f"load average at start {results['load_average_at_start']}, at end {results['load_average_at_end']}; "
           f"spec stats {results['spec_stats']}")
     print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
 
