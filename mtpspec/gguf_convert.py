@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CheckpointError
+from .processes import pid_alive
 
 GGUF_MAGIC = b"GGUF"
 MARKER_FILE = "mtpspec_conversion.json"
@@ -190,18 +191,6 @@ def _temp_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_temps(out_dir: Path, *, all_owners: bool = False) -> list[Path]:
     """Remove leftover temporary folders of conversions into `out_dir`.
 
@@ -218,7 +207,7 @@ def clean_stale_temps(out_dir: Path, *, all_owners: bool = False) -> list[Path]:
             continue
         if not all_owners:
             pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and pid_alive(int(pid_text)):
                 continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mtpspec.decoding.loop import Request, generate
+from mtpspec.decoding.loop import Request, run
 from mtpspec.decoding.proposers import DraftInput, Proposal
 from mtpspec.decoding.sampling import SamplingParams, probabilities
 
@@ -48,17 +48,13 @@ def run_and_observe(model, prompts: list[list[int]], params: list[SamplingParams
     reqs = [Request(p, new_tokens, q) for p, q in zip(prompts, params)]
     slots: list[list[int]] = [[] for _ in prompts]
     seen = [0] * len(prompts)
-    it = generate(model, reqs, proposer, k)
-    while True:
-        try:
-            ev = next(it)
-        except StopIteration as stop:
-            seqs = stop.value
-            break
-        n_new = len(ev.new_ids) - seen[ev.row]
+
+    def on_event(ev) -> None:
         if seen[ev.row]:  # the prefill's token is plain sampling: not observed
-            slots[ev.row] += list(range(1, n_new + 1))
+            slots[ev.row] += list(range(1, len(ev.new_ids) - seen[ev.row] + 1))
         seen[ev.row] = len(ev.new_ids)
+
+    seqs = run(model, reqs, proposer, k, on_event=on_event)
     assert all(len(s.new_ids) == new_tokens and len(sl) == new_tokens - 1 for s, sl in zip(seqs, slots))
     assert len({len(p) for p in prompts}) == 1, "prompts of one length: one batched forward gives every p_t"
     n0 = len(prompts[0])

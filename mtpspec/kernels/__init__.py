@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..processes import pid_alive
+
 __all__ = ["Linear", "kernel_info"]
 
 log = logging.getLogger(__name__)
@@ -122,16 +124,6 @@ def _import_file(path: str, name: str):
     return mod
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _jit_build(source: str = SOURCE, name: str = JIT_NAME):
     """Compile `source` (skinny_gemm.cpp) into the module `name` with torch.utils.cpp_extension,
     for a source checkout that was never installed or a stale in-place build. Returns (module, file).
@@ -167,7 +159,7 @@ def _jit_build(source: str = SOURCE, name: str = JIT_NAME):
     for d in os.listdir(root):  # private build dirs of dead processes on this host
         parts = d.split("-")
         if (d.startswith(f"build-{host}-") and len(parts) >= 4 and parts[-2].isdigit()
-                and not _pid_alive(int(parts[-2]))):
+                and not pid_alive(int(parts[-2]))):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     log.info("mtpspec.kernels: compiling the C++ kernels (once, about a minute) into %s", root)
     tmp = tempfile.mkdtemp(prefix=f"build-{host}-{os.getpid()}-", dir=root)
