@@ -3,7 +3,7 @@ round, through the real loop, with test proposers whose q depends on position, r
 and with the real MTP proposer's sampled chains and trees (exact_fit.py explains the test).
 
 The target is sharp (a tiny 12-token Llama whose final norm is scaled up: the most likely token
-has probability ~0.6 on average, far from uniform), so wrong distributions are far apart.
+has probability ~0.65 on average, far from uniform), so wrong distributions are far apart.
 
 Power (measured over 20 seeded runs of the `close` configuration per line, by moving 0.02 of
 probability from the target's most likely token to its second inside the verifier, i.e. a
@@ -34,7 +34,7 @@ from tiny_models import tiny_hf_model
 V = 12
 RUNS = {  # name: (rows, new tokens, K, proposer strength, sharpen)
     "close": (1200, 40, 3, 0.4, (1.0,)),
-    "far": (600, 30, 4, 1.5, (0.6, 0.85, 1.1)),
+    "far": (400, 30, 4, 1.5, (0.6, 0.85, 1.1)),
 }
 
 
