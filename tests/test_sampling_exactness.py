@@ -114,5 +114,5 @@ def test_mtp_sampled_drafting_follows_the_target(sharp_target, tree, params):
     proposer = MtpProposer(random_drafter(sharp_target, seed=2), tree)
     obs, k = _observe(sharp_target, "far", params, seed=1, proposer=proposer)
     counts = torch.bincount(obs.slots, minlength=k + 2)[1:].tolist()
-    assert counts[1] > 500, f"drafts must be accepted often enough to test later slots: {counts}"
+    assert counts[1] > 300, f"drafts must be accepted often enough to test later slots: {counts}"
     assert failed_fits(obs, k) == []
