@@ -20,7 +20,7 @@ from .decoding.proposers import NgramProposer, Proposer
 from .decoding.sampling import SamplingParams
 from .errors import CheckpointError, InputError
 from .models.decoder import Decoder
-from .text import IncrementalText, cut_at_stop, make_stop_check, stop_strings
+from .text import IncrementalText, cut_at_stop, make_stop_check, protected_chars, stop_strings
 
 if TYPE_CHECKING:
     from .decoding.mtp import TreeShape
@@ -191,7 +191,7 @@ class Engine:
         return self.tokenizer
 
     # ---- stop strings and output text (the API, the CLI and the server all use these) ----------
-    def stop_check(self, stop: str | Seq[str] | None) -> StopCheck | None:
+    def stop_check(self, stop: str | Seq[str] | None, min_tokens: int = 0) -> StopCheck | None:
         """The decoding loop's callback for stop strings (`Request.stop_check`), or None without
         any: given a sequence's new token ids, how many to keep once their text contains a stop
         string (the shortest prefix that does), else None. Raises InputError for invalid stop
@@ -199,34 +199,43 @@ class Engine:
         stop = stop_strings(stop)
         if stop:
             self._need_tokenizer()
-        return make_stop_check(self.decode, stop)
+        return make_stop_check(self.decode, stop, min_tokens)
 
-    def final_text(self, ids: list[int], stop: str | Seq[str] | None = None) -> str:
+    def final_text(self, ids: list[int], stop: str | Seq[str] | None = None, min_tokens: int = 0) -> str:
         """The text of generated token ids as results carry it: decoded, cut before the first stop
-        string."""
-        return cut_at_stop(self.decode(ids), stop_strings(stop))
+        string (with min_tokens: the first one ending after the text of the first min_tokens ids)."""
+        stop = stop_strings(stop)
+        text = self.decode(ids)
+        return cut_at_stop(text, stop, protected_chars(self.decode, ids, min_tokens)) if stop else text
 
-    def incremental_text(self, stop: str | Seq[str] | None = None) -> IncrementalText:
+    def incremental_text(self, stop: str | Seq[str] | None = None, min_tokens: int = 0) -> IncrementalText:
         """Streamed text of one sequence: `.delta(new_ids, finished)` gives the text new since
         the last call, holding back a partial character or a possible start of a stop string,
-        so the pieces always concatenate to `final_text(new_ids, stop)`."""
+        so the pieces always concatenate to `final_text(new_ids, stop, min_tokens)`."""
         stop = stop_strings(stop)
-        return IncrementalText(lambda ids: self.final_text(ids, stop), stop)
+        return IncrementalText(lambda ids: self.final_text(ids, stop, min_tokens), stop)
 
     # ---- generation --------------------------------------------------------------------------
-    def _requests(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, stop, chat: bool):
+    def _requests(self, prompts: list[Prompt], max_new_tokens: int, params: SamplingParams, stop, chat: bool,
+                  ignore_eos: bool = False, min_tokens: int = 0):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        check = self.stop_check(stop)
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
+            raise InputError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+        if min_tokens > max_new_tokens:
+            raise InputError(f"min_tokens ({min_tokens}) must be <= max_new_tokens ({max_new_tokens})")
+        if not isinstance(ignore_eos, bool):
+            raise InputError(f"ignore_eos must be a boolean, got {ignore_eos!r}")
+        check = self.stop_check(stop, min_tokens)
         ids = [self.encode(p, chat) for p in prompts]
-        return [Request(i, max_new_tokens, params, self.eos_ids, check) for i in ids]
+        return [Request(i, max_new_tokens, params, self.eos_ids, check, min_tokens, ignore_eos) for i in ids]
 
     def _result(self, prompt: Prompt, seq: Sequence, stop) -> GenerationResult:
         return GenerationResult(
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=seq.request.prompt_ids,
             token_ids=list(seq.new_ids),
-            text=self.final_text(seq.new_ids, stop),
+            text=self.final_text(seq.new_ids, stop, seq.request.min_tokens),
             finish_reason=seq.finish_reason or "length",
             stats=seq.stats.as_dict(),
         )
@@ -244,6 +253,8 @@ class Engine:
         chat: bool = True,
         batch_size: int | None = None,
         draft_tokens: int | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (returns one result) or a list of prompts (returns a list).
 
@@ -251,13 +262,16 @@ class Engine:
         ids (used as is). temperature=0 is greedy. Prompts run as one batch, or at most
         `batch_size` at a time, a finished prompt's slot going to the next one (continuous batching). With a proposer loaded, decoding is speculative: draft_tokens fixes K
         (0 = plain decoding), None uses the engine's default (adaptive unless set at load).
+        ignore_eos: EOS is an ordinary token (kept in token_ids); decoding runs to max_new_tokens
+        or a stop string. min_tokens: no EOS and no stop string within the first min_tokens new
+        tokens (EOS masked in the target's distribution there; see `Request`).
         """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         plist: list[Prompt] = [prompts] if single else list(prompts)
         if not plist:
             raise InputError("no prompts given")
         params = SamplingParams(temperature, top_k, top_p, seed)
-        requests = self._requests(plist, max_new_tokens, params, stop, chat)
+        requests = self._requests(plist, max_new_tokens, params, stop, chat, ignore_eos, min_tokens)
         size = batch_size or len(requests)
         if size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -278,11 +292,13 @@ class Engine:
         stop: str | list[str] | None = None,
         chat: bool = True,
         draft_tokens: int | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
     ) -> "TextStream":
         """Generate for one prompt, yielding text pieces as they come; `.result` holds the final
-        `GenerationResult` once the stream is exhausted."""
+        `GenerationResult` once the stream is exhausted. Parameters as `generate`."""
         params = SamplingParams(temperature, top_k, top_p, seed)
-        requests = self._requests([prompt], max_new_tokens, params, stop, chat)
+        requests = self._requests([prompt], max_new_tokens, params, stop, chat, ignore_eos, min_tokens)
         return TextStream(self, prompt, requests, stop, self.draft_policy(draft_tokens, params))
 
 
@@ -294,7 +310,7 @@ class TextStream:
     def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop, policy) -> None:
         self._engine, self._prompt, self._stop = engine, prompt, stop
         self._events = loop_generate(engine.model, requests, engine.proposer, policy)
-        self._text = engine.incremental_text(stop)
+        self._text = engine.incremental_text(stop, requests[0].min_tokens)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:

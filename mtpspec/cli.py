@@ -72,6 +72,8 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Makes sampling reproducible.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS (kept as an ordinary token) until --max-new-tokens or a stop string.")] = False,
+    min_tokens: Annotated[int, typer.Option("--min-tokens", help="No EOS and no stop string within the first N new tokens (EOS masked in the target's distribution).")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Decode at most N prompts of a prompts file at a time; a finished prompt's slot goes to the next one.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line on stdout.")] = False,
     drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder (gemma4_assistant format).")] = None,
@@ -99,7 +101,7 @@ def generate(
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
                       drafter_dtype=drafter_dtype, cache_dir=cache_dir)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      seed=seed, stop=stop, chat=not raw)
+                      seed=seed, stop=stop, chat=not raw, ignore_eos=ignore_eos, min_tokens=min_tokens)
         if compare and engine.proposer is None:
             raise MtpspecError("--compare needs a drafter (--drafter PATH or --ngram); none is loaded")
         baseline = None

@@ -35,10 +35,22 @@ def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     return stop
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+def cut_at_stop(text: str, stop: Sequence[str], protected: int = 0) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string that ends after
+    its first `protected` characters (min_tokens: those of the first min_tokens tokens)."""
+    found = [i for i in (text.find(s, max(0, protected - len(s) + 1)) for s in stop) if i >= 0]
     return text[: min(found)] if found else text
+
+
+def protected_chars(decode: Decode, ids: list[int], min_tokens: int) -> int:
+    """How many leading characters of decode(ids) no stop string may end in: all of them while
+    there are at most min_tokens ids, else those of the first min_tokens ids (a trailing partial
+    character not counted)."""
+    if min_tokens <= 0:
+        return 0
+    if len(ids) <= min_tokens:
+        return len(decode(ids))
+    return len(decode(ids[:min_tokens]).rstrip("\ufffd"))
 
 
 def partial_stop_length(text: str, stop: Sequence[str]) -> int:
@@ -53,20 +65,29 @@ def partial_stop_length(text: str, stop: Sequence[str]) -> int:
     return hold
 
 
-def make_stop_check(decode: Decode, stop: Sequence[str]) -> StopCheck | None:
+def make_stop_check(decode: Decode, stop: Sequence[str], min_tokens: int = 0) -> StopCheck | None:
     """The decoding loop's stop-string callback (None without stop strings): given a sequence's
     new token ids, None while their text holds no stop string, else how many ids to keep (the
     shortest prefix whose text contains one; the loop drops the rest and ends the sequence). The
-    loop calls it after every emitted token, including each token of a speculative round."""
+    loop calls it after every emitted token, including each token of a speculative round.
+    min_tokens: occurrences ending within the text of the first min_tokens ids do not count
+    (`protected_chars`), so the shortest prefix kept is longer than min_tokens."""
     if not stop:
         return None
     stop = list(stop)
 
+    def found(ids: list[int], protected: int) -> bool:
+        text = decode(ids)
+        return len(text) > protected and cut_at_stop(text, stop, protected) != text
+
     def check(new_ids: list[int]) -> int | None:
-        if not any(s in decode(new_ids) for s in stop):
+        if len(new_ids) <= min_tokens:
             return None
-        for n in range(1, len(new_ids) + 1):
-            if any(s in decode(new_ids[:n]) for s in stop):
+        protected = protected_chars(decode, new_ids, min_tokens)
+        if not found(new_ids, protected):
+            return None
+        for n in range(min_tokens + 1, len(new_ids) + 1):
+            if found(new_ids[:n], protected):
                 return n
         return len(new_ids)
 

@@ -31,13 +31,37 @@ StopCheck = Callable[[list[int]], int | None]
 
 @dataclass
 class Request:
-    """One sequence to generate."""
+    """One sequence to generate.
+
+    eos_ids: tokens that end the sequence (not kept in the output), unless `ignore_eos`.
+    stop_check: stop strings (see `StopCheck`).
+    ignore_eos: EOS tokens are ordinary output tokens (kept in `new_ids`); the sequence runs until
+        max_new_tokens (or the context) or a stop string.
+    min_tokens: as vLLM's and transformers' `min_new_tokens`: no EOS among the first `min_tokens`
+        new tokens, and no stop string completed by them. EOS is suppressed by masking its logits
+        in the TARGET's distribution at output positions 0..min_tokens-1 (greedy: the argmax of
+        the other tokens; sampled: EOS gets probability 0, the rest renormalised), the same way in
+        plain decoding and in the verification of draft chains and trees (every verified position
+        knows its output index), so speculative decoding stays lossless under these semantics; the
+        drafter's q ignores the mask (verification rejects a drafted EOS there). Stop strings are
+        checked only once more than `min_tokens` tokens exist, and only occurrences that end after
+        the text of the first `min_tokens` tokens count (vLLM's detokenizer does the same; the
+        `stop_check` must know `min_tokens`: `Engine.stop_check(stop, min_tokens)`). With
+        ignore_eos, min_tokens leaves EOS alone (as vLLM, whose min_tokens masks only stop tokens).
+        Must be <= max_new_tokens; a context shorter than that ends the sequence earlier.
+    """
 
     prompt_ids: list[int]
     max_new_tokens: int = 128
     params: SamplingParams = field(default_factory=SamplingParams)
     eos_ids: frozenset[int] = frozenset()
     stop_check: StopCheck | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def suppresses_eos(self, n_out: int) -> bool:
+        """Whether EOS is masked for the token at 0-based output index n_out."""
+        return n_out < self.min_tokens and not self.ignore_eos and bool(self.eos_ids)
 
 
 @dataclass
@@ -121,13 +145,15 @@ class Sequence:
         return self.finish_reason is not None
 
     def accept(self, token: int) -> None:
-        """Append one emitted token and apply the stop conditions (EOS is not kept in the output)."""
+        """Append one emitted token and apply the stop conditions (EOS is not kept in the output
+        unless ignore_eos; stop strings are not checked within the first min_tokens tokens)."""
         r = self.request
         self.new_ids.append(token)
-        if token in r.eos_ids:
+        if token in r.eos_ids and not r.ignore_eos:  # never among the first min_tokens (masked)
             self.new_ids.pop()
             self.finish_reason = "stop"
-        elif r.stop_check is not None and (keep := r.stop_check(self.new_ids)) is not None:
+        elif (r.stop_check is not None and len(self.new_ids) > r.min_tokens
+              and (keep := r.stop_check(self.new_ids)) is not None):
             del self.new_ids[keep:]
             self.finish_reason = "stop"
         elif len(self.new_ids) >= self.max_new_tokens:
@@ -153,6 +179,12 @@ def check_requests(model: Decoder, requests: list[Request]) -> None:
             raise InputError(f"prompt {i} is empty")
         if r.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if not isinstance(r.min_tokens, int) or isinstance(r.min_tokens, bool) or r.min_tokens < 0:
+            raise InputError(f"min_tokens must be an integer >= 0, got {r.min_tokens!r}")
+        if r.min_tokens > r.max_new_tokens:
+            raise InputError(f"min_tokens ({r.min_tokens}) must be <= max_new_tokens ({r.max_new_tokens})")
+        if not isinstance(r.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be a boolean, got {r.ignore_eos!r}")
         if len(r.prompt_ids) >= limit:
             raise InputError(
                 f"prompt {i} has {len(r.prompt_ids)} tokens; the model's context is {limit} tokens"
@@ -282,7 +314,10 @@ class DecodeBatch:
             self.seqs[b] = s
             s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[i], t_prefill, 1
             self.decode_start[b] = time.perf_counter()
-            tok = next_token(out.logits[i, 0], r.params, s.generator)
+            logits = out.logits[i, 0]
+            if r.suppresses_eos(0):
+                logits = logits.index_fill(-1, torch.tensor(sorted(r.eos_ids), device=dev), float("-inf"))
+            tok = next_token(logits, r.params, s.generator)
             self.last_tokens[b] = tok
             self.history[b] = list(r.prompt_ids) + [tok]
             s.accept(tok)
@@ -352,13 +387,37 @@ class DecodeBatch:
             events.append(Event(b, s.new_ids, s.done))
         return events
 
+    def _suppress_eos(self, logits, seqs, active, parents):
+        """The target's logits [B, N+1, V] over [last, nodes...] with EOS masked (-inf) where a
+        row's min_tokens forbids it: at the position predicting output index len(new_ids) + depth
+        (depth = the node's depth in the tree, = its index in a chain: parents None)."""
+        rows = [b for b, s in enumerate(seqs) if active[b] and s.request.suppresses_eos(len(s.new_ids))]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        n = logits.shape[1]
+        if parents is None:
+            depth = torch.arange(n).expand(len(seqs), n)
+        else:
+            par = parents.cpu()
+            depth = torch.zeros(len(seqs), n, dtype=torch.long)
+            for j in range(n - 1):  # parents come first
+                depth[:, j + 1] = depth.gather(1, par[:, j : j + 1])[:, 0] + 1
+        for b in rows:
+            r = seqs[b].request
+            where = ((len(seqs[b].new_ids) + depth[b]) < r.min_tokens).nonzero()[:, 0].to(logits.device)
+            eos = torch.tensor(sorted(r.eos_ids), device=logits.device)
+            logits[b, where[:, None], eos[None, :]] = float("-inf")
+        return logits
+
     def _verify_chain(self, view, seqs, active, last_tokens, drafts, proposal, k):
         """Verify k drafts per row in one forward over [last, d_1..d_k] (verify.py); keep each row's
         last token + accepted drafts in the cache. Returns (n_accepted, emitted) per row."""
         dev = self.model.device
         hi = len(seqs)
         out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view)
-        greedy_n, greedy_tokens = verify_greedy(drafts, out.logits)
+        logits = self._suppress_eos(out.logits, seqs, active, None)
+        greedy_n, greedy_tokens = verify_greedy(drafts, logits)
         n_accepted = greedy_n.tolist()
         emitted: list[list[int]] = []
         for b, s in enumerate(seqs):
@@ -368,7 +427,7 @@ class DecodeBatch:
                 emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
             else:
                 q = proposal.probs[b] if proposal.probs is not None else None
-                target_p = probabilities(out.logits[b], s.request.params)
+                target_p = probabilities(logits[b], s.request.params)
                 n_accepted[b], row = verify_sampled_row(drafts[b], q, target_p, s.generator)
                 emitted.append(row)
         keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
@@ -383,10 +442,11 @@ class DecodeBatch:
         hi = len(active)
         base = view.lengths.clone()
         out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view, tree=TreeMask.from_parents(parents))
-        paths, emitted = verify_greedy_tree(drafts, parents, out.logits)
+        logits = self._suppress_eos(out.logits, seqs, active, parents)
+        paths, emitted = verify_greedy_tree(drafts, parents, logits)
         for b, s in enumerate(seqs):
             if active[b] and not s.request.params.greedy:
-                target_p = probabilities(out.logits[b], s.request.params)
+                target_p = probabilities(logits[b], s.request.params)
                 paths[b], emitted[b] = verify_sampled_tree_row(drafts[b].tolist(), parents[b].tolist(), target_p,
                                                                s.generator)
         emitted = [e if a else [] for e, a in zip(emitted, active)]

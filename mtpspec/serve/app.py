@@ -49,7 +49,8 @@ class ApiError(Exception):
 def _input_error(e: InputError, default_param: str | None = None) -> ApiError:
     msg = str(e)
     first = msg.split(" ", 1)[0]
-    param = first if first in {"temperature", "top_k", "top_p", "seed", "stop", "max_tokens"} else default_param
+    param = first if first in {"temperature", "top_k", "top_p", "seed", "stop", "max_tokens", "min_tokens",
+                                      "ignore_eos"} else default_param
     code = "context_length_exceeded" if "context" in msg else None
     return ApiError(400, msg, param=param, code=code)
 
@@ -96,6 +97,8 @@ class GenParams:
     stop: list[str]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 def _gen_params(body: dict, max_tokens_default: int | None, max_tokens_names: tuple[str, ...]) -> GenParams:
@@ -124,11 +127,17 @@ def _gen_params(body: dict, max_tokens_default: int | None, max_tokens_names: tu
     opts = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
     include_usage = bool(_field(opts, "include_usage", lambda v: isinstance(v, bool), "a boolean", False))
     stop = _stop_list(body)
+    ignore_eos = _field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False)
+    min_tokens = _field(body, "min_tokens", _is_int, "an integer", 0)
+    if min_tokens < 0:
+        raise ApiError(400, f"'min_tokens' must be >= 0, got {min_tokens}", param="min_tokens")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ApiError(400, f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", param="min_tokens")
     try:
         sampling = SamplingParams(float(temperature), top_k, float(top_p), seed)
     except InputError as e:
         raise _input_error(e) from None
-    return GenParams(max_tokens, sampling, stop, stream, include_usage)
+    return GenParams(max_tokens, sampling, stop, stream, include_usage, ignore_eos, min_tokens)
 
 
 def _completion_prompt(engine, body: dict) -> list[int]:
@@ -295,10 +304,11 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
             except RuntimeError:  # event loop closed
                 pass
 
-        max_new = p.max_tokens if p.max_tokens is not None else scheduler.max_len - len(prompt_ids)
+        max_new = max(1, p.max_tokens if p.max_tokens is not None else scheduler.max_len - len(prompt_ids))
+        min_tokens = min(p.min_tokens, max_new)  # without max_tokens: capped by the context, as it is
         try:
-            stop_check = engine.stop_check(p.stop)
-            req = Request(prompt_ids, max(1, max_new), p.sampling, eos_ids, stop_check)
+            stop_check = engine.stop_check(p.stop, min_tokens)
+            req = Request(prompt_ids, max_new, p.sampling, eos_ids, stop_check, min_tokens, p.ignore_eos)
             job = scheduler.submit(req, on_update)
         except InputError as e:
             err = _input_error(e, "messages" if chat else "prompt")
@@ -340,7 +350,7 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
 
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created_at = int(time.time())
-        text = engine.incremental_text(p.stop)  # streamed deltas concatenate to the final text
+        text = engine.incremental_text(p.stop, min_tokens)  # streamed deltas concatenate to the final text
 
         def usage(u: Update) -> dict:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(u.new_ids),
@@ -364,7 +374,7 @@ def create_app(engine, scheduler: Scheduler, metrics: Metrics | None = None, mod
                 err = _job_error(u.error, chat)
                 count(endpoint, err.status)
                 return err.response()
-            final_text = engine.final_text(u.new_ids, p.stop)
+            final_text = engine.final_text(u.new_ids, p.stop, min_tokens)
             reason = u.finish_reason if u.finish_reason in ("stop", "length") else "stop"
             choice = {"index": 0, "logprobs": None, "finish_reason": reason, "token_ids": list(u.new_ids)}
             if chat:
