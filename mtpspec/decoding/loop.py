@@ -387,22 +387,17 @@ class DecodeBatch:
             events.append(Event(b, s.new_ids, s.done))
         return events
 
-    def _suppress_eos(self, logits, seqs, active, parents):
+    def _suppress_eos(self, logits, seqs, active, depth=None):
         """The target's logits [B, N+1, V] over [last, nodes...] with EOS masked (-inf) where a
         row's min_tokens forbids it: at the position predicting output index len(new_ids) + depth
-        (depth = the node's depth in the tree, = its index in a chain: parents None)."""
+        (depth [B, N+1] = each node's depth in the tree, `TreeMask.depth`; None = a chain, where it
+        is the position's index)."""
         rows = [b for b, s in enumerate(seqs) if active[b] and s.request.suppresses_eos(len(s.new_ids))]
         if not rows:
             return logits
         logits = logits.clone()
         n = logits.shape[1]
-        if parents is None:
-            depth = torch.arange(n).expand(len(seqs), n)
-        else:
-            par = parents.cpu()
-            depth = torch.zeros(len(seqs), n, dtype=torch.long)
-            for j in range(n - 1):  # parents come first
-                depth[:, j + 1] = depth.gather(1, par[:, j : j + 1])[:, 0] + 1
+        depth = torch.arange(n).expand(len(seqs), n) if depth is None else depth.cpu()
         for b in rows:
             r = seqs[b].request
             where = ((len(seqs[b].new_ids) + depth[b]) < r.min_tokens).nonzero()[:, 0].to(logits.device)
@@ -441,8 +436,9 @@ class DecodeBatch:
         dev = self.model.device
         hi = len(active)
         base = view.lengths.clone()
-        out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view, tree=TreeMask.from_parents(parents))
-        logits = self._suppress_eos(out.logits, seqs, active, parents)
+        tree = TreeMask.from_parents(parents)
+        out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view, tree=tree)
+        logits = self._suppress_eos(out.logits, seqs, active, tree.depth)
         paths, emitted = verify_greedy_tree(drafts, parents, logits)
         for b, s in enumerate(seqs):
             if active[b] and not s.request.params.greedy:
