@@ -56,6 +56,17 @@ def copying_drafter(target) -> MTPDrafter:
     return d
 
 
+def drafting_engines(target_folder, drafter_folder, k: int) -> dict:
+    """The target with each drafting mode at a fixed K: n-gram, MTP chains, MTP 6:2:3 trees."""
+    import mtpspec
+
+    spec = {"ngram": mtpspec.load(target_folder, drafter="ngram", draft_tokens=k),
+            "mtp-chain": mtpspec.load(target_folder, drafter=drafter_folder, draft_tree=None, draft_tokens=k),
+            "mtp-tree": mtpspec.load(target_folder, drafter=drafter_folder, draft_tree="6:2:3", draft_tokens=k)}
+    assert spec["mtp-tree"].proposer.tree is not None and spec["mtp-chain"].proposer.tree is None
+    return spec
+
+
 def hf_assistant(target_hf, seed: int = 0, clustered: bool = False, hidden: int = 32, layers=("sliding_attention", "full_attention")):
     """A random transformers Gemma4AssistantForCausalLM for a tiny Gemma 4 target (call inside
     `mtpspec.compat.transformers_gemma4_assistant()`)."""

@@ -24,7 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 import mtpspec
-from drafter_helpers import copying_drafter
+from drafter_helpers import copying_drafter, drafting_engines
 from mtpspec.cli import app
 from mtpspec.decoding.loop import Request, run
 from mtpspec.decoding.sampling import SamplingParams
@@ -51,10 +51,7 @@ def tiny(tiny_with_tokenizer, tmp_path_factory):
     assert OW in plain.eos_ids
     dfolder = tmp_path_factory.mktemp("copying-drafter-eos")
     save_drafter(copying_drafter(plain.model), dfolder, draft_tokens=K)
-    spec = {"ngram": mtpspec.load(folder, drafter="ngram", draft_tokens=K),
-            "mtp-chain": mtpspec.load(folder, drafter=dfolder, draft_tree=None, draft_tokens=K),
-            "mtp-tree": mtpspec.load(folder, drafter=dfolder, draft_tree="6:2:3", draft_tokens=K)}
-    assert spec["mtp-tree"].proposer.tree is not None and spec["mtp-chain"].proposer.tree is None
+    spec = drafting_engines(folder, dfolder, K)
     return plain, spec, dfolder, folder
 
 

@@ -36,7 +36,7 @@ import mtpspec
 from mtpspec.cli import app
 from mtpspec.decoding.loop import Request, generate as loop_generate
 from mtpspec.drafter_checkpoint import save_drafter
-from drafter_helpers import copying_drafter
+from drafter_helpers import copying_drafter, drafting_engines
 from mtpspec.serve.server import ServerThread, build
 from mtpspec.serve.text import chat_prompt_ids
 from mtpspec.text import IncrementalText, cut_at_stop, make_stop_check, partial_stop_length, stop_strings
@@ -71,10 +71,7 @@ def tiny(tiny_with_tokenizer, tmp_path_factory):
     plain = mtpspec.load(tiny_with_tokenizer)
     folder = tmp_path_factory.mktemp("copying-drafter")
     save_drafter(copying_drafter(plain.model), folder, draft_tokens=K)
-    spec = {"ngram": mtpspec.load(tiny_with_tokenizer, drafter="ngram", draft_tokens=K),
-            "mtp-chain": mtpspec.load(tiny_with_tokenizer, drafter=folder, draft_tree=None, draft_tokens=K),
-            "mtp-tree": mtpspec.load(tiny_with_tokenizer, drafter=folder, draft_tree="6:2:3", draft_tokens=K)}
-    assert spec["mtp-tree"].proposer.tree is not None and spec["mtp-chain"].proposer.tree is None
+    spec = drafting_engines(tiny_with_tokenizer, folder, K)
     full = plain.generate(PROMPT, max_new_tokens=N, chat=False)
     chat = plain.generate(CHAT, max_new_tokens=CHAT_N)
     assert len(full.token_ids) == N and len(chat.token_ids) == CHAT_N
