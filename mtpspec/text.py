@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from .decoding.loop import StopCheck
 from .errors import InputError
 
 Decode = Callable[[list[int]], str]
-StopCheck = Callable[[list[int]], int | None]  # the same as mtpspec.decoding.loop.StopCheck
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
