@@ -1,0 +1,89 @@
+"""Re-injects the realistic decoding bugs the losslessness tests must catch (issue 13's list, plus
+variants), one at a time, each in a throw-away git worktree of HEAD, and runs the tests meant to
+catch it. A bug that passes its tests means the suite lost its teeth.
+
+    .venv/bin/python tests/mutations.py                 # every bug
+    .venv/bin/python tests/mutations.py row0-q stop     # some (names below)
+
+Each bug names the file, the exact line(s) it replaces, and the tests (with an optional -k) that
+must fail. It runs the repository's .venv python from inside the worktree, so the worktree's
+mtpspec is the one imported. Several minutes per bug on 2 cores; not part of the suite.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = REPO / ".venv" / "bin" / "python"
+
+# name: (file, original, buggy, tests, -k filter)
+BUGS = {
+    "bonus-from-pK": ("mtpspec/decoding/verify.py",
+                      "emitted.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))",
+                      "emitted.append(int(torch.multinomial(target_probs[k - 1], 1, generator=generator)))",
+                      "tests/test_verify.py tests/test_sampling_exactness.py", ""),
+    "residual-next-q": ("mtpspec/decoding/verify.py",
+                        "q = draft_probs[n] if draft_probs is not None",
+                        "q = draft_probs[min(n + 1, k - 1)] if draft_probs is not None",
+                        "tests/test_verify.py tests/test_sampling_exactness.py", ""),
+    "rollback-greedy-count": ("mtpspec/decoding/loop.py",
+                              "keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)",
+                              "keep = torch.tensor([n + 1 if e else 0 for n, e in zip(greedy_n.tolist(), emitted)], device=dev)",
+                              "tests/test_sampling_exactness.py", ""),
+    "row0-q": ("mtpspec/decoding/loop.py",
+               "q = proposal.probs[b] if proposal.probs is not None else None",
+               "q = proposal.probs[0] if proposal.probs is not None else None",
+               "tests/test_sampling_exactness.py", ""),
+    "hidden-next": ("mtpspec/decoding/loop.py",
+                    "out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]",
+                    "out.hidden[torch.arange(hi, device=dev), torch.tensor([min(n + 1, k) for n in n_accepted], device=dev)]",
+                    "tests/test_speculative.py", "hidden_state"),
+    "hidden-prev": ("mtpspec/decoding/loop.py",
+                    "out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]",
+                    "out.hidden[torch.arange(hi, device=dev), torch.tensor([max(n - 1, 0) for n in n_accepted], device=dev)]",
+                    "tests/test_speculative.py", "hidden_state"),
+    "hidden-tree": ("mtpspec/decoding/loop.py",
+                    "last = torch.tensor([p[-1] if p else 0 for p in paths], device=dev)",
+                    "last = torch.tensor([p[-2] if len(p) > 1 else 0 for p in paths], device=dev)",
+                    "tests/test_speculative.py", "hidden_state and tree"),
+    "stop": ("mtpspec/decoding/loop.py",
+             "            for tok in emitted[b]:\n                s.accept(tok)",
+             "            for tok in emitted[b]:\n"
+             "                check, s.request.stop_check = s.request.stop_check, (None if len(emitted[b]) > 1 else s.request.stop_check)\n"
+             "                s.accept(tok)\n"
+             "                s.request.stop_check = check",
+             "tests/test_stop_strings.py", ""),
+}
+
+
+def run(name: str) -> bool:
+    """True if the bug is caught (its tests fail)."""
+    path, original, buggy, tests, k = BUGS[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{name}-") as tmp:
+        wt = Path(tmp) / "wt"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(wt), "HEAD"], check=True)
+        try:
+            src = (wt / path).read_text()
+            if src.count(original) != 1:
+                print(f"{name}: the original line is not in {path} once: update tests/mutations.py", flush=True)
+                return False
+            (wt / path).write_text(src.replace(original, buggy))
+            cmd = f"{PY} -m pytest -q -x -p no:cacheprovider {tests}" + (f" -k {shlex.quote(k)}" if k else "")
+            r = subprocess.run(cmd, shell=True, cwd=wt, capture_output=True, text=True)
+            failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+            print(f"{name}: {'caught by ' + failed[0][7:] if r.returncode else 'NOT CAUGHT'}", flush=True)
+            return r.returncode != 0
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], check=False)
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(BUGS)
+    missed = [n for n in names if not run(n)]
+    print("all caught" if not missed else f"NOT CAUGHT: {', '.join(missed)}")
+    sys.exit(1 if missed else 0)
