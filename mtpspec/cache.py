@@ -137,6 +137,3 @@ class KVCache:
                 for cache in group:
                     cache[:, b, :, lo + j0 : lo + len(ks)] = cache[:, b].index_select(2, src)  # a copy: overlap is safe
         self.lengths.copy_(base.to(dev) + torch.tensor([len(k) for k in keep], device=dev))
-
-    def reset(self) -> None:
-        self.lengths.zero_()

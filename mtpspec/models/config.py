@@ -91,10 +91,6 @@ class ModelConfig:
     def is_kv_shared(self, layer: int) -> bool:
         return self.layers[layer].kv_source != layer
 
-    @property
-    def has_moe(self) -> bool:
-        return any(s.moe is not None for s in self.layers)
-
     def cache_layers(self) -> list[int]:
         """Layers that own K/V in the cache (KV-shared layers own nothing)."""
         return [i for i, s in enumerate(self.layers) if s.kv_source == i]

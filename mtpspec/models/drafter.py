@@ -321,10 +321,6 @@ class MaskedEmbedding(nn.Module):
         # token_ordering[i]): a cluster's rows are then one contiguous block
         self.cluster_major = False
 
-    def selected(self, s: torch.Tensor) -> torch.Tensor:
-        """Token ids [B, top_k * V/C] of the chosen clusters for final drafter states s [B, H]."""
-        return self._select(s)[1]
-
     def _select(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices  # [B, top_k]
         return top, self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)

@@ -339,12 +339,6 @@ def _capacity_assign(sim: torch.Tensor, cap: int) -> torch.Tensor:
         sim[rejected, best_o[~ok]] = float("-inf")
 
 
-def cluster_hit_rate(drafter: MTPDrafter, s: torch.Tensor, labels: torch.Tensor, cluster_of: torch.Tensor) -> float:
-    me = drafter.masked_embedding
-    top = me.centroids(s).topk(me.top_k, dim=-1).indices
-    return float((top == cluster_of[labels][:, None]).any(-1).float().mean())
-
-
 def cosine_lr(step: int, total: int | None, warmup: int, base: float, floor: float = 0.1) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
