@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .models.decoder import Decoder
-from .models.drafter import ATTENTION_TYPES, DrafterConfig, KVLayout, MTPDrafter, check_compatible
+from .cache import CacheLayout
+from .models.drafter import ATTENTION_TYPES, DrafterConfig, MTPDrafter, check_compatible
 
 _OWN_TEXT_FIELDS = {
     "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "layer_types",
@@ -85,7 +86,7 @@ def config_from_dict(raw: dict, where: str = "config.json") -> DrafterConfig:
         if t not in ATTENTION_TYPES:
             raise CheckpointError(f"{where}: text_config.layer_types[{i}] = {t!r} is not supported")
         per = c.per_layer_config[i]
-        lay = KVLayout(per.num_key_value_heads, per.head_dim)
+        lay = CacheLayout(per.num_key_value_heads, per.head_dim)
         if kv.setdefault(t, lay) != lay:
             raise CheckpointError(f"{where}: {t} layers have different K/V layouts")
     act = _ACT.get(c.hidden_activation)

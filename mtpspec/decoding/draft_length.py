@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..errors import InputError
+
 
 class DraftLengthPolicy(Protocol):
     max_k: int
@@ -41,6 +43,26 @@ class DraftLengthPolicy(Protocol):
 
     def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
                 verified_tokens: int | None = None) -> None: ...
+
+
+class FixedDraftLength:
+    """Always draft k tokens (k = 0: plain decoding)."""
+
+    def __init__(self, k: int) -> None:
+        if k < 0:
+            raise InputError(f"draft_tokens must be >= 0, got {k}")
+        self.k = k
+
+    def choose(self, batch_size: int) -> int:
+        return self.k
+
+    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
+                verified_tokens: int | None = None) -> None:
+        pass
+
+    @property
+    def max_k(self) -> int:
+        return self.k
 
 
 def _bucket(batch_size: int) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputError
 from ..models.decoder import Decoder
-from .draft_length import DraftLengthPolicy
+from .draft_length import DraftLengthPolicy, FixedDraftLength
 from .proposers import DraftInput, Proposal, Proposer
 from .sampling import SamplingParams, next_token, probabilities
 from .tree import TreeMask, verify_greedy_tree, verify_sampled_tree_row
@@ -192,26 +192,6 @@ def check_requests(model: Decoder, requests: list[Request]) -> None:
         bad = [t for t in r.prompt_ids if not 0 <= t < model.cfg.vocab_size]
         if bad:
             raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0..{model.cfg.vocab_size - 1})")
-
-
-class FixedDraftLength:
-    """Always draft k tokens (k = 0: plain decoding)."""
-
-    def __init__(self, k: int) -> None:
-        if k < 0:
-            raise InputError(f"draft_tokens must be >= 0, got {k}")
-        self.k = k
-
-    def choose(self, batch_size: int) -> int:
-        return self.k
-
-    def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
-                verified_tokens: int | None = None) -> None:
-        pass
-
-    @property
-    def max_k(self) -> int:
-        return self.k
 
 
 class DecodeBatch:

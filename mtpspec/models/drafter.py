@@ -33,21 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import KVCache
+from ..cache import CacheLayout, KVCache
 from .. import kernels
 from ..kernels import Linear
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 
 ATTENTION_TYPES = ("sliding_attention", "full_attention")
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """The K/V shape a drafter layer type attends to: the target's (kv_heads, head_dim)."""
-
-    n_kv_heads: int
-    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +54,7 @@ class DrafterConfig:
     intermediate_size: int
     n_heads: int
     layer_types: tuple[str, ...]
-    kv_layout: tuple[tuple[str, KVLayout], ...]
+    kv_layout: tuple[tuple[str, CacheLayout], ...]
     sliding_window: int | None = None
     norm_eps: float = 1e-6
     activation: str = "gelu_tanh"
@@ -77,7 +69,7 @@ class DrafterConfig:
     def n_layers(self) -> int:
         return len(self.layer_types)
 
-    def kv(self, attention_type: str) -> KVLayout:
+    def kv(self, attention_type: str) -> CacheLayout:
         return dict(self.kv_layout)[attention_type]
 
     @staticmethod
@@ -114,7 +106,7 @@ class DrafterConfig:
             if layer is None:
                 raise ValueError(f"drafter layer type {t} but the target has no {t} layer")
             spec = target_cfg.layers[layer]
-            kv.append((t, KVLayout(spec.n_kv_heads, spec.head_dim)))
+            kv.append((t, CacheLayout(spec.n_kv_heads, spec.head_dim)))
         window = None
         if "sliding_attention" in layer_types:
             window = target_cfg.layers[target_cfg.last_cache_layer("sliding_attention")].sliding_window
@@ -544,5 +536,5 @@ def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:
             raise ValueError(f"sliding window: drafter {cfg.sliding_window}, target {spec.sliding_window}")
 
 
-__all__ = ["DrafterConfig", "KVLayout", "MTPDrafter", "DraftContext", "check_compatible"]
+__all__ = ["DrafterConfig", "MTPDrafter", "DraftContext", "check_compatible"]
 
