@@ -52,7 +52,7 @@ else:
         ext_modules=[
             CppExtension(
                 "mtpspec.kernels._skinny_gemm",
-                ["mtpspec/kernels/skinny_gemm.cpp"],
+                ["mtpspec/kernels/skinny_gemm.cpp", "mtpspec/kernels/quant_gemm.cpp"],
                 extra_compile_args=["-O3", "-fopenmp", "-g0"],
                 extra_link_args=["-fopenmp"],
             )

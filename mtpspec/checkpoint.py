@@ -236,9 +236,18 @@ def _hf_hint(ours: str) -> str:
     return f"model.layers.{i}.{rev.get(mod, mod)}.{kind}"
 
 
-def load_decoder(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Decoder:
-    """Build our decoder for a checkpoint folder and load its weights (checked, renamed, fused)."""
+def load_decoder(folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 quantize: str = "none", gguf: str | Path | None = None) -> Decoder:
+    """Build our decoder for a checkpoint folder and load its weights (checked, renamed, fused).
+
+    quantize: "none" (dense, in `dtype`), "gguf" (the quantized matrices of the GGUF file `gguf`
+    that `folder` was converted from, kept as they are in the file), or "int8" / "int4" (weights
+    quantized at load time). Quantized layers compute in `dtype` with int8 activations
+    (models/quantize.py, kernels/quant.py); norms, attention and the KV cache stay in `dtype`."""
+    from .models import quantize as q
+
     folder = Path(folder)
+    q.check_quantize(quantize)
     _, cfg = read_config(folder)
     with torch.device("meta"):
         model = Decoder(cfg)
@@ -246,5 +255,15 @@ def load_decoder(folder: str | Path, *, device: str | torch.device = "cpu", dtyp
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
+    plan = None
+    if quantize == "gguf":
+        if gguf is None:
+            raise ValueError('quantize="gguf" needs the GGUF file the checkpoint was converted from')
+        plan = q.plan_gguf(model, cfg, gguf)
+    elif quantize in q.SCHEMES:
+        plan = q.plan_scheme(model, cfg, quantize)
     model = model.to(device=device, dtype=dtype)
+    if plan is not None:
+        q.install(model, plan, dtype)
+        model.quantization = plan.summary()
     return model.prepare()

@@ -75,6 +75,12 @@ _SUPPORTED = (torch.float32, torch.bfloat16)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
 LD_FLAGS = ["-fopenmp"]          # resolves to the copy torch already loaded (one thread pool)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
+EXTRA_SOURCES = ("quant_gemm.cpp",)  # compiled into the same extension, next to SOURCE
+
+
+def _sources(source: str) -> list[str]:
+    """The C++ files of the extension whose main file is `source`."""
+    return [source] + [os.path.join(os.path.dirname(source), f) for f in EXTRA_SOURCES]
 PREBUILT = "mtpspec.kernels._skinny_gemm"  # built by setup.py at install / wheel-build time
 JIT_NAME = "mtpspec_skinny_gemm"
 # the one warning of a missing / failed build: what it costs (python -m mtpspec.kernels.bench_linear,
@@ -106,8 +112,9 @@ def _prebuilt():
                       "step was skipped)")
     # in a source checkout (the .cpp sits next to the .so: `pip install -e .`; wheels carry no .cpp),
     # an edited or pulled skinny_gemm.cpp makes the in-place build stale: compile the current source
-    if os.path.exists(SOURCE) and os.path.getmtime(SOURCE) > os.path.getmtime(spec.origin):
-        return None, (f"the prebuilt {os.path.basename(spec.origin)} is older than skinny_gemm.cpp "
+    newest = max((os.path.getmtime(f) for f in _sources(SOURCE) if os.path.exists(f)), default=None)
+    if newest is not None and os.path.exists(SOURCE) and newest > os.path.getmtime(spec.origin):
+        return None, (f"the prebuilt {os.path.basename(spec.origin)} is older than skinny_gemm.cpp / quant_gemm.cpp "
                       "(re-run `bash setup.sh` or `pip install --no-build-isolation -e .` to rebuild it)")
     try:
         return importlib.import_module(PREBUILT), None
@@ -145,8 +152,10 @@ def _jit_build(source: str = SOURCE, name: str = JIT_NAME):
 
     root = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root(), "mtpspec")
     h = hashlib.sha256()
-    with open(source, "rb") as f:
-        h.update(f.read())
+    sources = _sources(source)
+    for src in sources:
+        with open(src, "rb") as f:
+            h.update(f.read())
     h.update(repr((CXX_FLAGS, LD_FLAGS, torch.__version__, sys.version, platform.machine())).encode())
     final = os.path.join(root, f"{name}-{h.hexdigest()[:16]}.so")
     if os.path.exists(final):
@@ -164,7 +173,7 @@ def _jit_build(source: str = SOURCE, name: str = JIT_NAME):
     log.info("mtpspec.kernels: compiling the C++ kernels (once, about a minute) into %s", root)
     tmp = tempfile.mkdtemp(prefix=f"build-{host}-{os.getpid()}-", dir=root)
     try:
-        ext = cpp_extension.load(name=name, sources=[source], extra_cflags=CXX_FLAGS,
+        ext = cpp_extension.load(name=name, sources=sources, extra_cflags=CXX_FLAGS,
                                  extra_ldflags=LD_FLAGS, build_directory=tmp, verbose=False)
         if ext.__name__ != name:  # a second build in one process: torch renamed it name_v1
             return ext, ext.__file__

@@ -90,6 +90,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.quantization: str | None = None  # what checkpoint.load_decoder quantized (None: dense)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         if cfg.per_layer_input_size:  # Gemma 4 PLE: packed table + projection of the embeddings

@@ -1,0 +1,330 @@
+// Weight-only quantized GEMM: y[M,N] = x[M,K] @ W^T (+ bias), W kept as 4- or 8-bit integers with
+// one fp32 scale d and offset m per output feature and block of B inputs:
+//
+//     W[n][k] = d[n][b] * q[n][k] + m[n][b],     b = k / B
+//
+// Packed layout (mtpspec/kernels/quant.py writes it): panels of 16 output features; each panel
+// holds its K/B blocks one after the other, each block its integers then d[16] and m[16] (fp32):
+//
+//   fmt 8 (B = 16 or 32):  int8   Q[g][j][i]  = q[16p+j][bB + 4g + i]            g < B/4   (B*16 bytes)
+//   fmt 4 (B = 32):        nibbles Q[g][j][i]: low = q[16p+j][bB + 8g + i], high = ...[bB + 8g + 4 + i]
+//                          (q in 0..15)                                         g < B/8   (B*8 bytes)
+//
+// Activations are quantized per row and block to int8, as llama.cpp does (its Q8 activations):
+//   dx = max|x_block| / 127,  qx = round(x / dx) in [-127, 127],  xs = dx * sum(qx)
+// and then, with the integer dot products exact in int32,
+//   y[n] = sum_b  d[n][b] * dx_b * (q[n] . qx)_b  +  m[n][b] * xs_b        (fp32, block order)
+// Each row's result depends only on that row: one token gives the same logits alone, in a batch,
+// or inside a verify step (speculative decoding stays lossless against plain decoding).
+//
+// Paths: AVX2 (maddubs: u8 x s8 pair products into int16; 4-bit weights are unsigned, int8
+// weights go through |w| x sign(x, w), as llama.cpp does; no int16 sum can overflow) and portable
+// C++ with the same integer sums and the same fp32 operations in the same order, so both give
+// bit-identical results (tests check it). CPUs with AVX-512 run the AVX2 path.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int PW = 16;  // output features per panel
+
+enum QIsa { Q_SCALAR = 0, Q_AVX2 = 1 };
+
+QIsa q_detect() {
+  __builtin_cpu_init();
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Q_AVX2 : Q_SCALAR;
+}
+const QIsa q_detected = q_detect();
+QIsa q_isa = q_detected;
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round-to-nearest-even, like torch
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// Quantized activations of M rows: qx [M][K] int8, dx / xs [M][K/B].
+struct QRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  int64_t K = 0, nb = 0;
+};
+
+template <typename T>
+inline float to_f32(T v);
+template <> inline float to_f32<float>(float v) { return v; }
+template <> inline float to_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
+
+template <typename T>
+QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
+  QRows r;
+  r.K = K;
+  r.nb = K / B;
+  r.q.resize(size_t(M * K));
+  r.d.resize(size_t(M * r.nb));
+  r.s.resize(size_t(M * r.nb));
+  std::vector<float> buf(static_cast<size_t>(B));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const T* src = x + m * ldx + b * B;
+      float amax = 0.f;
+      for (int64_t i = 0; i < B; ++i) {
+        buf[i] = to_f32<T>(src[i]);
+        amax = std::max(amax, std::fabs(buf[i]));
+      }
+      const float dx = amax / 127.0f;
+      int32_t sum = 0;
+      int8_t* dst = r.q.data() + m * K + b * B;
+      for (int64_t i = 0; i < B; ++i) {
+        const int32_t v = dx == 0.f ? 0 : int32_t(std::nearbyint(buf[i] / dx));
+        dst[i] = int8_t(std::max(-127, std::min(127, v)));
+        sum += dst[i];
+      }
+      r.d[m * r.nb + b] = dx;
+      r.s[m * r.nb + b] = dx * float(sum);
+    }
+  }
+  return r;
+}
+
+// ---- integer block dots: sums[j] = sum_k q[j][k] * qx[k] over one block, for the 16 features ----
+
+// Portable: fmt 8 blocks (B/4 groups of [16][4] int8) and fmt 4 blocks (B/8 groups of [16][4] nibbles).
+inline void dot_block_scalar(const uint8_t* w, const int8_t* qx, int fmt, int B, int32_t* sums) {
+  for (int j = 0; j < PW; ++j) sums[j] = 0;
+  if (fmt == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w);
+    for (int g = 0; g < B / 4; ++g)
+      for (int j = 0; j < PW; ++j)
+        for (int i = 0; i < 4; ++i) sums[j] += int32_t(q[(g * PW + j) * 4 + i]) * qx[4 * g + i];
+  } else {
+    for (int g = 0; g < B / 8; ++g)
+      for (int j = 0; j < PW; ++j)
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t v = w[(g * PW + j) * 4 + i];
+          sums[j] += int32_t(v & 15) * qx[8 * g + i] + int32_t(v >> 4) * qx[8 * g + 4 + i];
+        }
+  }
+}
+
+inline void finish_block_scalar(const int32_t* sums, const float* dm, float dx, float xs, float* acc) {
+  for (int j = 0; j < PW; ++j) {
+    acc[j] = std::fma(float(sums[j]), dm[j] * dx, acc[j]);
+    acc[j] = std::fma(dm[PW + j], xs, acc[j]);
+  }
+}
+
+// AVX2: one block of 16 features, unpacked once per block into `u` (u8 operands of maddubs:
+// the nibbles, or |w| for int8 weights) and `sg` (the int8 weights, for sign(x, w)); then per row.
+struct Avx2Block {
+  __m256i u[16];
+  __m256i sg[16];
+};
+
+__attribute__((target("avx2,fma"))) inline void unpack_block_avx2(const uint8_t* w, int fmt, int B, Avx2Block& blk) {
+  if (fmt == 4) {
+    const __m256i lo = _mm256_set1_epi8(15);
+    for (int g = 0; g < B / 8; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + h * 32));
+        blk.u[(2 * g) * 2 + h] = _mm256_and_si256(v, lo);                         // k = 8g + 0..3
+        blk.u[(2 * g + 1) * 2 + h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);  // k = 8g + 4..7
+      }
+  } else {
+    for (int g = 0; g < B / 4; ++g)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + h * 32));
+        blk.sg[g * 2 + h] = v;
+        blk.u[g * 2 + h] = _mm256_sign_epi8(v, v);  // |w| (w = -128 gives 0x80 = 128 as u8)
+      }
+  }
+}
+
+// int32 sums of the block for features 0..7 (s0) and 8..15 (s1). qx: B int8 of the row.
+__attribute__((target("avx2,fma"))) inline void dot_block_avx2(const Avx2Block& blk, const int8_t* qx, int fmt, int B,
+                                                           __m256i& s0, __m256i& s1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int G = B / 4;  // groups of 4 inputs
+  if (fmt == 4) {
+    // |u * x| <= 15 * 127: 16 products per int16 lane (8 groups x 2) stay below 32767
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int g = 0; g < G; ++g) {
+      int32_t x4;
+      std::memcpy(&x4, qx + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(x4);
+      a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(blk.u[g * 2], xb));
+      a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(blk.u[g * 2 + 1], xb));
+    }
+    s0 = _mm256_madd_epi16(a0, ones);
+    s1 = _mm256_madd_epi16(a1, ones);
+  } else {
+    // |w| * |x| <= 128 * 127: one pair per int16 lane, widened to int32 every group
+    s0 = _mm256_setzero_si256();
+    s1 = _mm256_setzero_si256();
+    for (int g = 0; g < G; ++g) {
+      int32_t x4;
+      std::memcpy(&x4, qx + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(x4);
+      s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(blk.u[g * 2], _mm256_sign_epi8(xb, blk.sg[g * 2])), ones));
+      s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(blk.u[g * 2 + 1], _mm256_sign_epi8(xb, blk.sg[g * 2 + 1])), ones));
+    }
+  }
+}
+
+// One panel for all M rows: acc [M][16] fp32.
+__attribute__((target("avx2,fma"))) void panel_avx2(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B,
+                                                const QRows& xr, int64_t M, float* acc) {
+  Avx2Block blk;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = wp + b * (qbytes + 2 * PW * 4);
+    const float* dm = reinterpret_cast<const float*>(w + qbytes);
+    unpack_block_avx2(w, fmt, B, blk);
+    const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
+    const __m256 m0 = _mm256_loadu_ps(dm + PW), m1 = _mm256_loadu_ps(dm + PW + 8);
+    for (int64_t m = 0; m < M; ++m) {
+      __m256i s0, s1;
+      dot_block_avx2(blk, xr.q.data() + m * xr.K + b * B, fmt, B, s0, s1);
+      const __m256 dx = _mm256_set1_ps(xr.d[m * nb + b]);
+      const __m256 xs = _mm256_set1_ps(xr.s[m * nb + b]);
+      float* a = acc + m * PW;
+      __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+      a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, dx), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, dx), a1);
+      a0 = _mm256_fmadd_ps(m0, xs, a0);
+      a1 = _mm256_fmadd_ps(m1, xs, a1);
+      _mm256_storeu_ps(a, a0);
+      _mm256_storeu_ps(a + 8, a1);
+    }
+  }
+}
+
+void panel_scalar(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, const QRows& xr, int64_t M,
+                  float* acc) {
+  int32_t sums[PW];
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = wp + b * (qbytes + 2 * PW * 4);
+    const float* dm = reinterpret_cast<const float*>(w + qbytes);
+    for (int64_t m = 0; m < M; ++m) {
+      dot_block_scalar(w, xr.q.data() + m * xr.K + b * B, fmt, B, sums);
+      finish_block_scalar(sums, dm, xr.d[m * nb + b], xr.s[m * nb + b], acc + m * PW);
+    }
+  }
+}
+
+template <typename T>
+void store(const float* acc, int64_t M, T* y, int64_t N, int64_t n0, int nn, const float* bias);
+
+template <>
+void store<float>(const float* acc, int64_t M, float* y, int64_t N, int64_t n0, int nn, const float* bias) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < nn; ++j) y[m * N + n0 + j] = acc[m * PW + j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+template <>
+void store<uint16_t>(const float* acc, int64_t M, uint16_t* y, int64_t N, int64_t n0, int nn, const float* bias) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < nn; ++j) y[m * N + n0 + j] = f32_to_bf16(acc[m * PW + j] + (bias ? bias[n0 + j] : 0.f));
+}
+
+template <typename T>
+void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
+         T* y, const float* bias) {
+  const QRows xr = quantize_rows<T>(x, ldx, M, K, B);
+  const int64_t nb = K / B;
+  const int64_t qbytes = fmt == 8 ? int64_t(B) * PW : int64_t(B) * PW / 2;
+  const int64_t panel_bytes = nb * (qbytes + 2 * PW * 4);
+  const int64_t P = (N + PW - 1) / PW;
+  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / panel_bytes);  // >= ~32 KB of weights per task
+  const bool avx2 = q_isa == Q_AVX2;
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(size_t(M * PW));
+    for (int64_t p = p0; p < p1; ++p) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (avx2)
+        panel_avx2(w + p * panel_bytes, nb, qbytes, fmt, B, xr, M, acc.data());
+      else
+        panel_scalar(w + p * panel_bytes, nb, qbytes, fmt, B, xr, M, acc.data());
+      store<T>(acc.data(), M, y, N, p * PW, int(std::min<int64_t>(PW, N - p * PW)), bias);
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K] fp32 or bf16 (unit inner stride); packed: uint8, see header; bias: fp32 [N] or None.
+torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
+                           int64_t N, int64_t K, int64_t fmt, int64_t B) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "quant_linear: x must be [M, K] with unit inner stride");
+  TORCH_CHECK(fmt == 4 || fmt == 8, "quant_linear: fmt must be 4 or 8");
+  TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_linear: unsupported block size");
+  TORCH_CHECK(K % B == 0, "quant_linear: K must be a multiple of the block size");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_linear: packed must be contiguous uint8");
+  const int64_t P = (N + PW - 1) / PW;
+  const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
+  TORCH_CHECK(packed.numel() == P * (K / B) * (qbytes + 2 * PW * 4), "quant_linear: packed size does not match N, K");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "quant_linear: bias must be fp32 [N]");
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == torch::kFloat32) {
+    run<float>(x.data_ptr<float>(), x.stride(0), M, wp, N, K, int(fmt), int(B), y.data_ptr<float>(), bp);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    run<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, wp, N, K, int(fmt), int(B),
+                  reinterpret_cast<uint16_t*>(y.data_ptr()), bp);
+  } else {
+    TORCH_CHECK(false, "quant_linear: x must be float32 or bfloat16");
+  }
+  return y;
+}
+
+// The int8 activations the kernel uses, for tests: (qx [M, K] int8, dx [M, K/B], xs [M, K/B]).
+std::vector<torch::Tensor> quant_activations(const torch::Tensor& x, int64_t B) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.size(1) % B == 0,
+              "quant_activations: x must be contiguous fp32 [M, K], K a multiple of B");
+  const int64_t M = x.size(0), K = x.size(1);
+  const QRows r = quantize_rows<float>(x.data_ptr<float>(), K, M, K, B);
+  auto q = torch::empty({M, K}, torch::kInt8);
+  auto d = torch::empty({M, K / B}, torch::kFloat32);
+  auto s = torch::empty({M, K / B}, torch::kFloat32);
+  std::memcpy(q.data_ptr(), r.q.data(), r.q.size());
+  std::memcpy(d.data_ptr(), r.d.data(), r.d.size() * 4);
+  std::memcpy(s.data_ptr(), r.s.data(), r.s.size() * 4);
+  return {q, d, s};
+}
+
+std::string quant_isa() { return q_isa == Q_AVX2 ? "avx2" : "portable"; }
+
+std::string quant_force_isa(const std::string& name) {
+  const QIsa want = name == "portable" ? Q_SCALAR : q_detected;
+  q_isa = std::min(want, q_detected);
+  return quant_isa();
+}
+
+void register_quant(pybind11::module& m) {
+  m.def("quant_linear", &quant_linear, "y = x @ dequant(packed).T + bias, int8 activations (kernels/quant.py)");
+  m.def("quant_activations", &quant_activations, "the int8 activations quant_linear uses (tests)");
+  m.def("quant_isa", &quant_isa, "quantized kernel path: avx2 or portable");
+  m.def("quant_force_isa", &quant_force_isa, "'portable' or 'auto' (tests)");
+}

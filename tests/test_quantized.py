@@ -1,0 +1,274 @@
+"""Quantized targets: GGUF block types decoded exactly, the packed layout, the quantized matmul
+kernel (both paths, against a reference and against dequantize-then-matmul), rows independent of
+their batch, and speculative decoding on quantized targets equal to plain decoding of the same
+quantized target, token for token.
+
+Kernel tolerance: the kernel quantizes activations to int8 per block of 32 (as llama.cpp does), so
+it differs from an fp32 matmul of the dequantized weight by about 0.5% (relative Frobenius norm)
+on random data; the tests allow 2%. Against a reference of its own arithmetic (int8 activations,
+exact integer sums, fp32 scaling) it agrees to 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtpspec.checkpoint import load_decoder
+from mtpspec.decoding.loop import Request, decode
+from mtpspec.decoding.plan import DraftPlan
+from mtpspec.decoding.proposers import NgramProposer
+from mtpspec.gguf_weights import BLOCK_TYPES, decode_tensor
+from mtpspec.kernels import _ext
+from mtpspec.kernels.quant import QuantizedWeight, QuantLinear, pack, quantize_weight, unpack_rows
+from mtpspec.models.quantize import check_quantize, quantize_model
+from proposers_for_tests import ReferenceProposer
+from tiny_models import VOCAB
+
+FORMATS = [(4, 32), (8, 32), (8, 16)]
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
+    """Random raw GGUF data of block type `kind` for a [rows, cols] tensor, with finite fp16 scales."""
+    elems, nbytes = BLOCK_TYPES[kind]
+    n = rows * cols // elems
+    raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+
+    def f16(offset: int, lo: float, hi: float) -> None:
+        raw[:, offset : offset + 2] = rng.uniform(lo, hi, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    if kind in ("Q4_0", "Q5_0", "Q8_0"):
+        f16(0, -scale, scale)
+    elif kind in ("Q4_1", "Q5_1"):
+        f16(0, 0, scale / 4)
+        f16(2, -scale, 0)
+    elif kind in ("Q4_K", "Q5_K"):
+        f16(0, 0, scale / 64)
+        f16(2, 0, scale / 64)
+    elif kind == "Q6_K":
+        f16(208, 0, scale / 1024)
+    return raw.reshape(rows, -1)
+
+
+def random_weight(bits: int, block: int, n: int, k: int, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (0, 16) if bits == 4 else (-128, 128)
+    q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int16).to(torch.int8)
+    d = torch.rand(n, k // block, generator=g) * 0.02
+    m = (torch.rand(n, k // block, generator=g) - 0.5) * 0.1
+    return QuantizedWeight(q, d, m, block, bits)
+
+
+# ---- formats ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_TYPES))
+def test_gguf_block_types_decode_exactly_as_the_gguf_package_dequantizes(kind):
+    import gguf
+
+    rows, cols = 5, 512
+    raw = random_blocks(kind, rows, cols, np.random.default_rng(1))
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(rows, cols)
+    w = decode_tensor(kind, raw, rows, cols)
+    assert np.array_equal(w.dequantize().numpy(), ref.astype(np.float32))
+    assert w.bits == (4 if kind in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    # and the packed layout the kernel reads holds the same values
+    back = unpack_rows(pack(w), rows, cols, w.bits, w.block)
+    assert torch.equal(back.dequantize(), w.dequantize())
+
+
+def test_truncated_gguf_tensor_data_is_an_error():
+    raw = random_blocks("Q4_1", 4, 64, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"Q4_1 data of .* bytes does not hold a \[4, 64\] tensor"):
+        decode_tensor("Q4_1", raw.reshape(-1)[:-20], 4, 64)
+
+
+@pytest.mark.parametrize("bits,block", FORMATS)
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_packed_layout_round_trips_and_reads_rows(bits, block, n):
+    w = random_weight(bits, block, n, 96)
+    packed = pack(w)
+    back = unpack_rows(packed, n, 96, bits, block)
+    assert torch.equal(back.q, w.q) and torch.equal(back.d, w.d) and torch.equal(back.m, w.m)
+    ids = torch.tensor([[n - 1, 0], [n // 2, n - 1]])
+    lin = QuantLinear(w)
+    assert torch.equal(lin.weight_rows(ids), w.dequantize()[ids])
+
+
+def test_formats_widen_exactly():
+    w4 = random_weight(4, 32, 20, 64)
+    w8 = w4.with_format(8, 16)
+    assert torch.equal(w8.dequantize(), w4.dequantize())
+    both = QuantizedWeight.cat([w4, random_weight(8, 16, 3, 64, seed=1)])
+    assert (both.bits, both.block) == (8, 16)
+    assert torch.equal(both.dequantize()[:20], w4.dequantize())
+    with pytest.raises(ValueError):
+        w8.with_format(4, 32)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_load_time_quantization_error_is_small(scheme):
+    w = torch.randn(64, 128)
+    q = quantize_weight(w, scheme)
+    err = (q.dequantize() - w).abs().max() / w.abs().max()
+    assert err < (0.005 if scheme == "int8" else 0.07)
+
+
+def test_unknown_quantization_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: auto, none, gguf, int8, int4"):
+        check_quantize("int3")
+    with pytest.raises(ValueError, match="valid: int8, int4"):
+        quantize_weight(torch.randn(4, 32), "fp8")
+
+
+# ---- kernel -------------------------------------------------------------------------------------
+
+
+def reference_activations(x: torch.Tensor, block: int):
+    """int8 per-block activation quantization, as the kernel's header defines it."""
+    m, k = x.shape
+    xb = x.float().view(m, k // block, block)
+    dx = xb.abs().amax(-1) / 127
+    safe = torch.where(dx > 0, dx, torch.ones_like(dx))
+    qx = torch.where(dx[..., None] > 0, torch.round(xb / safe[..., None]), torch.zeros_like(xb)).clamp(-127, 127)
+    return qx.to(torch.int8).view(m, k), dx, dx * qx.sum(-1)
+
+
+def reference_quant_linear(x, w: QuantizedWeight, bias=None):
+    """y = sum_b d * dx * (q . qx) + m * xs, in float64 from exact integer sums."""
+    qx, dx, xs = reference_activations(x, w.block)
+    m, k = x.shape
+    n, nb = w.shape[0], k // w.block
+    dots = torch.einsum("nbk,mbk->mnb", w.q.double().view(n, nb, w.block), qx.double().view(m, nb, w.block))
+    y = (dots * w.d.double()[None] * dx.double()[:, None] + w.m.double()[None] * xs.double()[:, None]).sum(-1)
+    return y if bias is None else y + bias.double()
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def isa(request):
+    ext = _ext()
+    if ext is None:
+        pytest.skip("no compiled kernels")
+    if request.param == "avx2" and ext.quant_isa() != "avx2":
+        pytest.skip("CPU without AVX2")
+    ext.quant_force_isa(request.param)
+    yield request.param
+    ext.quant_force_isa("auto")
+
+
+def test_activation_quantization_matches_its_definition():
+    ext = _ext()
+    if ext is None:
+        pytest.skip("no compiled kernels")
+    x = torch.randn(7, 96) * torch.logspace(-3, 2, 96)
+    x[3, :32] = 0  # an all-zero block
+    for block in (16, 32):
+        q, d, s = ext.quant_activations(x, block)
+        rq, rd, rs = reference_activations(x, block)
+        assert torch.equal(q, rq) and torch.equal(d, rd)
+        assert torch.allclose(s, rs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits,block", FORMATS)
+@pytest.mark.parametrize("n,k", [(16, 32), (37, 96), (100, 256)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
+def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n, k, m):
+    w = random_weight(bits, block, n, k, seed=n + m)
+    bias = torch.randn(n)
+    x = torch.randn(m, k)
+    y = QuantLinear(w, bias)(x)
+    ref = reference_quant_linear(x, w, bias)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    dense = F.linear(x, w.dequantize(), bias)
+    assert ((y - dense).norm() / dense.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("bits,block", FORMATS)
+def test_both_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bits, block):
+    ext = _ext()
+    if ext is None or ext.quant_isa() != "avx2":
+        pytest.skip("needs the AVX2 path")
+    w = random_weight(bits, block, 53, 160)
+    lin = QuantLinear(w, torch.randn(53))
+    x = torch.randn(19, 160)
+    y = lin(x)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(y, alone)
+    ext.quant_force_isa("portable")
+    try:
+        assert torch.equal(lin(x), y)
+    finally:
+        ext.quant_force_isa("auto")
+
+
+def test_bf16_activations():
+    w = random_weight(4, 32, 40, 64)
+    x = torch.randn(3, 64)
+    lin = QuantLinear(w)
+    y = lin(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), lin(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_fallback_without_the_extension_dequantizes(monkeypatch):
+    import mtpspec.kernels.quant as quant
+
+    w = random_weight(8, 32, 24, 64)
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(quant, "_ext", lambda: None)
+    y = QuantLinear(w)(x)
+    assert torch.allclose(y, F.linear(x, w.dequantize()), rtol=1e-5, atol=1e-6)
+
+
+# ---- whole models -------------------------------------------------------------------------------
+
+NEW = 24
+
+
+def _prompts(batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    out = []
+    for n in [11, 5, 13, 2, 9][:batch]:
+        base = torch.randint(3, VOCAB, (max(1, n // 2),), generator=g).tolist()
+        out.append((base * 3)[:n])
+    return out
+
+
+@pytest.fixture(scope="module", params=[("llama", "int4"), ("qwen2", "int8"), ("gemma3", "int4"),
+                                        ("llama-untied", "int8")])
+def quantized_target(request, tiny_checkpoints):
+    family, scheme = request.param
+    dense = load_decoder(tiny_checkpoints[family][0])
+    model = quantize_model(load_decoder(tiny_checkpoints[family][0]), scheme)
+    return dense, model, scheme
+
+
+def test_quantized_models_are_close_to_dense_and_hold_no_dense_matrices(quantized_target):
+    dense, model, scheme = quantized_target
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    big = [n for n, p in model.named_parameters() if p.dim() == 2 and p.numel() > 0]
+    assert big == []
+    ids = torch.tensor([_prompts(1)[0]])
+    a = model(ids, model.new_cache(1, 32)).logits
+    b = dense(ids, dense.new_cache(1, 32)).logits
+    # random weights quantize worse than trained ones: int4 (16 levels per block of 32) is coarse
+    assert ((a - b).norm() / b.norm()).item() < (0.05 if scheme == "int8" else 0.5)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("kind", ["agree", "never", "partial", "ngram"])
+def test_speculative_decoding_of_a_quantized_target_equals_its_plain_decoding(quantized_target, kind, batch):
+    _, model, _ = quantized_target
+    ps = _prompts(batch)
+    ref = [s.new_ids for s in decode(model, [Request(p, NEW) for p in ps])]
+    full = [p + r for p, r in zip(ps, ref)]
+    proposer = {
+        "agree": lambda: ReferenceProposer(full, VOCAB, 0.0),
+        "never": lambda: ReferenceProposer(full, VOCAB, 1.0),
+        "partial": lambda: ReferenceProposer(full, VOCAB, 0.3, seed=batch),
+        "ngram": lambda: NgramProposer(),
+    }[kind]()
+    seqs = decode(model, [Request(p, NEW) for p in ps], DraftPlan(proposer, 3))
+    assert [s.new_ids for s in seqs] == ref
