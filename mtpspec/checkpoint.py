@@ -263,7 +263,7 @@ def load_decoder(folder: str | Path, *, device: str | torch.device = "cpu", dtyp
     elif quantize in q.SCHEMES:
         plan = q.plan_scheme(model, cfg, quantize)
     model = model.to(device=device, dtype=dtype)
-    if plan is not None:
+    if plan is not None and plan.weights:
         q.install(model, plan, dtype)
         model.quantization = plan.summary()
     return model.prepare()

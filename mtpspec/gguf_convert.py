@@ -151,14 +151,63 @@ def _is_supported(architecture: str, supported: list[str]) -> bool:
     return bool(candidates & set(supported))
 
 
-def _read_gguf_summary(path: Path) -> dict:
-    """Architecture, tensor types and tokenizer presence, read from the header only."""
+def open_gguf(path: str | Path):
+    """A `gguf.GGUFReader` of the file; a file too short for one of its tensors is a
+    `CheckpointError` naming that tensor."""
     import gguf
+    import numpy as np
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # gguf 0.19's hook: check sizes first
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(raw_dtype[0])]
+                end = int(start_offs + offset[0]) + int(np.prod(dims)) * size // block
+                if end > len(self.data):
+                    raise CheckpointError(
+                        f"GGUF file {str(path)!r} is truncated: tensor {bytes(name).decode()!r} ends at byte "
+                        f"{end}, the file has {len(self.data)} bytes")
+            return super()._build_tensors(start_offs, fields)
 
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as error:  # a truncated or corrupt file fails here
+        return Reader(str(path), "r")
+    except CheckpointError:
+        raise
+    except Exception as error:  # a corrupt file fails here
         raise CheckpointError(f"cannot parse GGUF file {str(path)!r}: {error}") from error
+
+
+# tensor name suffix -> (GGUF dimension, metadata key it must equal); GGUF lists a matrix's
+# dimensions inputs first: attn_q [hidden, heads * head_dim], ffn_down [ffn, hidden]
+_SHAPE_RULES = {
+    "token_embd.weight": ((0, "embedding_length"),),
+    "output.weight": ((0, "embedding_length"),),
+    "attn_q.weight": ((0, "embedding_length"),),
+    "attn_k.weight": ((0, "embedding_length"),),
+    "attn_v.weight": ((0, "embedding_length"),),
+    "attn_output.weight": ((1, "embedding_length"),),
+    "ffn_gate.weight": ((0, "embedding_length"), (1, "feed_forward_length")),
+    "ffn_up.weight": ((0, "embedding_length"), (1, "feed_forward_length")),
+    "ffn_down.weight": ((1, "embedding_length"), (0, "feed_forward_length")),
+}
+
+
+def _check_shapes(reader, architecture: str, path: Path) -> None:
+    """Matrix shapes against the widths the metadata declares (where it declares one number)."""
+    for t in reader.tensors:
+        rules = next((r for suffix, r in _SHAPE_RULES.items() if t.name.split(".", 2)[-1] == suffix
+                      or t.name == suffix), ())
+        for dim, key in rules:
+            want = _field_value(reader, f"{architecture}.{key}")
+            if isinstance(want, int) and len(t.shape) > dim and int(t.shape[dim]) != want:
+                raise CheckpointError(
+                    f"GGUF file {str(path)!r}: tensor {t.name!r} has shape {[int(x) for x in t.shape]}, but the "
+                    f"metadata says {architecture}.{key} = {want}")
+
+
+def _read_gguf_summary(path: Path) -> dict:
+    """Architecture, tensor types and tokenizer presence, read from the header only."""
+    reader = open_gguf(path)
     architecture = _field_value(reader, "general.architecture")
     if not architecture:
         raise CheckpointError(f"GGUF file {str(path)!r} has no general.architecture field")
@@ -170,6 +219,7 @@ def _read_gguf_summary(path: Path) -> dict:
             f"GGUF file {str(path)!r} holds architecture {architecture!r}, which transformers "
             f"{transformers.__version__} cannot load from GGUF (supported: {', '.join(supported)})"
         )
+    _check_shapes(reader, architecture, path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise CheckpointError(f"GGUF file {str(path)!r} has no tokenizer (no tokenizer.ggml.tokens field)")
     matrix_types = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}

@@ -39,8 +39,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_tiny_gguf(path: Path, *, arch: str = "llama", dtype: str = "f32", seed: int = 0) -> Path:
-    """A loadable 2-layer llama GGUF: hidden 16, 4 heads (2 kv), ffn 32, tied embeddings."""
+def write_tiny_gguf(path: Path, *, arch: str = "llama", dtype: str = "f32", seed: int = 0, hidden: int = 16,
+                    ffn: int = 32, weight_types: dict[str, str] | None = None, ffn_metadata: int | None = None) -> Path:
+    """A loadable 2-layer llama GGUF: hidden 16, 4 heads (2 kv), ffn 32, tied embeddings.
+
+    weight_types: GGUF block types ("Q4_K", ...) of matrices, by tensor name suffix
+    ("attn_q.weight", "token_embd.weight", or "*" for every matrix): random raw blocks
+    (test_quantized.random_blocks) instead of F32 data. ffn_metadata: a feed-forward length for the
+    metadata that differs from the tensors' (a malformed file)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -49,7 +55,7 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", dtype: str = "f32", seed
     merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
     tokens = specials + [b2u[b] for b in range(256)] + ["".join(m) for m in merges]
     token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))  # 3 = control
-    vocab, hidden, layers, heads, kv_heads, ffn = len(tokens), 16, 2, 4, 2, 32
+    vocab, layers, heads, kv_heads = len(tokens), 2, 4, 2
     head_dim = hidden // heads
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -57,7 +63,7 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", dtype: str = "f32", seed
     writer.add_context_length(64)
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)
-    writer.add_feed_forward_length(ffn)
+    writer.add_feed_forward_length(ffn_metadata or ffn)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
@@ -77,6 +83,15 @@ def write_tiny_gguf(path: Path, *, arch: str = "llama", dtype: str = "f32", seed
     writer.add_chat_template(CHAT_TEMPLATE)
 
     def tensor(name: str, shape: tuple[int, ...]) -> None:
+        kind = None
+        if weight_types and len(shape) > 1:
+            kind = next((t for suffix, t in weight_types.items() if name.endswith(suffix)), weight_types.get("*"))
+        if kind is not None:
+            from test_quantized import random_blocks
+
+            raw = random_blocks(kind, shape[0], shape[1], rng)
+            writer.add_tensor(name, raw, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            return
         data = (rng.standard_normal(shape) * 0.1).astype(np.float32)
         if len(shape) == 1:
             data += 1.0

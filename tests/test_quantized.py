@@ -272,3 +272,71 @@ def test_speculative_decoding_of_a_quantized_target_equals_its_plain_decoding(qu
     }[kind]()
     seqs = decode(model, [Request(p, NEW) for p in ps], DraftPlan(proposer, 3))
     assert [s.new_ids for s in seqs] == ref
+
+
+# ---- GGUF files ---------------------------------------------------------------------------------
+
+
+def _tiny_quantized_gguf(tmp_path, kind: str, **kw):
+    from test_default_model import write_tiny_gguf
+
+    hidden = 256 if kind.endswith("_K") else 64
+    return write_tiny_gguf(tmp_path / f"{kind}.gguf", hidden=hidden, ffn=2 * hidden,
+                           weight_types={"*": kind, "attn_v.weight": "Q8_0"}, **kw)
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_TYPES))
+def test_a_gguf_loads_with_its_matrices_quantized_as_in_the_file(tmp_path, kind, caplog):
+    from mtpspec.gguf_convert import cached_gguf_checkpoint
+
+    path = _tiny_quantized_gguf(tmp_path, kind)
+    folder = cached_gguf_checkpoint(path, tmp_path / "cache", progress=False)
+    with caplog.at_level("INFO"):
+        model = load_decoder(folder, quantize="gguf", gguf=path)
+    assert "kept dense" not in caplog.text
+    # 2 layers x (qkv, o, gate_up, down) + the tied LM head / embedding
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 9
+    assert f" {kind}" in model.quantization
+    dense = load_decoder(folder)
+    ids = torch.tensor([[5, 17, 33, 2, 99, 100, 7]])
+    a = model(ids, model.new_cache(1, 16)).logits
+    b = dense(ids, dense.new_cache(1, 16)).logits
+    # same weights; only the int8 activations differ
+    assert ((a - b).norm() / b.norm()).item() < 0.03
+
+
+def test_a_quantized_gguf_target_decodes_speculatively_as_plainly(tmp_path):
+    import mtpspec
+
+    path = _tiny_quantized_gguf(tmp_path, "Q4_K")
+    plain_engine = mtpspec.load(path, drafter=None, cache_dir=tmp_path / "cache")
+    assert plain_engine.model.quantization is not None
+    spec = mtpspec.load(path, drafter="ngram", draft_tokens=3, cache_dir=tmp_path / "cache")
+    ps = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11, 12, 9, 10]]
+    a = plain_engine.generate(ps, max_new_tokens=20, chat=False)
+    b = spec.generate(ps, max_new_tokens=20, chat=False)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    dense = mtpspec.load(path, drafter=None, quantize="none", cache_dir=tmp_path / "cache")
+    assert dense.model.quantization is None
+
+
+def test_a_truncated_gguf_names_the_tensor(tmp_path):
+    from mtpspec.errors import CheckpointError
+    from mtpspec.gguf_convert import open_gguf
+
+    path = _tiny_quantized_gguf(tmp_path, "Q4_1")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 3000])
+    with pytest.raises(CheckpointError, match=r"truncated: tensor 'blk\.1\.\w+\.weight' ends at byte"):
+        open_gguf(cut)
+
+
+def test_a_gguf_whose_shapes_contradict_its_metadata_names_the_tensor(tmp_path):
+    import mtpspec
+    from mtpspec.errors import CheckpointError
+
+    path = _tiny_quantized_gguf(tmp_path, "Q4_1", ffn_metadata=96)
+    with pytest.raises(CheckpointError, match=r"tensor 'blk\.0\.ffn_\w+\.weight' has shape \[\d+, \d+\], but the "
+                                              r"metadata says llama\.feed_forward_length = 96"):
+        mtpspec.load(path, drafter=None, cache_dir=tmp_path / "cache")

@@ -97,12 +97,11 @@ def _matching(w: QuantizedWeight, dense: torch.Tensor, heads: int | None) -> Qua
 
 def plan_gguf(model: nn.Module, cfg: ModelConfig, gguf_path: str | Path) -> QuantPlan:
     """The GGUF's quantized matrices for `model`'s layers (weights loaded dense, fp32)."""
-    import gguf
-
+    from ..gguf_convert import open_gguf
     from ..gguf_weights import SUPPORTED_TYPES, decode_tensor
 
     plan = QuantPlan()
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = open_gguf(gguf_path)
     parts: dict[str, dict[int, tuple[QuantizedWeight, str]]] = {}
     dense_types: Counter = Counter()
     for t in reader.tensors:
