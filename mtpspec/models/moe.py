@@ -72,6 +72,18 @@ class MoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(spec.n_experts, 2 * spec.intermediate_size, hidden))
         self.down = nn.Parameter(torch.empty(spec.n_experts, hidden, spec.intermediate_size))
         self.act = act
+        # set by models/quantize.py: per expert a (gate_up, down) pair of QuantLinear, replacing
+        # the dense parameters above (then empty)
+        self.quantized: nn.ModuleList | None = None
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's gated MLP on rows x [n, H]."""
+        if self.quantized is None:
+            gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)
+            return F.linear(self.act(gate) * up, self.down[e])
+        gate_up, down = self.quantized[e]
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        return down(self.act(gate) * up)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """x [B, T, H] -> (output [B, T, H], number of distinct experts used)."""
@@ -93,9 +105,7 @@ class MoE(nn.Module):
                 continue
             used += 1
             rows = tokens[start : start + c]
-            gate, up = F.linear(xin[rows], self.gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down[e])
-            y = y * slot_w[start : start + c, None]
+            y = self._expert(e, xin[rows]) * slot_w[start : start + c, None]
             out.index_add_(0, rows, y.to(out.dtype))
             start += c
         return self.out_norm(out.reshape(shape)), used

@@ -25,6 +25,7 @@ from ..errors import CheckpointError
 from ..kernels import Linear
 from ..kernels.quant import SCHEMES, QuantEmbedding, QuantizedWeight, QuantLinear, quantize_weight
 from .config import ModelConfig
+from .moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,14 @@ class QuantPlan:
     """Quantized weights by module path ("layers.3.attn.qkv", "lm_head", "embed"), and what stays dense."""
 
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    experts: dict[str, list[tuple[QuantizedWeight, QuantizedWeight]]] = field(default_factory=dict)  # MoE path ->
     source_types: Counter = field(default_factory=Counter)
     dense: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.source_types.items()))
-        return f"{len(self.weights)} quantized matrices ({types})"
+        experts = sum(len(v) for v in self.experts.values())
+        return f"{len(self.weights)} quantized matrices{f' + {experts} experts' if experts else ''} ({types})"
 
 
 def check_quantize(quantize: str) -> str:
@@ -195,10 +198,20 @@ def plan_scheme(model: nn.Module, cfg: ModelConfig, scheme: str, block: int = 32
             continue
         plan.weights[path] = quantize_weight(w, scheme, block)
         plan.source_types[scheme] += 1
-    if any(isinstance(m, nn.Module) and hasattr(m, "gate_up") and isinstance(m.gate_up, nn.Parameter)
-           for m in model.modules()):
-        plan.dense.append("MoE experts")
+    for path, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            _plan_experts(plan, path, mod, scheme, block)
     return plan
+
+
+def _plan_experts(plan: QuantPlan, path: str, moe: MoE, scheme: str, block: int) -> None:
+    n_in = (moe.gate_up.shape[2], moe.down.shape[2])
+    if any(n % block for n in n_in):
+        plan.dense.append(f"{path} experts ({n_in[0]}/{n_in[1]} inputs, not multiples of {block})")
+        return
+    plan.experts[path] = [(quantize_weight(moe.gate_up[e], scheme, block), quantize_weight(moe.down[e], scheme, block))
+                          for e in range(moe.gate_up.shape[0])]
+    plan.source_types[scheme] += 2 * moe.gate_up.shape[0]
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
@@ -224,6 +237,11 @@ def install(model: nn.Module, plan: QuantPlan, dtype: torch.dtype) -> None:
             new = QuantLinear(w, bias)
             new.rows_dtype = dtype
         setattr(parent, attr, new.to(device))
+    for path, pairs in plan.experts.items():
+        moe = model.get_submodule(path)
+        moe.quantized = nn.ModuleList(nn.ModuleList([QuantLinear(gu), QuantLinear(dn)]) for gu, dn in pairs).to(device)
+        moe.gate_up = nn.Parameter(moe.gate_up.new_empty(0), requires_grad=False)
+        moe.down = nn.Parameter(moe.down.new_empty(0), requires_grad=False)
     if plan.dense:
         log.info("quantized weights: %s; kept dense: %s", plan.summary(), "; ".join(plan.dense))
     else:
