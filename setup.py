@@ -52,7 +52,8 @@ else:
         ext_modules=[
             CppExtension(
                 "mtpspec.kernels._skinny_gemm",
-                ["mtpspec/kernels/skinny_gemm.cpp", "mtpspec/kernels/quant_gemm.cpp"],
+                ["mtpspec/kernels/skinny_gemm.cpp", "mtpspec/kernels/quant_gemm.cpp",
+                 "mtpspec/kernels/attention.cpp"],
                 extra_compile_args=["-O3", "-fopenmp", "-g0"],
                 extra_link_args=["-fopenmp"],
             )

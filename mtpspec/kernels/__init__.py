@@ -75,7 +75,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
 LD_FLAGS = ["-fopenmp"]          # resolves to the copy torch already loaded (one thread pool)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
-EXTRA_SOURCES = ("quant_gemm.cpp",)  # compiled into the same extension, next to SOURCE
+EXTRA_SOURCES = ("quant_gemm.cpp", "attention.cpp")  # compiled into the same extension, next to SOURCE
 
 
 def _sources(source: str) -> list[str]:
@@ -267,6 +267,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
         return None
     w = None if weight is None else weight.detach().float().contiguous()
     return ext.rms_norm(x.contiguous(), w, float(eps), float(offset))
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor | None:
+    """Attention whose output for a query does not depend on the step's other queries or rows
+    (attention.cpp): q [B, H, T, D], k / v [B, KVH, L, D], additive mask [B, 1, T, L] or None; fp32
+    CPU tensors without autograd. None when it cannot run (the caller uses torch's SDPA)."""
+    ext = _ext()
+    if (ext is None or q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8
+            or not _no_grad_needed(q, k, v) or (mask is not None and mask.dtype != torch.float32)):
+        return None
+    return ext.attend_rows(q, k, v, mask, float(scale))
 
 
 def cluster_scores(weight: torch.Tensor, s: torch.Tensor, top: torch.Tensor) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..cache import KVCache
 from .. import kernels
-from ..kernels import Linear
+from ..kernels import Linear, attend_rows
 from .config import LayerSpec, ModelConfig
 from .moe import MoEStats
 
@@ -155,6 +155,12 @@ class TreeMask:
                         torch.tensor(visible, dtype=torch.bool, device=dev).view(b, n + 1, n + 1))
 
 
+# Steps of up to this many new tokens per row (decode, verify, draft trees) attend with
+# kernels.attend_rows, whose result for a query does not depend on the step's other queries or rows
+# (speculative verification then reproduces plain decoding bit for bit); prefills use torch's SDPA.
+ROW_ATTENTION_MAX_T = 64
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query attention that writes its K/V into the static cache and reads it back.
 
@@ -216,6 +222,10 @@ class Attention(nn.Module):
         values = cache.v[spec.kv_source][:, :, lo:hi]
         mask = ctx.mask[spec.attention_type]
         dtype = q.dtype
+        if t <= ROW_ATTENTION_MAX_T:
+            out = attend_rows(q, keys, values, mask, self.scale)
+            if out is not None:
+                return self.o(out.transpose(1, 2).reshape(b, t, self.q_size))
         low_precision_step = t == 1 and dtype != torch.float32 and q.device.type == "cpu"
         if low_precision_step:
             # torch's CPU attention for one bf16/fp16 query is 2x (100 keys) to 4.5x (1000 keys)

@@ -1,0 +1,131 @@
+// Attention for decode and verify steps whose result for one query does not depend on the other
+// queries of the step, the other rows of the batch, or how many masked keys surround its own.
+//
+// torch's scaled_dot_product_attention blocks its reductions by the shape of the whole call (the
+// number of queries, the key range, padding rows), so one query's output can differ in the last
+// bits between a plain decode step (1 query) and a verify step (k+1 queries), or between a row
+// alone and in a batch. Those bits are enough to flip a near-tie (and int8 activation rounding in
+// quantized layers amplifies them). Here each query reads only its visible keys, in key order,
+// with a fixed operation order:
+//
+//   s_j = (q . k_j) * scale + mask_j        (dot: 8 fp32 lanes over the head dim, then a fixed sum)
+//   out = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)      (j ascending, visible only)
+//
+// q [B, H, T, D] fp32, k / v [B, KVH, L, D] fp32 (unit stride in D), mask [B, 1, T, L] additive
+// (0 / -inf) or none; D a multiple of 8. Heads share K/V in groups of H / KVH (GQA).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+bool attn_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+bool g_attn_portable = false;  // tests: force the portable path
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  alignas(32) float l[8];
+  _mm256_store_ps(l, acc);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+float dot_portable(const float* a, const float* b, int64_t d) {
+  float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < d; i += 8)
+    for (int j = 0; j < 8; ++j) l[j] = std::fma(a[i + j], b[i + j], l[j]);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t i = 0; i < d; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+}
+
+void axpy_portable(float p, const float* v, float* acc, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+}
+
+}  // namespace
+
+torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const c10::optional<torch::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend_rows: 4-D q, k, v");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+              v.scalar_type() == torch::kFloat32, "attend_rows: fp32 only");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t KVH = k.size(1), L = k.size(2);
+  TORCH_CHECK(D % 8 == 0 && k.size(3) == D && v.size(3) == D && v.size(2) == L && H % KVH == 0,
+              "attend_rows: shapes");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attend_rows: unit stride in D");
+  const bool has_mask = mask.has_value() && mask->defined();
+  const float* mp = nullptr;
+  int64_t msb = 0, mst = 0, msl = 0;
+  if (has_mask) {
+    TORCH_CHECK(mask->scalar_type() == torch::kFloat32 && mask->dim() == 4 && mask->size(0) == B &&
+                mask->size(1) == 1 && mask->size(2) == T && mask->size(3) == L, "attend_rows: mask [B, 1, T, L] fp32");
+    mp = mask->data_ptr<float>();
+    msb = mask->stride(0), mst = mask->stride(2), msl = mask->stride(3);
+  }
+  auto out = torch::empty({B, H, T, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool avx2 = attn_avx2() && !g_attn_portable;
+  const float sc = float(scale);
+  const int64_t group = H / KVH;
+  at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+    std::vector<float> score(static_cast<size_t>(L)), acc(static_cast<size_t>(D));
+    for (int64_t bh = s; bh < e; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / group;
+      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
+      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* qr = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
+        const float* mr = has_mask ? mp + b * msb + t * mst : nullptr;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < L; ++j) {
+          const float m = mr ? mr[j * msl] : 0.f;
+          if (m == -std::numeric_limits<float>::infinity()) {
+            score[j] = m;
+            continue;
+          }
+          const float* kr = kb + j * k.stride(2);
+          const float x = (avx2 ? dot_avx2(qr, kr, D) : dot_portable(qr, kr, D)) * sc + m;
+          score[j] = x;
+          mx = std::max(mx, x);
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float sum = 0.f;
+        for (int64_t j = 0; j < L; ++j) {
+          if (score[j] == -std::numeric_limits<float>::infinity()) continue;
+          const float p = std::exp(score[j] - mx);
+          sum += p;
+          const float* vr = vb + j * v.stride(2);
+          if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
+        }
+        float* orow = op + ((b * H + h) * T + t) * D;
+        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.f ? acc[i] / sum : 0.f;  // no visible key: 0
+      }
+    }
+  });
+  return out;
+}
+
+void register_attention(pybind11::module& m) {
+  m.def("attend_rows", &attend_rows, "batch-invariant fp32 attention for decode/verify steps (models/layers.py)");
+  m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable path");
+}

@@ -1,0 +1,81 @@
+"""Decode/verify attention (kernels/attention.cpp) gives each query the same bits whatever the
+step's other queries, rows and padding are, so speculative verification reproduces plain decoding
+bit for bit (a near-tie cannot flip between them), dense or quantized."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtpspec.checkpoint import load_decoder
+from mtpspec.kernels import _ext, attend_rows
+from mtpspec.models.layers import visibility
+from mtpspec.models.quantize import quantize_model
+
+
+def _inputs(b=3, h=4, kvh=2, t=5, length=40, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t, d, generator=g)
+    k = torch.randn(b, kvh, length, d, generator=g)
+    v = torch.randn(b, kvh, length, d, generator=g)
+    return q, k, v
+
+
+@pytest.fixture
+def ext():
+    e = _ext()
+    if e is None:
+        pytest.skip("no compiled kernels")
+    return e
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_matches_torch_attention(ext, window):
+    q, k, v = _inputs()
+    positions = torch.tensor([[30, 31, 32, 33, 34], [10, 11, 12, 13, 14], [35, 36, 37, 38, 39]])
+    mask = visibility(positions, 0, 40, window)
+    out = attend_rows(q, k, v, mask, 0.25)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_gets_the_same_bits_alone_and_in_a_padded_batch(ext):
+    q, k, v = _inputs()
+    positions = torch.tensor([[30, 31, 32, 33, 34], [10, 11, 12, 13, 14], [35, 36, 37, 38, 39]])
+    full = attend_rows(q, k, v, visibility(positions, 0, 40, None), 0.25)
+    # row 1, query 2 alone, with only the keys it sees: the same bits
+    alone = attend_rows(q[1:2, :, 2:3], k[1:2, :, :13], v[1:2, :, :13], None, 0.25)
+    assert torch.equal(alone, full[1:2, :, 2:3])
+
+
+def test_portable_path_gives_the_same_bits(ext):
+    q, k, v = _inputs(seed=3)
+    mask = visibility(torch.arange(35, 40).expand(3, 5), 0, 40, 9)
+    a = attend_rows(q, k, v, mask, 0.3)
+    ext.attend_force_portable(True)
+    try:
+        b = attend_rows(q, k, v, mask, 0.3)
+    finally:
+        ext.attend_force_portable(False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_a_verify_step_reproduces_decode_steps_bit_for_bit(tiny_checkpoints, family, scheme):
+    model = load_decoder(tiny_checkpoints[family][0])
+    if scheme:
+        model = quantize_model(model, scheme)
+    g = torch.Generator().manual_seed(1)
+    prompt, new = torch.randint(3, 300, (4, 9), generator=g), torch.randint(3, 300, (4, 5), generator=g)
+    c1 = model.new_cache(4, 32)
+    model(prompt, c1)
+    verify = model(new, c1).logits
+    c2 = model.new_cache(4, 32)
+    model(prompt, c2)
+    steps = torch.cat([model(new[:, i : i + 1], c2).logits for i in range(5)], dim=1)
+    assert torch.equal(verify, steps)
+    c3 = model.new_cache(1, 32)
+    model(prompt[2:3], c3)
+    assert torch.equal(model(new[2:3], c3).logits, verify[2:3])
