@@ -1,0 +1,85 @@
+"""`bench --suite peers` (mtpspec/bench/peers.py): the record and table from timed runs, the
+missing-llama-cpp-python message, and (when llama-cpp-python is installed) a short real run."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from mtpspec.bench import peers
+from mtpspec.bench.peers import EngineResult, Run, _agreement, _record, table
+
+
+def _result(name, tokens, decode_s, prefill_s=0.1, forwards=None):
+    r = EngineResult(name)
+    r.runs = {0: [Run(list(t), prefill_s, decode_s, forwards) for t in tokens],
+              1: [Run(list(t), prefill_s, 2 * decode_s, forwards) for t in tokens]}
+    return r
+
+
+def test_record_ratios_agreement_and_losslessness_flag():
+    a = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    results = {
+        "llama.cpp": _result("llama.cpp", a, 1.0),
+        "mtpspec": _result("mtpspec", [[1, 2, 3, 0, 0], [6, 7, 8, 9, 10]], 0.5),
+        "mtpspec+drafter": _result("mtpspec+drafter", [[1, 2, 3, 0, 0], [6, 7, 8, 9, 10]], 0.25, forwards=4),
+    }
+    rec = _record("x.gguf", a, results, 5, 2, 2, [])
+    rows = {r["engine"]: r for r in rec["results"]}
+    # decode: (10 tokens - 2 first tokens) / decode time; median over repeats (1.0 and 2.0 s)
+    assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(statistics_median(8 / 2.0, 8 / 4.0))
+    assert rows["mtpspec"]["decode_vs_llama_cpp"] == pytest.approx(2.0)
+    assert rows["mtpspec+drafter"]["decode_vs_llama_cpp"] == pytest.approx(4.0)
+    assert rows["mtpspec"]["greedy_agreement_with_llama_cpp"] == pytest.approx(8 / 10)
+    assert rows["mtpspec+drafter"]["equals_plain"] is True
+    assert rows["mtpspec+drafter"]["tokens_per_target_forward"] == pytest.approx(8 / 8)
+    assert "mtpspec+drafter" in table(rec)
+
+
+def statistics_median(*xs):
+    import statistics
+
+    return statistics.median(xs)
+
+
+def test_agreement_counts_up_to_the_first_difference():
+    assert _agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.5
+    assert _agreement([[1, 2]], [[1, 2]]) == 1.0
+
+
+def test_without_llama_cpp_python_the_suite_says_how_to_install_it(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llama(name, *a, **kw):
+        if name == "llama_cpp":
+            raise ImportError("No module named 'llama_cpp'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    with pytest.raises(peers.PeersUnavailable, match=r"pip install 'mtpspec\[peers\]'"):
+        peers.llama_cpp_runner(tmp_path / "x.gguf", 1, 64)
+
+
+def test_busy_machine_warning(monkeypatch):
+    monkeypatch.setattr(peers.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(peers.os, "cpu_count", lambda: 2)
+    assert "busy" in peers.machine_busy()
+    monkeypatch.setattr(peers.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert peers.machine_busy() is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path):
+    import mtpspec
+    from test_default_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "t.gguf", hidden=64, ffn=128, weight_types={"*": "Q8_0"})
+    engines = {"mtpspec": mtpspec.load(path, drafter=None, cache_dir=tmp_path / "c"),
+               "mtpspec+drafter": mtpspec.load(path, drafter="ngram", cache_dir=tmp_path / "c")}
+    rec = peers.run_peers_bench(path, [[5, 6, 7, 8, 5, 6, 7]], engines, new_tokens=12, repeats=1, threads=1)
+    rows = {r["engine"]: r for r in rec["results"]}
+    assert set(rows) == {"llama.cpp", "mtpspec", "mtpspec+drafter"}
+    assert rows["mtpspec+drafter"]["equals_plain"] is True
