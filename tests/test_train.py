@@ -13,7 +13,10 @@ from tiny_models import save_tiny_tokenizer, tiny_hf_model
 import mtpspec
 from mtpspec.errors import InputError, MtpspecError
 from mtpspec.models.drafter import DrafterConfig, MTPDrafter
-from mtpspec.train import TrainConfig, Trainer, core
+from mtpspec.train import TrainConfig, Trainer
+from mtpspec.train.clustering import balanced_kmeans
+from mtpspec.train.harvest import TOPK_STORED, Activations, harvest
+from mtpspec.train.objective import collate, step_losses, unroll
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,11 @@ def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_
     drafter = MTPDrafter(cfg).init_random(1, std=0.2)  # unpacked (as in training)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 14)]
-    acts = core.harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
-    batch = core.collate(acts)
+    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    batch = collate(acts)
     k = 3
     with torch.no_grad():
-        outs = core.unroll(drafter, target, batch, k)
+        outs = unroll(drafter, target, batch, k)
         for row, seq in enumerate(seqs):
             for p in (1, 5, len(seq) - k):  # sliding window 8 is exceeded at p > 8 (gemma3)
                 cache = target.new_cache(1, 32)
@@ -81,27 +84,27 @@ def test_soft_labels_are_the_targets_top_k_distribution(engine):
     drafter = MTPDrafter(cfg).init_random(2, std=0.2)
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (12, 9)]
-    acts = core.harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
     with torch.no_grad():
         logits = target.forward(torch.tensor([seqs[0]]), target.new_cache(1, 16)).logits[0].float()
-    want = logits.topk(core.TOPK_STORED, dim=-1)
+    want = logits.topk(TOPK_STORED, dim=-1)
     assert torch.equal(acts[0].topk.long(), want.indices)
     torch.testing.assert_close(acts[0].topk_logits.float(), want.values, atol=2e-2, rtol=2e-3)  # stored fp16
 
     def loss(items, soft):
-        batch = core.collate(items)
+        batch = collate(items)
         with torch.no_grad():
-            outs = core.unroll(drafter, target, batch, 2)
-            return float(core.step_losses(drafter, outs, batch, full_vocab=True, feature_weight=0.0,
-                                          cluster_of=None, soft_labels=soft)[0])
+            outs = unroll(drafter, target, batch, 2)
+            return float(step_losses(drafter, outs, batch, full_vocab=True, feature_weight=0.0,
+                                     cluster_of=None, soft_labels=soft)[0])
 
     hard = loss(acts, False)
     assert loss(acts, True) != pytest.approx(hard, rel=1e-3)  # the soft teacher is another objective
-    peaked = [core.Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from,
-                               torch.where(torch.arange(core.TOPK_STORED) == 0, 80.0, 0.0).expand_as(a.topk_logits))
+    peaked = [Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from,
+                          torch.where(torch.arange(TOPK_STORED) == 0, 80.0, 0.0).expand_as(a.topk_logits))
               for a in acts]
     assert loss(peaked, True) == pytest.approx(hard, rel=1e-4)  # one-hot soft teacher = the argmax
-    old = [core.Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from) for a in acts]
+    old = [Activations(a.ids, a.hidden, a.kv, a.labels, a.topk, a.loss_from) for a in acts]
     assert loss(old, True) == pytest.approx(hard, rel=1e-6)  # shards without logits: hard labels
 
 
@@ -135,19 +138,19 @@ def test_resume_continues_with_identical_state(engine, data_files, tmp_path):
     straight = Trainer(_cfg(data_files, tmp_path / "a", max_steps=12, eval_prompts=None, replay=0.5), engine)
     straight.run()
     first = Trainer(_cfg(data_files, tmp_path / "b", max_steps=12, eval_prompts=None, replay=0.5), engine)
-    first._interrupt_at = 5  # interrupted after 5 steps (a checkpoint is written on exit / SIGTERM)
-    first.run()
-    assert first.step == 5
+    # interrupted after 5 steps, as SIGTERM does (a checkpoint is written on exit)
+    first.run(on_step=lambda rec: rec["step"] == 4 and first.request_stop())
+    assert first.state.step == 5
     second = Trainer(_cfg(data_files, tmp_path / "b", max_steps=12, eval_prompts=None, replay=0.5), engine)
     second.run(resume=True)
-    assert second.step == straight.step == 12
-    assert (second.round, second.round_step) == (straight.round, straight.round_step)
+    assert second.state.step == straight.state.step == 12
+    assert (second.state.round, second.state.round_step) == (straight.state.round, straight.state.round_step)
     for (n, a), (_, b) in zip(straight.drafter.state_dict().items(), second.drafter.state_dict().items()):
         assert torch.equal(a, b), n
     sa, sb = straight.opt.state_dict()["state"], second.opt.state_dict()["state"]
     for i in sa:
         assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"])
-    assert [h["loss"] for h in straight.history] == [h["loss"] for h in second.history]
+    assert [h["loss"] for h in straight.state.history] == [h["loss"] for h in second.state.history]
 
 
 def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(engine, data_files, tmp_path):
@@ -161,7 +164,7 @@ def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(engine, data_files, 
 def test_balanced_kmeans_gives_equal_clusters():
     emb = torch.randn(320, 16, generator=torch.Generator().manual_seed(0))
     emb[:100] += 3.0  # a lopsided vocabulary: plain k-means would make unequal clusters
-    order = core.balanced_kmeans(emb, 10, iters=5)
+    order = balanced_kmeans(emb, 10, iters=5)
     assert torch.equal(torch.sort(order).values, torch.arange(320))
     cluster_of = torch.empty(320, dtype=torch.long)
     cluster_of[order] = torch.arange(320) // 32
@@ -210,21 +213,21 @@ def test_init_from_a_drafter_and_replay_another_runs_shards(engine, data_files, 
                      engine)
     for (n, a), (_, b) in zip(saved.state_dict().items(), second.drafter.state_dict().items()):
         assert torch.equal(a, b), n  # starts exactly from the given drafter
-    assert len(second.external) == len(first.shards) > 0
-    n_steps, b_new = second._round_plan(0)
+    assert len(second.shards.external) == len(first.shards.loaded) > 0
+    n_steps, b_new = second.schedule.round_plan(0)
     assert b_new == 2  # half of each batch of 4 is replayed, from the other run from the first round on
-    ids = {id(a) for shard in second.external for a in shard}
-    batch = second._batch(0, 0, b_new)
+    ids = {id(a) for shard in second.shards.external for a in shard}
+    batch = second.schedule.batch(0, 0, b_new)
     assert sum(id(a) in ids for a in batch) == 2
     res = second.run()
     assert res.steps == 3
     # a deeper drafter grown from it starts as the same function (extra layers are identities)
     deeper = Trainer(_cfg(data_files, tmp_path / "e", num_layers=2, init_from=str(first.out), max_steps=6,
                           eval_prompts=None), engine)
-    batch = core.collate(first.shards[0][:3])
+    batch = collate(first.shards[0][:3])
     with torch.no_grad():
-        want = core.unroll(saved, engine.model, batch, 2)
-        got = core.unroll(deeper.drafter, engine.model, batch, 2)
+        want = unroll(saved, engine.model, batch, 2)
+        got = unroll(deeper.drafter, engine.model, batch, 2)
     for a, b in zip(want, got):
         torch.testing.assert_close(b.s, a.s)
     assert deeper.run().steps == 6  # and it trains

@@ -23,6 +23,10 @@ tail beyond the shortest row is zeroed by mask before use.
 
 RoPE: the query is rotated with the TARGET's RoPE of the attended layer (inv_freq, scaling,
 partial rotary), so it is consistent with the cached keys whatever the target family.
+
+Training (mtpspec/train/objective.py) runs these same modules for every anchor of a sequence at
+once (`MTPDrafter.anchor_context`, `step_state`, `token_logits`, `MaskedEmbedding.clusters`);
+`DrafterLayer` has a one-call C++ path (`kernels.drafter_layer`) for prepared drafters only.
 """
 
 from __future__ import annotations
@@ -173,12 +177,13 @@ class DrafterAttention(nn.Module):
         self.o_proj = Linear(cfg.n_heads * lay.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, kv: "TypeContext") -> torch.Tensor:
-        """x: [B * W, hidden] for a context of B rows: W drafts per row (W > 1 when drafting a
-        tree's branches), all at the row's constant position, as W more queries per head."""
-        b = x.shape[0]
+        """x: [rows * W, hidden] or [rows, W, hidden] for a context of `rows` rows: W queries per
+        row. Drafting: W drafts per row (W > 1 for a tree's branches), all at the row's constant
+        position. Training (`MTPDrafter.anchor_context`): the W anchors of a sequence, each at its
+        own position with its own visible keys."""
         rows = kv.mask.shape[0]
-        w = b // rows
-        q = self.q_norm(self.q_proj(x).view(rows, w, self.n_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(rows, -1, self.n_heads, self.head_dim)).transpose(1, 2)
+        w = q.shape[2]
         q = apply_rope(q, kv.cos, kv.sin)  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
         q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
@@ -186,17 +191,23 @@ class DrafterAttention(nn.Module):
         q = q.to(kv_dtype)  # a drafter may run in another dtype than the target (e.g. bf16 on fp32)
         if kv.all_visible:  # every row sees all of [lo, hi): one fused op (batch 1 always is)
             out = F.scaled_dot_product_attention(q, kv.k_head, kv.v_head, scale=1.0)  # scaling 1.0 (Gemma 4)
-            out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)
-            return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
-        # scores over the shared prefix [lo, mid) (valid for all rows) and the ragged tail [mid, hi)
+        else:
+            out = self._masked(q, kv, rows, g, w)
+        out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
+        return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
+
+    def _masked(self, q: torch.Tensor, kv: "TypeContext", rows: int, g: int, w: int) -> torch.Tensor:
+        """Attention under kv.mask, over the shared prefix [lo, mid) (valid for all rows) and the
+        ragged tail [mid, hi). Returns [rows, n_kv, g * W, hd] in the K/V dtype."""
         parts = []
         if kv.k_head is not None:
             parts.append(q @ kv.k_head.transpose(-1, -2))
         if kv.k_tail is not None:
             parts.append(q @ kv.k_tail.transpose(-1, -2))
         scores = torch.cat(parts, dim=-1).float() if len(parts) > 1 else parts[0].float()  # scaling 1.0 (Gemma 4)
-        scores = scores.masked_fill(~kv.mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(kv_dtype)  # a row with nothing visible -> 0
+        scores = scores.view(rows, self.n_kv, g, w, -1).masked_fill(~kv.mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)  # a query with nothing visible -> 0
+        probs = probs.view(rows, self.n_kv, g * w, -1)
         out = None
         n_head = kv.k_head.shape[2] if kv.k_head is not None else 0
         if kv.v_head is not None:
@@ -204,8 +215,7 @@ class DrafterAttention(nn.Module):
         if kv.v_tail is not None:
             t = probs[..., n_head:] @ kv.v_tail
             out = t if out is None else out + t
-        out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
-        return self.o_proj(out.reshape(b, self.n_heads * self.head_dim))
+        return out
 
 
 class DrafterMLP(nn.Module):
@@ -280,7 +290,8 @@ class DrafterLayer(nn.Module):
 class TypeContext:
     """Per attention type, for one drafting round: the target K/V a row may read, split into the
     prefix [lo, mid) valid for every row and the ragged tail [mid, hi) (masked entries zeroed),
-    the visibility mask [B, 1, 1, hi - lo] and the query RoPE tables at each row's position."""
+    the visibility mask [B, 1, 1, Q, hi - lo] and the query RoPE tables [B, 1, Q, rotary_dim]
+    (Q = 1: every query of a row at the row's position; training: Q = the anchors, each its own)."""
 
     k_head: torch.Tensor | None
     v_head: torch.Tensor | None
@@ -295,7 +306,7 @@ class TypeContext:
 
 @dataclass
 class DraftContext:
-    positions: torch.Tensor  # [B] the constant query position of each row (= cache.lengths)
+    positions: torch.Tensor  # [B] each row's constant query position (= cache.lengths); training: the anchors [T]
     types: dict[str, TypeContext]
 
 
@@ -313,8 +324,20 @@ class MaskedEmbedding(nn.Module):
         # token_ordering[i]): a cluster's rows are then one contiguous block
         self.cluster_major = False
 
+    def clusters(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [N, C] of every cluster, the top_k chosen clusters [N, top_k]) for states s [N, H]."""
+        scores = self.centroids(s)
+        return scores, torch.topk(scores, self.top_k, dim=-1).indices
+
+    def token_clusters(self) -> torch.Tensor:
+        """The cluster of each token [V]."""
+        order = self.token_ordering
+        cluster_of = torch.empty_like(order)
+        cluster_of[order] = torch.arange(order.numel(), device=order.device) // self.per_cluster
+        return cluster_of
+
     def _select(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = torch.topk(self.centroids(s), self.top_k, dim=-1).indices  # [B, top_k]
+        top = self.clusters(s)[1]  # [B, top_k]
         return top, self.token_ordering.view(self.num_centroids, self.per_cluster)[top].reshape(s.shape[0], -1)
 
     def candidates(self, s: torch.Tensor, lm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +350,7 @@ class MaskedEmbedding(nn.Module):
         if self.cluster_major and s.device.type == "cpu":
             # one matrix-vector product per chosen cluster, straight from its contiguous block: no
             # gathered copy (a fresh multi-MB tensor per step costs page faults) and no batched
-            # gemv (3x slower than per-row products on CPU)
+            # gemv (slower than per-row products on CPU)
             wc = lm_weight.view(self.num_centroids, self.per_cluster, -1)
             vals = torch.empty(s.shape[0], self.top_k, self.per_cluster, dtype=s.dtype, device=s.device)
             for b, clusters in enumerate(top.tolist()):
@@ -445,14 +468,11 @@ class MTPDrafter(nn.Module):
         for t in dict.fromkeys(self.cfg.layer_types):
             layer = target_cfg.last_cache_layer(t)
             spec: LayerSpec = target_cfg.layers[layer]
-            window = spec.sliding_window if t == "sliding_attention" else None
+            window = _window(spec, t)
             lo = max(0, p_min - window + 1) if window else 0
             hi = max(p_max, lo)
             mid = min(max(p_min, lo), hi)
-            keys = torch.arange(lo, hi, device=pos.device)
-            visible = keys[None, :] < pos[:, None]
-            if window:
-                visible &= keys[None, :] > pos[:, None] - window
+            visible = _visible(torch.arange(lo, hi, device=pos.device), pos, window)  # [B, hi - lo]
             k, v = cache.k[layer], cache.v[layer]
             k_head = k[:, :, lo:mid] if mid > lo else None
             v_head = v[:, :, lo:mid] if mid > lo else None
@@ -472,9 +492,24 @@ class MTPDrafter(nn.Module):
             if all_visible:  # for the one-call C++ layer (DrafterLayer.fuse)
                 rope_f32 = (cos.reshape(cos.shape[0], -1).float().contiguous(),
                             sin.reshape(sin.shape[0], -1).float().contiguous())
-            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, :], cos, sin, all_visible,
-                                   rope_f32)
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], cos, sin,
+                                   all_visible, rope_f32)
         return DraftContext(pos, types)
+
+    def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       anchors: torch.Tensor) -> DraftContext:
+        """Training's context: one query per anchor position p in `anchors` [T] of every row, each
+        reading the row's target K/V `kv[type]` ([B, kv_heads, L, head_dim]) at j < p (and inside
+        the sliding window): what `context` gives a row whose cache holds the tokens before p."""
+        types = {}
+        for t in dict.fromkeys(self.cfg.layer_types):
+            spec = target_cfg.layers[target_cfg.last_cache_layer(t)]
+            k, v = kv[t]
+            b = k.shape[0]
+            visible = _visible(torch.arange(k.shape[2], device=anchors.device), anchors, _window(spec, t))  # [T, L]
+            cos, sin = rope_cos_sin(spec, anchors[None].expand(b, -1), self.dtype)
+            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin)
+        return DraftContext(anchors, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafting step. token_embeds: [B, H_target] (target embedding of the last token, with
@@ -484,7 +519,8 @@ class MTPDrafter(nn.Module):
 
     def step_state(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` without the head: (final normed state s [B, H], next hidden [B, H_target]); the
-        head is `logits(s)` or, for greedy drafting, `argmax(s)`."""
+        head is `logits(s)` or, for greedy drafting, `argmax(s)`. Training passes [B, T, ...]
+        inputs (one per anchor) with an `anchor_context`."""
         x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1).to(self.dtype))
         for layer in self.model.layers:
             x = layer(x, ctx)
@@ -492,10 +528,16 @@ class MTPDrafter(nn.Module):
         return s, self.post_projection(s)
 
     def logits(self, s: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight
         if self.masked_embedding is not None:
-            return self.masked_embedding(s, w)
-        return F.linear(s, w)
+            return self.masked_embedding(s, self.model.embed_tokens.weight)
+        return self.token_logits(s)
+
+    def token_logits(self, s: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The tied LM head without clustering: logits [..., V] of every token, or [..., n] of the
+        tokens `ids` [n] only (training's candidates). Standard row order: not after prepare() of
+        a clustered head."""
+        w = self.model.embed_tokens.weight
+        return F.linear(s, w if ids is None else w[ids])
 
     def argmax(self, s: torch.Tensor) -> torch.Tensor:
         """argmax(logits(s)) [B] without materialising [B, V] logits for a clustered head."""
@@ -508,11 +550,24 @@ class MTPDrafter(nn.Module):
         """The k most likely tokens (ids [B, k], log-probabilities [B, k] in fp32, best first) of
         final states s [B, H]; a clustered head normalises over its chosen clusters' tokens."""
         if self.masked_embedding is None:
-            ids, vals = None, F.linear(s, self.model.embed_tokens.weight)
+            ids, vals = None, self.token_logits(s)
         else:
             ids, vals = self.masked_embedding.candidates(s, self.model.embed_tokens.weight)
         logp, top = torch.log_softmax(vals.float(), dim=-1).topk(k, dim=-1)
         return (top if ids is None else ids.gather(1, top)), logp
+
+
+def _window(spec: LayerSpec, attention_type: str) -> int | None:
+    return spec.sliding_window if attention_type == "sliding_attention" else None
+
+
+def _visible(keys: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[..., len(keys)]: the cached keys a query at each position sees (j < p, and p - window < j
+    in a sliding layer): those of the target's own query at p, minus p itself (not cached)."""
+    visible = keys < positions[..., None]
+    if window:
+        visible &= keys > positions[..., None] - window
+    return visible
 
 
 def check_compatible(cfg: DrafterConfig, target_cfg: ModelConfig) -> None:

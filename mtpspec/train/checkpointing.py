@@ -1,0 +1,73 @@
+"""What a training run saves: its resumable checkpoint (weights, optimiser, where the schedule is,
+RNG states, elapsed time) and the drafter folder it produces."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MtpspecError
+from ..models.drafter import MTPDrafter
+from .optim import Optimiser
+from .shards import save_atomic
+
+
+@dataclass
+class RunState:
+    """Where a run is: steps taken, round and step in round (see schedule.py), training seconds,
+    per-step records, held-out evaluations and the best mean accepted length so far."""
+
+    step: int = 0
+    round: int = 0
+    round_step: int = 0
+    elapsed: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    best_tau: float = -1.0
+
+
+class Checkpoint:
+    """The checkpoint file of a run; resuming restores the run exactly (global RNGs included)."""
+
+    def __init__(self, path: Path, config: dict, n_samples: int) -> None:
+        self.path, self.config, self.n_samples = path, config, n_samples
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, state: RunState, drafter: MTPDrafter, opt: Optimiser) -> None:
+        save_atomic({"config": self.config, "drafter": drafter.state_dict(), "optimizer": opt.state_dict(),
+                     **asdict(state), "n_samples": self.n_samples,
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, self.path)
+
+    def load(self, drafter: MTPDrafter, opt: Optimiser) -> RunState:
+        if not self.path.is_file():
+            raise MtpspecError(f"{self.path}: no checkpoint to resume from")
+        st = torch.load(self.path, weights_only=False)
+        if st["n_samples"] != self.n_samples:
+            raise MtpspecError(f"{self.path}: the checkpoint was made with {st['n_samples']} samples, the data "
+                               f"now gives {self.n_samples}: resume with the same --data and options")
+        drafter.load_state_dict(st["drafter"])
+        opt.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        return RunState(**{f: st[f] for f in RunState.__dataclass_fields__})
+
+
+def write_drafter(drafter: MTPDrafter, folder: Path, *, dtype: torch.dtype, draft_tokens: int, info: dict,
+                  full_head: bool = False) -> Path:
+    """A copy of `drafter` in `dtype` as a drafter folder (gemma4_assistant format; with full_head a
+    clustered head is written as the full head) and `info` as its training.json."""
+    from ..drafter_checkpoint import save_drafter
+
+    d = copy.deepcopy(drafter).to(dtype).eval()
+    if full_head and d.cfg.clustered:
+        d = d.full_head_copy().eval()
+    save_drafter(d, folder, draft_tokens=draft_tokens, target_model_type=None)
+    (Path(folder) / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return Path(folder)
