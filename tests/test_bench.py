@@ -12,7 +12,7 @@ import math
 import pytest
 
 from mtpspec.bench import run_plain_bench
-from mtpspec.bench.plain import compare_tokens
+from mtpspec.bench.records import compare_tokens
 from mtpspec.errors import InputError
 
 from tiny_models import tiny_hf_model
@@ -96,3 +96,30 @@ def test_compare_tokens():
     assert c["first_divergence"] == [1, None]
     assert c["identical_prefix_fraction"] == pytest.approx(3 / 6)
     assert c["identical_position_fraction"] == pytest.approx(5 / 6)
+
+
+def test_interleave_rotates_the_order_and_drops_a_failing_runner():
+    from mtpspec.bench.timing import Run, alternating_times, interleave
+
+    calls, errors = [], {}
+
+    def runner(name, fail_at=None):
+        def go():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(name)
+            return Run([[len(calls)]], 1.0, None)
+        return go
+
+    ref, got = interleave({"a": runner("a"), "b": runner("b"), "c": runner("c", fail_at=3)}, 3,
+                          on_error=lambda name, e: errors.setdefault(name, str(e)))
+    # warm-up a b c; repeat 1: a b c; repeat 2 (rotated by one): b c(fails) a; repeat 3: a b (c dropped)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "a", "b"]
+    assert errors == {"c": "c"} and set(got) == {"a", "b"} and set(ref) == {"a", "b", "c"}
+    assert [len(got["a"]), len(got["b"])] == [3, 3]
+    with pytest.raises(RuntimeError):  # without on_error, a failure propagates
+        interleave({"x": runner("x", fail_at=1)}, 1)
+
+    order = []
+    times = alternating_times({"p": lambda: order.append("p"), "q": lambda: order.append("q")}, repeats=2, warmup=1)
+    assert order == ["p", "q", "q", "p", "p", "q"] and [len(t) for t in times.values()] == [2, 2]

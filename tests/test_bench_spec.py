@@ -241,7 +241,7 @@ def test_cli_bench_serve_suite(tiny_with_tokenizer, tmp_path):
         assert [r["concurrency"] for r in rows] == [1, 2]
         assert all(r["requests"] == 4 and not r["errors"] and _positive(r["throughput_tok_s"]) for r in rows)
     assert png.exists()
-    from mtpspec.bench.plain import kernel_summary
+    from mtpspec.bench.machine import kernel_summary
     from mtpspec.kernels import kernel_info
 
     assert data["kernel"] == kernel_info() and f"kernel: {kernel_summary(kernel_info())}" in res.output

@@ -12,12 +12,10 @@ at these widths):
 * **moe** (26B-A4B-like): [s x5, f] layout, K-as-V on full layers, a dense MLP plus 128 experts
   top-8 per layer. For each batch size B and verify width K (a forward of K+1 tokens per row, as
   speculative verification does; K=0 is a plain decoding step) it reports the mean number of
-  distinct experts each MoE layer reads, as a fraction of all experts and relative to B=1, K=0:
-  with top-8 of 128, one token reads 8 experts; verifying 4 drafts at batch 1 (5 tokens) already
-  reads ~30, so the verify pass costs several plain steps' worth of expert weights - the reason a
-  MoE gains little from speculation at batch 1 and relatively more at batch 4-8, where plain
-  decoding already reads most experts. The uniform-routing expectation E * (1 - (1 - k/E)^N)
-  (N tokens) is printed next to the measurement. The forward's time is reported too.
+  distinct experts each MoE layer reads, as a fraction of all experts, relative to B=1, K=0 and
+  relative to a plain step (K=0) at the same batch size: the expert weights a verify pass reads.
+  The uniform-routing expectation E * (1 - (1 - k/E)^N) (N tokens) is printed next to the
+  measurement. The forward's time is reported too.
 
 Results go to a JSON file and a rich table; progress to stderr. Timings are medians; nothing is
 asserted about them.
@@ -26,10 +24,7 @@ asserted about them.
 from __future__ import annotations
 
 import gc
-import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +32,10 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError
-from .plain import _loadavg, _log, _r, kernel_info, machine_info, measure_read_bandwidth, versions
+from .arguments import as_recorded, check_positive_int
+from .machine import environment, load_average, measure_read_bandwidth
+from .records import log, recorded_command, rounded, table_console, write_results
+from .timing import loop_runner, median
 
 DEFAULT_OUT = "bench-results/gemma4.json"
 S, F = "sliding_attention", "full_attention"
@@ -126,25 +124,14 @@ def _prompts(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _plain_speed(model, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    from ..decoding.loop import Request, run
-    from ..decoding.sampling import SamplingParams
-
     prompts = _prompts(model.cfg.vocab_size, batch, prompt_len, seed=batch)
-
-    def go():
-        reqs = [Request(list(p), new_tokens, SamplingParams(), frozenset()) for p in prompts]
-        t0 = time.perf_counter()
-        seqs = run(model, reqs)
-        wall = time.perf_counter() - t0
-        dec_time = max(s.stats.decode_time for s in seqs)
-        dec_tok = sum(max(len(s.new_ids) - 1, 0) for s in seqs)
-        return sum(len(s.new_ids) for s in seqs) / wall, dec_tok / dec_time if dec_time > 0 else float("nan")
-
+    go = loop_runner(model, [prompts], new_tokens)
     go()  # warm-up
     runs = [go() for _ in range(repeats)]
+    decode = [x.decode_tok_s if x.decode_tok_s is not None else float("nan") for x in runs]
     return {"batch_size": batch, "prompt_tokens": [len(p) for p in prompts], "new_tokens": new_tokens,
-            "tok_s": _r(statistics.median(x[0] for x in runs)), "decode_tok_s": _r(statistics.median(x[1] for x in runs)),
-            "tok_s_runs": [_r(x[0]) for x in runs]}
+            "tok_s": rounded(median([x.tok_s for x in runs])), "decode_tok_s": rounded(median(decode)),
+            "tok_s_runs": [rounded(x.tok_s) for x in runs]}
 
 
 @torch.inference_mode()
@@ -180,20 +167,20 @@ def expert_widening(model, batch_sizes: Sequence[int], verify_k: Sequence[int], 
             n_tok = bsz * (k + 1)
             rows.append({
                 "batch_size": bsz, "k": k, "tokens_per_forward": n_tok,
-                "experts_per_layer": _r(statistics.mean(touched), 2),
-                "fraction_of_experts": _r(statistics.mean(touched) / n_exp, 4),
-                "uniform_expectation": _r(n_exp * (1 - (1 - top_k / n_exp) ** n_tok), 2),
-                "forward_ms": _r(statistics.median(times) * 1e3, 2),
+                "experts_per_layer": rounded(statistics.mean(touched), 2),
+                "fraction_of_experts": rounded(statistics.mean(touched) / n_exp, 4),
+                "uniform_expectation": rounded(n_exp * (1 - (1 - top_k / n_exp) ** n_tok), 2),
+                "forward_ms": rounded(statistics.median(times) * 1e3, 2),
             })
             del cache
     base = next((r for r in rows if r["batch_size"] == min(batch_sizes) and r["k"] == min(verify_k)), rows[0])
     for r in rows:
         plain = next((x for x in rows if x["batch_size"] == r["batch_size"] and x["k"] == 0), None)
         # the verify pass's expert reads relative to a plain decoding step at the same batch size
-        r["experts_vs_plain_step"] = _r(r["experts_per_layer"] / plain["experts_per_layer"], 3) if plain else None
-        r["experts_vs_base"] = _r(r["experts_per_layer"] / base["experts_per_layer"], 3)
+        r["experts_vs_plain_step"] = rounded(r["experts_per_layer"] / plain["experts_per_layer"], 3) if plain else None
+        r["experts_vs_base"] = rounded(r["experts_per_layer"] / base["experts_per_layer"], 3)
         # expert weights read per emitted token if all k drafts were accepted (k+1 tokens per row)
-        r["experts_per_token_if_all_accepted"] = _r(r["experts_per_layer"] / r["tokens_per_forward"], 3)
+        r["experts_per_token_if_all_accepted"] = rounded(r["experts_per_layer"] / r["tokens_per_forward"], 3)
     return rows
 
 
@@ -223,8 +210,7 @@ def run_gemma4_bench(
 
     for name, v in (("prompt_tokens", prompt_tokens), ("max_new_tokens", max_new_tokens), ("repeats", repeats),
                     ("moe_steps", moe_steps)):
-        if not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+        check_positive_int(name, v)
     if not batch_sizes or not moe_batch_sizes or not moe_verify_k:
         raise InputError("batch_sizes, moe_batch_sizes and moe_verify_k must not be empty")
     dt = resolve_dtype(dtype)
@@ -232,14 +218,12 @@ def run_gemma4_bench(
     moe_layout = moe_layout or (TINY_MOE if tiny else MOE)
     results: dict = {
         "benchmark": "gemma4",
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": recorded_command(command),
         "arguments": dict(tiny=tiny, dtype=str(dt).removeprefix("torch."), batch_sizes=list(batch_sizes),
                           moe_batch_sizes=list(moe_batch_sizes), moe_verify_k=list(moe_verify_k),
                           prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, repeats=repeats,
-                          moe_steps=moe_steps, seed=seed, out=None if out is None else str(out)),
-        "machine": machine_info(),
-        "versions": versions(),
-        "kernel": kernel_info(),
+                          moe_steps=moe_steps, seed=seed, out=as_recorded(out)),
+        **environment(),
         "notes": {
             "tok_s": "generated tokens of the batch / wall time (prefill included); median of repeats",
             "decode_tok_s": "tokens after the first / time after the prefill (batch rows summed)",
@@ -249,23 +233,23 @@ def run_gemma4_bench(
         },
     }
     bw = measure_read_bandwidth(bandwidth_mb if not tiny else 16, 5)
-    results["bandwidth_gb_per_s"] = _r(bw["gb_per_s"])
+    results["bandwidth_gb_per_s"] = rounded(bw["gb_per_s"])
 
-    _log("gemma4: building the dense E2B-shaped random model ...")
+    log("gemma4: building the dense E2B-shaped random model ...")
     model, hf_cfg = build_random_gemma4(dense_layout, seed=seed, dtype=dt)
     wb = _step_bytes(model)
     dense = {"layout": {k: v for k, v in dense_layout.items()}, "params": _param_count(model),
-             "weight_bytes_per_step": wb, "roofline_b1_tok_s": _r(bw["gb_per_s"] * 1e9 / wb), "runs": []}
+             "weight_bytes_per_step": wb, "roofline_b1_tok_s": rounded(bw["gb_per_s"] * 1e9 / wb), "runs": []}
     for bsz in batch_sizes:
-        _log(f"gemma4 dense: batch {bsz} ...")
+        log(f"gemma4 dense: batch {bsz} ...")
         row = _plain_speed(model, bsz, prompt_tokens, max_new_tokens, repeats)
         dense["runs"].append(row)
-        _log(f"gemma4 dense: batch {bsz}: {row['tok_s']} tok/s (decode {row['decode_tok_s']})")
+        log(f"gemma4 dense: batch {bsz}: {row['tok_s']} tok/s (decode {row['decode_tok_s']})")
     results["dense"] = dense
     del model
     gc.collect()
 
-    _log("gemma4: building the MoE 26B-A4B-shaped random model ...")
+    log("gemma4: building the MoE 26B-A4B-shaped random model ...")
     model, hf_cfg = build_random_gemma4(moe_layout, seed=seed + 1, dtype=dt)
     moe = {"layout": {k: v for k, v in moe_layout.items()}, "params": _param_count(model),
            "num_experts": moe_layout["num_experts"], "top_k_experts": moe_layout["top_k_experts"],
@@ -273,26 +257,17 @@ def run_gemma4_bench(
     results["moe"] = moe
     del model
     gc.collect()
-    results["machine"]["load_average_at_end"] = _loadavg()
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        results["out"] = str(path)
-        _log(f"wrote {path}")
+    results["machine"]["load_average_at_end"] = load_average()
+    write_results(results, out)
     if show_table:
         print_gemma4_tables(results)
     return results
 
 
 def print_gemma4_tables(results: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=150)
+    console = table_console(console)
     d = results["dense"]
     t = Table(title=f"Gemma 4 E2B-shaped random model, plain decoding ({d['params'] / 1e6:.1f}M params, "
                     f"{d['weight_bytes_per_step'] / 1e6:.1f} MB read per step, roofline b1 "

@@ -16,151 +16,39 @@
   compared to a plain decode step), for both engines.
 
 It prints a table to stdout (rich) and writes every figure to a JSON file. Progress goes to stderr.
-
-EOS is ignored on both sides, so every run makes exactly `max_new_tokens` tokens per row: our
-requests get `eos_ids=frozenset()`, transformers gets `eos_token_id=None` (as a keyword argument:
-a `GenerationConfig` with eos None is merged with the model's default and would stop at EOS) and
-`min_new_tokens=max_new_tokens`; the output length is checked.
+EOS is ignored on both sides (see `timing`), so every run makes exactly `max_new_tokens` tokens per row.
 
 Prompts: the built-in chat prompts (`prompts.CHAT_PROMPTS`) rendered with the checkpoint's chat
 template. A checkpoint without a tokenizer gets deterministic pseudo-random token-id prompts
 (`prompts.token_id_prompts`) instead; `prompts=` also accepts token-id lists. Batch size B uses the
-first B prompts (cycled). On the transformers side a batch is left-padded by hand (pad id = the
-tokenizer's pad token, else the config's pad/eos id, else 0) with an attention mask, which is what
-`tokenizer.padding_side = "left"` would produce, and also works with token-id prompts.
+first B prompts (cycled). On the transformers side a batch is left-padded (pad id = the
+tokenizer's pad token, else the config's pad/eos id, else 0) with an attention mask.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import os
-import platform
-import shlex
-import statistics
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import InputError, MtpspecError
+from .arguments import as_recorded, check_positive_int
+from .machine import environment, kernel_summary, load_average, measure_read_bandwidth
+from .records import (BenchMismatch, compare_tokens, fmt, log, print_load_warning, recorded_command, rounded,
+                      table_console, write_results)
+from .timing import alternating_times, hf_runner, interleave, loop_runner, median, quiet_transformers, sync
+
+__all__ = ["BenchMismatch", "compare_tokens", "kernel_summary", "print_tables", "run_plain_bench"]
 
 DEFAULT_OUT = "bench-results/plain.json"
 
 
-class BenchMismatch(MtpspecError):
-    """fp32 greedy tokens of our engine and transformers differ (raised after results are written)."""
-
-
 # ---------------------------------------------------------------------------------------------
-# small helpers
+# weight bytes per step and the verify-pass cost
 # ---------------------------------------------------------------------------------------------
-def _log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def _median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _r(x: float | None, nd: int = 3) -> float | None:
-    return None if x is None else round(float(x), nd)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux, else platform)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    info = {
-        "cpu_model": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "memory_gib": None,
-    }
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        info["memory_gib"] = round(pages * size / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    if hasattr(os, "sched_getaffinity"):
-        info["usable_cores"] = len(os.sched_getaffinity(0))
-    info["load_average_at_start"] = _loadavg()
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages: a load above the core count means other processes competed
-    for the CPU during the benchmark, and the timings are unreliable."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def versions() -> dict:
-    import transformers
-
-    from .. import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "mtpspec": __version__}
-
-
-def kernel_info() -> dict:
-    """`mtpspec.kernels.kernel_info()` if the kernels package provides it, else a note."""
-    try:
-        from ..kernels import kernel_info as ki
-    except Exception as e:  # noqa: BLE001 - the kernels package may be absent or mid-edit
-        return {"path": "unknown", "reason": f"mtpspec.kernels.kernel_info unavailable ({type(e).__name__})"}
-    try:
-        return dict(ki())
-    except Exception as e:  # noqa: BLE001
-        return {"path": "unknown", "reason": f"kernel_info() failed: {type(e).__name__}: {e}"}
-
-
-def kernel_summary(k: dict) -> str:
-    """The kernel path of a run for the tables: "cpp avx2 (prebuilt)", "torch (reason)"."""
-    if k.get("path") == "cpp":
-        return f"cpp {k.get('isa', '')} ({k.get('build') or 'build unknown'})"
-    return f"{k.get('path')}{' (' + k['reason'] + ')' if k.get('reason') else ''}"
-
-
-# ---------------------------------------------------------------------------------------------
-# memory bandwidth and bytes per step
-# ---------------------------------------------------------------------------------------------
-def measure_read_bandwidth(size_mb: int = 256, runs: int = 10, device: torch.device | str = "cpu") -> dict:
-    """Memory-read bandwidth in GB/s (1e9 bytes/s): best of `runs` `torch.sum` over a `size_mb` MB
-    fp32 tensor, with torch's current thread count."""
-    n = size_mb * 2**20 // 4
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    torch.sum(x)  # touch / warm up
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.sum(x)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    nbytes = x.numel() * x.element_size()
-    del x
-    best = min(times)
-    return {"gb_per_s": nbytes / best / 1e9, "bytes": nbytes, "runs": runs, "best_s": best,
-            "median_gb_per_s": nbytes / _median(times) / 1e9, "threads": torch.get_num_threads(),
-            "method": f"torch.sum over a {size_mb} MB fp32 tensor, best of {runs}"}
-
-
 def weight_bytes_per_step(hf_model: torch.nn.Module) -> dict:
     """Bytes of parameters one decoding step reads: every parameter (linear layers, norms, LM head)
     counted once (tied embeddings = the LM head, counted once); an untied input embedding table is
@@ -178,115 +66,11 @@ def weight_bytes_per_step(hf_model: torch.nn.Module) -> dict:
     return {"bytes": total, "params": n_params, "tied_embeddings": tied}
 
 
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-# ---------------------------------------------------------------------------------------------
-# token comparison
-# ---------------------------------------------------------------------------------------------
-def compare_tokens(ours: list[list[int]], ref: list[list[int]]) -> dict:
-    """Row-by-row comparison: identical rows, the first differing position of each row, the fraction
-    of tokens before the first divergence, and the fraction of equal positions."""
-    first_diff: list[int | None] = []
-    prefix = same = total = 0
-    for a, b in zip(ours, ref):
-        n = max(len(a), len(b))
-        d = next((i for i in range(n) if i >= len(a) or i >= len(b) or a[i] != b[i]), None)
-        first_diff.append(d)
-        prefix += n if d is None else d
-        same += sum(1 for x, y in zip(a, b) if x == y)
-        total += n
-    return {
-        "identical": all(d is None for d in first_diff) and len(ours) == len(ref),
-        "rows": len(ours),
-        "first_divergence": first_diff,
-        "identical_prefix_fraction": prefix / total if total else 1.0,
-        "identical_position_fraction": same / total if total else 1.0,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# the two engines' generate calls
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class RunResult:
-    tokens: list[list[int]]
-    wall_s: float
-    decode_tok_s: float | None  # ours only: decode-only batch rate from our stats
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tok_s(self) -> float:
-        return self.n_tokens / self.wall_s
-
-
-def _ours_runner(decoder, prompt_ids: list[list[int]], max_new_tokens: int, device) -> Callable[[], RunResult]:
-    from ..decoding.loop import Request, run
-    from ..decoding.sampling import SamplingParams
-
-    greedy = SamplingParams()
-
-    def go() -> RunResult:
-        reqs = [Request(list(p), max_new_tokens, greedy, frozenset()) for p in prompt_ids]
-        _sync(device)
-        t0 = time.perf_counter()
-        seqs = run(decoder, reqs)
-        _sync(device)
-        wall = time.perf_counter() - t0
-        dec_time = max(s.stats.decode_time for s in seqs)
-        dec_tokens = sum(max(len(s.new_ids) - 1, 0) for s in seqs)
-        return RunResult([list(s.new_ids) for s in seqs], wall, dec_tokens / dec_time if dec_time > 0 else None)
-
-    return go
-
-
-def _hf_runner(hf_model, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, device) -> Callable[[], RunResult]:
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for b, p in enumerate(prompt_ids):  # left padding
-        input_ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-
-    def go() -> RunResult:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf_model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
-                pad_token_id=pad_id, use_cache=True,
-            )
-        _sync(device)
-        wall = time.perf_counter() - t0
-        new = out[:, width:].tolist()
-        if any(len(row) != max_new_tokens for row in new):
-            raise MtpspecError(f"transformers generated {len(new[0])} tokens per row, expected {max_new_tokens}")
-        return RunResult(new, wall, None)
-
-    return go
-
-
-# ---------------------------------------------------------------------------------------------
-# verify-pass cost
-# ---------------------------------------------------------------------------------------------
-def _time_pairs(step: Callable[[int], None], k: int, repeats: int, warmup: int = 3) -> tuple[list[float], list[float]]:
-    """Alternate 1-token and k-token steps (each restoring the cache); times in seconds."""
-    t1, tk = [], []
-    for i in range(warmup + repeats):
-        for n, acc in ((1, t1), (k, tk)) if i % 2 == 0 else ((k, tk), (1, t1)):
-            t0 = time.perf_counter()
-            step(n)
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                acc.append(dt)
-    return t1, tk
+def _one_vs_k(step: Callable[[int], None], k: int, repeats: int) -> dict:
+    """Median times of 1-token and k-token steps (each restoring the cache), alternated."""
+    times = alternating_times({"1": lambda: step(1), "k": lambda: step(k)}, repeats, warmup=3)
+    t1, tk = median(times["1"]), median(times["k"])
+    return {"t1_ms": t1 * 1e3, "tk_ms": tk * 1e3, "ratio": tk / t1}
 
 
 @torch.inference_mode()
@@ -298,13 +82,12 @@ def verify_cost_ours(decoder, context: list[int], k: int, repeats: int, device) 
 
     def step(n: int) -> None:
         decoder(probe[:, :n], cache)
-        _sync(device)
+        sync(device)
         cache.rollback(n)
         if int(cache.lengths[0]) != len(context):
             raise MtpspecError("verify bench: cache length wrong after rollback")
 
-    t1, tk = _time_pairs(step, k, repeats)
-    return {"t1_ms": _median(t1) * 1e3, "tk_ms": _median(tk) * 1e3, "ratio": _median(tk) / _median(t1)}
+    return _one_vs_k(step, k, repeats)
 
 
 @torch.inference_mode()
@@ -318,18 +101,212 @@ def verify_cost_hf(hf_model, context: list[int], k: int, repeats: int, device) -
 
     def step(n: int) -> None:
         hf_model(input_ids=probe[:, :n], past_key_values=cache, use_cache=True)
-        _sync(device)
+        sync(device)
         cache.crop(-n)  # negative = remove n tokens
         if cache.get_seq_length() != len(context):
             raise MtpspecError("verify bench: transformers cache length wrong after crop")
 
-    t1, tk = _time_pairs(step, k, repeats)
-    return {"t1_ms": _median(t1) * 1e3, "tk_ms": _median(tk) * 1e3, "ratio": _median(tk) / _median(t1)}
+    return _one_vs_k(step, k, repeats)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PlainConfig:
+    """The checked arguments of `run_plain_bench`."""
+
+    model: str | Path | None
+    cache_dir: str | Path | None
+    device: torch.device  # given as a name
+    dtypes: dict[str, torch.dtype]  # given as names; canonical name -> dtype once checked
+    batch_sizes: Sequence[int]
+    max_new_tokens: int
+    repeats: int
+    prompts: Sequence[str | list[int]] | None
+    chat: bool
+    check_fp32_identical: bool
+    verify_tokens: int
+    verify_context: int
+    verify_repeats: int
+    bandwidth_mb: int
+    bandwidth_runs: int
+    out: str | Path | None
+
+    def __post_init__(self) -> None:
+        from ..api import resolve_device
+
+        for name in ("max_new_tokens", "repeats", "verify_tokens", "verify_context", "verify_repeats",
+                     "bandwidth_mb", "bandwidth_runs"):
+            check_positive_int(name, getattr(self, name))
+        if not self.batch_sizes:
+            raise InputError("batch_sizes is empty")
+        for b in self.batch_sizes:
+            check_positive_int("each batch size", b)
+        if not self.dtypes:
+            raise InputError("dtypes is empty")
+        self.dtypes = _canonical_dtypes(self.dtypes)
+        self.device = resolve_device(self.device)
+        if self.prompts is not None and not self.prompts:
+            raise InputError("prompts is empty")
+
+    def arguments(self) -> dict:
+        """The arguments as the results record them."""
+        return dict(model=as_recorded(self.model), cache_dir=as_recorded(self.cache_dir), device=str(self.device),
+                    dtypes=list(self.dtypes), batch_sizes=list(self.batch_sizes), max_new_tokens=self.max_new_tokens,
+                    repeats=self.repeats, prompts=None if self.prompts is None else list(self.prompts), chat=self.chat,
+                    check_fp32_identical=self.check_fp32_identical, verify_tokens=self.verify_tokens,
+                    verify_context=self.verify_context, verify_repeats=self.verify_repeats,
+                    bandwidth_mb=self.bandwidth_mb, bandwidth_runs=self.bandwidth_runs, out=as_recorded(self.out))
+
+
+def _canonical_dtypes(dtypes: Sequence[str]) -> dict[str, torch.dtype]:
+    from ..api import resolve_dtype
+
+    return {str(dt).removeprefix("torch."): dt for dt in (resolve_dtype(d) for d in dtypes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements of one dtype
+# ---------------------------------------------------------------------------------------------
+def _pad_id(tok, hf) -> int:
+    """The tokenizer's pad token, else the config's pad/eos id, else 0."""
+    return next((x for x in (getattr(tok, "pad_token_id", None), hf.config.pad_token_id,
+                             getattr(tok, "eos_token_id", None), hf.config.eos_token_id) if isinstance(x, int)), 0)
+
+
+@dataclass
+class _Throughput:
+    row: dict  # the results row
+    ours_tokens: list[list[int]]
+    ours_tok_s: float  # medians, not rounded
+    ours_decode_tok_s: float
+
+
+def _throughput(cfg: PlainConfig, dname: str, bsz: int, engine, hf, plist: list[list[int]], pad_id: int,
+                prompt_kind: str) -> _Throughput:
+    """Ours and transformers at batch size bsz, interleaved."""
+    ids = [plist[i % len(plist)] for i in range(bsz)]
+    runners = {"ours": loop_runner(engine.model, [ids], cfg.max_new_tokens, device=cfg.device),
+               "hf": hf_runner(hf, [ids], cfg.max_new_tokens, pad_id, cfg.device)}
+
+    def progress(r: int, got: dict) -> None:
+        log(f"[{dname}] batch {bsz}: repeat {r + 1}/{cfg.repeats}: ours {got['ours'][-1].tok_s:.1f} tok/s, "
+            f"transformers {got['hf'][-1].tok_s:.1f} tok/s")
+
+    log(f"[{dname}] batch {bsz}: warm-up ...")
+    ref, got = interleave(runners, cfg.repeats, on_repeat=progress)
+    ours_runs, hf_runs = got["ours"], got["hf"]
+    cmp = compare_tokens(ref["ours"], ref["hf"])
+    ours_med = median([x.tok_s for x in ours_runs])
+    hf_med = median([x.tok_s for x in hf_runs])
+    dec_med = median([x.decode_tok_s for x in ours_runs if x.decode_tok_s is not None])
+    row = {
+        "dtype": dname, "batch_size": bsz, "max_new_tokens": cfg.max_new_tokens, "prompts": prompt_kind,
+        "prompt_tokens": [len(p) for p in ids],
+        "ours_tok_s": rounded(ours_med), "hf_tok_s": rounded(hf_med), "speedup": rounded(ours_med / hf_med),
+        "ours_decode_tok_s": rounded(dec_med),
+        "ours_wall_s": [rounded(x.wall_s, 4) for x in ours_runs], "hf_wall_s": [rounded(x.wall_s, 4) for x in hf_runs],
+        "ours_tok_s_runs": [rounded(x.tok_s) for x in ours_runs], "hf_tok_s_runs": [rounded(x.tok_s) for x in hf_runs],
+        "tokens_identical": cmp["identical"],
+        "identical_prefix_fraction": rounded(cmp["identical_prefix_fraction"], 4),
+        "identical_position_fraction": rounded(cmp["identical_position_fraction"], 4),
+        "first_divergence": cmp["first_divergence"],
+        "identity_asserted": cfg.dtypes[dname] == torch.float32 and cfg.check_fp32_identical,
+        "deterministic_across_repeats": all(x.tokens == ref[who] for who in got for x in got[who]),
+    }
+    log(f"[{dname}] batch {bsz}: ours {ours_med:.1f} tok/s, transformers {hf_med:.1f} tok/s, "
+        f"identical={cmp['identical']}")
+    return _Throughput(row, ref["ours"], ours_med, dec_med)
+
+
+def _verify_row(cfg: PlainConfig, dname: str, engine, hf, context_base: list[int]) -> dict:
+    """The verify-pass cost of both engines on a context of ~verify_context tokens."""
+    context = (context_base * (cfg.verify_context // len(context_base) + 1))[:cfg.verify_context]
+    k = cfg.verify_tokens
+    if len(context) < k:
+        raise InputError(f"verify_context ({cfg.verify_context}) must be >= verify_tokens ({k})")
+    log(f"[{dname}] verify cost: {k} vs 1 token at context {len(context)} ...")
+    vo = verify_cost_ours(engine.model, context, k, cfg.verify_repeats, cfg.device)
+    vh = verify_cost_hf(hf, context, k, cfg.verify_repeats, cfg.device)
+    return {"dtype": dname, "context": len(context), "tokens": k, "repeats": cfg.verify_repeats,
+            "ours_t1_ms": rounded(vo["t1_ms"]), "ours_tk_ms": rounded(vo["tk_ms"]), "ours_ratio": rounded(vo["ratio"]),
+            "hf_t1_ms": rounded(vh["t1_ms"]), "hf_tk_ms": rounded(vh["tk_ms"]), "hf_ratio": rounded(vh["ratio"])}
+
+
+@dataclass
+class _DtypeResult:
+    runs: list[dict]
+    verify: dict
+    weight_bytes: dict
+    b1_tok_s: float | None  # ours at batch 1, for the roofline
+    b1_decode_tok_s: float | None
+
+
+def _measure_dtype(cfg: PlainConfig, folder: Path, dname: str) -> _DtypeResult:
+    """Load both engines in one dtype; throughput rows at every batch size, then the verify cost."""
+    from transformers import AutoModelForCausalLM
+
+    from ..api import load
+    from .prompts import bench_prompts
+
+    dt = cfg.dtypes[dname]
+    log(f"[{dname}] loading our engine and transformers ...")
+    engine = load(folder, device=cfg.device, dtype=dt)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt).to(cfg.device).eval()
+    plist, prompt_kind = bench_prompts(engine, cfg.prompts, cfg.chat)
+    pad_id = _pad_id(engine.tokenizer, hf)
+    rows, b1 = [], None
+    for bsz in cfg.batch_sizes:
+        t = _throughput(cfg, dname, bsz, engine, hf, plist, pad_id, prompt_kind)
+        rows.append(t.row)
+        if bsz == 1:
+            b1 = t
+    verify = _verify_row(cfg, dname, engine, hf, plist[0] + (b1.ours_tokens[0] if b1 else []))
+    result = _DtypeResult(rows, verify, weight_bytes_per_step(hf), b1 and b1.ours_tok_s,
+                          b1 and b1.ours_decode_tok_s)
+    del engine, hf
+    gc.collect()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+_NOTES = {
+    "tok_s": "generated tokens of the whole batch / wall time of the generate call (prefill included)",
+    "ours_decode_tok_s": "ours only: tokens after the first / time after the prefill (batch rows summed)",
+    "roofline_tok_s": "bandwidth / weight bytes read per decoding step (batch-1 bound; KV reads excluded)",
+    "verify_ratio": "time of a forward of verify_tokens tokens / time of a 1-token forward, batch 1",
+    "eos": "ignored on both sides; every row makes exactly max_new_tokens tokens",
+}
+
+
+def _rounded_values(d: dict) -> dict:
+    return {k: (rounded(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _best_bandwidth(first: dict, cfg: PlainConfig) -> dict:
+    """Bandwidth measured again after the runs (the machine may have been busier at the start):
+    the best of both."""
+    second = measure_read_bandwidth(cfg.bandwidth_mb, cfg.bandwidth_runs, cfg.device)
+    bw = dict(second if second["gb_per_s"] > first["gb_per_s"] else first)
+    bw["measurements_gb_per_s"] = [rounded(first["gb_per_s"]), rounded(second["gb_per_s"])]
+    bw["method"] += " (measured before and after the runs; the best is kept)"
+    log(f"bandwidth (best of start/end): {bw['gb_per_s']:.1f} GB/s")
+    return bw
+
+
+def _roofline_row(dname: str, m: _DtypeResult, gb_per_s: float) -> dict:
+    wb, b1, b1_dec = m.weight_bytes, m.b1_tok_s, m.b1_decode_tok_s
+    roof = gb_per_s * 1e9 / wb["bytes"]
+    return {"dtype": dname, "weight_bytes_per_step": wb["bytes"], "params_read_per_step": wb["params"],
+            "tied_embeddings": wb["tied_embeddings"], "roofline_tok_s": rounded(roof),
+            "ours_b1_tok_s": rounded(b1), "ours_b1_fraction": rounded(b1 / roof, 4) if b1 else None,
+            "ours_b1_decode_tok_s": rounded(b1_dec),
+            "ours_b1_decode_fraction": rounded(b1_dec / roof, 4) if b1_dec else None}
+
+
 def run_plain_bench(
     *,
     model: str | Path | None = None,
@@ -379,178 +356,45 @@ def run_plain_bench(
     Throughput ("tok/s") = generated tokens of the whole batch / wall time of the generate call,
     prefill included. "decode tok/s" (ours only) excludes the prefill and the first token.
     """
-    import transformers
-    from transformers import AutoModelForCausalLM
+    from ..api import resolve_model_path
 
-    from ..api import load, resolve_device, resolve_dtype, resolve_model_path
-    from .prompts import bench_prompts
-
-    # ---- argument checks --------------------------------------------------------------------
-    def _pos_int(name: str, v: Any) -> None:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-
-    for name, v in (("max_new_tokens", max_new_tokens), ("repeats", repeats), ("verify_tokens", verify_tokens),
-                    ("verify_context", verify_context), ("verify_repeats", verify_repeats),
-                    ("bandwidth_mb", bandwidth_mb), ("bandwidth_runs", bandwidth_runs)):
-        _pos_int(name, v)
-    if not batch_sizes:
-        raise InputError("batch_sizes is empty")
-    for b in batch_sizes:
-        _pos_int("each batch size", b)
-    if not dtypes:
-        raise InputError("dtypes is empty")
-    dts = {str(dt).removeprefix("torch."): dt for dt in (resolve_dtype(d) for d in dtypes)}  # canonical names
-    dev = resolve_device(device)
-    if prompts is not None and not prompts:
-        raise InputError("prompts is empty")
-
-    arguments = dict(model=None if model is None else str(model), cache_dir=None if cache_dir is None else str(cache_dir),
-                     device=str(dev), dtypes=list(dts), batch_sizes=list(batch_sizes), max_new_tokens=max_new_tokens,
-                     repeats=repeats, prompts=None if prompts is None else list(prompts), chat=chat,
-                     check_fp32_identical=check_fp32_identical, verify_tokens=verify_tokens,
-                     verify_context=verify_context, verify_repeats=verify_repeats, bandwidth_mb=bandwidth_mb,
-                     bandwidth_runs=bandwidth_runs, out=None if out is None else str(out))
-
+    cfg = PlainConfig(model, cache_dir, device, dtypes, batch_sizes, max_new_tokens, repeats, prompts, chat,
+                      check_fp32_identical, verify_tokens, verify_context, verify_repeats, bandwidth_mb, bandwidth_runs,
+                      out)
     folder = resolve_model_path(model, cache_dir)
-    _log(f"model folder: {folder}")
-    kinfo = kernel_info()
-    _log(f"kernel: {kinfo}")
-    _log(f"measuring memory-read bandwidth ({bandwidth_mb} MB x {bandwidth_runs}) ...")
-    bw = measure_read_bandwidth(bandwidth_mb, bandwidth_runs, dev)
-    _log(f"bandwidth: {bw['gb_per_s']:.1f} GB/s")
-
+    log(f"model folder: {folder}")
+    env = environment()
+    log(f"kernel: {env['kernel']}")
+    log(f"measuring memory-read bandwidth ({bandwidth_mb} MB x {bandwidth_runs}) ...")
+    bw = measure_read_bandwidth(bandwidth_mb, bandwidth_runs, cfg.device)
+    log(f"bandwidth: {bw['gb_per_s']:.1f} GB/s")
     results: dict = {
         "benchmark": "plain",
         "model": {"name": "SmolLM2-135M-Instruct" if model is None else Path(model).name, "folder": str(folder)},
-        "command": command if command is not None else shlex.join(sys.argv),
-        "arguments": arguments,
-        "machine": machine_info(),
-        "versions": versions(),
-        "kernel": kinfo,
-        "bandwidth": {k: (_r(v) if isinstance(v, float) else v) for k, v in bw.items()},
-        "notes": {
-            "tok_s": "generated tokens of the whole batch / wall time of the generate call (prefill included)",
-            "ours_decode_tok_s": "ours only: tokens after the first / time after the prefill (batch rows summed)",
-            "roofline_tok_s": "bandwidth / weight bytes read per decoding step (batch-1 bound; KV reads excluded)",
-            "verify_ratio": "time of a forward of verify_tokens tokens / time of a 1-token forward, batch 1",
-            "eos": "ignored on both sides; every row makes exactly max_new_tokens tokens",
-        },
+        "command": recorded_command(command),
+        "arguments": cfg.arguments(),
+        **env,
+        "bandwidth": _rounded_values(bw),
+        "notes": _NOTES,
         "runs": [],
         "verify": [],
         "roofline": [],
     }
-    mismatches: list[str] = []
-    roof_inputs: list[tuple[str, dict, float | None, float | None]] = []
-    prev_verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        for dname, dt in dts.items():
-            _log(f"[{dname}] loading our engine and transformers ...")
-            engine = load(folder, device=dev, dtype=dt)
-            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt).to(dev).eval()
-            tok = engine.tokenizer
-
-            # ---- prompts --------------------------------------------------------------------
-            plist, prompt_kind = bench_prompts(engine, prompts, chat)
-            pad_id = next((x for x in (getattr(tok, "pad_token_id", None), hf.config.pad_token_id,
-                                       getattr(tok, "eos_token_id", None), hf.config.eos_token_id) if isinstance(x, int)), 0)
-
-            # ---- throughput + identity -------------------------------------------------------
-            ours_b1_tok_s = ours_b1_decode = None
-            b1_tokens: list[int] | None = None
-            for bsz in batch_sizes:
-                ids = [plist[i % len(plist)] for i in range(bsz)]
-                ours_go = _ours_runner(engine.model, ids, max_new_tokens, dev)
-                hf_go = _hf_runner(hf, ids, max_new_tokens, pad_id, dev)
-                _log(f"[{dname}] batch {bsz}: warm-up ...")
-                ours_ref = ours_go().tokens
-                hf_ref = hf_go().tokens
-                ours_runs: list[RunResult] = []
-                hf_runs: list[RunResult] = []
-                deterministic = True
-                for r in range(repeats):
-                    order = (("ours", ours_go), ("hf", hf_go)) if r % 2 == 0 else (("hf", hf_go), ("ours", ours_go))
-                    for who, go in order:
-                        res = go()
-                        (ours_runs if who == "ours" else hf_runs).append(res)
-                        deterministic &= res.tokens == (ours_ref if who == "ours" else hf_ref)
-                    _log(f"[{dname}] batch {bsz}: repeat {r + 1}/{repeats}: ours {ours_runs[-1].tok_s:.1f} tok/s, "
-                         f"transformers {hf_runs[-1].tok_s:.1f} tok/s")
-                cmp = compare_tokens(ours_ref, hf_ref)
-                ours_med = _median([x.tok_s for x in ours_runs])
-                hf_med = _median([x.tok_s for x in hf_runs])
-                dec_med = _median([x.decode_tok_s for x in ours_runs if x.decode_tok_s is not None])
-                row = {
-                    "dtype": dname, "batch_size": bsz, "max_new_tokens": max_new_tokens, "prompts": prompt_kind,
-                    "prompt_tokens": [len(p) for p in ids],
-                    "ours_tok_s": _r(ours_med), "hf_tok_s": _r(hf_med), "speedup": _r(ours_med / hf_med),
-                    "ours_decode_tok_s": _r(dec_med),
-                    "ours_wall_s": [_r(x.wall_s, 4) for x in ours_runs], "hf_wall_s": [_r(x.wall_s, 4) for x in hf_runs],
-                    "ours_tok_s_runs": [_r(x.tok_s) for x in ours_runs], "hf_tok_s_runs": [_r(x.tok_s) for x in hf_runs],
-                    "tokens_identical": cmp["identical"],
-                    "identical_prefix_fraction": _r(cmp["identical_prefix_fraction"], 4),
-                    "identical_position_fraction": _r(cmp["identical_position_fraction"], 4),
-                    "first_divergence": cmp["first_divergence"],
-                    "identity_asserted": dt == torch.float32 and check_fp32_identical,
-                    "deterministic_across_repeats": deterministic,
-                }
-                results["runs"].append(row)
-                if dt == torch.float32 and not cmp["identical"]:
-                    mismatches.append(f"{dname} batch {bsz}: rows first differ at {cmp['first_divergence']}")
-                if bsz == 1:
-                    ours_b1_tok_s, ours_b1_decode = ours_med, dec_med
-                    b1_tokens = ours_ref[0]
-                _log(f"[{dname}] batch {bsz}: ours {ours_med:.1f} tok/s, transformers {hf_med:.1f} tok/s, "
-                     f"identical={cmp['identical']}")
-
-            # ---- roofline inputs (computed after the last bandwidth measurement) -----------------
-            roof_inputs.append((dname, weight_bytes_per_step(hf), ours_b1_tok_s, ours_b1_decode))
-
-            # ---- verify-pass cost -----------------------------------------------------------
-            base = plist[0] + (b1_tokens or [])
-            context = (base * (verify_context // len(base) + 1))[:verify_context]
-            k = verify_tokens
-            if len(context) < k:
-                raise InputError(f"verify_context ({verify_context}) must be >= verify_tokens ({k})")
-            _log(f"[{dname}] verify cost: {k} vs 1 token at context {len(context)} ...")
-            vo = verify_cost_ours(engine.model, context, k, verify_repeats, dev)
-            vh = verify_cost_hf(hf, context, k, verify_repeats, dev)
-            results["verify"].append({
-                "dtype": dname, "context": len(context), "tokens": k, "repeats": verify_repeats,
-                "ours_t1_ms": _r(vo["t1_ms"]), "ours_tk_ms": _r(vo["tk_ms"]), "ours_ratio": _r(vo["ratio"]),
-                "hf_t1_ms": _r(vh["t1_ms"]), "hf_tk_ms": _r(vh["tk_ms"]), "hf_ratio": _r(vh["ratio"]),
-            })
-            del engine, hf
-            gc.collect()
-    finally:
-        transformers.logging.set_verbosity(prev_verbosity)
-
-    # bandwidth again at the end (the machine may have been busier at the start): keep the best
-    bw2 = measure_read_bandwidth(bandwidth_mb, bandwidth_runs, dev)
-    if bw2["gb_per_s"] > bw["gb_per_s"]:
-        bw = bw2
-    bw["measurements_gb_per_s"] = [results["bandwidth"]["gb_per_s"], _r(bw2["gb_per_s"])]
-    bw["method"] += " (measured before and after the runs; the best is kept)"
-    results["bandwidth"] = {k: (_r(v) if isinstance(v, float) else v) for k, v in bw.items()}
-    _log(f"bandwidth (best of start/end): {bw['gb_per_s']:.1f} GB/s")
-    for dname, wb, b1, b1_dec in roof_inputs:
-        roof = bw["gb_per_s"] * 1e9 / wb["bytes"]
-        results["roofline"].append({
-            "dtype": dname, "weight_bytes_per_step": wb["bytes"], "params_read_per_step": wb["params"],
-            "tied_embeddings": wb["tied_embeddings"], "roofline_tok_s": _r(roof),
-            "ours_b1_tok_s": _r(b1), "ours_b1_fraction": _r(b1 / roof, 4) if b1 else None,
-            "ours_b1_decode_tok_s": _r(b1_dec), "ours_b1_decode_fraction": _r(b1_dec / roof, 4) if b1_dec else None,
-        })
-
-    results["machine"]["load_average_at_end"] = _loadavg()
-    results["fp32_tokens_identical"] = (not mismatches) if any(dt == torch.float32 for dt in dts.values()) else None
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        results["out"] = str(path)
-        _log(f"wrote {path}")
+    measured: dict[str, _DtypeResult] = {}
+    with quiet_transformers():
+        for dname in cfg.dtypes:
+            measured[dname] = m = _measure_dtype(cfg, folder, dname)
+            results["runs"] += m.runs
+            results["verify"].append(m.verify)
+    bw = _best_bandwidth(bw, cfg)
+    results["bandwidth"] = _rounded_values(bw)
+    results["roofline"] = [_roofline_row(dname, m, bw["gb_per_s"]) for dname, m in measured.items()]
+    results["machine"]["load_average_at_end"] = load_average()
+    mismatches = [f"{r['dtype']} batch {r['batch_size']}: rows first differ at {r['first_divergence']}"
+                  for r in results["runs"] if cfg.dtypes[r["dtype"]] == torch.float32 and not r["tokens_identical"]]
+    fp32 = any(dt == torch.float32 for dt in cfg.dtypes.values())
+    results["fp32_tokens_identical"] = (not mismatches) if fp32 else None
+    write_results(results, out)
     if show_table:
         print_tables(results)
     if mismatches and check_fp32_identical:
@@ -563,22 +407,15 @@ def run_plain_bench(
 # ---------------------------------------------------------------------------------------------
 def print_tables(results: dict, console=None) -> None:
     """Print the results as rich tables (to stdout unless a console is given)."""
-    from rich.console import Console
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # a file or pipe: do not squeeze the tables into 80 columns
-            console = Console(width=150)
+    console = table_console(console)
     m, bw, k = results["machine"], results["bandwidth"], results["kernel"]
     console.print(f"[bold]plain decoding: {results['model']['name']}[/]  "
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
                   f"kernel: {kernel_summary(k)}  "
                   f"read bandwidth: {bw['gb_per_s']:.1f} GB/s")
-    loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
-    if loads and m.get("logical_cores") and max(x[0] for x in loads) > m["logical_cores"] + 0.5:
-        console.print(f"[yellow]warning: load average {' -> '.join(str(x[0]) for x in loads)} on "
-                      f"{m['logical_cores']} cores: other processes competed for the CPU; timings are unreliable[/]")
+    print_load_warning(console, m)
 
     t = Table(title="throughput (tok/s = batch tokens / wall time of generate, prefill included)")
     for col in ("dtype", "batch", "new tok", "ours tok/s", "transformers tok/s", "speedup",
@@ -600,8 +437,8 @@ def print_tables(results: dict, console=None) -> None:
         t.add_column(col, justify="right")
     for r in results["roofline"]:
         t.add_row(_short(r["dtype"]), f"{r['weight_bytes_per_step'] / 1e6:.1f}", f"{r['roofline_tok_s']:.1f}",
-                  _fmt(r["ours_b1_tok_s"], "{:.1f}"), _fmt(r["ours_b1_fraction"], "{:.1%}"),
-                  _fmt(r["ours_b1_decode_tok_s"], "{:.1f}"), _fmt(r["ours_b1_decode_fraction"], "{:.1%}"))
+                  fmt(r["ours_b1_tok_s"], "{:.1f}"), fmt(r["ours_b1_fraction"], "{:.1%}"),
+                  fmt(r["ours_b1_decode_tok_s"], "{:.1f}"), fmt(r["ours_b1_decode_fraction"], "{:.1%}"))
     console.print(t)
 
     t = Table(title="verify-pass cost (forward of k tokens vs 1 token, batch 1, warmed cache)")
@@ -616,7 +453,3 @@ def print_tables(results: dict, console=None) -> None:
 
 def _short(dtype: str) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else spec.format(x)

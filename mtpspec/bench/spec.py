@@ -34,20 +34,20 @@ draws a PNG: speedup and mean accepted length against batch size (one line per K
 from __future__ import annotations
 
 import gc
-import json
-import shlex
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..acceptance import AcceptanceTotals
 from ..compat import transformers_gemma4_assistant
-from ..errors import InputError, MtpspecError
-from .plain import (BenchMismatch, _loadavg, _log, _median, _r, _sync, compare_tokens, kernel_info, kernel_summary,
-                    machine_info, versions)
+from ..errors import InputError
+from .arguments import as_recorded, check_positive_int
+from .machine import environment, kernel_summary, load_average
+from .records import (BenchMismatch, compare_tokens, fmt, log, print_load_warning, recorded_command, rounded,
+                      table_console, write_results)
+from .timing import Run, alternating_times, hf_runner, interleave, loop_runner, median, quiet_transformers, sync
 
 DEFAULT_OUT = "bench-results/spec.json"
 DEFAULT_PLOT = "bench-results/spec.png"
@@ -84,71 +84,6 @@ def parse_draft_tokens(spec: str | Sequence[Any]) -> list[DraftSetting]:
     return list(dict.fromkeys(out))
 
 
-# ---------------------------------------------------------------------------------------------
-# runs
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class SpecRun:
-    tokens: list[list[int]]
-    wall_s: float
-    decode_tok_s: float | None
-    stats: list[Any] = field(default_factory=list)  # SequenceStats per row (ours only)
-
-    @property
-    def tok_s(self) -> float:
-        return sum(len(t) for t in self.tokens) / self.wall_s
-
-
-def _ours_runner(model, proposer, batches: list[list[list[int]]], max_new_tokens: int,
-                 params_for_row: Callable[[int], Any], k: DraftSetting, max_k: int, device) -> Callable[[], SpecRun]:
-    """One run = every batch of `batches` generated in turn (rows numbered across batches)."""
-    from ..decoding.draft_length import AdaptiveDraftLength
-    from ..decoding.loop import Request, run
-
-    def go() -> SpecRun:
-        policy = AdaptiveDraftLength(max_k) if k is None else k  # fresh adaptive state every run
-        tokens, stats, wall, dec_time, dec_tokens, row = [], [], 0.0, 0.0, 0, 0
-        for prompt_ids in batches:
-            reqs = [Request(list(p), max_new_tokens, params_for_row(row + i), frozenset()) for i, p in enumerate(prompt_ids)]
-            row += len(prompt_ids)
-            _sync(device)
-            t0 = time.perf_counter()
-            seqs = run(model, reqs, proposer if k != 0 else None, policy)
-            _sync(device)
-            wall += time.perf_counter() - t0
-            dec_time += max(s.stats.decode_time for s in seqs)
-            dec_tokens += sum(max(len(s.new_ids) - 1, 0) for s in seqs)
-            tokens += [list(s.new_ids) for s in seqs]
-            stats += [s.stats for s in seqs]
-        return SpecRun(tokens, wall, dec_tokens / dec_time if dec_time > 0 else None, stats)
-
-    return go
-
-
-def _hf_runner(hf_model, prompts: list[list[int]], max_new_tokens: int, device, **gen_kwargs) -> Callable[[], SpecRun]:
-    """transformers generate at batch 1 over each prompt in turn."""
-
-    def go() -> SpecRun:
-        tokens, wall = [], 0.0
-        for prompt in prompts:
-            ids = torch.tensor([prompt], dtype=torch.long, device=device)
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                        min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
-                                        pad_token_id=0, use_cache=True, **gen_kwargs)
-            _sync(device)
-            wall += time.perf_counter() - t0
-            new = out[0, ids.shape[1]:].tolist()
-            if len(new) != max_new_tokens:
-                raise MtpspecError(f"transformers generated {len(new)} tokens, expected {max_new_tokens}")
-            tokens.append(new)
-        return SpecRun(tokens, wall, None)
-
-    return go
-
-
 def batches_for(plist: list[list[int]], bsz: int, num_prompts: int | None) -> list[list[list[int]]]:
     """The batches one run at batch size bsz generates: prompts 0..n-1 (cycled when the set is
     smaller) in groups of bsz, n = num_prompts rounded up to a multiple of bsz (default: one batch)."""
@@ -157,32 +92,268 @@ def batches_for(plist: list[list[int]], bsz: int, num_prompts: int | None) -> li
     return [rows[i : i + bsz] for i in range(0, n, bsz)]
 
 
-def _aggregate(runs: list[SpecRun]) -> dict:
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SpecConfig:
+    """The arguments of `run_spec_bench` (see there), checked and normalised, and what follows from them."""
+
+    model: str | Path | None
+    drafter: str | Path | None
+    device: str
+    dtype: str
+    batch_sizes: Sequence[int]
+    draft_tokens: list[DraftSetting]  # given as for `parse_draft_tokens`
+    trees: list[Any]  # TreeShapes, given as shapes or "NODES:BEAM:BRANCH"
+    modes: list[str]
+    temperature: float
+    seed: int
+    max_new_tokens: int
+    repeats: int
+    prompts: Sequence[str | list[int]] | None
+    num_prompts: int | None
+    chat: bool
+    transformers_assisted: bool
+    assisted_k: int  # None given: 4 if among the fixed Ks, else the largest fixed K
+    cost_repeats: int
+    out: str | Path | None
+    plot: str | Path | None
+    drafter_kind: str = field(init=False)  # "ngram" or "mtp"
+
+    def __post_init__(self) -> None:
+        from ..decoding.plan import resolve_drafter
+        from ..decoding.tree import TreeShape
+
+        for name in ("max_new_tokens", "repeats", "cost_repeats"):
+            check_positive_int(name, getattr(self, name))
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise InputError(f"batch_sizes must be integers >= 1, got {list(self.batch_sizes)!r}")
+        if self.num_prompts is not None:
+            check_positive_int("num_prompts", self.num_prompts)
+        self.draft_tokens = parse_draft_tokens(self.draft_tokens)
+        self.trees = list(dict.fromkeys(TreeShape.parse(t) for t in self.trees))
+        self.modes = list(dict.fromkeys(self.modes))
+        if not self.modes or any(m not in ("greedy", "sampled") for m in self.modes):
+            raise InputError(f"modes must be 'greedy' and/or 'sampled', got {self.modes!r}")
+        if "sampled" in self.modes and not self.temperature > 0:
+            raise InputError(f"temperature must be > 0 for sampled runs, got {self.temperature!r}")
+        if self.prompts is not None and not self.prompts:
+            raise InputError("prompts is empty")
+        if self.assisted_k is None:
+            self.assisted_k = 4 if 4 in self.fixed_ks else max(self.fixed_ks, default=4)
+        self.drafter = resolve_drafter(self.model, self.drafter) or "ngram"
+        self.drafter_kind = "ngram" if self.drafter == "ngram" else "mtp"
+        if self.trees and self.drafter_kind != "mtp":
+            raise InputError("draft trees need an MTP drafter (the n-gram proposer drafts chains)")
+
+    @property
+    def fixed_ks(self) -> list[int]:
+        return [k for k in self.draft_tokens if k is not None]
+
+    @property
+    def settings(self) -> list[tuple[DraftSetting, Any]]:
+        """Every speculative configuration: (K, None) chains, then (K, tree) for each tree shape."""
+        return [(k, None) for k in self.draft_tokens] + [(k, t) for t in self.trees for k in self.draft_tokens]
+
+    def arguments(self) -> dict:
+        """The arguments as the results record them."""
+        return dict(model=as_recorded(self.model), drafter=str(self.drafter),
+                    device=self.device, dtype=self.dtype, batch_sizes=list(self.batch_sizes),
+                    draft_tokens=[_k_name(k) for k in self.draft_tokens], trees=[str(t) for t in self.trees],
+                    modes=self.modes, temperature=self.temperature, seed=self.seed,
+                    max_new_tokens=self.max_new_tokens, repeats=self.repeats,
+                    prompts=None if self.prompts is None else list(self.prompts), num_prompts=self.num_prompts,
+                    chat=self.chat, transformers_assisted=self.transformers_assisted, assisted_k=self.assisted_k,
+                    cost_repeats=self.cost_repeats, out=as_recorded(self.out), plot=as_recorded(self.plot))
+
+    def params_for_row(self, mode: str) -> Callable[[int], Any]:
+        """Sampling parameters of row i: greedy, or seeded sampling at the temperature."""
+        from ..decoding.sampling import SamplingParams
+
+        if mode == "greedy":
+            return lambda i: SamplingParams()
+        return lambda i: SamplingParams(self.temperature, 0, 1.0, self.seed + i)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------
+def acceptance_record(runs: list[Run]) -> dict:
     """Acceptance statistics summed over every row of every run."""
-    rounds = round_tokens = 0
-    prop: list[int] = []
-    acc: list[int] = []
-    draft = decode = 0.0
-    for run in runs:
-        for st in run.stats:
-            rounds += st.rounds
-            round_tokens += st.round_tokens
-            draft += st.draft_time
-            decode += st.decode_time
-            for i, (p, a) in enumerate(zip(st.proposed_per_position, st.accepted_per_position)):
-                if i >= len(prop):
-                    prop.append(0)
-                    acc.append(0)
-                prop[i] += p
-                acc[i] += a
+    t = AcceptanceTotals.of(st for run in runs for st in run.stats)
     return {
-        "mean_accepted_length": _r(round_tokens / rounds, 4) if rounds else None,
-        "acceptance_per_position": [_r(a / p, 4) if p else None for a, p in zip(acc, prop)],
-        "mean_k": _r(sum(prop) / rounds, 3) if rounds else None,
-        "drafter_time_share": _r(draft / decode, 4) if decode > 0 else None,
-        "rounds": rounds,
-        "target_forwards_per_row": _r(rounds / sum(len(r.stats) for r in runs) + 1, 2) if runs and rounds else None,
+        "mean_accepted_length": rounded(t.mean_accepted_length, 4),
+        "acceptance_per_position": [rounded(a, 4) for a in t.acceptance_per_position],
+        "mean_k": rounded(t.mean_k, 3),
+        "drafter_time_share": rounded(t.drafter_time_share, 4),
+        "rounds": t.rounds,
+        "target_forwards_per_row": rounded(t.rounds / t.sequences + 1, 2) if t.rounds else None,
     }
+
+
+def _spec_row(cfg: SpecConfig, mode: str, bsz: int, batches, k: DraftSetting, tree, plain_runs: list[Run],
+              spec_runs: list[Run], ref: dict) -> tuple[dict, str | None]:
+    """One configuration's results row against plain decoding, and a mismatch message if greedy
+    tokens differ."""
+    name = f"spec_{_config_name(k, tree)}"
+    plain_med = median([x.tok_s for x in plain_runs])
+    med = median([x.tok_s for x in spec_runs])
+    identical = first_div = mismatch = None
+    if mode == "greedy":
+        identical = all(x.tokens == plain_runs[0].tokens for x in spec_runs + plain_runs) and \
+            ref[name] == ref["plain"] == plain_runs[0].tokens
+        if not identical:
+            first_div = compare_tokens(spec_runs[0].tokens, plain_runs[0].tokens)["first_divergence"]
+            mismatch = f"greedy batch {bsz} K={_config_name(k, tree)}: first divergence {first_div}"
+    row = {"mode": mode, "batch_size": bsz, "k": _k_name(k), "tree": as_recorded(tree),
+           "config": _config_name(k, tree), "max_new_tokens": cfg.max_new_tokens,
+           "prompt_tokens": [len(p) for b in batches for p in b], "batches_per_run": len(batches),
+           "plain_tok_s": rounded(plain_med), "spec_tok_s": rounded(med), "speedup": rounded(med / plain_med, 4),
+           "plain_decode_tok_s": rounded(median([x.decode_tok_s for x in plain_runs if x.decode_tok_s])),
+           "spec_decode_tok_s": rounded(median([x.decode_tok_s for x in spec_runs if x.decode_tok_s])),
+           "plain_tok_s_runs": [rounded(x.tok_s) for x in plain_runs],
+           "spec_tok_s_runs": [rounded(x.tok_s) for x in spec_runs],
+           **acceptance_record(spec_runs),
+           "tokens_identical_to_plain": identical, "first_divergence": first_div}
+    log(f"[{mode}] batch {bsz} K={_config_name(k, tree)}: plain {plain_med:.1f}, spec {med:.1f} tok/s "
+        f"({med / plain_med:.2f}x), mean accepted {row['mean_accepted_length']}")
+    return row, mismatch
+
+
+# ---------------------------------------------------------------------------------------------
+# interleaved runs of one mode and batch size
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Transformers:
+    """transformers' side of the comparison at batch 1 (greedy): the target and, for a Gemma 4
+    target with an MTP drafter, the drafter as its assistant model."""
+
+    model: Any = None
+    assistant: Any = None
+
+
+def _load_transformers(cfg: SpecConfig, folder: Path, engine, results: dict) -> _Transformers:
+    from transformers import AutoModelForCausalLM
+
+    hf = _Transformers()
+    if not (cfg.transformers_assisted and 1 in cfg.batch_sizes and "greedy" in cfg.modes):
+        return hf
+    log("loading transformers model ...")
+    dev, dtype = engine.model.device, engine.model.dtype
+    hf.model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(dev).eval()
+    if cfg.drafter_kind != "mtp":
+        return hf
+    if getattr(hf.model.config, "model_type", None) not in ("gemma4_text", "gemma4"):
+        results["transformers_assistant_error"] = (
+            "transformers runs MTP drafters only for Gemma 4 targets; prompt lookup is compared instead")
+        return hf
+    try:
+        with transformers_gemma4_assistant():
+            hf.assistant = AutoModelForCausalLM.from_pretrained(str(cfg.drafter), dtype=dtype).to(dev).eval()
+    except Exception as e:  # noqa: BLE001 - report, do not fail the bench
+        results["transformers_assistant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log(f"transformers cannot load the drafter: {results['transformers_assistant_error']}")
+    return hf
+
+
+def _runners(cfg: SpecConfig, engine, mode: str, batches, hf: _Transformers | None) -> dict[str, Callable[[], Run]]:
+    """Plain decoding, every speculative configuration and, given `hf`, the transformers runs at
+    batch 1 with our n-gram counterpart of prompt lookup."""
+    from ..decoding.draft_length import AdaptiveDraftLength
+    from ..decoding.plan import DraftPlan
+    from ..decoding.proposers import NgramProposer
+
+    def plan(proposer, k: DraftSetting, tree=None) -> Callable[[], DraftPlan]:
+        # a fresh adaptive policy every run; None: one policy for greedy and sampled rows alike
+        return lambda: DraftPlan(proposer, AdaptiveDraftLength(engine.max_draft_tokens) if k is None else k,
+                                 draft_tree=tree)
+
+    model, dev, rows = engine.model, engine.model.device, cfg.params_for_row(mode)
+    runners = {"plain": loop_runner(model, batches, cfg.max_new_tokens, rows, device=dev)}
+    for k, tree in cfg.settings:
+        runners[f"spec_{_config_name(k, tree)}"] = loop_runner(model, batches, cfg.max_new_tokens, rows,
+                                                               plan(engine.proposer, k, tree), dev)
+    if hf is None:
+        return runners
+    firsts = [[b[0]] for b in batches]  # transformers runs batch 1 only
+    runners["hf_plain"] = hf_runner(hf.model, firsts, cfg.max_new_tokens, 0, dev)
+    runners["hf_prompt_lookup"] = hf_runner(hf.model, firsts, cfg.max_new_tokens, 0, dev,
+                                            prompt_lookup_num_tokens=cfg.assisted_k)
+    if cfg.drafter_kind != "ngram":
+        runners["ours_ngram"] = loop_runner(model, batches, cfg.max_new_tokens, rows,
+                                            plan(NgramProposer(), cfg.assisted_k), dev)
+    if hf.assistant is not None:
+        runners["hf_assistant"] = hf_runner(hf.model, firsts, cfg.max_new_tokens, 0, dev, assistant_model=hf.assistant)
+    return runners
+
+
+def _measure(cfg: SpecConfig, engine, plist: list[list[int]], mode: str, bsz: int, hf: _Transformers,
+             results: dict) -> list[str]:
+    """Every configuration of one mode and batch size, interleaved; their rows go into `results`.
+    Returns the greedy mismatches."""
+    batches = batches_for(plist, bsz, cfg.num_prompts)
+    hf_here = hf.model is not None and bsz == 1 and mode == "greedy"
+    runners = _runners(cfg, engine, mode, batches, hf if hf_here else None)
+
+    def failed(name: str, e: Exception) -> None:
+        # a transformers path may not run; a speculative configuration that raises is a bug to
+        # report, but must not throw away the other measurements: record, drop, go on
+        if name == "plain":
+            raise e
+        key = "transformers_errors" if name.startswith("hf_") else "errors"
+        results.setdefault(key, {})[f"{mode} batch {bsz} {name}"] = f"{type(e).__name__}: {e!r}"
+        log(f"{mode} batch {bsz} {name} failed: {type(e).__name__}: {e!r}")
+
+    def progress(r: int, got: dict[str, list[Run]]) -> None:
+        log(f"[{mode}] batch {bsz}: repeat {r + 1}/{cfg.repeats}: " + ", ".join(
+            f"{n} {runs[-1].tok_s:.1f}" for n, runs in got.items()))
+
+    log(f"[{mode}] batch {bsz}: warm-up ({len(runners)} configurations) ...")
+    ref, got = interleave(runners, cfg.repeats, failed, progress)
+    mismatches = []
+    for k, tree in cfg.settings:
+        spec_runs = got.get(f"spec_{_config_name(k, tree)}")
+        if not spec_runs:
+            continue  # failed: see results["errors"]
+        row, mismatch = _spec_row(cfg, mode, bsz, batches, k, tree, got["plain"], spec_runs, ref)
+        results["runs"].append(row)
+        mismatches += [mismatch] if mismatch else []
+    if hf_here:
+        results["transformers"].extend(_transformers_rows(got, ref, cfg.assisted_k, cfg.drafter_kind, hf.assistant))
+    return mismatches
+
+
+def _transformers_rows(got: dict, ref: dict, k: int, drafter_kind: str, hf_assistant) -> list[dict]:
+    """Batch-1 greedy comparison rows: each transformers configuration and our counterpart."""
+    rows = []
+    plain_ours = median([x.tok_s for x in got["plain"]])
+    ours_ng = "spec_" + str(k) if drafter_kind == "ngram" else "ours_ngram"
+    hf_plain = median([x.tok_s for x in got["hf_plain"]]) if "hf_plain" in got else None
+
+    def add(what: str, hf_name: str, ours_name: str | None) -> None:
+        if hf_name not in got:
+            return
+        hf_tok_s = median([x.tok_s for x in got[hf_name]])
+        row = {"what": what, "k": k if hf_name == "hf_prompt_lookup" else None, "hf_tok_s": rounded(hf_tok_s),
+               "hf_speedup_vs_hf_plain": rounded(hf_tok_s / hf_plain, 4) if hf_plain else None,
+               "hf_tokens_equal_hf_plain": ref.get(hf_name) == ref.get("hf_plain"),
+               "hf_tokens_equal_ours_plain": ref.get(hf_name) == ref.get("plain")}
+        if ours_name is not None and ours_name in got:
+            ours = median([x.tok_s for x in got[ours_name]])
+            row.update({"ours": ours_name, "ours_tok_s": rounded(ours), "ours_speedup_vs_ours_plain": rounded(ours / plain_ours, 4),
+                        "ours_vs_hf": rounded(ours / hf_tok_s, 4)})
+            if got[ours_name][0].stats:
+                row["ours_mean_accepted_length"] = acceptance_record(got[ours_name])["mean_accepted_length"]
+        rows.append(row)
+
+    add("plain generate", "hf_plain", "plain")
+    add(f"prompt lookup (K={k}) vs our n-gram", "hf_prompt_lookup", ours_ng)
+    if hf_assistant is not None:
+        best = max((n for n in got if n.startswith("spec_")), key=lambda n: median([x.tok_s for x in got[n]]), default=None)
+        add("Gemma 4 assistant_model vs our MTP (best K)", "hf_assistant", best)
+    return rows
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,13 +365,14 @@ def step_costs(model, proposer, prompt_ids: list[list[int]], ks: Sequence[int], 
     (K+1)-token target forward (verify), and proposing K tokens; operations alternate, the cache
     is rolled back after each target forward."""
     from ..decoding.loop import DecodeBatch, Request
+    from ..decoding.plan import DraftPlan
     from ..decoding.proposers import DraftInput
     from ..decoding.sampling import SamplingParams
 
     kmax = max(ks)
     bsz = len(prompt_ids)
     max_len = max(len(p) for p in prompt_ids) + 2
-    batch = DecodeBatch(model, bsz, max_len, proposer, kmax)
+    batch = DecodeBatch(model, bsz, max_len, DraftPlan(proposer, kmax, draft_tree=None))
     batch.add([Request(list(p), 1, SamplingParams(), frozenset()) for p in prompt_ids])
     view = batch.cache
     last = batch.last_tokens.to(device)
@@ -210,45 +382,100 @@ def step_costs(model, proposer, prompt_ids: list[list[int]], ks: Sequence[int], 
 
     def target(n: int) -> None:
         model(probe[:, :n], view)
-        _sync(device)
+        sync(device)
         view.rollback(n)
 
-    ops: dict[str, Callable[[], None]] = {"target_1": lambda: target(1)}
+    ops: dict[str, Callable[[], object]] = {"target_1": lambda: target(1)}
     for k in ks:
         ops[f"verify_{k}"] = (lambda k=k: target(k + 1))
         if proposer is not None:
-            ops[f"draft_{k}"] = (lambda k=k: (proposer.propose(inp, k), _sync(device)))
-    times: dict[str, list[float]] = {name: [] for name in ops}
-    names = list(ops)
-    for i in range(repeats + 2):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            ops[name]()
-            dt = time.perf_counter() - t0
-            if i >= 2:
-                times[name].append(dt)
-    t1 = _median(times["target_1"])
-    row: dict = {"batch_size": bsz, "context": [len(p) for p in prompt_ids], "target_1_ms": _r(t1 * 1e3),
+            ops[f"draft_{k}"] = (lambda k=k: (proposer.propose(inp, k), sync(device)))
+    times = {name: median(ts) for name, ts in alternating_times(ops, repeats, warmup=2).items()}
+    t1 = times["target_1"]
+    row: dict = {"batch_size": bsz, "context": [len(p) for p in prompt_ids], "target_1_ms": rounded(t1 * 1e3),
                  "verify": [], "draft": []}
     for k in ks:
-        tv = _median(times[f"verify_{k}"])
-        row["verify"].append({"k": k, "tokens": k + 1, "ms": _r(tv * 1e3), "ratio_to_1": _r(tv / t1)})
+        tv = times[f"verify_{k}"]
+        row["verify"].append({"k": k, "tokens": k + 1, "ms": rounded(tv * 1e3), "ratio_to_1": rounded(tv / t1)})
         if proposer is not None:
-            td = _median(times[f"draft_{k}"])
-            row["draft"].append({"k": k, "ms": _r(td * 1e3), "per_token_ms": _r(td / k * 1e3, 4),
-                                 "per_token_vs_target_step": _r(td / k / t1, 4)})
+            td = times[f"draft_{k}"]
+            row["draft"].append({"k": k, "ms": rounded(td * 1e3), "per_token_ms": rounded(td / k * 1e3, 4),
+                                 "per_token_vs_target_step": rounded(td / k / t1, 4)})
     return row
 
 
-# ---------------------------------------------------------------------------------------------
-# transformers Gemma 4 assistant
-# ---------------------------------------------------------------------------------------------
+def _step_cost_rows(cfg: SpecConfig, engine, plist: list[list[int]], results: dict) -> list[dict]:
+    rows = []
+    for bsz in cfg.batch_sizes:
+        ids = [plist[i % len(plist)] for i in range(bsz)]
+        log(f"step costs at batch {bsz} ...")
+        try:
+            rows.append(step_costs(engine.model, engine.proposer, ids, cfg.fixed_ks or [cfg.assisted_k],
+                                   cfg.cost_repeats, engine.model.device))
+        except Exception as e:  # noqa: BLE001 - keep the measurements made so far
+            results.setdefault("errors", {})[f"step costs batch {bsz}"] = f"{type(e).__name__}: {e!r}"
+            log(f"step costs at batch {bsz} failed: {e!r}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
+def _notes(cfg: SpecConfig) -> dict:
+    return {
+        "tok_s": "generated tokens of the whole batch / wall time of the run (prefill included); median of repeats",
+        "speedup": "spec tok_s / plain tok_s, same mode and batch size, interleaved in the same repeats",
+        "mean_accepted_length": "tokens emitted per target forward in the decode phase (accepted drafts + bonus)",
+        "acceptance_per_position": "accepted / proposed at draft position i (i accepted only if all before were)",
+        "mean_k": "drafted tokens per round (the adaptive policy's mean choice); with a tree, its depth",
+        "tree": "draft tree NODES:BEAM:BRANCH of depth K: NODES tokens verified per round, grown by "
+                "expanding the BEAM best nodes of each depth into their BRANCH best children",
+        "sampled": f"temperature {cfg.temperature}, row i seeded with seed + i; lossless in distribution (tokens not compared)",
+        "eos": "ignored; every row makes exactly max_new_tokens tokens",
+        "step_costs": "median ms on a warmed cache; verify = target forward of K+1 tokens; draft = propose K tokens",
+    }
+
+
+def _results_header(cfg: SpecConfig, engine, folder: Path, prompt_kind: str, command: str | None) -> dict:
+    mtp = getattr(engine.proposer, "drafter", None)
+    arguments = {**cfg.arguments(), "drafter_dtype": None if mtp is None else str(mtp.dtype).removeprefix("torch.")}
+    return {
+        "benchmark": "spec",
+        "model": {"name": engine.name if cfg.model is not None else "SmolLM2-135M-Instruct", "folder": str(folder),
+                  "model_type": engine.model.cfg.model_type if hasattr(engine.model.cfg, "model_type") else None},
+        "drafter": {"name": engine.drafter_name, "kind": cfg.drafter_kind,
+                    "path": None if cfg.drafter == "ngram" else str(cfg.drafter),
+                    "max_draft_tokens": engine.max_draft_tokens},
+        "command": recorded_command(command),
+        "arguments": arguments,
+        **environment(),
+        "prompts": prompt_kind,
+        "notes": _notes(cfg),
+        "runs": [],
+        "transformers": [],
+        "step_costs": [],
+    }
+
+
+def _finish(results: dict, cfg: SpecConfig, mismatches: list[str], show_table: bool) -> dict:
+    """Plot, write and print the results; raise `BenchMismatch` if greedy tokens differed."""
+    results["machine"]["load_average_at_end"] = load_average()
+    results["greedy_tokens_identical"] = (not mismatches) if "greedy" in cfg.modes else None
+    if cfg.plot is not None:
+        try:
+            results["plot"] = str(plot_spec(results, cfg.plot))
+            log(f"wrote {cfg.plot}")
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the measurements
+            results["plot_error"] = f"{type(e).__name__}: {e}"
+            log(f"plot failed: {results['plot_error']}")
+    write_results(results, cfg.out)
+    if show_table:
+        print_spec_tables(results)
+    if mismatches:
+        raise BenchMismatch("greedy speculative tokens differ from plain decoding: " + "; ".join(mismatches))
+    return results
+
+
 def run_spec_bench(
     *,
     model: str | Path | None = None,
@@ -288,265 +515,32 @@ def run_spec_bench(
     how many of them one run generates, in batches of the batch size (default: one batch, i.e.
     the first B prompts at batch size B). out / plot: JSON and PNG paths (None = do not write).
     """
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     from ..api import load, resolve_model_path
-    from ..decoding.proposers import NgramProposer
-    from ..decoding.sampling import SamplingParams
     from .prompts import bench_prompts
 
-    # ---- argument checks --------------------------------------------------------------------
-    for name, v in (("max_new_tokens", max_new_tokens), ("repeats", repeats), ("cost_repeats", cost_repeats)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise InputError(f"batch_sizes must be integers >= 1, got {list(batch_sizes)!r}")
-    if num_prompts is not None and (not isinstance(num_prompts, int) or num_prompts < 1):
-        raise InputError(f"num_prompts must be an integer >= 1, got {num_prompts!r}")
-    ks = parse_draft_tokens(draft_tokens)
-    fixed_ks = [k for k in ks if k is not None]
-    from ..decoding.mtp import MtpProposer, TreeShape
-
-    tree_shapes = list(dict.fromkeys(TreeShape.parse(t) for t in trees))
-    modes = list(dict.fromkeys(modes))
-    if not modes or any(m not in ("greedy", "sampled") for m in modes):
-        raise InputError(f"modes must be 'greedy' and/or 'sampled', got {modes!r}")
-    if "sampled" in modes and not temperature > 0:
-        raise InputError(f"temperature must be > 0 for sampled runs, got {temperature!r}")
-    if prompts is not None and not prompts:
-        raise InputError("prompts is empty")
-    if assisted_k is None:
-        assisted_k = 4 if 4 in fixed_ks else (max(fixed_ks) if fixed_ks else 4)
-    from ..api import resolve_drafter
-
-    drafter = resolve_drafter(model, drafter) or "ngram"
-    drafter_kind = "ngram" if drafter == "ngram" else "mtp"
-    if tree_shapes and drafter_kind != "mtp":
-        raise InputError("draft trees need an MTP drafter (the n-gram proposer drafts chains)")
-    settings = [(k, None) for k in ks] + [(k, t) for t in tree_shapes for k in ks]
-
-    arguments = dict(model=None if model is None else str(model), drafter=str(drafter), device=device, dtype=dtype,
-                     batch_sizes=list(batch_sizes), draft_tokens=[_k_name(k) for k in ks],
-                     trees=[str(t) for t in tree_shapes], modes=modes,
-                     temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, repeats=repeats,
-                     prompts=None if prompts is None else list(prompts), num_prompts=num_prompts, chat=chat,
-                     transformers_assisted=transformers_assisted, assisted_k=assisted_k, cost_repeats=cost_repeats,
-                     out=None if out is None else str(out), plot=None if plot is None else str(plot))
-
+    cfg = SpecConfig(model=model, drafter=drafter, device=device, dtype=dtype, batch_sizes=batch_sizes,
+                     draft_tokens=draft_tokens, trees=trees, modes=modes, temperature=temperature, seed=seed,
+                     max_new_tokens=max_new_tokens, repeats=repeats, prompts=prompts, num_prompts=num_prompts,
+                     chat=chat, transformers_assisted=transformers_assisted, assisted_k=assisted_k,
+                     cost_repeats=cost_repeats, out=out, plot=plot)
     folder = resolve_model_path(model, cache_dir)
-    _log(f"spec bench: model {folder}, drafter {drafter}")
-    engine = load(folder, drafter=drafter, draft_tree=None, device=device, dtype=dtype)  # chains; trees below
-    dev = engine.model.device
-    mtp = getattr(engine.proposer, "drafter", None)
-    arguments["drafter_dtype"] = None if mtp is None else str(mtp.dtype).removeprefix("torch.")
+    log(f"spec bench: model {folder}, drafter {cfg.drafter}")
+    engine = load(folder, drafter=cfg.drafter, draft_tree=None, device=device, dtype=dtype)  # chains; trees below
     plist, prompt_kind = bench_prompts(engine, prompts, chat)
-
-    results: dict = {
-        "benchmark": "spec",
-        "model": {"name": engine.name if model is not None else "SmolLM2-135M-Instruct", "folder": str(folder),
-                  "model_type": engine.model.cfg.model_type if hasattr(engine.model.cfg, "model_type") else None},
-        "drafter": {"name": engine.drafter_name, "kind": drafter_kind, "path": None if drafter == "ngram" else str(drafter),
-                    "max_draft_tokens": engine.max_draft_tokens},
-        "command": command if command is not None else shlex.join(sys.argv),
-        "arguments": arguments,
-        "machine": machine_info(),
-        "versions": versions(),
-        "kernel": kernel_info(),
-        "prompts": prompt_kind,
-        "notes": {
-            "tok_s": "generated tokens of the whole batch / wall time of the run (prefill included); median of repeats",
-            "speedup": "spec tok_s / plain tok_s, same mode and batch size, interleaved in the same repeats",
-            "mean_accepted_length": "tokens emitted per target forward in the decode phase (accepted drafts + bonus)",
-            "acceptance_per_position": "accepted / proposed at draft position i (i accepted only if all before were)",
-            "mean_k": "drafted tokens per round (the adaptive policy's mean choice); with a tree, its depth",
-            "tree": "draft tree NODES:BEAM:BRANCH of depth K: NODES tokens verified per round, grown by "
-                    "expanding the BEAM best nodes of each depth into their BRANCH best children",
-            "sampled": f"temperature {temperature}, row i seeded with seed + i; lossless in distribution (tokens not compared)",
-            "eos": "ignored; every row makes exactly max_new_tokens tokens",
-            "step_costs": "median ms on a warmed cache; verify = target forward of K+1 tokens; draft = propose K tokens",
-        },
-        "runs": [],
-        "transformers": [],
-        "step_costs": [],
-    }
+    results = _results_header(cfg, engine, folder, prompt_kind, command)
     mismatches: list[str] = []
-    hf = hf_assistant = None
-    prev_verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
+    hf = _Transformers()
     try:
-        if transformers_assisted and 1 in batch_sizes and "greedy" in modes:
-            _log("loading transformers model ...")
-            hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=engine.model.dtype).to(dev).eval()
-            if drafter_kind == "mtp":
-                if getattr(hf.config, "model_type", None) in ("gemma4_text", "gemma4"):
-                    try:
-                        with transformers_gemma4_assistant():
-                            hf_assistant = AutoModelForCausalLM.from_pretrained(str(drafter), dtype=engine.model.dtype).to(dev).eval()
-                    except Exception as e:  # noqa: BLE001 - report, do not fail the bench
-                        results["transformers_assistant_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        _log(f"transformers cannot load the drafter: {results['transformers_assistant_error']}")
-                else:
-                    results["transformers_assistant_error"] = (
-                        "transformers runs MTP drafters only for Gemma 4 targets; prompt lookup is compared instead")
-        ngram_for_hf = NgramProposer() if drafter_kind != "ngram" else None
-
-        for mode in modes:
-            for bsz in batch_sizes:
-                batches = batches_for(plist, bsz, num_prompts)
-                firsts = [b[0] for b in batches]  # transformers runs batch 1 only
-                if mode == "greedy":
-                    params_for_row = lambda i: SamplingParams()  # noqa: E731
-                else:
-                    params_for_row = lambda i: SamplingParams(temperature, 0, 1.0, seed + i)  # noqa: E731
-                runners: dict[str, Callable[[], SpecRun]] = {
-                    "plain": _ours_runner(engine.model, None, batches, max_new_tokens, params_for_row, 0, 1, dev)}
-                for k, tree in settings:
-                    proposer = engine.proposer if tree is None else MtpProposer(engine.proposer.drafter, tree)
-                    runners[f"spec_{_config_name(k, tree)}"] = _ours_runner(
-                        engine.model, proposer, batches, max_new_tokens, params_for_row, k, engine.max_draft_tokens, dev)
-                hf_here = hf is not None and bsz == 1 and mode == "greedy"
-                if hf_here:
-                    runners["hf_plain"] = _hf_runner(hf, firsts, max_new_tokens, dev)
-                    runners["hf_prompt_lookup"] = _hf_runner(hf, firsts, max_new_tokens, dev,
-                                                             prompt_lookup_num_tokens=assisted_k)
-                    if ngram_for_hf is not None:
-                        runners["ours_ngram"] = _ours_runner(engine.model, ngram_for_hf, batches, max_new_tokens,
-                                                             params_for_row, assisted_k, assisted_k, dev)
-                    if hf_assistant is not None:
-                        runners["hf_assistant"] = _hf_runner(hf, firsts, max_new_tokens, dev, assistant_model=hf_assistant)
-                names = list(runners)
-                _log(f"[{mode}] batch {bsz}: warm-up ({len(names)} configurations) ...")
-                ref: dict[str, list[list[int]]] = {}
-                def failed(name: str, e: Exception) -> None:
-                    # a transformers path may not run; a speculative configuration that raises is a bug
-                    # to report, but must not throw away the other measurements: record, drop, go on
-                    if name == "plain":
-                        raise e
-                    key = "transformers_errors" if name.startswith("hf_") else "errors"
-                    results.setdefault(key, {})[f"{mode} batch {bsz} {name}"] = f"{type(e).__name__}: {e!r}"
-                    _log(f"{mode} batch {bsz} {name} failed: {type(e).__name__}: {e!r}")
-                    del runners[name]
-
-                for name in names:
-                    try:
-                        ref[name] = runners[name]().tokens
-                    except Exception as e:  # noqa: BLE001
-                        failed(name, e)
-                names = list(runners)
-                got: dict[str, list[SpecRun]] = {n: [] for n in names}
-                for r in range(repeats):
-                    shift = r % len(names)
-                    for name in names[shift:] + names[:shift]:
-                        if name not in runners:
-                            continue
-                        try:
-                            got[name].append(runners[name]())
-                        except Exception as e:  # noqa: BLE001
-                            failed(name, e)
-                            del got[name]
-                    names = [n for n in names if n in runners]
-                    _log(f"[{mode}] batch {bsz}: repeat {r + 1}/{repeats}: " + ", ".join(
-                        f"{n} {got[n][-1].tok_s:.1f}" for n in names))
-                plain_runs = got["plain"]
-                plain_med = _median([x.tok_s for x in plain_runs])
-                plain_dec = _median([x.decode_tok_s for x in plain_runs if x.decode_tok_s])
-                for k, tree in settings:
-                    name = f"spec_{_config_name(k, tree)}"
-                    sruns = got.get(name)
-                    if not sruns:
-                        continue  # failed: see results["errors"]
-                    med = _median([x.tok_s for x in sruns])
-                    identical = None
-                    first_div = None
-                    if mode == "greedy":
-                        identical = all(x.tokens == plain_runs[0].tokens for x in sruns + plain_runs) and \
-                            ref[name] == ref["plain"] == plain_runs[0].tokens
-                        if not identical:
-                            first_div = compare_tokens(sruns[0].tokens, plain_runs[0].tokens)["first_divergence"]
-                            mismatches.append(f"greedy batch {bsz} K={_config_name(k, tree)}: first divergence {first_div}")
-                    row = {"mode": mode, "batch_size": bsz, "k": _k_name(k), "tree": None if tree is None else str(tree),
-                           "config": _config_name(k, tree), "max_new_tokens": max_new_tokens,
-                           "prompt_tokens": [len(p) for b in batches for p in b], "batches_per_run": len(batches),
-                           "plain_tok_s": _r(plain_med), "spec_tok_s": _r(med), "speedup": _r(med / plain_med, 4),
-                           "plain_decode_tok_s": _r(plain_dec),
-                           "spec_decode_tok_s": _r(_median([x.decode_tok_s for x in sruns if x.decode_tok_s])),
-                           "plain_tok_s_runs": [_r(x.tok_s) for x in plain_runs],
-                           "spec_tok_s_runs": [_r(x.tok_s) for x in sruns],
-                           **_aggregate(sruns),
-                           "tokens_identical_to_plain": identical, "first_divergence": first_div}
-                    results["runs"].append(row)
-                    _log(f"[{mode}] batch {bsz} K={_config_name(k, tree)}: plain {plain_med:.1f}, spec {med:.1f} tok/s "
-                         f"({med / plain_med:.2f}x), mean accepted {row['mean_accepted_length']}")
-                if hf_here:
-                    results["transformers"].extend(_transformers_rows(got, ref, assisted_k, drafter_kind, hf_assistant))
-
-        # ---- step costs ---------------------------------------------------------------------
-        for bsz in batch_sizes:
-            ids = [plist[i % len(plist)] for i in range(bsz)]
-            _log(f"step costs at batch {bsz} ...")
-            try:
-                results["step_costs"].append(step_costs(engine.model, engine.proposer, ids,
-                                                        fixed_ks or [assisted_k], cost_repeats, dev))
-            except Exception as e:  # noqa: BLE001 - keep the measurements made so far
-                results.setdefault("errors", {})[f"step costs batch {bsz}"] = f"{type(e).__name__}: {e!r}"
-                _log(f"step costs at batch {bsz} failed: {e!r}")
+        with quiet_transformers():
+            hf = _load_transformers(cfg, folder, engine, results)
+            for mode in cfg.modes:
+                for bsz in cfg.batch_sizes:
+                    mismatches += _measure(cfg, engine, plist, mode, bsz, hf, results)
+            results["step_costs"] = _step_cost_rows(cfg, engine, plist, results)
     finally:
-        transformers.logging.set_verbosity(prev_verbosity)
-        del hf, hf_assistant
+        del hf
         gc.collect()
-
-    results["machine"]["load_average_at_end"] = _loadavg()
-    results["greedy_tokens_identical"] = (not mismatches) if "greedy" in modes else None
-    if plot is not None:
-        try:
-            results["plot"] = str(plot_spec(results, plot))
-            _log(f"wrote {plot}")
-        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the measurements
-            results["plot_error"] = f"{type(e).__name__}: {e}"
-            _log(f"plot failed: {results['plot_error']}")
-    if out is not None:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        results["out"] = str(path)
-        _log(f"wrote {path}")
-    if show_table:
-        print_spec_tables(results)
-    if mismatches:
-        raise BenchMismatch("greedy speculative tokens differ from plain decoding: " + "; ".join(mismatches))
-    return results
-
-
-def _transformers_rows(got: dict, ref: dict, k: int, drafter_kind: str, hf_assistant) -> list[dict]:
-    """Batch-1 greedy comparison rows: each transformers configuration and our counterpart."""
-    rows = []
-    plain_ours = _median([x.tok_s for x in got["plain"]])
-    ours_ng = "spec_" + str(k) if drafter_kind == "ngram" else "ours_ngram"
-    hf_plain = _median([x.tok_s for x in got["hf_plain"]]) if "hf_plain" in got else None
-
-    def add(what: str, hf_name: str, ours_name: str | None) -> None:
-        if hf_name not in got:
-            return
-        hf_tok_s = _median([x.tok_s for x in got[hf_name]])
-        row = {"what": what, "k": k if hf_name == "hf_prompt_lookup" else None, "hf_tok_s": _r(hf_tok_s),
-               "hf_speedup_vs_hf_plain": _r(hf_tok_s / hf_plain, 4) if hf_plain else None,
-               "hf_tokens_equal_hf_plain": ref.get(hf_name) == ref.get("hf_plain"),
-               "hf_tokens_equal_ours_plain": ref.get(hf_name) == ref.get("plain")}
-        if ours_name is not None and ours_name in got:
-            ours = _median([x.tok_s for x in got[ours_name]])
-            row.update({"ours": ours_name, "ours_tok_s": _r(ours), "ours_speedup_vs_ours_plain": _r(ours / plain_ours, 4),
-                        "ours_vs_hf": _r(ours / hf_tok_s, 4)})
-            if got[ours_name][0].stats:
-                row["ours_mean_accepted_length"] = _aggregate(got[ours_name])["mean_accepted_length"]
-        rows.append(row)
-
-    add("plain generate", "hf_plain", "plain")
-    add(f"prompt lookup (K={k}) vs our n-gram", "hf_prompt_lookup", ours_ng)
-    if hf_assistant is not None:
-        best = max((n for n in got if n.startswith("spec_")), key=lambda n: _median([x.tok_s for x in got[n]]), default=None)
-        add("Gemma 4 assistant_model vs our MTP (best K)", "hf_assistant", best)
-    return rows
+    return _finish(results, cfg, mismatches, show_table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,23 +606,16 @@ def plot_spec(results: dict, path: str | Path) -> Path:
 
 
 def print_spec_tables(results: dict, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=170)
+    console = table_console(console, width=170)
     m, k = results["machine"], results["kernel"]
     console.print(f"[bold]speculative decoding: {results['model']['name']} + drafter {results['drafter']['name']}[/]  "
                   f"{results['arguments']['dtype']}, {results['arguments']['max_new_tokens']} new tokens/row, "
                   f"{results['arguments']['repeats']} interleaved repeats  "
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
                   f"kernel: {kernel_summary(k)}")
-    loads = [x for x in (m.get("load_average_at_start"), m.get("load_average_at_end")) if x]
-    if loads and m.get("logical_cores") and max(x[0] for x in loads) > m["logical_cores"] + 0.5:
-        console.print(f"[yellow]warning: load average {' -> '.join(str(x[0]) for x in loads)} on "
-                      f"{m['logical_cores']} cores: other processes competed for the CPU; timings are unreliable[/]")
+    print_load_warning(console, m)
     t = Table(title="plain vs speculative (tok/s = batch tokens / wall time, prefill included; medians)")
     for col in ("mode", "batch", "K", "plain tok/s", "spec tok/s", "speedup", "mean acc. len", "mean K",
                 "acceptance per position", "drafter share", "greedy identical"):
@@ -637,8 +624,8 @@ def print_spec_tables(results: dict, console=None) -> None:
         acc = " ".join("-" if a is None else f"{a:.2f}" for a in r["acceptance_per_position"])
         ident = "-" if r["tokens_identical_to_plain"] is None else ("yes" if r["tokens_identical_to_plain"] else "[red]NO[/]")
         t.add_row(r["mode"], str(r["batch_size"]), r.get("config", r["k"]), f"{r['plain_tok_s']:.1f}", f"{r['spec_tok_s']:.1f}",
-                  f"{r['speedup']:.2f}x", _fmt(r["mean_accepted_length"], "{:.2f}"), _fmt(r["mean_k"], "{:.2f}"), acc,
-                  _fmt(r["drafter_time_share"], "{:.0%}"), ident)
+                  f"{r['speedup']:.2f}x", fmt(r["mean_accepted_length"], "{:.2f}"), fmt(r["mean_k"], "{:.2f}"), acc,
+                  fmt(r["drafter_time_share"], "{:.0%}"), ident)
     console.print(t)
     if results["transformers"] or results.get("transformers_assistant_error") or results.get("transformers_errors"):
         t = Table(title="transformers at batch 1, greedy (same interleaved repeats)")
@@ -646,10 +633,10 @@ def print_spec_tables(results: dict, console=None) -> None:
                     "ours / tf", "ours mean acc. len"):
             t.add_column(col, justify="right")
         for r in results["transformers"]:
-            t.add_row(r["what"], f"{r['hf_tok_s']:.1f}", _fmt(r["hf_speedup_vs_hf_plain"], "{:.2f}x"),
-                      "yes" if r["hf_tokens_equal_hf_plain"] else "no", r.get("ours", "-"), _fmt(r.get("ours_tok_s"), "{:.1f}"),
-                      _fmt(r.get("ours_speedup_vs_ours_plain"), "{:.2f}x"), _fmt(r.get("ours_vs_hf"), "{:.2f}x"),
-                      _fmt(r.get("ours_mean_accepted_length"), "{:.2f}"))
+            t.add_row(r["what"], f"{r['hf_tok_s']:.1f}", fmt(r["hf_speedup_vs_hf_plain"], "{:.2f}x"),
+                      "yes" if r["hf_tokens_equal_hf_plain"] else "no", r.get("ours", "-"), fmt(r.get("ours_tok_s"), "{:.1f}"),
+                      fmt(r.get("ours_speedup_vs_ours_plain"), "{:.2f}x"), fmt(r.get("ours_vs_hf"), "{:.2f}x"),
+                      fmt(r.get("ours_mean_accepted_length"), "{:.2f}"))
         console.print(t)
         if results.get("transformers_assistant_error"):
             console.print(f"transformers assistant: {results['transformers_assistant_error']}")
@@ -664,12 +651,8 @@ def print_spec_tables(results: dict, console=None) -> None:
             for i, v in enumerate(c["verify"]):
                 d = drafts.get(v["k"])
                 t.add_row(str(c["batch_size"]) if i == 0 else "", f"{c['target_1_ms']:.2f}" if i == 0 else "", str(v["k"]),
-                          f"{v['ms']:.2f}", f"{v['ratio_to_1']:.2f}", _fmt(d and d["ms"], "{:.3f}"),
-                          _fmt(d and d["per_token_vs_target_step"], "{:.3f}"))
+                          f"{v['ms']:.2f}", f"{v['ratio_to_1']:.2f}", fmt(d and d["ms"], "{:.3f}"),
+                          fmt(d and d["per_token_vs_target_step"], "{:.3f}"))
         console.print(t)
     for name, err in (results.get("errors") or {}).items():
         console.print(f"[red]error (configuration dropped): {name}: {err}[/]")
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else spec.format(x)

@@ -1,5 +1,6 @@
 """Bench of the running server: throughput and per-request latency under concurrent clients.
 
+    run_serve_bench(concurrency=(1, 4, 8, 16), max_tokens=48, drafter="auto")
     mtpspec bench --suite serve [--batch-sizes 1,4,8,16] [-n 32] [--drafter auto]
     python -m mtpspec.serve.bench [--concurrency 1,4,8,16] [--max-tokens 48] [--drafter auto]
                                   [--out bench-results/serve.json] [--plot bench-results/serve.png]
@@ -21,24 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import httpx
 
-from ..bench.plain import kernel_info, kernel_summary
+from ..bench.machine import kernel_info, kernel_summary, load_average
 from ..bench.prompts import CHAT_PROMPTS
+from ..bench.records import recorded_command
 
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+DEFAULT_OUT = Path("bench-results/serve.json")
+DEFAULT_PLOT = Path("bench-results/serve.png")
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -119,7 +117,7 @@ def _scrape(url: str) -> dict:
     return out
 
 
-def plot(results: dict, path: Path) -> None:
+def plot_serve(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +153,90 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, command: str | None = None) -> None:
+class _Server(NamedTuple):
+    name: str  # the configuration's name in the results
+    url: str
+    model: str
+    stop: Callable[[], None] | None
+
+
+def _external_server(url: str, results: dict) -> _Server:
+    model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    results["model"] = model
+    results["kernel"] = {"path": "unknown", "reason": "an external server"}
+    return _Server("external", url.rstrip("/"), model, None)
+
+
+def _own_servers(model: str | None, drafter: str, max_batch_size: int, results: dict) -> list[_Server]:
+    """Two servers in this process over the same weights: with the drafter and without one."""
+    import mtpspec
+
+    from ..decoding.plan import resolve_drafter
+    from .server import ServerThread, build
+
+    spec = mtpspec.load(model, drafter=resolve_drafter(model, drafter))
+    plain = spec.plain()
+    results["model"] = spec.name
+    results["kernel"] = kernel_info()
+    servers = []
+    for name, eng in ((f"drafter: {spec.drafter_name}", spec), ("no drafter", plain)):
+        served = build(eng, max_batch_size=max_batch_size, max_queue=256, max_len=1024)
+        srv = ServerThread(served.app).start()
+        servers.append(_Server(name, srv.url, eng.name, lambda s=srv, sv=served: (s.stop(), sv.scheduler.stop())))
+    return servers
+
+
+def _run_levels(servers: list[_Server], concurrency: Sequence[int], max_tokens: int, results: dict) -> None:
+    """A warm-up request per server, then each concurrency level on every server in turn."""
+    for srv in servers:  # warm-up (not counted)
+        run_level(srv.url, srv.model, 1, 8, 1)
+        results["configs"][srv.name] = []
+    for c in concurrency:
+        for srv in servers:
+            print(f"[bench] {srv.name}: {c} clients ...", file=sys.stderr, flush=True)
+            row = run_level(srv.url, srv.model, c, max_tokens, max(4, 2 * c))
+            results["configs"][srv.name].append(row)
+            print(f"[bench]   {row['throughput_tok_s']} tok/s, mean latency {row['latency_mean_s']} s",
+                  file=sys.stderr, flush=True)
+    for srv in servers:
+        results["spec_stats"][srv.name] = _scrape(srv.url)
+
+
+def run_serve_bench(*, concurrency: Sequence[int] = (1, 4, 8, 16), max_tokens: int = 48, model: str | None = None,
+                    drafter: str = "auto", max_batch_size: int = 16, url: str | None = None,
+                    out: str | Path = DEFAULT_OUT, plot: str | Path = DEFAULT_PLOT,
+                    command: str | None = None) -> dict:
+    """Bench servers under `concurrency` concurrent clients (see the module docstring); prints a
+    table, writes the results as JSON to `out` and a PNG plot to `plot`, and returns the results.
+
+    model: checkpoint folder or .gguf (None = the default model). drafter: of the speculative
+    configuration (auto, ngram, a folder). url: bench this running server instead of starting
+    ours. command: the command line recorded in the results (default: this process's argv).
+    """
+    out, plot = Path(out), Path(plot)
+    results = {"command": recorded_command(command),
+               "max_tokens": max_tokens, "load_average_at_start": load_average(), "configs": {}, "spec_stats": {}}
+    servers = [_external_server(url, results)] if url else _own_servers(model, drafter, max_batch_size, results)
+    try:
+        _run_levels(servers, concurrency, max_tokens, results)
+    finally:
+        for srv in servers:
+            if srv.stop:
+                srv.stop()
+    results["load_average_at_end"] = load_average()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot_serve(results, plot)
+    print(table(results))
+    print(f"\nkernel: {kernel_summary(results['kernel'])}")
+    print(f"load average at start {results['load_average_at_start']}, at end {results['load_average_at_end']}; "
+          f"spec stats {results['spec_stats']}")
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> dict:
+    """`python -m mtpspec.serve.bench [options]`: the command line of `run_serve_bench`."""
     ap = argparse.ArgumentParser(prog="python -m mtpspec.serve.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -163,58 +244,14 @@ def main(argv: list[str] | None = None, command: str | None = None) -> None:
     ap.add_argument("--drafter", default="auto", help="drafter of the speculative configuration (auto, ngram, folder)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--url", default=None, help="bench this running server instead of starting ours")
-    ap.add_argument("--out", type=Path, default=Path("bench-results/serve.json"))
-    ap.add_argument("--plot", type=Path, default=Path("bench-results/serve.png"))
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     args = ap.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    results = {"command": command or "python -m mtpspec.serve.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "max_tokens": args.max_tokens, "load_average_at_start": _loadavg(), "configs": {}, "spec_stats": {}}
-    servers = []  # (name, url, model, stop)
-    if args.url:
-        model = httpx.get(args.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        servers.append(("external", args.url.rstrip("/"), model, None))
-        results["model"] = model
-        results["kernel"] = {"path": "unknown", "reason": "an external server"}
-    else:
-        import mtpspec
-        from mtpspec.api import Engine
-
-        from .server import ServerThread, build, resolve_drafter
-
-        spec = mtpspec.load(args.model, drafter=resolve_drafter(args.model, args.drafter))
-        plain = Engine(spec.model, spec.tokenizer, spec.path, spec.name)
-        results["model"] = spec.name
-        results["kernel"] = kernel_info()
-        for name, eng in ((f"drafter: {spec.drafter_name}", spec), ("no drafter", plain)):
-            served = build(eng, max_batch_size=args.max_batch_size, max_queue=256, max_len=1024)
-            srv = ServerThread(served.app).start()
-            servers.append((name, srv.url, eng.name, lambda s=srv, sv=served: (s.stop(), sv.scheduler.stop())))
-    try:
-        for name, url, model, _ in servers:  # warm-up (not counted)
-            run_level(url, model, 1, 8, 1)
-            results["configs"][name] = []
-        for c in levels:
-            for name, url, model, _ in servers:
-                print(f"[bench] {name}: {c} clients ...", file=sys.stderr, flush=True)
-                row = run_level(url, model, c, args.max_tokens, max(4, 2 * c))
-                results["configs"][name].append(row)
-                print(f"[bench]   {row['throughput_tok_s']} tok/s, mean latency {row['latency_mean_s']} s",
-                      file=sys.stderr, flush=True)
-        for name, url, _, _ in servers:
-            results["spec_stats"][name] = _scrape(url)
-    finally:
-        for *_, stop in servers:
-            if stop:
-                stop()
-    results["load_average_at_end"] = _loadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    plot(results, args.plot)
-    print(table(results))
-    print(f"\nkernel: {kernel_summary(results['kernel'])}")
-    print(f"load average at start {results['load_average_at_start']}, at end {results['load_average_at_end']}; "
-          f"spec stats {results['spec_stats']}")
-    print(f"wrote {args.out} and {args.plot}", file=sys.stderr)
+    argv = argv if argv is not None else sys.argv[1:]
+    return run_serve_bench(concurrency=[int(c) for c in args.concurrency.split(",") if c.strip()],
+                           max_tokens=args.max_tokens, model=args.model, drafter=args.drafter,
+                           max_batch_size=args.max_batch_size, url=args.url, out=args.out, plot=args.plot,
+                           command=command or "python -m mtpspec.serve.bench " + " ".join(argv))
 
 
 if __name__ == "__main__":

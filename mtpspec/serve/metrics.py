@@ -11,6 +11,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..acceptance import AcceptanceTotals
 from ..decoding.loop import SequenceStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -50,8 +51,7 @@ class Metrics:
                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("mtpspec_time_to_first_token_seconds", "Time to the first token", ["endpoint"],
                               buckets=_LATENCY_BUCKETS, registry=r)
-        self._pos = ([], [])  # cumulative per-position proposed / accepted
-        self._rounds = [0, 0]  # rounds, round tokens
+        self._totals = AcceptanceTotals()  # since start: the gauges' source
 
     # ---- scheduler observer ---------------------------------------------------------------------
     def on_finished(self, stats: SequenceStats, finish_reason: str) -> None:
@@ -61,24 +61,18 @@ class Metrics:
         self.verify_rounds.inc(stats.rounds)
         self.round_tokens.inc(stats.round_tokens)
         with self._lock:
-            prop, acc = self._pos
+            self._totals.add(stats)
+            rates = self._totals.acceptance_per_position
             for i, (p, a) in enumerate(zip(stats.proposed_per_position, stats.accepted_per_position)):
-                if i >= len(prop):
-                    prop.append(0)
-                    acc.append(0)
-                prop[i] += p
-                acc[i] += a
                 pos = str(i + 1)
                 self.pos_proposed.labels(pos).inc(p)
                 self.pos_accepted.labels(pos).inc(a)
-                if prop[i]:
-                    self.acceptance.labels(pos).set(acc[i] / prop[i])
+                if rates[i] is not None:
+                    self.acceptance.labels(pos).set(rates[i])
             self.proposed.inc(sum(stats.proposed_per_position))
             self.accepted.inc(sum(stats.accepted_per_position))
-            self._rounds[0] += stats.rounds
-            self._rounds[1] += stats.round_tokens
-            if self._rounds[0]:
-                self.mean_accepted.set(self._rounds[1] / self._rounds[0])
+            if self._totals.mean_accepted_length is not None:
+                self.mean_accepted.set(self._totals.mean_accepted_length)
 
     def on_round(self, batch_size: int, queue_length: int) -> None:
         self.batch_rounds.inc()

@@ -10,28 +10,25 @@ from pathlib import Path
 
 import torch
 
+from ..acceptance import AcceptanceTotals
 from ..prompts_file import read_prompts
 
 
 def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
-    """Aggregate over all verification rounds of all prompts (an engine with an MTP proposer)."""
+    """Aggregate over all verification rounds of all prompts (an engine with an MTP proposer),
+    summed from each sequence's counts."""
+    from ..decoding.loop import Request, decode
+    from ..decoding.sampling import SamplingParams
+
     t0 = time.time()
-    res = engine.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, draft_tokens=k)
-    rounds = emitted = 0.0
-    acc = [0.0] * k
-    prop = [0.0] * k
-    for r in res:
-        st = r.stats
-        tau = st["mean_accepted_length"]
-        n_rounds = max(0, len(r.token_ids) - 1) / tau if tau else 0.0
-        rounds += n_rounds
-        emitted += n_rounds * tau
-        for i, a in enumerate(st["acceptance_per_position"][:k]):
-            acc[i] += a * n_rounds
-            prop[i] += n_rounds
-    return {"prompts": len(res), "draft_tokens": k, "max_new_tokens": max_new_tokens,
-            "mean_accepted_length": round(emitted / rounds, 4) if rounds else 0.0,
-            "acceptance_per_position": [round(a / p, 4) if p else 0.0 for a, p in zip(acc, prop)],
+    requests = [Request(engine.encode(p), max_new_tokens, SamplingParams(), engine.eos_ids) for p in prompts]
+    seqs = decode(engine.model, requests, engine.plan.with_draft_tokens(k), slots=batch_size)
+    totals = AcceptanceTotals.of(s.stats for s in seqs)
+    per_position = totals.acceptance_per_position[:k]
+    per_position += [None] * (k - len(per_position))
+    return {"prompts": len(seqs), "draft_tokens": k, "max_new_tokens": max_new_tokens,
+            "mean_accepted_length": round(totals.mean_accepted_length or 0.0, 4),
+            "acceptance_per_position": [round(a or 0.0, 4) for a in per_position],
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -50,7 +47,7 @@ def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | 
     eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=None)
     if full_head:
         eng = copy.copy(eng)
-        eng.proposer = MtpProposer(eng.proposer.drafter.full_head_copy().prepare(), eng.proposer.tree)
+        eng.plan = eng.plan.with_proposer(MtpProposer(eng.proposer.drafter.full_head_copy().prepare()))
     ps = read_prompts(prompts)[:limit] if limit else read_prompts(prompts)
     out = acceptance(eng, ps, k, max_new_tokens, batch_size)
     out["prompts_file"] = str(prompts)
@@ -72,7 +69,7 @@ def head_costs(engine, repeats: int = 50) -> dict:
     if drafter.cfg.clustered:
         variants["full"] = drafter.full_head_copy().prepare()
     prompt = list(range(10, 74))  # 64 context tokens
-    batch = DecodeBatch(engine.model, 1, len(prompt) + 2, None, 0)
+    batch = DecodeBatch(engine.model, 1, len(prompt) + 2)
     batch.add([Request(prompt, 1, SamplingParams(), frozenset())])
     inp = DraftInput(engine.model, batch.cache, batch.last_tokens, batch.last_hidden, batch.history,
                      [SamplingParams()], [None], [True])
