@@ -1,7 +1,9 @@
 """The public Python API: `mtpspec.load(...)` returns an `Engine` with `generate()` and `stream()`.
 
-The engine owns the model and the tokenizer. It turns text into token ids (applying the chat
-template unless asked not to), runs the decoding loop, and turns ids back into text.
+The engine owns the model, the tokenizer and the drafting plan (decoding/plan.py). It turns text
+into token ids (applying the chat template unless asked not to: the one implementation of it,
+which the server uses too), runs the decoding loop, and turns ids back into text. Engines that
+share the model with another plan come from `Engine.plain()` and `Engine.with_proposer(...)`.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence as Seq
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .checkpoint import load_decoder
-from .decoding.loop import Request, Sequence, StopCheck, generate as loop_generate, run
-from .decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy
+from .decoding.loop import Request, SequenceState, StopCheck, decode, decode_events
+from .decoding.plan import DraftPlan, resolve_drafter
 from .decoding.proposers import NgramProposer, Proposer
 from .decoding.sampling import SamplingParams
 from .errors import CheckpointError, InputError
@@ -23,7 +25,8 @@ from .models.decoder import Decoder
 from .text import IncrementalText, cut_at_stop, make_stop_check, protected_chars, stop_strings
 
 if TYPE_CHECKING:
-    from .decoding.mtp import TreeShape
+    from .decoding.draft_length import DraftLengthPolicy
+    from .decoding.tree import TreeShape
 
 log = logging.getLogger("mtpspec")
 
@@ -84,6 +87,27 @@ def resolve_model_path(model: str | Path | None, cache_dir: str | Path | None = 
     return path
 
 
+def resolve_quantize(model: str | Path | None, quantize: str) -> tuple[str, Path | None]:
+    """(load_decoder's quantize mode, the GGUF file it reads) for `load(model, quantize=...)`."""
+    from .models.quantize import QUANTIZE_CHOICES
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise InputError(f"unknown quantization {quantize!r}; valid: {', '.join(QUANTIZE_CHOICES)}")
+    gguf_file = None
+    if model is None:
+        from .default_model import find_default_gguf
+
+        gguf_file = find_default_gguf()
+    elif Path(model).suffix == ".gguf":
+        gguf_file = Path(model).expanduser()
+    if quantize == "gguf" and gguf_file is None:
+        raise InputError(f"quantize='gguf' keeps a GGUF file's quantization, but {model} is not a .gguf file "
+                         "(use 'int8' or 'int4' to quantize it at load time)")
+    if quantize == "auto":
+        quantize = "gguf" if gguf_file is not None else "none"
+    return quantize, gguf_file
+
+
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer (with its chat template), or None if the folder has none."""
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -96,12 +120,29 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(f"{folder}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-class Engine:
-    """A loaded model (and optionally a proposer) ready to generate. Create it with `mtpspec.load(...)`.
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation with the tokenizer's chat template and the generation prompt
+    (the one implementation: `Engine.encode_chat`, `Engine.encode` and the server use it)."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer: pass prompts as lists of token ids")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("this model's tokenizer has no chat template: pass raw prompts")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # the template itself may reject a conversation (e.g. role order)
+        raise InputError(f"the chat template rejected the messages: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
 
-    proposer: drafts tokens for speculative decoding (an MTP drafter or n-gram lookup), or None
-        for plain decoding. draft_tokens: the default draft length K (None: adaptive, up to
-        max_draft_tokens, chosen from measured acceptance and costs).
+
+class Engine:
+    """A loaded model, its tokenizer and a drafting plan, ready to generate. Create it with
+    `mtpspec.load(...)`; `plain()` and `with_proposer(...)` give engines on the same model (the
+    weights are shared) with another plan.
+
+    plan: how to draft (`DraftPlan`: proposer, draft length, draft trees); None = plain decoding.
+    drafter_name: what to call the drafter in reports (`mtpspec serve`, `/v1/models`).
     """
 
     def __init__(
@@ -110,39 +151,52 @@ class Engine:
         tokenizer,
         path: Path,
         name: str,
-        proposer: Proposer | None = None,
-        draft_tokens: int | None = None,
-        max_draft_tokens: int = 8,
+        plan: DraftPlan | None = None,
+        *,
         drafter_name: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
         self.name = name
-        self.proposer = proposer
-        self.draft_tokens = draft_tokens
-        self.max_draft_tokens = max_draft_tokens
+        self.plan = plan if plan is not None else DraftPlan()
         self.drafter_name = drafter_name
-        # adaptive draft-length state, kept across calls (greedy and sampled accept differently)
-        self._adaptive: dict[bool, AdaptiveDraftLength] = {}
 
-    def draft_policy(self, draft_tokens: int | None, params: SamplingParams) -> DraftLengthPolicy | int:
-        """The draft-length policy for one call: fixed K if given (or if a seeded sampling run must
-        be reproducible: adaptive K depends on timings and so would change the random draws),
-        else adaptive, with the acceptance and costs this engine measured in earlier calls (one
-        state for greedy calls, one for sampled ones)."""
-        k = self.draft_tokens if draft_tokens is None else draft_tokens
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
-            raise InputError(f"draft_tokens must be an integer >= 0 (0 = plain decoding), got {k!r}")
-        if self.proposer is None:
-            return 0
-        if k is None and not params.greedy and params.seed is not None:
-            k = self.max_draft_tokens // 2 or 1
-        if k is not None:
-            return k
-        if params.greedy not in self._adaptive:
-            self._adaptive[params.greedy] = AdaptiveDraftLength(self.max_draft_tokens)
-        return self._adaptive[params.greedy]
+    def plain(self) -> "Engine":
+        """This model and tokenizer without a drafter (plain decoding)."""
+        return Engine(self.model, self.tokenizer, self.path, self.name)
+
+    def with_proposer(
+        self,
+        proposer: Proposer | None,
+        *,
+        draft_tokens: "int | DraftLengthPolicy | None" = None,
+        draft_tree: "str | TreeShape | None" = "auto",
+        max_draft_tokens: int | None = None,
+        drafter_name: str | None = None,
+    ) -> "Engine":
+        """This model and tokenizer drafting with `proposer` (None: plain decoding), with a new
+        `DraftPlan(proposer, draft_tokens, draft_tree=..., max_draft_tokens=...)` (fresh adaptive
+        state; see `DraftPlan` for the options, `load` for their defaults)."""
+        plan = DraftPlan(proposer, draft_tokens, draft_tree=draft_tree, max_draft_tokens=max_draft_tokens)
+        if drafter_name is None and isinstance(proposer, NgramProposer):
+            drafter_name = "ngram"
+        return Engine(self.model, self.tokenizer, self.path, self.name, plan, drafter_name=drafter_name)
+
+    # the plan's settings, read through the engine
+    @property
+    def proposer(self) -> Proposer | None:
+        return self.plan.proposer
+
+    @property
+    def draft_tokens(self) -> int | None:
+        """The fixed draft length K of this engine's plan, or None (adaptive)."""
+        d = self.plan.draft_tokens
+        return d if isinstance(d, int) else None
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.plan.max_draft_tokens
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -159,7 +213,8 @@ class Engine:
 
     # ---- text <-> ids ------------------------------------------------------------------------
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
-        """Token ids for a prompt: token-id lists pass through; text gets the chat template if asked."""
+        """Token ids for a prompt: token-id lists pass through; text gets the chat template if asked
+        (and the tokenizer has one)."""
         if isinstance(prompt, list):
             if not prompt:
                 raise InputError("prompt is empty (no token ids)")
@@ -172,13 +227,14 @@ class Engine:
             raise InputError("prompt is empty")
         tok = self._need_tokenizer()
         if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return encode_chat(tok, [{"role": "user", "content": prompt}])
         return tok.encode(prompt, add_special_tokens=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation (a list of {"role", "content"} messages) with the chat
+        template and the generation prompt. InputError without a tokenizer or chat template, or if
+        the template rejects the messages."""
+        return encode_chat(self._need_tokenizer(), messages)
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -191,7 +247,7 @@ class Engine:
         return self.tokenizer
 
     # ---- stop strings and output text (the API, the CLI and the server all use these) ----------
-    def stop_check(self, stop: str | Seq[str] | None, min_tokens: int = 0) -> StopCheck | None:
+    def stop_check(self, stop: str | Sequence[str] | None, min_tokens: int = 0) -> StopCheck | None:
         """The decoding loop's callback for stop strings (`Request.stop_check`), or None without
         any: given a sequence's new token ids, how many to keep once their text contains a stop
         string (the shortest prefix that does), else None. Raises InputError for invalid stop
@@ -201,14 +257,14 @@ class Engine:
             self._need_tokenizer()
         return make_stop_check(self.decode, stop, min_tokens)
 
-    def final_text(self, ids: list[int], stop: str | Seq[str] | None = None, min_tokens: int = 0) -> str:
+    def final_text(self, ids: list[int], stop: str | Sequence[str] | None = None, min_tokens: int = 0) -> str:
         """The text of generated token ids as results carry it: decoded, cut before the first stop
         string (with min_tokens: the first one ending after the text of the first min_tokens ids)."""
         stop = stop_strings(stop)
         text = self.decode(ids)
         return cut_at_stop(text, stop, protected_chars(self.decode, ids, min_tokens)) if stop else text
 
-    def incremental_text(self, stop: str | Seq[str] | None = None, min_tokens: int = 0) -> IncrementalText:
+    def incremental_text(self, stop: str | Sequence[str] | None = None, min_tokens: int = 0) -> IncrementalText:
         """Streamed text of one sequence: `.delta(new_ids, finished)` gives the text new since
         the last call, holding back a partial character or a possible start of a stop string,
         so the pieces always concatenate to `final_text(new_ids, stop, min_tokens)`."""
@@ -230,7 +286,7 @@ class Engine:
         ids = [self.encode(p, chat) for p in prompts]
         return [Request(i, max_new_tokens, params, self.eos_ids, check, min_tokens, ignore_eos) for i in ids]
 
-    def _result(self, prompt: Prompt, seq: Sequence, stop) -> GenerationResult:
+    def _result(self, prompt: Prompt, seq: SequenceState, stop) -> GenerationResult:
         return GenerationResult(
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=seq.request.prompt_ids,
@@ -260,8 +316,10 @@ class Engine:
 
         A prompt is a string (the chat template is applied unless chat=False) or a list of token
         ids (used as is). temperature=0 is greedy. Prompts run as one batch, or at most
-        `batch_size` at a time, a finished prompt's slot going to the next one (continuous batching). With a proposer loaded, decoding is speculative: draft_tokens fixes K
-        (0 = plain decoding), None uses the engine's default (adaptive unless set at load).
+        `batch_size` at a time, a finished prompt's slot going to the next one (continuous
+        batching). With a drafter loaded, decoding is speculative, as the engine's plan says
+        (`DraftPlan.decide`): draft_tokens fixes K for this call (0 = plain decoding), None uses
+        the engine's default (adaptive, learning across calls, unless fixed at load).
         ignore_eos: EOS is an ordinary token (kept in token_ids); decoding runs to max_new_tokens
         or a stop string. min_tokens: no EOS and no stop string within the first min_tokens new
         tokens (EOS masked in the target's distribution there; see `Request`).
@@ -275,8 +333,7 @@ class Engine:
         size = batch_size or len(requests)
         if size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        policy = self.draft_policy(draft_tokens, params)
-        seqs = run(self.model, requests, self.proposer, policy, slots=size)
+        seqs = decode(self.model, requests, self.plan.with_draft_tokens(draft_tokens), slots=size)
         results = [self._result(p, s, stop) for p, s in zip(plist, seqs)]
         return results[0] if single else results
 
@@ -299,7 +356,7 @@ class Engine:
         `GenerationResult` once the stream is exhausted. Parameters as `generate`."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         requests = self._requests([prompt], max_new_tokens, params, stop, chat, ignore_eos, min_tokens)
-        return TextStream(self, prompt, requests, stop, self.draft_policy(draft_tokens, params))
+        return TextStream(self, prompt, requests, stop, self.plan.with_draft_tokens(draft_tokens))
 
 
 class TextStream:
@@ -307,9 +364,9 @@ class TextStream:
     `.result.text`: a piece that could be the start of a stop string (or a partial character) is
     held back until later tokens settle it (`Engine.incremental_text`, as the server streams)."""
 
-    def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop, policy) -> None:
+    def __init__(self, engine: Engine, prompt: Prompt, requests: list[Request], stop, plan: DraftPlan) -> None:
         self._engine, self._prompt, self._stop = engine, prompt, stop
-        self._events = loop_generate(engine.model, requests, engine.proposer, policy)
+        self._events = decode_events(engine.model, requests, plan)
         self._text = engine.incremental_text(stop, requests[0].min_tokens)
         self.result: GenerationResult | None = None
 
@@ -329,28 +386,6 @@ class TextStream:
             yield piece
 
 
-# package data (mtpspec/drafters/), so it ships in the wheel and is found wherever mtpspec is installed
-SHIPPED_DRAFTER = Path(__file__).resolve().parent / "drafters" / "smollm2-135m-instruct"
-
-
-def resolve_drafter(model: str | Path | None, drafter: str | Path | None) -> str | None:
-    """A `--drafter` value for speculative decoding where one is wanted (server, spec bench):
-    'none'/None -> None (plain); 'auto' -> the shipped MTP drafter of the default model
-    (mtpspec/drafters/smollm2-135m-instruct) if it is there, else the n-gram proposer; anything else (a
-    folder or 'ngram') as given."""
-    if drafter in (None, "", "none"):
-        return None
-    if drafter == "auto":
-        shipped = shipped_drafter() if model is None else None
-        return str(shipped) if shipped is not None else "ngram"
-    return str(drafter)
-
-
-def shipped_drafter() -> Path | None:
-    """The trained drafter for the default model that ships with the package (package data), if present."""
-    return SHIPPED_DRAFTER if (SHIPPED_DRAFTER / "config.json").exists() else None
-
-
 def load(
     model: str | Path | None = None,
     *,
@@ -361,55 +396,56 @@ def load(
     dtype: str | torch.dtype = "float32",
     drafter_dtype: str | torch.dtype | None = "auto",
     cache_dir: str | Path | None = None,
+    quantize: str = "auto",
 ) -> Engine:
     """Load a model and, optionally, a drafter for speculative decoding.
 
     model: None = the default (SmolLM2-135M-Instruct), a checkpoint folder, or a .gguf file.
-    drafter: "auto" (default) = the drafter shipped with mtpspec for the default model if there
-        is one, else plain decoding; None = plain decoding; a drafter checkpoint folder
-        (`gemma4_assistant` format); or "ngram" for model-free prompt-lookup drafting. draft_tokens: fixed draft length K
-        (default: adaptive, up to the drafter's `num_assistant_tokens` x 2, or 8).
-    draft_tree: with an MTP drafter, greedy generation drafts a tree of K levels instead of a chain
-        of K tokens: "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape` (decoding/mtp.py), at
-        every batch size and for sampled rows too; "auto" (default) = `AUTO_TREE` ("6:1:3") when
-        one sampled sequence is decoding, chains for greedy sequences and batches (what measured
-        fastest on CPU, see its docstring); None or "none" = always chains.
+    drafter: "auto" (default) = the drafter shipped with mtpspec for this model if there is one
+        (for the default model), else plain decoding (`resolve_drafter`); None or "none" = plain
+        decoding; a drafter checkpoint folder (`gemma4_assistant` format); or "ngram" for
+        model-free prompt-lookup drafting.
+    draft_tokens: fixed draft length K (default: adaptive, up to the drafter's
+        `num_assistant_tokens` x 2, or 8).
+    draft_tree: with an MTP drafter, draft a tree of K levels instead of a chain of K tokens:
+        "NODES:BEAM:BRANCH" (e.g. "5:1:2") or a `TreeShape`, at every round; "auto" (default) =
+        `AUTO_TREE` ("6:1:3") while one sampled sequence decodes, chains for greedy sequences and
+        batches; None or "none" = always chains (decoding/plan.py decides each round).
     drafter_dtype: the MTP drafter's weights and activations. "auto" (default) = bfloat16 on CPU
         (drafting reads the drafter's weights from memory at every step, so half the bytes make it
-        ~25% cheaper; acceptance is unchanged to within noise) and the target's dtype elsewhere;
+        cheaper; acceptance is unchanged to within noise) and the target's dtype elsewhere;
         None = the target's dtype. Output tokens never depend on it (verification is the target's).
+    quantize: how the target's weight matrices are held. "auto" (default) = as in the file for a
+        GGUF (the default model's Q4_1 stays 4-bit), dense otherwise; "gguf" = the GGUF's own
+        quantized matrices; "int8" / "int4" = quantized at load time (any checkpoint); "none" =
+        dense in `dtype` (a GGUF is dequantized). Quantized layers use int8 activations
+        (kernels/quant.py); norms, attention and the KV cache stay in `dtype`.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
+    mode, gguf_file = resolve_quantize(model, quantize)
     folder = resolve_model_path(model, cache_dir)
-    decoder = load_decoder(folder, device=dev, dtype=dt)
-    tokenizer = load_tokenizer(folder)
+    if draft_tree not in (None, "none", "auto"):
+        from .decoding.tree import TreeShape
+
+        TreeShape.parse(draft_tree)  # a malformed shape fails before any weights load
+    decoder = load_decoder(folder, device=dev, dtype=dt, quantize=mode, gguf=gguf_file)
     name = "SmolLM2-135M-Instruct" if model is None else Path(model).name
-    proposer, max_k, drafter_name = None, 8, None
-    if drafter == "auto":
-        drafter = shipped_drafter() if model is None else None
-    tree, tree_max_batch, tree_sampled, tree_greedy = None, None, True, True
-    if draft_tree == "auto":
-        from .decoding.mtp import AUTO_TREE
+    engine = Engine(decoder, load_tokenizer(folder), folder, name)
+    chosen = resolve_drafter(model, drafter)
+    if chosen is None:
+        return engine.with_proposer(None, draft_tokens=draft_tokens, draft_tree=draft_tree)
+    if chosen == "ngram":
+        return engine.with_proposer(NgramProposer(), draft_tokens=draft_tokens, draft_tree=draft_tree)
+    if drafter_dtype == "auto":
+        ddt = torch.bfloat16 if dev.type == "cpu" else dt
+    else:
+        ddt = dt if drafter_dtype is None else resolve_dtype(drafter_dtype)
+    from .decoding.mtp import MtpProposer
+    from .drafter_checkpoint import load_drafter
 
-        tree, tree_max_batch, tree_sampled, tree_greedy = AUTO_TREE, 1, True, False
-    elif draft_tree not in (None, "none"):
-        from .decoding.mtp import TreeShape
-
-        tree = TreeShape.parse(draft_tree)
-        if drafter is None or drafter == "ngram":
-            raise InputError("a draft tree needs an MTP drafter (plain decoding and n-gram drafting have none)")
-    if drafter == "ngram":
-        proposer, drafter_name = NgramProposer(), "ngram"
-    elif drafter is not None:
-        from .decoding.mtp import MtpProposer
-        from .drafter_checkpoint import load_drafter
-
-        if drafter_dtype == "auto":
-            ddt = torch.bfloat16 if dev.type == "cpu" else dt
-        else:
-            ddt = dt if drafter_dtype is None else resolve_dtype(drafter_dtype)
-        mtp = load_drafter(Path(drafter), decoder, device=dev, dtype=ddt)
-        proposer, drafter_name = MtpProposer(mtp, tree, tree_max_batch, tree_sampled, tree_greedy), Path(drafter).name
-        max_k = 2 * (getattr(mtp, "draft_tokens", None) or 4)
-    return Engine(decoder, tokenizer, folder, name, proposer, draft_tokens, max_k, drafter_name)
+    proposer = MtpProposer(load_drafter(Path(chosen), decoder, device=dev, dtype=ddt))
+    spec = engine.with_proposer(proposer, draft_tokens=draft_tokens, draft_tree=draft_tree,
+                                drafter_name=Path(chosen).name)
+    proposer.tree = spec.plan.tree  # compatibility: train/cli.py reads proposer.tree (see MtpProposer)
+    return spec

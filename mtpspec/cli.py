@@ -19,8 +19,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct).")]
 DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
-TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' (default) = 6:1:3 while one sampled sequence decodes, chains for greedy sequences and batches (what measured fastest on CPU; see mtpspec.decoding.mtp.AUTO_TREE); 'none' = chains.")]
+TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' (default) = 6:1:3 while one sampled sequence decodes, chains for greedy sequences and batches (what measured fastest on CPU; see mtpspec.decoding.plan.AUTO_TREE); 'none' = chains.")]
 DrafterDtypeOpt = Annotated[str, typer.Option("--drafter-dtype", help="MTP drafter dtype: 'auto' = bfloat16 on CPU (cheaper drafting, same acceptance), the model's dtype elsewhere; or float32 / bfloat16 / float16.")]
+QuantizeOpt = Annotated[str, typer.Option("--quantize", help="Target weights: 'auto' = as in the file for a GGUF (the default model's Q4_1 stays 4-bit), dense otherwise; 'gguf' = the GGUF's own quantized matrices; 'int8' / 'int4' = quantized at load time; 'none' = dense in --dtype.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -85,6 +86,7 @@ def generate(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Generate text for a prompt (streamed) or a file of prompts (batched).
@@ -99,15 +101,15 @@ def generate(
             raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
         chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      drafter_dtype=drafter_dtype, cache_dir=cache_dir)
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw, ignore_eos=ignore_eos, min_tokens=min_tokens)
-        if compare and engine.proposer is None:
+        if compare and engine.plan.proposer is None:
             raise MtpspecError("--compare needs a drafter (--drafter PATH or --ngram); none is loaded")
         baseline = None
         if compare:
             typer.echo("running plain decoding first (for the comparison) ...", err=True)
-            baseline = engine.generate(prompts, batch_size=batch_size, draft_tokens=0, **kwargs)
+            baseline = engine.plain().generate(prompts, batch_size=batch_size, **kwargs)
         if len(prompts) == 1 and not json_out:
             stream = engine.stream(prompts[0], draft_tokens=draft_tokens, **kwargs)
             for piece in stream:
@@ -137,12 +139,14 @@ def bench(
     model: ModelOpt = None,
     suite: Annotated[str, typer.Option(help="plain (ours vs transformers generate), spec (plain vs speculative), "
                                             "gemma4 (Gemma 4-shaped random models), serve (the HTTP server under "
-                                            "concurrent clients, with and without the drafter), or all.")] = "plain",
+                                            "concurrent clients, with and without the drafter), peers (llama.cpp "
+                                            "vs mtpspec on the same GGUF; needs `pip install 'mtpspec[peers]'`), "
+                                            "or all (all but peers).")] = "plain",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32, serve 32).")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
-    drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the shipped drafter of the default model, else ngram).")] = "auto",
+    drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the drafter shipped for the default model; without one the spec suite drafts with ngram).")] = "auto",
     draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
     trees: Annotated[Optional[str], typer.Option("--trees", help="spec suite, MTP drafter: also run each K drafting trees of these shapes, e.g. 5:1:2,8:2:3 (NODES:BEAM:BRANCH).")] = None,
     modes: Annotated[str, typer.Option(help="spec suite: greedy,sampled (either or both).")] = "greedy,sampled",
@@ -153,7 +157,9 @@ def bench(
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="spec suite: prompts per run, generated in batches of the batch size (default: one batch = the first B prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (single suite; default bench-results/<suite>.json).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the default result files (and the spec plot).")] = Path("bench-results"),
-    plot: Annotated[Optional[Path], typer.Option(help="spec/serve suite: PNG plot path (default <out-dir>/<suite>.png).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="spec/serve/peers suite: PNG plot path (default <out-dir>/<suite>.png).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="peers suite: threads for both engines (default: all cores).")] = None,
+    dense: Annotated[bool, typer.Option("--dense", help="peers suite: also run mtpspec on the GGUF dequantized to fp32 (the drafter's acceptance on the dense target).")] = False,
     device: DeviceOpt = "cpu",
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -161,8 +167,8 @@ def bench(
     suites = ["plain", "spec", "gemma4", "serve"] if suite == "all" else [suite]
     command = " ".join(["mtpspec"] + sys.argv[1:])
     try:
-        if any(s not in ("plain", "spec", "gemma4", "serve") for s in suites):
-            raise MtpspecError(f"--suite must be plain, spec, gemma4, serve or all, got {suite!r}")
+        if any(s not in ("plain", "spec", "gemma4", "serve", "peers") for s in suites):
+            raise MtpspecError(f"--suite must be plain, spec, gemma4, serve, peers or all, got {suite!r}")
         if out is not None and len(suites) > 1:
             raise MtpspecError("--out names one file: with --suite all use --out-dir")
         dts = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -188,12 +194,15 @@ def bench(
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command)
             elif s == "serve":
-                from .serve.bench import main as run_serve_bench
+                from .serve.bench import run_serve_bench
 
-                argv = ["--concurrency", ",".join(str(b) for b in (bs or [1, 4, 8, 16])),
-                        "--max-tokens", str(max_new_tokens or 32), "--drafter", drafter, "--out", str(target),
-                        "--plot", str(plot if plot is not None and len(suites) == 1 else out_dir / "serve.png")]
-                run_serve_bench(argv + (["--model", model] if model else []), command=command)
+                run_serve_bench(concurrency=bs or [1, 4, 8, 16], max_tokens=max_new_tokens or 32, model=model,
+                                drafter=drafter, out=target,
+                                plot=plot if plot is not None and len(suites) == 1 else out_dir / "serve.png",
+                                command=command)
+            elif s == "peers":
+                _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, repeats if repeats != 3 else 2,
+                       threads, dense, target, plot if plot is not None else out_dir / "peers.png", command)
             else:
                 from .bench.gemma4 import run_gemma4_bench
 
@@ -209,10 +218,32 @@ def bench(
         raise typer.Exit(2) from None
 
 
+def _peers(model, drafter, n_prompts, new_tokens, repeats, threads, dense, out: Path, plot: Path, command) -> None:
+    from .bench import peers
+
+    if model is not None and not str(model).endswith(".gguf"):
+        raise MtpspecError("--suite peers compares engines on one GGUF file: --model must be a .gguf file")
+    try:
+        record = peers.peers_suite(model, drafter=None if drafter == "none" else drafter, n_prompts=n_prompts,
+                                   new_tokens=new_tokens, repeats=repeats, threads=threads, dense=dense,
+                                   progress=lambda m: typer.echo(f"  {m}", err=True))
+    except peers.PeersUnavailable as e:
+        typer.echo(f"mtpspec: peers suite skipped: {e}", err=True)
+        return
+    record["command"] = command
+    for w in record["warnings"]:
+        typer.echo(f"mtpspec: warning: {w}", err=True)
+    typer.echo(peers.table(record))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    peers.save(record, out)
+    peers.plot(record, plot)
+    typer.echo(f"wrote {out} and {plot}", err=True)
+
+
 @app.command()
 def serve(
     model: ModelOpt = None,
-    drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder, 'ngram' (model-free prompt lookup), 'none', or 'auto' (the shipped drafter of the default model if present, else ngram).")] = "auto",
+    drafter: Annotated[Optional[str], typer.Option("--drafter", help="MTP drafter checkpoint folder, 'ngram' (model-free prompt lookup), 'none', or 'auto' (the drafter shipped for the default model if present, else plain decoding).")] = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Sequences decoded together (slots of the running batch).")] = 8,
@@ -225,23 +256,21 @@ def serve(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto",
     cache_dir: CacheOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, speculative decoding)."""
     from .api import load
 
     try:
-        from .serve.server import resolve_drafter
-
-        chosen = resolve_drafter(model, drafter)
-        engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      drafter_dtype=drafter_dtype, cache_dir=cache_dir)
+        engine = load(model, drafter=drafter, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize)
         from .serve.server import serve as run_server
 
         typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "
                    f"on http://{host}:{port}", err=True)
         run_server(engine, host=host, port=port, max_batch_size=max_batch_size, max_queue=max_queue,
-                   max_len=max_len, draft_tokens=draft_tokens, model_name=served_model_name, log_level=log_level)
+                   max_len=max_len, model_name=served_model_name, log_level=log_level)
     except MtpspecError as e:
         _err(str(e))
         raise typer.Exit(2) from None

@@ -63,7 +63,7 @@ def drafting_engines(target_folder, drafter_folder, k: int) -> dict:
     spec = {"ngram": mtpspec.load(target_folder, drafter="ngram", draft_tokens=k),
             "mtp-chain": mtpspec.load(target_folder, drafter=drafter_folder, draft_tree=None, draft_tokens=k),
             "mtp-tree": mtpspec.load(target_folder, drafter=drafter_folder, draft_tree="6:2:3", draft_tokens=k)}
-    assert spec["mtp-tree"].proposer.tree is not None and spec["mtp-chain"].proposer.tree is None
+    assert spec["mtp-tree"].plan.tree is not None and spec["mtp-chain"].plan.tree is None
     return spec
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode_events
+from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import DraftInput, Proposal
 from mtpspec.decoding.sampling import SamplingParams, probabilities
 
@@ -42,19 +43,24 @@ class Observations:
 
 
 def run_and_observe(model, prompts: list[list[int]], params: list[SamplingParams], new_tokens: int, proposer,
-                    k) -> Observations:
-    """Decode every prompt (one seeded row each, one batch) and pair each token after the first
-    with the target's exact distribution for it and its round slot."""
+                    k, tree=None) -> Observations:
+    """Decode every prompt (one seeded row each, one batch; K drafts per round, as chains or, with
+    `tree`, as that draft tree) and pair each token after the first with the target's exact
+    distribution for it and its round slot."""
     reqs = [Request(p, new_tokens, q) for p, q in zip(prompts, params)]
     slots: list[list[int]] = [[] for _ in prompts]
     seen = [0] * len(prompts)
 
-    def on_event(ev) -> None:
+    events = decode_events(model, reqs, DraftPlan(proposer, k, draft_tree=tree))
+    while True:
+        try:
+            ev = next(events)
+        except StopIteration as done:
+            seqs = done.value
+            break
         if seen[ev.row]:  # the prefill's token is plain sampling: not observed
             slots[ev.row] += list(range(1, len(ev.new_ids) - seen[ev.row] + 1))
         seen[ev.row] = len(ev.new_ids)
-
-    seqs = run(model, reqs, proposer, k, on_event=on_event)
     assert all(len(s.new_ids) == new_tokens and len(sl) == new_tokens - 1 for s, sl in zip(seqs, slots))
     assert len({len(p) for p in prompts}) == 1, "prompts of one length: one batched forward gives every p_t"
     n0 = len(prompts[0])

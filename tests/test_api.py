@@ -63,9 +63,9 @@ def test_eos_and_stop_strings(engine):
     # EOS: the model's eos id ends generation and is not part of the output
     eos = next(iter(engine.eos_ids))
     ids = free.token_ids
-    from mtpspec.decoding.loop import Request, run
+    from mtpspec.decoding.loop import Request, decode
 
-    seq = run(engine.model, [Request(free.prompt_token_ids, 30, eos_ids=frozenset([ids[4]]))])[0]
+    seq = decode(engine.model, [Request(free.prompt_token_ids, 30, eos_ids=frozenset([ids[4]]))])[0]
     assert seq.finish_reason == "stop" and seq.new_ids == ids[: ids.index(ids[4])]
     assert isinstance(eos, int)
 
@@ -198,7 +198,7 @@ def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
     prompts = ["the quick brown fox", "hello world"]
     plain = [r.token_ids for r in engine.generate(prompts, max_new_tokens=16)]
     spec = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="6:2:2")
-    assert spec.proposer.tree is not None and str(spec.proposer.tree) == "6:2:2"
+    assert str(spec.plan.tree) == "6:2:2" and not spec.plan.tree_only_lone_sampled  # every round
     for k in (None, 3):
         assert [r.token_ids for r in spec.generate(prompts, max_new_tokens=16, draft_tokens=k)] == plain
     res = runner.invoke(app, ["generate", prompts[0], "--model", str(tiny_with_tokenizer), "-n", "16", "--drafter",
@@ -211,13 +211,13 @@ def test_draft_tree_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
         assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(mtpspec.InputError, match="needs an MTP drafter"):
         mtpspec.load(tiny_with_tokenizer, drafter="ngram", draft_tree="4")
-    from mtpspec.decoding.mtp import AUTO_TREE
+    from mtpspec.decoding.plan import AUTO_TREE
 
     auto = mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter")  # default: AUTO_TREE for one sampled row
-    assert auto.proposer.tree == AUTO_TREE and auto.proposer.tree_max_batch == 1
-    assert auto.proposer.tree_sampled and not auto.proposer.tree_greedy
+    assert auto.plan.tree == AUTO_TREE and auto.plan.tree_only_lone_sampled
     assert [r.token_ids for r in auto.generate(prompts, max_new_tokens=16)] == plain
-    assert mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="none").proposer.tree is None
+    assert auto.generate(prompts[0], max_new_tokens=16, temperature=0.8, seed=1).token_ids  # one sampled row: a tree
+    assert mtpspec.load(tiny_with_tokenizer, drafter=tmp_path / "drafter", draft_tree="none").plan.tree is None
 
 
 def test_drafter_dtype_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path):
@@ -249,19 +249,20 @@ def test_drafter_dtype_through_api_and_cli(tiny_with_tokenizer, engine, tmp_path
 
 
 def test_adaptive_draft_length_learns_across_calls(tiny_with_tokenizer):
-    from mtpspec.decoding.sampling import SamplingParams
-
     spec = mtpspec.load(tiny_with_tokenizer, drafter="ngram")
-    greedy = SamplingParams()
-    policy = spec.draft_policy(None, greedy)
     spec.generate("hello world hello world", max_new_tokens=16)
+    policy = spec.plan.adaptive_state(greedy=True)
     rounds = policy.rounds
-    assert rounds > 0 and spec.draft_policy(None, greedy) is policy  # the same state next call
+    assert rounds > 0 and spec.plan.adaptive_state(greedy=False) is None
     spec.generate("the lazy dog the lazy dog", max_new_tokens=16)
-    assert policy.rounds > rounds  # it kept learning
-    sampled = spec.draft_policy(None, SamplingParams(temperature=0.8))
-    assert sampled is not policy and sampled.rounds == 0  # sampling accepts differently: its own state
-    assert spec.draft_policy(3, greedy) == 3 and spec.draft_policy(None, SamplingParams(0.8, seed=1)) == 4
+    assert spec.plan.adaptive_state(greedy=True) is policy and policy.rounds > rounds  # the same state, still learning
+    spec.generate("the lazy dog the lazy dog", max_new_tokens=16, temperature=0.8)
+    sampled = spec.plan.adaptive_state(greedy=False)
+    assert sampled is not policy and sampled.rounds > 0  # sampling accepts differently: its own state
+    before = (policy.rounds, sampled.rounds)
+    spec.generate("the lazy dog the lazy dog", max_new_tokens=16, temperature=0.8, seed=1)  # seeded: fixed K
+    spec.generate("the lazy dog the lazy dog", max_new_tokens=16, draft_tokens=3)  # a fixed K for one call
+    assert (policy.rounds, sampled.rounds) == before
 
 
 def test_bad_draft_options(tiny_with_tokenizer, engine):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mtpspec.checkpoint import load_decoder
-from mtpspec.decoding.loop import DecodeBatch, Request, run
+from mtpspec.decoding.loop import DecodeBatch, Request, decode
+from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import NgramProposer
 from mtpspec.errors import InputError
 from tiny_models import VOCAB
@@ -27,8 +28,8 @@ def _prompts(n, seed=0):
 def test_requests_joining_and_leaving_equal_each_alone(model, spec):
     prompts = _prompts(6)
     budgets = [12, 30, 5, 20, 16, 9]
-    alone = [run(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
-    batch = DecodeBatch(model, slots=3, max_len=64, proposer=NgramProposer() if spec else None, draft_length=3)
+    alone = [decode(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
+    batch = DecodeBatch(model, slots=3, max_len=64, plan=DraftPlan(NgramProposer(), 3) if spec else None)
     pending = list(range(6))
     slot_of: dict[int, int] = {}
     done: dict[int, list[int]] = {}
@@ -52,7 +53,7 @@ def test_requests_joining_and_leaving_equal_each_alone(model, spec):
 
 def test_cancel_frees_the_slot_and_others_continue(model):
     prompts = _prompts(3, seed=1)
-    alone = run(model, [Request(prompts[1], 15)])[0].new_ids
+    alone = decode(model, [Request(prompts[1], 15)])[0].new_ids
     batch = DecodeBatch(model, slots=2, max_len=64)
     batch.add([Request(prompts[0], 40), Request(prompts[1], 15)])
     batch.step()
@@ -63,7 +64,7 @@ def test_cancel_frees_the_slot_and_others_continue(model):
     while batch.active:
         batch.step()
     assert batch.seqs[1].new_ids == alone
-    assert batch.seqs[0].new_ids == run(model, [Request(prompts[2], 5)])[0].new_ids
+    assert batch.seqs[0].new_ids == decode(model, [Request(prompts[2], 5)])[0].new_ids
 
 
 def test_prompt_too_long_for_the_batch(model):
@@ -75,14 +76,14 @@ def test_prompt_too_long_for_the_batch(model):
 
 
 @pytest.mark.parametrize("spec", [False, True])
-def test_run_with_fewer_slots_than_requests_refills_slots(model, spec):
-    from mtpspec.decoding.loop import generate
+def test_decode_with_fewer_slots_than_requests_refills_slots(model, spec):
+    from mtpspec.decoding.loop import decode_events
 
     prompts = _prompts(6, seed=2)
     budgets = [3, 25, 1, 14, 30, 6]
-    alone = [run(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
-    proposer = NgramProposer() if spec else None
-    it = generate(model, [Request(p, n) for p, n in zip(prompts, budgets)], proposer, 3, slots=2)
+    alone = [decode(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
+    plan = DraftPlan(NgramProposer(), 3) if spec else None
+    it = decode_events(model, [Request(p, n) for p, n in zip(prompts, budgets)], plan, slots=2)
     last: dict[int, list[int]] = {}
     while True:
         try:
@@ -95,6 +96,6 @@ def test_run_with_fewer_slots_than_requests_refills_slots(model, spec):
     assert [s.new_ids for s in seqs] == alone
     assert [last[i] for i in range(6)] == alone
     with pytest.raises(InputError, match="no prompts"):
-        run(model, [], proposer, 3, slots=2)
+        decode(model, [], plan, slots=2)
     with pytest.raises(InputError, match="slots"):
-        run(model, [Request(prompts[0], 2)], slots=0)
+        decode(model, [Request(prompts[0], 2)], slots=0)

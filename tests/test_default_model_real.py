@@ -37,9 +37,9 @@ def test_greedy_64_tokens_identical_to_transformers_generate(pair):
         ids = engine.encode(prompt)
         ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=64, do_sample=False, eos_token_id=None,
                           min_new_tokens=64, pad_token_id=2)[0, len(ids):].tolist()
-        from mtpspec.decoding.loop import Request, run
+        from mtpspec.decoding.loop import Request, decode
 
-        ours = run(engine.model, [Request(ids, max_new_tokens=64)])[0].new_ids
+        ours = decode(engine.model, [Request(ids, max_new_tokens=64)])[0].new_ids
         assert ours == ref
 
 

@@ -13,7 +13,8 @@ from drafter_helpers import TARGETS, hf_assistant, hf_drafts, our_drafts, random
 from mtpspec.compat import transformers_gemma4_assistant as patched_kv_sharing
 from safetensors.torch import load_file, save_file
 
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
+from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.mtp import MtpProposer
 from mtpspec.decoding.sampling import SamplingParams, probabilities
 from mtpspec.drafter_checkpoint import load_drafter, save_drafter
@@ -103,8 +104,8 @@ def test_our_drafter_loads_in_transformers_and_drives_its_generation(targets, tm
         calls.clear()
         out = hf.generate(torch.tensor([prompt]), assistant_model=assistant, max_new_tokens=20, do_sample=False)
     assert len(calls) > 1  # transformers really drafted with our drafter
-    mine = run(target, [Request(prompt, 20)], MtpProposer(ours), 3)[0].new_ids
-    assert out[0, len(prompt):].tolist() == mine == run(target, [Request(prompt, 20)])[0].new_ids
+    mine = decode(target, [Request(prompt, 20)], DraftPlan(MtpProposer(ours), 3, draft_tree=None))[0].new_ids
+    assert out[0, len(prompt):].tolist() == mine == decode(target, [Request(prompt, 20)])[0].new_ids
     # and it round-trips through our loader
     again = load_drafter(tmp_path, target)
     assert again.draft_tokens == 3
@@ -126,9 +127,9 @@ def test_greedy_mtp_speculative_equals_plain(targets, name):
     new = 20  # with the prompts, crosses the sliding window (8)
     for batch in (1, 3):
         ps = _prompts(batch)
-        ref = [s.new_ids for s in run(target, [Request(p, new) for p in ps])]
+        ref = [s.new_ids for s in decode(target, [Request(p, new) for p in ps])]
         for k in (1, 3):
-            seqs = run(target, [Request(p, new) for p in ps], MtpProposer(drafter), k)
+            seqs = decode(target, [Request(p, new) for p in ps], DraftPlan(MtpProposer(drafter), k, draft_tree=None))
             assert [s.new_ids for s in seqs] == ref, (name, batch, k)
             assert all(s.stats.rounds > 0 for s in seqs)
 
@@ -137,16 +138,17 @@ def test_clustered_drafter_is_lossless(targets):
     _, target = targets("gemma3")
     drafter = random_drafter(target, seed=8, clustered=True, num_centroids=20, centroid_top_k=2)
     ps = _prompts(3)
-    ref = [s.new_ids for s in run(target, [Request(p, 16) for p in ps])]
-    assert [s.new_ids for s in run(target, [Request(p, 16) for p in ps], MtpProposer(drafter), 3)] == ref
+    ref = [s.new_ids for s in decode(target, [Request(p, 16) for p in ps])]
+    plan = DraftPlan(MtpProposer(drafter), 3, draft_tree=None)
+    assert [s.new_ids for s in decode(target, [Request(p, 16) for p in ps], plan)] == ref
 
 
 def test_sampled_mtp_run_is_reproducible(targets):
     _, target = targets("llama")
     drafter = random_drafter(target, seed=9)
     reqs = lambda: [Request(p, 12, SamplingParams(temperature=0.8, top_k=50, seed=3)) for p in _prompts(3)]  # noqa: E731
-    a = [s.new_ids for s in run(target, reqs(), MtpProposer(drafter), 3)]
-    b = [s.new_ids for s in run(target, reqs(), MtpProposer(drafter), 3)]
+    a = [s.new_ids for s in decode(target, reqs(), DraftPlan(MtpProposer(drafter), 3, draft_tree=None))]
+    b = [s.new_ids for s in decode(target, reqs(), DraftPlan(MtpProposer(drafter), 3, draft_tree=None))]
     assert a == b and all(len(x) == 12 for x in a)
 
 

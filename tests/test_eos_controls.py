@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 import mtpspec
 from drafter_helpers import copying_drafter, drafting_engines
 from mtpspec.cli import app
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.sampling import SamplingParams
 from mtpspec.drafter_checkpoint import save_drafter
 from mtpspec.serve.server import ServerThread, build
@@ -56,7 +56,7 @@ def tiny(tiny_with_tokenizer, tmp_path_factory):
 
 
 def _run(engine, requests, k=0):
-    return run(engine.model, requests, engine.proposer if k else None, k)
+    return decode(engine.model, requests, engine.plan.with_draft_tokens(k))
 
 
 def _req(engine, eos, **kw) -> Request:

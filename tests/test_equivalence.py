@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtpspec.checkpoint import load_decoder
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
 
 from tiny_models import FAMILIES, VOCAB
 
@@ -50,7 +50,7 @@ def test_greedy_generation_is_token_identical_to_transformers(family, tiny_check
     prompt = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(2)).tolist()[0]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
                       pad_token_id=0, min_new_tokens=64)[0, len(prompt):].tolist()
-    seq = run(ours, [Request(prompt, max_new_tokens=64)])[0]
+    seq = decode(ours, [Request(prompt, max_new_tokens=64)])[0]
     assert seq.new_ids == ref
     assert len(ref) == 64
 
@@ -61,6 +61,6 @@ def test_ragged_batch_equals_each_prompt_alone(family, tiny_checkpoints):
     ours = load_decoder(folder)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 17, 9, 1, 12)]
-    alone = [run(ours, [Request(p, max_new_tokens=20)])[0].new_ids for p in prompts]
-    batch = [s.new_ids for s in run(ours, [Request(p, max_new_tokens=20) for p in prompts])]
+    alone = [decode(ours, [Request(p, max_new_tokens=20)])[0].new_ids for p in prompts]
+    batch = [s.new_ids for s in decode(ours, [Request(p, max_new_tokens=20) for p in prompts])]
     assert batch == alone

@@ -11,7 +11,7 @@ import torch
 from gemma4_configs import VARIANTS, VOCAB, WINDOW, randomise, tiny_gemma4, tiny_gemma4_config
 
 from mtpspec.checkpoint import load_decoder, read_config
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
 from mtpspec.errors import CheckpointError
 from mtpspec.models.config import from_hf_config
 from mtpspec.models.moe import MoEStats
@@ -72,7 +72,7 @@ def test_greedy_generation_is_token_identical_to_transformers(name, gemma4):
     prompt = _ids(2, 1, 11).tolist()[0]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=None,
                       pad_token_id=0, min_new_tokens=64)[0, len(prompt):].tolist()
-    seq = run(ours, [Request(prompt, max_new_tokens=64)])[0]
+    seq = decode(ours, [Request(prompt, max_new_tokens=64)])[0]
     assert len(ref) == 64
     assert seq.new_ids == ref
 
@@ -82,8 +82,8 @@ def test_ragged_batch_equals_each_prompt_alone(name, gemma4):
     _, ours = gemma4[name]
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 17, 1)]
-    alone = [run(ours, [Request(p, max_new_tokens=12)])[0].new_ids for p in prompts]
-    batch = [s.new_ids for s in run(ours, [Request(p, max_new_tokens=12) for p in prompts])]
+    alone = [decode(ours, [Request(p, max_new_tokens=12)])[0].new_ids for p in prompts]
+    batch = [s.new_ids for s in decode(ours, [Request(p, max_new_tokens=12) for p in prompts])]
     assert batch == alone
 
 

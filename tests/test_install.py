@@ -29,7 +29,7 @@ RUN = r"""
 import json, sys
 import mtpspec
 from mtpspec import kernels
-from mtpspec.api import shipped_drafter
+from mtpspec.decoding.plan import shipped_drafter
 
 engine = mtpspec.load()  # the default model, and the shipped drafter ("auto")
 prompt = sys.argv[1]

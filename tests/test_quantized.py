@@ -11,6 +11,8 @@ exact integer sums, fp32 scaling) it agrees to 1e-5.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -362,3 +364,18 @@ def test_a_gguf_whose_shapes_contradict_its_metadata_names_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor 'blk\.0\.ffn_\w+\.weight' has shape \[\d+, \d+\], but the "
                                               r"metadata says llama\.feed_forward_length = 96"):
         mtpspec.load(path, drafter=None, cache_dir=tmp_path / "cache")
+
+
+def test_cli_quantize_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+
+    path = _tiny_quantized_gguf(tmp_path, "Q8_0")
+    runner = CliRunner()
+    bad = runner.invoke(app, ["generate", "hi", "-m", str(path), "--quantize", "int3", "--cache-dir", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "valid: auto, none, gguf, int8, int4" in bad.output
+    ok = runner.invoke(app, ["generate", "the", "-m", str(path), "--quantize", "int4", "-n", "4", "--no-drafter",
+                             "--json", "--cache-dir", str(tmp_path / "c")])
+    assert ok.exit_code == 0, ok.output
+    assert len(json.loads(ok.stdout.strip().splitlines()[0])["token_ids"]) == 4

@@ -63,12 +63,12 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, V, (5,), generator=g).tolist() for _ in range(n)]
 
 
-def _observe(model, run: str, params: SamplingParams, seed: int = 0, proposer=None):
+def _observe(model, run: str, params: SamplingParams, seed: int = 0, proposer=None, tree=None):
     rows, new, k, strength, sharpen = RUNS[run]
     params_rows = [SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed * 100_000 + i)
                    for i in range(rows)]
     proposer = proposer or DistortedTargetProposer(strength, sharpen, seed=seed)
-    return run_and_observe(model, _prompts(rows, seed), params_rows, new, proposer, k), k
+    return run_and_observe(model, _prompts(rows, seed), params_rows, new, proposer, k, tree), k
 
 
 def shift_top_mass(p: torch.Tensor, tv: float = 0.02) -> torch.Tensor:
@@ -112,8 +112,8 @@ def test_the_fit_detects_a_002_bias_in_the_bonus_token_only(sharp_target, monkey
 def test_mtp_sampled_drafting_follows_the_target(sharp_target, tree, params):
     """The real MTP proposer: sampled chains (drafts drawn from the drafter's processed
     distribution, returned as q) and draft trees (deterministic nodes, walked by target draws)."""
-    proposer = MtpProposer(random_drafter(sharp_target, seed=2), tree)
-    obs, k = _observe(sharp_target, "far", params, seed=1, proposer=proposer)
+    proposer = MtpProposer(random_drafter(sharp_target, seed=2))
+    obs, k = _observe(sharp_target, "far", params, seed=1, proposer=proposer, tree=tree)
     counts = torch.bincount(obs.slots, minlength=k + 2)[1:].tolist()
     assert counts[1] > 300, f"drafts must be accepted often enough to test later slots: {counts}"
     assert failed_fits(obs, k) == []

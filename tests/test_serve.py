@@ -19,11 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mtpspec
-from mtpspec.api import Engine
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
 from mtpspec.serve.scheduler import Scheduler, Update
-from mtpspec.serve.server import ServerThread, build, resolve_drafter
-from mtpspec.serve.text import chat_prompt_ids
+from mtpspec.serve.server import ServerThread, build
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -33,13 +31,13 @@ TOPICS = ["the sea", "a cat", "Python lists", "the moon", "bread", "trains", "ra
 
 @pytest.fixture(scope="module")
 def engine():
-    return mtpspec.load(drafter=resolve_drafter(None, "auto"))
+    return mtpspec.load()  # the default model and its shipped drafter ("auto")
 
 
 @pytest.fixture(scope="module")
 def plain(engine):
     """The same weights without a drafter."""
-    return Engine(engine.model, engine.tokenizer, engine.path, engine.name)
+    return engine.plain()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def small_server(plain):
 
 
 def alone(engine, prompt_ids, max_tokens):
-    return run(engine.model, [Request(prompt_ids, max_tokens, eos_ids=engine.eos_ids)])[0].new_ids
+    return decode(engine.model, [Request(prompt_ids, max_tokens, eos_ids=engine.eos_ids)])[0].new_ids
 
 
 def sse(response: httpx.Response) -> list[dict]:
@@ -95,7 +93,7 @@ def test_openai_client_chat_and_completions(server, engine):
     assert [m.id for m in client.models.list().data] == [engine.name]
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
     chat = client.chat.completions.create(model=engine.name, messages=msgs, max_tokens=8, temperature=0)
-    ref = alone(engine, chat_prompt_ids(engine.tokenizer, msgs), 8)
+    ref = alone(engine, engine.encode_chat(msgs), 8)
     assert chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == engine.decode(ref)
     assert chat.choices[0].finish_reason in ("stop", "length")
@@ -139,7 +137,7 @@ def test_32_concurrent_greedy_requests_are_lossless(server, engine):
         topic = TOPICS[i % len(TOPICS)]
         if chat:
             msgs = [{"role": "user", "content": f"Write {1 + i % 3} sentences about {topic}."}]
-            ids = chat_prompt_ids(engine.tokenizer, msgs)
+            ids = engine.encode_chat(msgs)
             body = {"messages": msgs}
         else:
             prompt = f"Here is a short note about {topic}, number {i}:"
@@ -260,7 +258,7 @@ def test_bad_requests_get_openai_errors_and_the_loop_keeps_serving(server, engin
 
 def test_a_failing_request_fails_alone(engine):
     """A request whose stop check raises gets an error; the request beside it finishes intact."""
-    sched = Scheduler(engine.model, proposer=engine.proposer, draft_length=3, max_batch_size=2, max_len=256).start()
+    sched = Scheduler(engine.model, plan=engine.plan.with_draft_tokens(3), max_batch_size=2, max_len=256).start()
     try:
         done: dict[str, Update] = {}
         events = {k: threading.Event() for k in ("bad", "good")}

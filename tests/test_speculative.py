@@ -10,7 +10,8 @@ import torch
 
 from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.draft_length import AdaptiveDraftLength
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
+from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import NgramProposer
 from mtpspec.decoding.sampling import SamplingParams
 from proposers_for_tests import RandomSamplingProposer, ReferenceProposer
@@ -31,7 +32,7 @@ def prompts(batch: int, seed: int = 0) -> list[list[int]]:
 
 
 def plain(model, ps, new=NEW):
-    return [s.new_ids for s in run(model, [Request(p, new) for p in ps])]
+    return [s.new_ids for s in decode(model, [Request(p, new) for p in ps])]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
@@ -52,7 +53,7 @@ def test_greedy_speculative_equals_plain(target, kind, k, batch):
         "partial": lambda: ReferenceProposer(full, VOCAB, 0.3, seed=k),
         "ngram": lambda: NgramProposer(),
     }[kind]()
-    seqs = run(target, [Request(p, NEW) for p in ps], proposer, k)
+    seqs = decode(target, [Request(p, NEW) for p in ps], DraftPlan(proposer, k))
     assert [s.new_ids for s in seqs] == ref
     for s in seqs:
         st = s.stats
@@ -75,7 +76,7 @@ def test_adaptive_draft_length_is_lossless(target):
     ref = plain(target, ps)
     full = [p + r for p, r in zip(ps, ref)]
     for corrupt in (0.0, 0.5):
-        seqs = run(target, [Request(p, NEW) for p in ps], ReferenceProposer(full, VOCAB, corrupt), AdaptiveDraftLength(6))
+        seqs = decode(target, [Request(p, NEW) for p in ps], DraftPlan(ReferenceProposer(full, VOCAB, corrupt), AdaptiveDraftLength(6)))
         assert [s.new_ids for s in seqs] == ref
 
 
@@ -86,10 +87,10 @@ def test_eos_and_max_tokens_inside_an_accepted_run(target):
     eos = ref[1][6]  # a token that occurs in row 1's continuation
     full = [p + r for p, r in zip(ps, ref)]
     reqs = lambda: [Request(p, n, eos_ids=frozenset([eos])) for p, n in zip(ps, [40, 40, 7, 3, 40])]  # noqa: E731
-    expect = [s.new_ids for s in run(target, reqs())]
-    got = run(target, reqs(), ReferenceProposer(full, VOCAB, 0.0), 8)
+    expect = [s.new_ids for s in decode(target, reqs())]
+    got = decode(target, reqs(), DraftPlan(ReferenceProposer(full, VOCAB, 0.0), 8))
     assert [s.new_ids for s in got] == expect
-    assert [s.finish_reason for s in got] == [s.finish_reason for s in run(target, reqs())]
+    assert [s.finish_reason for s in got] == [s.finish_reason for s in decode(target, reqs())]
 
 
 def test_adaptive_policy_prefers_long_drafts_when_accepted_and_none_when_rejected():
@@ -146,12 +147,13 @@ def test_the_loop_reports_tokens_verified_per_round(target):
             super().observe(batch_size, k, accepted, verify_time, draft_time, verified_tokens)
 
     ps = [torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(3)).tolist()]
-    run(target, [Request(ps[0] * 2, 24)], NgramProposer(), Recording(4))
+    decode(target, [Request(ps[0] * 2, 24)], DraftPlan(NgramProposer(), Recording(4)))
     assert seen and all(n == k + 1 for k, n in seen)
     from drafter_helpers import random_drafter
 
     seen.clear()
-    run(target, [Request(ps[0], 24)], MtpProposer(random_drafter(target, seed=1), TreeShape(6, 1, 3)), Recording(4))
+    decode(target, [Request(ps[0], 24)],
+           DraftPlan(MtpProposer(random_drafter(target, seed=1)), Recording(4), draft_tree=TreeShape(6, 1, 3)))
     assert {n for k, n in seen if k >= 2} == {7} and all(n == 4 for k, n in seen if k == 1)
 
 
@@ -178,12 +180,12 @@ def test_rows_with_different_budgets_finish_mid_round(target, kind):
     g = torch.Generator().manual_seed(7)
     ps = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (20, 2, 9)]
     budgets = [12, 25, 3]  # row 0 sets the batch's length (32); rows 0 and 2 finish first
-    ref = [run(target, [Request(p, n)])[0].new_ids for p, n in zip(ps, budgets)]
+    ref = [decode(target, [Request(p, n)])[0].new_ids for p, n in zip(ps, budgets)]
     # the proposer knows each row's continuation well past its budget, so drafts keep being accepted
     full = [p + r for p, r in zip(ps, plain(target, ps, 40))]
     for k in (4, 7):
         proposer = ReferenceProposer(full, VOCAB, 0.0 if kind == "agree" else 0.3, seed=k)
-        seqs = run(target, [Request(p, n) for p, n in zip(ps, budgets)], proposer, k)
+        seqs = decode(target, [Request(p, n) for p, n in zip(ps, budgets)], DraftPlan(proposer, k))
         assert [s.new_ids for s in seqs] == ref
 
 
@@ -243,14 +245,16 @@ def test_a_seeded_row_alone_equals_the_same_row_in_a_mixed_batch(target, kind):
     proposer = {
         "ngram": lambda: NgramProposer(),
         "mtp-chain": lambda: MtpProposer(random_drafter(target, seed=3)),
-        "mtp-tree": lambda: MtpProposer(random_drafter(target, seed=3), TreeShape(6, 2, 2)),
+        "mtp-tree": lambda: MtpProposer(random_drafter(target, seed=3)),
         "random-sampling": lambda: RandomSamplingProposer(VOCAB),
     }[kind]()
+    # a fixed K and a tree (or chain) at every round: the same proposal kind alone and in a batch
+    plan = DraftPlan(proposer, 3, draft_tree=TreeShape(6, 2, 2) if kind == "mtp-tree" else None)
     reqs = [Request(p, n, q) for p, n, q in zip(ps, budgets, params)]
-    alone = [run(target, [r], proposer, 3)[0].new_ids for r in reqs]
+    alone = [decode(target, [r], plan)[0].new_ids for r in reqs]
     assert len({tuple(a) for a in alone}) == len(alone)
     for slots in (None, 2):
-        together = run(target, reqs, proposer, 3, slots=slots)
+        together = decode(target, reqs, plan, slots=slots)
         assert [s.new_ids for s in together] == alone, f"slots={slots}"
 
 
@@ -262,18 +266,21 @@ class HiddenStateCheck:
 
     def __init__(self, inner):
         self.inner, self.rounds = inner, 0
+        self.drafts_trees = getattr(inner, "drafts_trees", False)
 
-    def max_tokens(self, k: int) -> int:
-        return getattr(self.inner, "max_tokens", lambda k: k)(k)
+    def max_tokens(self, k: int, tree=None) -> int:
+        if not hasattr(self.inner, "max_tokens"):
+            return k
+        return self.inner.max_tokens(k) if tree is None else self.inner.max_tokens(k, tree)
 
-    def propose(self, inp, k):
+    def propose(self, inp, k, tree=None):
         for b, (hist, active) in enumerate(zip(inp.history, inp.active)):
             if active:
                 fresh = inp.target(torch.tensor([hist[:-1]]), inp.target.new_cache(1, len(hist))).hidden[0, -1]
                 torch.testing.assert_close(inp.last_hidden[b], fresh, atol=1e-4, rtol=1e-4,
                                            msg=lambda m: f"row {b}, history {len(hist)}: {m}")
         self.rounds += 1
-        return self.inner.propose(inp, k)
+        return self.inner.propose(inp, k) if tree is None else self.inner.propose(inp, k, tree)
 
 
 @pytest.mark.parametrize("kind", ["reference", "random-sampling", "mtp-chain", "mtp-tree"])
@@ -289,10 +296,11 @@ def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(tar
         "reference": lambda: ReferenceProposer(full, VOCAB, 0.4, seed=3),
         "random-sampling": lambda: RandomSamplingProposer(VOCAB),
         "mtp-chain": lambda: MtpProposer(copying_drafter(target).prepare()),
-        "mtp-tree": lambda: MtpProposer(copying_drafter(target).prepare(), TreeShape(6, 2, 2)),
+        "mtp-tree": lambda: MtpProposer(copying_drafter(target).prepare()),
     }[kind]()
     if kind == "reference":
         params = [SamplingParams()] * 4  # the reference continuation is the greedy one
     check = HiddenStateCheck(inner)
-    seqs = run(target, [Request(p, 20, q) for p, q in zip(ps, params)], check, 3)
+    plan = DraftPlan(check, 3, draft_tree=TreeShape(6, 2, 2) if kind == "mtp-tree" else None)
+    seqs = decode(target, [Request(p, 20, q) for p, q in zip(ps, params)], plan)
     assert check.rounds >= 5 and any(s.stats.mean_accepted_length > 1 for s in seqs)

@@ -34,11 +34,10 @@ from typer.testing import CliRunner
 
 import mtpspec
 from mtpspec.cli import app
-from mtpspec.decoding.loop import Request, generate as loop_generate
+from mtpspec.decoding.loop import Request, decode_events
 from mtpspec.drafter_checkpoint import save_drafter
 from drafter_helpers import copying_drafter, drafting_engines
 from mtpspec.serve.server import ServerThread, build
-from mtpspec.serve.text import chat_prompt_ids
 from mtpspec.text import IncrementalText, cut_at_stop, make_stop_check, partial_stop_length, stop_strings
 
 K = 4  # fixed draft length: the rounds of a run with a stop string are those of the run without
@@ -87,7 +86,7 @@ def stop_at(engine, ids: list[int], j: int) -> str:
 def round_ends(engine, prompt_ids: list[int], n: int) -> list[int]:
     """Tokens emitted so far after the prefill and after each round of a run without stop strings."""
     reqs = [Request(prompt_ids, n, eos_ids=engine.eos_ids)]
-    return [len(ev.new_ids) for ev in loop_generate(engine.model, reqs, engine.proposer, K)]
+    return [len(ev.new_ids) for ev in decode_events(engine.model, reqs, engine.plan)]
 
 
 def place(engine, ids: list[int], ends: list[int], j: int, stop: str) -> tuple[int, set[str]]:
@@ -196,7 +195,7 @@ def test_api_stream_holds_back_a_partial_stop_string(tiny):
     assert stream.result.finish_reason == "stop" and stream.result.text == tiny.reference(PROMPT, [stop], N).text
     assert_streamed(pieces, stream.result.text, [stop])
     # adaptive draft length too (rounds vary with timing; the text may not)
-    adaptive = mtpspec.Engine(spec.model, spec.tokenizer, spec.path, spec.name, spec.proposer)
+    adaptive = spec.with_proposer(spec.proposer)
     pieces = list(stream := adaptive.stream(PROMPT, max_new_tokens=N, chat=False, stop=stop))
     assert stream.result.token_ids == tiny.reference(PROMPT, [stop], N).token_ids
     assert_streamed(pieces, stream.result.text, [stop])
@@ -269,7 +268,7 @@ def _post(url: str, path: str, body: dict, stream: bool) -> tuple[list[int], str
 def test_server_stop_strings_with_drafting(tiny, servers, drafting):
     url, spec = servers[drafting].url, tiny.spec[drafting]
     messages = [{"role": "user", "content": CHAT}]
-    chat_prompt = chat_prompt_ids(spec.tokenizer, messages)
+    chat_prompt = spec.encode_chat(messages)
     assert chat_prompt == spec.encode(CHAT)
     requests = []
     ends = round_ends(spec, spec.encode(PROMPT, chat=False), N)

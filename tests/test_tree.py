@@ -10,11 +10,12 @@ import torch
 from drafter_helpers import random_drafter
 from mtpspec.cache import CacheLayout, KVCache
 from mtpspec.checkpoint import load_decoder
-from mtpspec.decoding.loop import Request, run
+from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.mtp import MtpProposer, TreeShape
+from mtpspec.decoding.plan import AUTO_TREE, DraftPlan
 from mtpspec.decoding.proposers import DraftInput, Proposal
 from mtpspec.decoding.sampling import SamplingParams
-from mtpspec.decoding.tree import TreeMask, chain_parents, verify_greedy_tree, verify_sampled_tree_row
+from mtpspec.decoding.tree import TreeMask, verify_greedy_tree, verify_sampled_tree_row
 from mtpspec.decoding.verify import verify_greedy
 from mtpspec.errors import InputError
 from sampling_helpers import SMALL_V, exact_token_distribution
@@ -66,7 +67,8 @@ def test_a_chain_tree_verifies_like_a_chain():
     drafts = torch.randint(0, 5, (6, 4), generator=g)
     logits = torch.randn(6, 5, 5, generator=g)
     n, toks = verify_greedy(drafts, logits)
-    paths, emitted = verify_greedy_tree(drafts, chain_parents(6, 4), logits)
+    chain_parents = torch.arange(4).expand(6, 4)  # node i's parent is node i-1
+    paths, emitted = verify_greedy_tree(drafts, chain_parents, logits)
     assert [len(p) for p in paths] == n.tolist()
     assert emitted == [toks[b, : n[b] + 1].tolist() for b in range(6)]
 
@@ -175,7 +177,7 @@ def _prompts(batch: int) -> list[list[int]]:
 
 
 def _plain(model, ps, new=NEW):
-    return [s.new_ids for s in run(model, [Request(p, new) for p in ps])]
+    return [s.new_ids for s in decode(model, [Request(p, new) for p in ps])]
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -185,7 +187,7 @@ def test_tree_speculative_equals_plain(target, corrupt, k, batch):
     ps = _prompts(batch)
     ref = _plain(target, ps)
     full = [p + r for p, r in zip(ps, ref)]
-    seqs = run(target, [Request(p, NEW) for p in ps], ReferenceTreeProposer(full, corrupt, seed=k), k)
+    seqs = decode(target, [Request(p, NEW) for p in ps], DraftPlan(ReferenceTreeProposer(full, corrupt, seed=k), k))
     assert [s.new_ids for s in seqs] == ref
     for s in seqs:
         st = s.stats
@@ -207,8 +209,8 @@ def test_rows_cut_inside_an_accepted_tree_path_stay_consistent(target):
     budgets = [3, 17, 8, 40, 1]
     eos = frozenset({ref[3][12]})
     reqs = lambda: [Request(p, n, eos_ids=eos) for p, n in zip(ps, budgets)]  # noqa: E731
-    want = [s.new_ids for s in run(target, reqs())]
-    got = [s.new_ids for s in run(target, reqs(), ReferenceTreeProposer(full, 0.2, seed=5), 5)]
+    want = [s.new_ids for s in decode(target, reqs())]
+    got = [s.new_ids for s in decode(target, reqs(), DraftPlan(ReferenceTreeProposer(full, 0.2, seed=5), 5))]
     assert got == want
 
 
@@ -222,7 +224,7 @@ def test_mtp_tree_drafting_equals_plain(target, shape):
         ps = _prompts(batch)
         ref = _plain(target, ps, 24)
         for k in (1, 4):
-            seqs = run(target, [Request(p, 24) for p in ps], MtpProposer(drafter, shape), k)
+            seqs = decode(target, [Request(p, 24) for p in ps], DraftPlan(MtpProposer(drafter), k, draft_tree=shape))
             assert [s.new_ids for s in seqs] == ref, (shape, batch, k)
 
 
@@ -234,7 +236,7 @@ def test_mtp_trees_hold_the_drafters_best_paths(target):
     from drafter_helpers import our_drafts
 
     chain, inp = our_drafts(target, drafter, ps, 3)
-    tree = MtpProposer(drafter, TreeShape(nodes=40, beam=2, branch=3)).propose(inp, 3)
+    tree = MtpProposer(drafter).propose(inp, 3, TreeShape(nodes=40, beam=2, branch=3))
     assert tree.parents is not None and tree.tokens.shape == (5, 3 + 2 * 3 * 2)  # all candidates kept
     for b in range(5):
         toks, pars = tree.tokens[b].tolist(), tree.parents[b].tolist()
@@ -252,8 +254,8 @@ def test_mixed_batches_draft_trees_greedy_rows_exact_sampled_rows_reproducible(t
     ref = _plain(target, ps, 16)
     params = [SamplingParams(), SamplingParams(0.8, seed=1), SamplingParams(), SamplingParams(), SamplingParams(1.0, seed=2)]
     reqs = lambda: [Request(p, 16, q) for p, q in zip(ps, params)]  # noqa: E731
-    prop = MtpProposer(drafter, TreeShape(8))
-    a, b = run(target, reqs(), prop, 3), run(target, reqs(), prop, 3)
+    plan = DraftPlan(MtpProposer(drafter), 3, draft_tree=TreeShape(8))
+    a, b = decode(target, reqs(), plan), decode(target, reqs(), plan)
     assert [s.new_ids for s in a] == [s.new_ids for s in b]  # seeded rows draw the same tokens
     assert [a[i].new_ids for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
     assert all(len(s.new_ids) == 16 for s in a)
@@ -277,34 +279,27 @@ def test_mtp_tree_drafting_equals_plain_on_gemma4(name, tmp_path):
     drafter = random_drafter(target, seed=4)
     ps = _prompts(5)[:3]
     ref = _plain(target, ps, 20)
-    seqs = run(target, [Request(p, 20) for p in ps], MtpProposer(drafter, TreeShape(8, 2, 3)), 3)
+    seqs = decode(target, [Request(p, 20) for p in ps], DraftPlan(MtpProposer(drafter), 3, draft_tree=TreeShape(8, 2, 3)))
     assert [s.new_ids for s in seqs] == ref
 
 
-def test_tree_max_batch_drafts_chains_for_bigger_batches(target):
-    from drafter_helpers import our_drafts
-
+def test_auto_tree_switches_between_chains_and_trees_within_a_batch(target):
+    """draft_tree="auto": chains while two rows decode, the AUTO_TREE once the sampled row decodes
+    alone (its greedy neighbour finished first) in the same batch; the greedy row equals plain
+    decoding, and trees for a row that started with chains keep the cache consistent (conftest)."""
     drafter = random_drafter(target, seed=6)
-    prop = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1)
-    _, inp = our_drafts(target, drafter, _prompts(5)[:2], 3)
-    assert prop.propose(inp, 3).parents is None  # two active rows: a chain
-    inp.active = [True, False]
-    assert prop.propose(inp, 3).parents is not None  # one: a tree
-    inp.params = [SamplingParams(0.7, seed=1), SamplingParams()]
-    assert prop.propose(inp, 3).parents is not None  # trees for sampled rows too, unless ...
-    greedy_only = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1, tree_sampled=False)
-    assert greedy_only.propose(inp, 3).parents is None  # ... tree_sampled=False
-    inp.params = [SamplingParams(), SamplingParams()]
-    assert greedy_only.propose(inp, 3).parents is not None
-    sampled_only = MtpProposer(drafter, TreeShape(6, 1, 3), tree_max_batch=1, tree_greedy=False)  # "auto"
-    assert sampled_only.propose(inp, 3).parents is None  # a greedy row: a chain
-    inp.params = [SamplingParams(0.7, seed=1), SamplingParams()]
-    assert sampled_only.propose(inp, 3).parents is not None  # a sampled row: a tree
-    ps = _prompts(5)
-    ref = _plain(target, ps, 16)
-    for slots in (1, 2):  # continuous batching: the batch shrinks to one row near the end
-        got = run(target, [Request(p, 16) for p in ps], prop, 3, slots=slots)
-        assert [s.new_ids for s in got] == ref
+    ps = _prompts(5)[:2]
+    asked = []
+
+    class Spy(MtpProposer):
+        def propose(self, inp, k, tree=None):
+            asked.append((sum(inp.active), tree))
+            return super().propose(inp, k, tree)
+
+    got = decode(target, [Request(ps[0], 6), Request(ps[1], 20, SamplingParams(0.8, seed=1))],
+                 DraftPlan(Spy(drafter), 3))
+    assert got[0].new_ids == _plain(target, ps[:1], 6)[0] and len(got[1].new_ids) == 20
+    assert {t for n, t in asked if n == 2} == {None} and {t for n, t in asked if n == 1} == {AUTO_TREE}
 
 
 # ---- sampling over trees -------------------------------------------------------------------------
@@ -337,7 +332,7 @@ class RandomTreeProposer:
 def _empirical(model, prompt, params, n, proposer, k):
     """Frequencies of the second and third generated tokens."""
     reqs = [Request(prompt, 4, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i)) for i in range(n)]
-    seqs = run(model, reqs, proposer, k, slots=500)
+    seqs = decode(model, reqs, DraftPlan(proposer, k), slots=500)
     return [torch.bincount(torch.tensor([s.new_ids[i] for s in seqs]), minlength=SMALL_V).float() / n for i in (1, 2)]
 
 

@@ -273,10 +273,14 @@ def peers_suite(
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Load the engines for `run_peers_bench` (None = the default model's GGUF) and run it."""
+    import importlib.util
+
     import mtpspec
 
     from ..default_model import find_default_gguf
 
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise PeersUnavailable(f"llama-cpp-python is not installed; install it with: {PEERS_INSTALL}")
     path = Path(gguf) if gguf is not None else find_default_gguf()
     model = None if gguf is None else path
     engines = {"mtpspec": mtpspec.load(model, drafter=None)}

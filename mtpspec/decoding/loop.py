@@ -2,11 +2,14 @@
 speculatively (draft with a proposer, verify in one target forward, keep what the target accepts).
 
 It works on token ids only (no text, no HTTP). Stop strings reach it as a callback from the API
-layer. Every row keeps its own sampling parameters and random generator, so a seeded row draws
-the same tokens whatever else is in the batch, given the same draft length and the same kind of
-proposal (chain or tree) each round: a fixed `draft_length` and a proposer whose choice does not
-depend on the batch (an adaptive draft length follows measured timings; `MtpProposer` with
-`tree_max_batch` or `tree_greedy=False` drafts trees or chains depending on the batch).
+layer. How to draft each round (K, tree or chain) is the drafting plan's decision (plan.py); the
+loop asks it before every round. Every row keeps its own sampling parameters and random
+generator, so a seeded row draws the same tokens whatever else is in the batch, given the same
+draft length and the same kind of proposal (chain or tree) each round: a plan with a fixed K and
+no "auto" tree (an adaptive K follows measured timings; the "auto" tree depends on the batch).
+
+Entry points: `decode` (run requests to completion), `decode_events` (the same, as a stream of
+per-round events) and `DecodeBatch` (slots that requests join and leave: the server's scheduler).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 
 from ..errors import InputError
 from ..models.decoder import Decoder
-from .draft_length import DraftLengthPolicy, FixedDraftLength
-from .proposers import DraftInput, Proposal, Proposer
+from .plan import DraftPlan
+from .proposers import DraftInput, Proposal
 from .sampling import SamplingParams, next_token, probabilities
 from .tree import TreeMask, verify_greedy_tree, verify_sampled_tree_row
 from .verify import verify_greedy, verify_sampled_row
@@ -130,7 +133,7 @@ class SequenceStats:
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     """A row's running state and, once finished, its output."""
 
     request: Request
@@ -204,28 +207,18 @@ class DecodeBatch:
     rejected positions; or draft a tree of depth k per row, verify all its nodes in one forward
     and keep the accepted path, see tree.py). Rows accept different numbers of tokens (ragged) and finish
     independently; a finished or cancelled slot is free for the next `add`. This is the one
-    decoding loop: `generate` below and the server's scheduler both drive it.
+    decoding loop: `decode_events` below and the server's scheduler both drive it.
+
+    plan: how to draft (plan.py); None = plain decoding.
     """
 
-    def __init__(
-        self,
-        model: Decoder,
-        slots: int,
-        max_len: int,
-        proposer: Proposer | None = None,
-        draft_length: "DraftLengthPolicy | int" = 0,
-    ) -> None:
-        policy = FixedDraftLength(draft_length) if isinstance(draft_length, int) else draft_length
+    def __init__(self, model: Decoder, slots: int, max_len: int, plan: DraftPlan | None = None) -> None:
         self.model = model
-        self.proposer = proposer
-        self.policy = policy if proposer is not None else FixedDraftLength(0)
+        self.plan = plan if plan is not None else DraftPlan()
         self.max_len = max_len
-        # room for the widest proposal: a chain of max_k, or a tree (`max_tokens`; a proposer written
-        # before trees existed has no such method and drafts chains)
-        max_tokens = getattr(proposer, "max_tokens", None)
-        extra = 0 if proposer is None else max_tokens(self.policy.max_k) if max_tokens else self.policy.max_k
-        self.cache = model.new_cache(slots, max_len + extra + 1)
-        self.seqs: list[Sequence | None] = [None] * slots
+        # room for the widest proposal the plan can ask for (a chain of its largest K, or a tree)
+        self.cache = model.new_cache(slots, max_len + self.plan.max_tokens() + 1)
+        self.seqs: list[SequenceState | None] = [None] * slots
         self.history: list[list[int]] = [[] for _ in range(slots)]
         self.last_tokens = torch.zeros(slots, dtype=torch.long)
         self.last_hidden = torch.zeros(slots, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
@@ -290,7 +283,7 @@ class DecodeBatch:
         events = []
         for i, r in enumerate(requests):
             b = first + i
-            s = Sequence(r, r.params.generator(dev), min(r.max_new_tokens, limit - lengths[i]))
+            s = SequenceState(r, r.params.generator(dev), min(r.max_new_tokens, limit - lengths[i]))
             self.seqs[b] = s
             s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[i], t_prefill, 1
             self.decode_start[b] = time.perf_counter()
@@ -318,20 +311,18 @@ class DecodeBatch:
         seqs = self.seqs[:hi]
         active = [s is not None and not s.done for s in seqs]
         view = self.cache.rows(0, hi)
-        k = self.policy.choose(len(active_slots))
         running = [s for s, a in zip(seqs, active) if a]
-        if all(s.request.params.greedy for s in running):
-            # no longer than the longest remaining budget needs. Only for greedy rows: a sampled
-            # row's random draws depend on k, and capping k by OTHER rows' budgets would make its
-            # tokens depend on what else is in the batch
-            k = min(k, max(s.max_new_tokens - len(s.new_ids) for s in running))
+        rnd = self.plan.decide([s.request.params for s in running],
+                               [s.max_new_tokens - len(s.new_ids) for s in running])
+        k = rnd.k
         last_tokens = self.last_tokens[:hi].to(dev)
         t_round = time.perf_counter()
         if k > 0:
             inp = DraftInput(model, view, last_tokens, self.last_hidden[:hi], self.history[:hi],
                              [s.request.params if s else SamplingParams() for s in seqs],
                              [s.generator if s else None for s in seqs], active)
-            proposal = self.proposer.propose(inp, k)
+            propose = self.plan.proposer.propose
+            proposal = propose(inp, k) if rnd.tree is None else propose(inp, k, rnd.tree)
             drafts = proposal.tokens.to(dev)
         else:
             drafts = torch.zeros(hi, 0, dtype=torch.long, device=dev)
@@ -343,8 +334,8 @@ class DecodeBatch:
         else:
             n_accepted, emitted = self._verify_tree(view, seqs, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
-        self.policy.observe(len(active_slots), k, [n for n, a in zip(n_accepted, active) if a],
-                            now - t_drafted, t_drafted - t_round, verified_tokens=drafts.shape[1] + 1)
+        self.plan.observe(rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a],
+                          now - t_drafted, t_drafted - t_round, verified_tokens=drafts.shape[1] + 1)
         events = []
         for b, s in enumerate(seqs):
             if not emitted[b]:
@@ -432,25 +423,24 @@ class DecodeBatch:
         return [len(p) for p in paths], emitted
 
 
-def generate(
+def decode_events(
     model: Decoder,
     requests: list[Request],
-    proposer: Proposer | None = None,
-    draft_length: "DraftLengthPolicy | int" = 0,
+    plan: DraftPlan | None = None,
     slots: int | None = None,
 ) -> Iterator[Event]:
-    """Generate for a list of requests (plain, or speculative with a proposer); yields an Event
-    per request and round, its `row` being the request's index. slots=None decodes all requests
-    as one batch; slots=N decodes at most N at a time and gives a slot to the next request as soon
-    as its sequence finishes (continuous batching). Every sequence equals generating it alone.
-    The finished `Sequence`s, in request order, are the generator's return value (see `run`)."""
+    """Decode a list of requests (plain with plan=None, else speculative as the plan says); yields
+    an Event per request and round, its `row` being the request's index. slots=None decodes all
+    requests as one batch; slots=N decodes at most N at a time and gives a slot to the next request
+    as soon as its sequence finishes (continuous batching). Every sequence equals decoding it alone.
+    The finished `SequenceState`s, in request order, are the generator's return value (see `decode`)."""
     check_requests(model, requests)
     if slots is not None and slots < 1:
         raise InputError(f"slots must be >= 1, got {slots}")
     limit = model.cfg.max_position
     max_len = max(min(limit, len(r.prompt_ids) + r.max_new_tokens) for r in requests)
-    batch = DecodeBatch(model, min(slots or len(requests), len(requests)), max_len, proposer, draft_length)
-    seqs: list[Sequence | None] = [None] * len(requests)
+    batch = DecodeBatch(model, min(slots or len(requests), len(requests)), max_len, plan)
+    seqs: list[SequenceState | None] = [None] * len(requests)
     owner: dict[int, int] = {}  # slot -> request index
     nxt = 0
     while nxt < len(requests) or batch.active:
@@ -468,20 +458,13 @@ def generate(
     return seqs
 
 
-def run(
-    model: Decoder,
-    requests: list[Request],
-    proposer: Proposer | None = None,
-    draft_length: "DraftLengthPolicy | int" = 0,
-    on_event: Callable[[Event], None] | None = None,
-    slots: int | None = None,
-) -> list[Sequence]:
-    """Run `generate` to completion and return the finished sequences, in request order."""
-    it = generate(model, requests, proposer, draft_length, slots)
+def decode(model: Decoder, requests: list[Request], plan: DraftPlan | None = None,
+           slots: int | None = None) -> list[SequenceState]:
+    """Run `decode_events` to completion and return the finished sequences, in request order."""
+    it = decode_events(model, requests, plan, slots)
     while True:
         try:
-            ev = next(it)
+            next(it)
         except StopIteration as stop:
             return stop.value
-        if on_event is not None:
-            on_event(ev)
+

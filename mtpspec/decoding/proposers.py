@@ -1,6 +1,8 @@
 """Proposers: anything that drafts the next K tokens of each row, behind one small interface.
 
-The decoding loop calls `proposer.propose(inp, k)` and never asks what kind of proposer it has.
+The decoding loop calls `proposer.propose(inp, k, tree)` and never asks what kind of proposer it
+has. A proposer is mechanism only: it drafts what it is asked for (k tokens deep; a tree of the
+given `TreeShape` or, with tree=None, a chain), and the drafting plan (plan.py) decides what to ask.
 A proposer returns the drafted ids and, if it drafted by sampling, the processed distributions it
 sampled from (needed for unbiased rejection sampling; see verify.py). A deterministic proposer
 (n-gram lookup, or any argmax drafter on a greedy row) returns probs=None: q is then one-hot.
@@ -9,13 +11,16 @@ sampled from (needed for unbiased rejection sampling; see verify.py). A determin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..cache import KVCache
 from ..models.decoder import Decoder
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .tree import TreeShape
 
 
 @dataclass
@@ -57,12 +62,14 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    """Drafts up to k tokens deep per row."""
+    """Drafts up to k tokens deep per row: a chain, or with `tree` a draft tree of that shape.
+    `drafts_trees` (optional, default False) says whether it can draft trees at all."""
 
-    def propose(self, inp: DraftInput, k: int) -> Proposal: ...
+    def propose(self, inp: DraftInput, k: int, tree: "TreeShape | None" = None) -> Proposal: ...
 
-    def max_tokens(self, k: int) -> int:
-        """The most tokens per row `propose(inp, k)` returns (the cache reserves that room)."""
+    def max_tokens(self, k: int, tree: "TreeShape | None" = None) -> int:
+        """The most tokens per row `propose(inp, k, tree)` returns (the cache reserves that room;
+        optional: without it, k)."""
         ...
 
 
@@ -91,10 +98,14 @@ class NgramProposer:
                         return follow
         return []
 
-    def max_tokens(self, k: int) -> int:
+    drafts_trees = False
+
+    def max_tokens(self, k: int, tree: "TreeShape | None" = None) -> int:
         return k
 
-    def propose(self, inp: DraftInput, k: int) -> Proposal:
+    def propose(self, inp: DraftInput, k: int, tree: "TreeShape | None" = None) -> Proposal:
+        if tree is not None:
+            raise ValueError("the n-gram proposer drafts chains only")
         rows = []
         for b, hist in enumerate(inp.history):
             found = self.lookup(hist, k) if inp.active[b] else []

@@ -18,6 +18,9 @@ L + i, and attends to the row's cache entries before L plus exactly its ancestor
 among the nodes: `TreeMask` carries that. A chain d_1..d_K is the tree with parents 0, 1, .., K-1,
 for which slot = position and the mask is causal.
 
+`TreeShape` is a tree's budget (how a drafter grows one: decoding/mtp.py); whether a round drafts
+a tree or a chain is the drafting plan's decision (decoding/plan.py).
+
 Greedy rows verify with `verify_greedy_tree`, sampled rows with `verify_sampled_tree_row`.
 After verification the accepted path's K/V (scattered over slots L + path) move to slots
 L, L+1, ... (`KVCache.compact`), so the cache again holds one contiguous sequence.
@@ -25,11 +28,54 @@ L, L+1, ... (`KVCache.compact`), so the cache again holds one contiguous sequenc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..errors import InputError
 from ..models.layers import TreeMask
 
-__all__ = ["TreeMask", "verify_greedy_tree", "verify_sampled_tree_row", "chain_parents"]
+__all__ = ["TreeMask", "TreeShape", "verify_greedy_tree", "verify_sampled_tree_row"]
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A draft tree's budget: `nodes` tokens verified per row and round, grown by expanding the
+    `beam` best nodes of each depth into their `branch` best children (decoding/mtp.py)."""
+
+    nodes: int
+    beam: int = 4
+    branch: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "beam", "branch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InputError(f"draft tree {name} must be an integer >= 1, got {v!r}")
+
+    def candidates(self, depth: int) -> int:
+        """An upper bound on the candidates grown for `depth` levels (before keeping `nodes`)."""
+        return self.branch + (depth - 1) * self.beam * self.branch if depth else 0
+
+    def max_nodes(self, depth: int) -> int:
+        """The most nodes a tree of at most `depth` levels holds."""
+        return min(self.nodes, self.candidates(depth))
+
+    def __str__(self) -> str:
+        return f"{self.nodes}:{self.beam}:{self.branch}"
+
+    @staticmethod
+    def parse(text: "str | TreeShape") -> "TreeShape":
+        """'N' (N nodes, beam = branch = 4) or 'N:BEAM:BRANCH', e.g. '16:4:4'."""
+        if isinstance(text, TreeShape):
+            return text
+        try:
+            parts = [int(p) for p in str(text).split(":")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3:
+            raise InputError(f"draft tree must be NODES or NODES:BEAM:BRANCH (integers), got {text!r}")
+        return TreeShape(*parts)
 
 
 def verify_greedy_tree(
@@ -100,7 +146,3 @@ def verify_sampled_tree_row(
         path.append(child)
         node = child
 
-
-def chain_parents(batch: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The parents [B, k] of a chain d_1..d_k (node i's parent is node i-1)."""
-    return torch.arange(k, device=device).expand(batch, k).clone()

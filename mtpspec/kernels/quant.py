@@ -159,7 +159,7 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int, bits: int, block: int,
 def _ext():
     from . import _ext as kernels_ext
 
-    return kernels_ext()
+    return kernels_ext()  # cached by kernels._ext after the first call
 
 
 class QuantLinear(nn.Module):

@@ -8,7 +8,8 @@ the batch before the next round, which frees its slot. A failing request is repo
 only; if a round itself fails, the jobs in that round get the error and the batch is rebuilt, so
 the loop keeps serving.
 
-It works on token ids and knows nothing of HTTP (see `app.py`) or of text.
+It works on token ids and knows nothing of HTTP (see `app.py`) or of text. How to draft is the
+drafting plan's decision (decoding/plan.py): the server passes the engine's plan.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..decoding.draft_length import AdaptiveDraftLength, DraftLengthPolicy
 from ..decoding.loop import DecodeBatch, Request, SequenceStats, check_requests
-from ..decoding.proposers import Proposer
+from ..decoding.plan import DraftPlan
 from ..errors import InputError
 from ..models.decoder import Decoder
 
@@ -95,16 +95,16 @@ class Job:
 class Scheduler:
     """Continuous batching over one `DecodeBatch` of `max_batch_size` slots, in its own thread.
 
-    max_len: the context of every slot (prompt + generated tokens). max_queue: how many jobs may
-    wait for a slot; `submit` raises `QueueFull` beyond that.
+    plan: how to draft (`Engine.plan`, or `engine.plan.with_draft_tokens(k)`); None = plain
+    decoding. max_len: the context of every slot (prompt + generated tokens). max_queue: how many
+    jobs may wait for a slot; `submit` raises `QueueFull` beyond that.
     """
 
     def __init__(
         self,
         model: Decoder,
         *,
-        proposer: Proposer | None = None,
-        draft_length: DraftLengthPolicy | int | None = None,
+        plan: DraftPlan | None = None,
         max_batch_size: int = 8,
         max_queue: int = 64,
         max_len: int = 2048,
@@ -115,12 +115,7 @@ class Scheduler:
         if max_queue < 0:
             raise InputError(f"max_queue must be >= 0, got {max_queue}")
         self.model = model
-        self.proposer = proposer
-        if proposer is None:
-            draft_length = 0
-        elif draft_length is None:
-            draft_length = AdaptiveDraftLength(8)
-        self.draft_length = draft_length
+        self.plan = plan if plan is not None else DraftPlan()
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_len = min(max_len, model.cfg.max_position)
@@ -134,7 +129,7 @@ class Scheduler:
         self.rounds = 0
 
     def _new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.model, self.max_batch_size, self.max_len, self.proposer, self.draft_length)
+        return DecodeBatch(self.model, self.max_batch_size, self.max_len, self.plan)
 
     # ---- public, any thread --------------------------------------------------------------------
     def start(self) -> "Scheduler":

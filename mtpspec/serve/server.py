@@ -1,5 +1,6 @@
-"""Wiring: load the engine, start the scheduler, build the app, run uvicorn (in the foreground
-for `mtpspec serve`, or in a background thread for tests and the bench)."""
+"""Wiring: a loaded engine's model and drafting plan go to the scheduler, the engine and the
+scheduler to the app; uvicorn runs it (in the foreground for `mtpspec serve`, or in a background
+thread for tests and the bench)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from ..api import resolve_drafter  # noqa: F401  (re-exported: the server's --drafter)
-from ..decoding.draft_length import AdaptiveDraftLength
+from ..api import Engine
 from .app import create_app
 from .metrics import Metrics
 from .scheduler import Scheduler
@@ -19,25 +19,19 @@ from .scheduler import Scheduler
 
 @dataclass
 class Served:
-    engine: object
+    engine: Engine
     scheduler: Scheduler
     metrics: Metrics
     app: object
 
 
-def build(engine, *, max_batch_size: int = 8, max_queue: int = 64, max_len: int = 2048,
+def build(engine: Engine, *, max_batch_size: int = 8, max_queue: int = 64, max_len: int = 2048,
           draft_tokens: int | None = None, model_name: str | None = None) -> Served:
-    """Scheduler (started) + app for a loaded engine. draft_tokens: fixed K (0 = plain), None =
-    the engine's default (adaptive to measured acceptance and batch size unless fixed at load)."""
-    k = engine.draft_tokens if draft_tokens is None else draft_tokens
-    if engine.proposer is None:
-        policy = 0
-    elif k is None:
-        policy = AdaptiveDraftLength(engine.max_draft_tokens)
-    else:
-        policy = k
+    """Scheduler (started) + app for a loaded engine, drafting with the engine's plan (its
+    adaptive state included). draft_tokens: a fixed K for this server (0 = plain); None = the
+    plan's own."""
     metrics = Metrics()
-    sched = Scheduler(engine.model, proposer=engine.proposer, draft_length=policy, max_batch_size=max_batch_size,
+    sched = Scheduler(engine.model, plan=engine.plan.with_draft_tokens(draft_tokens), max_batch_size=max_batch_size,
                       max_queue=max_queue, max_len=max_len, observer=metrics).start()
     return Served(engine, sched, metrics, create_app(engine, sched, metrics, model_name))
 
@@ -75,7 +69,7 @@ class ServerThread:
         self.thread.join(timeout)
 
 
-def serve(engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, max_queue: int = 64,
+def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, max_queue: int = 64,
           max_len: int = 2048, draft_tokens: int | None = None, model_name: str | None = None,
           log_level: str = "info") -> None:
     """Serve until interrupted."""
