@@ -16,7 +16,10 @@ from mtpspec.errors import CheckpointError
 from mtpspec.models.config import from_hf_config
 from mtpspec.models.moe import MoEStats
 
-TOL = 1e-4
+# Logits of these random models (init 0.1: logits reach a few units) amplify float rounding through
+# 6-12 layers: torch's attention lands within 5e-5 of transformers, the batch-invariant decode
+# attention (kernels/attention.cpp, another summation order) within 2e-4.
+TOL = 3e-4
 NAMES = list(VARIANTS)
 INIT = 0.1  # larger than transformers' 0.02, so logits reach a few units and the softcap matters
 

@@ -9,7 +9,8 @@
 // with a fixed operation order:
 //
 //   s_j = (q . k_j) * scale + mask_j        (dot: 8 fp32 lanes over the head dim, then a fixed sum)
-//   out = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)      (j ascending, visible only)
+//   out = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)      (j ascending, visible only;
+//         the exponentials and both sums in fp64)
 //
 // q [B, H, T, D] fp32, k / v [B, KVH, L, D] fp32 (unit stride in D), mask [B, 1, T, L] additive
 // (0 / -inf) or none; D a multiple of 8. Heads share K/V in groups of H / KVH (GQA).
@@ -48,14 +49,15 @@ float dot_portable(const float* a, const float* b, int64_t d) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t d) {
-  const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < d; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+// acc (fp64) += p * v: the weighted sum of values over many keys is kept in double
+__attribute__((target("avx2,fma"))) void axpy_avx2(double p, const float* v, double* acc, int64_t d) {
+  const __m256d pv = _mm256_set1_pd(p);
+  for (int64_t i = 0; i < d; i += 4)
+    _mm256_storeu_pd(acc + i, _mm256_fmadd_pd(pv, _mm256_cvtps_pd(_mm_loadu_ps(v + i)), _mm256_loadu_pd(acc + i)));
 }
 
-void axpy_portable(float p, const float* v, float* acc, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+void axpy_portable(double p, const float* v, double* acc, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, double(v[i]), acc[i]);
 }
 
 }  // namespace
@@ -88,7 +90,8 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
   const float sc = float(scale);
   const int64_t group = H / KVH;
   at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
-    std::vector<float> score(static_cast<size_t>(L)), acc(static_cast<size_t>(D));
+    std::vector<float> score(static_cast<size_t>(L));
+    std::vector<double> acc(static_cast<size_t>(D));
     for (int64_t bh = s; bh < e; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / group;
       const float* kb = kp + b * k.stride(0) + g * k.stride(1);
@@ -108,17 +111,17 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
           score[j] = x;
           mx = std::max(mx, x);
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        float sum = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double sum = 0.0;
         for (int64_t j = 0; j < L; ++j) {
           if (score[j] == -std::numeric_limits<float>::infinity()) continue;
-          const float p = std::exp(score[j] - mx);
+          const double p = std::exp(double(score[j]) - double(mx));
           sum += p;
           const float* vr = vb + j * v.stride(2);
           if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
         }
         float* orow = op + ((b * H + h) * T + t) * D;
-        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.f ? acc[i] / sum : 0.f;  // no visible key: 0
+        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.0 ? float(acc[i] / sum) : 0.f;  // no visible key: 0
       }
     }
   });
