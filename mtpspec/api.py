@@ -447,5 +447,4 @@ def load(
     proposer = MtpProposer(load_drafter(Path(chosen), decoder, device=dev, dtype=ddt))
     spec = engine.with_proposer(proposer, draft_tokens=draft_tokens, draft_tree=draft_tree,
                                 drafter_name=Path(chosen).name)
-    proposer.tree = spec.plan.tree  # compatibility: train/cli.py reads proposer.tree (see MtpProposer)
     return spec

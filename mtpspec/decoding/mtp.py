@@ -42,7 +42,6 @@ class MtpProposer:
         self.drafter = drafter
         # compatibility, read by train/cli.py only (to go once it reads `engine.plan.tree`): the tree
         # shape of the plan `mtpspec.load` built around this proposer. Drafting never reads it.
-        self.tree: TreeShape | None = None
 
     @property
     def draft_tokens(self) -> int | None:

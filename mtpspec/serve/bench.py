@@ -174,7 +174,7 @@ def _own_servers(model: str | None, drafter: str, max_batch_size: int, results: 
     from ..decoding.plan import resolve_drafter
     from .server import ServerThread, build
 
-    spec = mtpspec.load(model, drafter=resolve_drafter(model, drafter))
+    spec = mtpspec.load(model, drafter=resolve_drafter(model, drafter) or "ngram")
     plain = spec.plain()
     results["model"] = spec.name
     results["kernel"] = kernel_info()

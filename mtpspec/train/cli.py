@@ -104,7 +104,7 @@ def eval_drafter_cmd(
                            drafter_dtype=drafter_dtype)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
-        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.proposer.tree),
+        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.plan.tree),
                "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."), "evaluations": []}
         for path in prompts_file:
             for full in heads:
