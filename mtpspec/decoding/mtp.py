@@ -40,8 +40,6 @@ class MtpProposer:
 
     def __init__(self, drafter: MTPDrafter) -> None:
         self.drafter = drafter
-        # compatibility, read by train/cli.py only (to go once it reads `engine.plan.tree`): the tree
-        # shape of the plan `mtpspec.load` built around this proposer. Drafting never reads it.
 
     @property
     def draft_tokens(self) -> int | None:
