@@ -64,11 +64,24 @@ def test_without_llama_cpp_python_the_suite_says_how_to_install_it(monkeypatch, 
 
 
 def test_busy_machine_warning(monkeypatch):
-    monkeypatch.setattr(peers.os, "getloadavg", lambda: (4.0, 4.0, 4.0))
-    monkeypatch.setattr(peers.os, "cpu_count", lambda: 2)
-    assert "busy" in peers.machine_busy()
-    monkeypatch.setattr(peers.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(peers, "_other_cpu_share", lambda: 0.9)
+    assert "other processes use 90% of the CPU" in peers.machine_busy()
+    monkeypatch.setattr(peers, "_other_cpu_share", lambda: 0.01)
     assert peers.machine_busy() is None
+
+
+def test_other_processes_cpu_share_sees_a_busy_child():
+    import subprocess
+    import sys
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = peers._other_cpu_share(0.5)
+    finally:
+        spin.kill()
+    if busy is None:
+        pytest.skip("no /proc")
+    assert busy > 0.3 / (peers.os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")

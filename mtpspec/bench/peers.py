@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 PEERS_INSTALL = "pip install 'mtpspec[peers]'   (or: pip install llama-cpp-python==0.3.36)"
-BUSY_LOAD = 0.5  # 1-minute load average per core above which timings are not trustworthy
+BUSY_SHARE = 0.15  # share of the cores used by other processes above which timings are not trustworthy
 
 
 class PeersUnavailable(RuntimeError):
@@ -124,11 +124,32 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total if total else 1.0
 
 
+def _other_cpu_share(seconds: float = 0.5) -> float | None:
+    """Share of the CPU's cores used by other processes over `seconds` (Linux /proc), else None."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+        return busy, int(own[11]) + int(own[12])  # utime + stime of this process
+    try:
+        b0, o0 = sample()
+        time.sleep(seconds)
+        b1, o1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK") * seconds * (os.cpu_count() or 1)
+    return max(0.0, (b1 - b0) - (o1 - o0)) / ticks
+
+
 def machine_busy() -> str | None:
     """A warning when other processes load the CPU (they ruin every engine's timings), else None."""
-    load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    if load > BUSY_LOAD:
-        return (f"the machine is busy (1-minute load average {load:.2f} per core): timings of both engines will be "
+    share = _other_cpu_share()
+    if share is None:
+        share = os.getloadavg()[0] / (os.cpu_count() or 1)
+    if share > BUSY_SHARE:
+        return (f"the machine is busy (other processes use {share:.0%} of the CPU): timings of both engines will be "
                 "low and noisy; stop other CPU-heavy processes and re-run")
     return None
 
