@@ -57,3 +57,14 @@ class RandomSamplingProposer:
             toks[r] = torch.multinomial(q, k, replacement=True, generator=inp.generators[r])
             probs[r] = q
         return Proposal(toks, probs)
+
+
+def proposer_of_kind(kind: str, full: list[list[int]], vocab: int, seed: int = 0):
+    """The losslessness tests' proposers: one that always agrees with the reference continuation
+    `full`, one that never does, one that agrees 70% of the time, and n-gram lookup."""
+    from mtpspec.decoding.proposers import NgramProposer
+
+    if kind == "ngram":
+        return NgramProposer()
+    return ReferenceProposer(full, vocab, {"agree": 0.0, "never": 1.0, "partial": 0.3}[kind],
+                             **({"seed": seed} if kind == "partial" else {}))

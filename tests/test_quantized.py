@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.plan import DraftPlan
-from mtpspec.decoding.proposers import NgramProposer
 from mtpspec.gguf_weights import BLOCK_TYPES, decode_tensor
 from mtpspec.kernels import _ext
 from mtpspec.kernels.quant import QuantizedWeight, QuantLinear, pack, quantize_weight, unpack_rows
 from mtpspec.models.quantize import check_quantize, quantize_model
-from proposers_for_tests import ReferenceProposer
+from proposers_for_tests import proposer_of_kind
 from tiny_models import VOCAB
 
 FORMATS = [(4, 32), (8, 32), (8, 16)]
@@ -288,12 +287,7 @@ def test_speculative_decoding_of_a_quantized_target_equals_its_plain_decoding(qu
     ps = _prompts(batch)
     ref = [s.new_ids for s in decode(model, [Request(p, NEW) for p in ps])]
     full = [p + r for p, r in zip(ps, ref)]
-    proposer = {
-        "agree": lambda: ReferenceProposer(full, VOCAB, 0.0),
-        "never": lambda: ReferenceProposer(full, VOCAB, 1.0),
-        "partial": lambda: ReferenceProposer(full, VOCAB, 0.3, seed=batch),
-        "ngram": lambda: NgramProposer(),
-    }[kind]()
+    proposer = proposer_of_kind(kind, full, VOCAB, seed=batch)
     seqs = decode(model, [Request(p, NEW) for p in ps], DraftPlan(proposer, 3))
     assert [s.new_ids for s in seqs] == ref
 

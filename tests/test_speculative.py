@@ -14,7 +14,7 @@ from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import NgramProposer
 from mtpspec.decoding.sampling import SamplingParams
-from proposers_for_tests import RandomSamplingProposer, ReferenceProposer
+from proposers_for_tests import RandomSamplingProposer, ReferenceProposer, proposer_of_kind
 from tiny_models import VOCAB
 
 NEW = 40  # > 8, the Gemma 3 tiny model's sliding window, together with the prompt
@@ -47,12 +47,7 @@ def test_greedy_speculative_equals_plain(target, kind, k, batch):
     ps = prompts(batch)
     ref = plain(target, ps)
     full = [p + r for p, r in zip(ps, ref)]
-    proposer = {
-        "agree": lambda: ReferenceProposer(full, VOCAB, 0.0),
-        "never": lambda: ReferenceProposer(full, VOCAB, 1.0),
-        "partial": lambda: ReferenceProposer(full, VOCAB, 0.3, seed=k),
-        "ngram": lambda: NgramProposer(),
-    }[kind]()
+    proposer = proposer_of_kind(kind, full, VOCAB, seed=k)
     seqs = decode(target, [Request(p, NEW) for p in ps], DraftPlan(proposer, k))
     assert [s.new_ids for s in seqs] == ref
     for s in seqs:
