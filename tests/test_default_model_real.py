@@ -14,7 +14,7 @@ def pair():
 
     import mtpspec
 
-    engine = mtpspec.load()
+    engine = mtpspec.load(quantize="none")  # dense fp32, as transformers builds it from the GGUF
     hf = AutoModelForCausalLM.from_pretrained(engine.path, dtype=torch.float32).eval()
     return engine, hf
 
@@ -25,10 +25,11 @@ def test_logits_and_hidden_states_match_transformers(pair):
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True)
     out = engine.model(ids, engine.model.new_cache(1, ids.shape[1] + 8))
-    # 1e-4 absolute, plus 1e-5 relative: our small-batch kernels sum in a different order than
-    # MKL, and over 30 layers that moves logits of magnitude ~35 by about 1e-4 (fp32 rounding)
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=1e-4, rtol=1e-5)
+    # 2e-4 absolute, plus 1e-5 relative: our small-batch kernels and the decode attention
+    # (kernels/attention.cpp, used for steps of <= 64 tokens like this prompt) sum in other orders
+    # than MKL and SDPA, and over 30 layers that moves logits of magnitude ~35 by about 1e-4
+    torch.testing.assert_close(out.logits, ref.logits, atol=2e-4, rtol=1e-5)
+    torch.testing.assert_close(out.hidden, ref.hidden_states[-1], atol=2e-4, rtol=1e-5)
 
 
 def test_greedy_64_tokens_identical_to_transformers_generate(pair):

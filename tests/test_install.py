@@ -35,9 +35,11 @@ engine = mtpspec.load()  # the default model, and the shipped drafter ("auto")
 prompt = sys.argv[1]
 plain = engine.generate(prompt, max_new_tokens=32, draft_tokens=0)
 spec = engine.generate(prompt, max_new_tokens=32)
-packed = [m.is_packed for m in engine.model.modules() if isinstance(m, kernels.Linear)]
+from mtpspec.kernels.quant import QuantLinear
+packed = [m.is_packed for m in engine.model.modules() if isinstance(m, (kernels.Linear, QuantLinear))]
 print(json.dumps({
     "mtpspec": mtpspec.__file__, "kernel": kernels.kernel_info(), "packed": [sum(packed), len(packed)],
+    "quantization": engine.model.quantization,
     "drafter": engine.drafter_name, "shipped_drafter": str(shipped_drafter()),
     "plain": plain.token_ids, "spec": spec.token_ids, "stats": spec.stats,
 }))
@@ -100,6 +102,7 @@ def test_wheel_in_a_fresh_venv_runs_kernels_and_shipped_drafter(tmp_path):
     assert k["path"] == "cpp" and k["build"] == "prebuilt", k  # the wheel's compiled kernels ran ...
     assert Path(k["file"]).is_relative_to(site / "mtpspec" / "kernels"), k
     assert out["packed"][0] == out["packed"][1] > 0, out["packed"]  # ... for every linear layer
+    assert "Q4_1" in out["quantization"], out  # the default model runs from its Q4_1 file, kept quantized
     assert Path(out["shipped_drafter"]).is_relative_to(site / "mtpspec" / "drafters"), out["shipped_drafter"]
     assert out["drafter"] == "smollm2-135m-instruct"
     st = out["stats"]

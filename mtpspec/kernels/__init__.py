@@ -79,8 +79,9 @@ EXTRA_SOURCES = ("quant_gemm.cpp", "attention.cpp")  # compiled into the same ex
 
 
 def _sources(source: str) -> list[str]:
-    """The C++ files of the extension whose main file is `source`."""
-    return [source] + [os.path.join(os.path.dirname(source), f) for f in EXTRA_SOURCES]
+    """The C++ files of the extension whose main file is `source`: it and the EXTRA_SOURCES beside it."""
+    extra = [os.path.join(os.path.dirname(source), f) for f in EXTRA_SOURCES]
+    return [source] + [f for f in extra if os.path.exists(f)]
 PREBUILT = "mtpspec.kernels._skinny_gemm"  # built by setup.py at install / wheel-build time
 JIT_NAME = "mtpspec_skinny_gemm"
 # the one warning of a missing / failed build: what it costs (python -m mtpspec.kernels.bench_linear,
