@@ -45,21 +45,6 @@ QIsa q_detect() {
 const QIsa q_detected = q_detect();
 QIsa q_isa = q_detected;
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round-to-nearest-even, like torch
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 // Quantized activations of M rows: qx [M][K] int8, dx / xs [M][K/B].
 struct QRows {
   std::vector<int8_t> q;
@@ -70,7 +55,7 @@ struct QRows {
 template <typename T>
 inline float to_f32(T v);
 template <> inline float to_f32<float>(float v) { return v; }
-template <> inline float to_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
+template <> inline float to_f32<uint16_t>(uint16_t v) { return float(c10::BFloat16(v, c10::BFloat16::from_bits())); }
 
 template <typename T>
 QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
@@ -240,7 +225,7 @@ void store<float>(const float* acc, int64_t M, float* y, int64_t N, int64_t n0, 
 template <>
 void store<uint16_t>(const float* acc, int64_t M, uint16_t* y, int64_t N, int64_t n0, int nn, const float* bias) {
   for (int64_t m = 0; m < M; ++m)
-    for (int j = 0; j < nn; ++j) y[m * N + n0 + j] = f32_to_bf16(acc[m * PW + j] + (bias ? bias[n0 + j] : 0.f));
+    for (int j = 0; j < nn; ++j) y[m * N + n0 + j] = c10::BFloat16(acc[m * PW + j] + (bias ? bias[n0 + j] : 0.f)).x;
 }
 
 template <typename T>
