@@ -122,7 +122,7 @@ def plan_gguf(model: nn.Module, cfg: ModelConfig, gguf_path: str | Path) -> Quan
         except ValueError as e:
             raise CheckpointError(f"{gguf_path}: tensor {t.name}: {e}") from None
         if part is None:
-            _add_checked(model, cfg, plan, path, w, kind, t.name)
+            _add_checked(model, plan, path, w, kind, t.name)
         else:
             parts.setdefault(path, {})[part] = (w, kind)
     for path, pieces in parts.items():
@@ -141,7 +141,7 @@ def _heads_for(cfg: ModelConfig, path: str, part: int | None) -> int | None:
     return spec.n_heads if part == 0 else spec.n_kv_heads
 
 
-def _add_checked(model, cfg, plan: QuantPlan, path: str, w: QuantizedWeight, kind: str, name: str) -> None:
+def _add_checked(model, plan: QuantPlan, path: str, w: QuantizedWeight, kind: str, name: str) -> None:
     try:
         dense = _dense_weight(model, path)
     except AttributeError:
