@@ -53,7 +53,7 @@ else:
             CppExtension(
                 "mtpspec.kernels._skinny_gemm",
                 ["mtpspec/kernels/skinny_gemm.cpp", "mtpspec/kernels/quant_gemm.cpp",
-                 "mtpspec/kernels/attention.cpp"],
+                 "mtpspec/kernels/attention.cpp", "mtpspec/kernels/quant_block.cpp"],
                 extra_compile_args=["-O3", "-fopenmp", "-g0"],
                 extra_link_args=["-fopenmp"],
             )

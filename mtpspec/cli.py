@@ -140,7 +140,7 @@ def bench(
     suite: Annotated[str, typer.Option(help="plain (ours vs transformers generate), spec (plain vs speculative), "
                                             "gemma4 (Gemma 4-shaped random models), serve (the HTTP server under "
                                             "concurrent clients, with and without the drafter), peers (llama.cpp "
-                                            "vs mtpspec on the same GGUF; needs `pip install 'mtpspec[peers]'`), "
+                                            "vs mtpspec on the same GGUF; needs `pip install 'mtpspec\\[peers]'`), "
                                             "or all (all but peers).")] = "plain",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16).")] = None,
@@ -154,7 +154,10 @@ def bench(
     seed: Annotated[int, typer.Option(help="spec suite: seed of the sampled runs (row i uses seed + i).")] = 0,
     no_transformers: Annotated[bool, typer.Option("--no-transformers", help="spec suite: skip transformers assisted generation.")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="plain/spec suites: prompts to run instead of the built-in chat prompts (.jsonl with a 'prompt' per line, e.g. drafters/heldout-chat.jsonl, or one per line).")] = None,
-    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="spec suite: prompts per run, generated in batches of the batch size (default: one batch = the first B prompts).")] = None,
+    heldout: Annotated[bool, typer.Option("--heldout", help="spec suite: run the broad held-out benchmark's prompts (mtpspec/bench/heldout: 12 chat categories, all their prompts by default) and report, per configuration, tau = mean accepted length per category and the unweighted mean over categories (table and JSON runs[].heldout).")] = False,
+    categories: Annotated[Optional[str], typer.Option("--categories", help="With --heldout: only these categories, comma-separated (e.g. math,coding); default all.")] = None,
+    per_category: Annotated[Optional[int], typer.Option("--per-category", help="With --heldout: the first N prompts of each category (quick runs); default all.")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="spec suite: prompts per run, generated in batches of the batch size (default: one batch = the first B prompts; with --heldout all selected prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the results (single suite; default bench-results/<suite>.json).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the default result files (and the spec plot).")] = Path("bench-results"),
     plot: Annotated[Optional[Path], typer.Option(help="spec/serve/peers suite: PNG plot path (default <out-dir>/<suite>.png).")] = None,
@@ -174,6 +177,7 @@ def bench(
         dts = [d.strip() for d in dtypes.split(",") if d.strip()]
         bs = [int(b) for b in batch_sizes.split(",") if b.strip()] if batch_sizes is not None else None
         prompts = read_prompts(prompts_file) if prompts_file is not None else None
+        spec_prompts = _heldout_selection(heldout, categories, per_category, prompts_file, suites) or prompts
         for s in suites:
             target = out if out is not None else out_dir / f"{s}.json"
             if s == "plain":
@@ -190,7 +194,7 @@ def bench(
                                trees=[t.strip() for t in (trees or "").split(",") if t.strip()],
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
                                seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
-                               transformers_assisted=not no_transformers, out=target, prompts=prompts, num_prompts=num_prompts,
+                               transformers_assisted=not no_transformers, out=target, prompts=spec_prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command)
             elif s == "serve":
@@ -216,6 +220,22 @@ def bench(
     except ValueError as e:
         _err(str(e))
         raise typer.Exit(2) from None
+
+
+def _heldout_selection(heldout: bool, categories: str | None, per_category: int | None, prompts_file: Path | None,
+                       suites: list[str]) -> list | None:
+    """The held-out benchmark prompts `bench --heldout` selects (None without --heldout)."""
+    if not heldout:
+        if categories is not None or per_category is not None:
+            raise MtpspecError("--categories and --per-category select held-out benchmark prompts: add --heldout")
+        return None
+    if suites != ["spec"]:
+        raise MtpspecError("--heldout is for --suite spec")
+    if prompts_file is not None:
+        raise MtpspecError("give --heldout or --prompts-file, not both")
+    from .bench.heldout_scores import heldout_prompts
+
+    return heldout_prompts(categories, per_category)
 
 
 def _peers(model, drafter, n_prompts, new_tokens, repeats, threads, dense, out: Path, plot: Path, command) -> None:

@@ -75,7 +75,7 @@ _SUPPORTED = (torch.float32, torch.bfloat16)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp only for at::parallel_for's pragma; libgomp.so.1
 LD_FLAGS = ["-fopenmp"]          # resolves to the copy torch already loaded (one thread pool)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "skinny_gemm.cpp")
-EXTRA_SOURCES = ("quant_gemm.cpp", "attention.cpp")  # compiled into the same extension, next to SOURCE
+EXTRA_SOURCES = ("quant_gemm.cpp", "attention.cpp", "quant_block.cpp")  # compiled into the same extension, next to SOURCE
 
 
 def _sources(source: str) -> list[str]:

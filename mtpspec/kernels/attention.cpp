@@ -62,6 +62,52 @@ void axpy_portable(double p, const float* v, double* acc, int64_t d) {
 
 }  // namespace
 
+// The raw form, for other kernels of the extension (quant_block.cpp): element strides of q, k, v
+// (per row b, head h, query t / key j; unit stride in D), of the mask (nullptr: none) and of out.
+void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
+                     int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
+                     const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
+                     int64_t D, int64_t KVH, int64_t L, float sc, float* op, int64_t osb, int64_t osh, int64_t ost) {
+  const bool avx2 = attn_avx2() && !g_attn_portable;
+  const int64_t group = H / KVH;
+  at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
+    std::vector<float> score(static_cast<size_t>(L));
+    std::vector<double> acc(static_cast<size_t>(D));
+    for (int64_t bh = s; bh < e; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / group;
+      const float* kb = kp + b * ksb + g * ksh;
+      const float* vb = vp + b * vsb + g * vsh;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* qr = qp + b * qsb + h * qsh + t * qst;
+        const float* mr = mp ? mp + b * msb + t * mst : nullptr;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < L; ++j) {
+          const float m = mr ? mr[j * msl] : 0.f;
+          if (m == -std::numeric_limits<float>::infinity()) {
+            score[j] = m;
+            continue;
+          }
+          const float* kr = kb + j * ksl;
+          const float x = (avx2 ? dot_avx2(qr, kr, D) : dot_portable(qr, kr, D)) * sc + m;
+          score[j] = x;
+          mx = std::max(mx, x);
+        }
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double sum = 0.0;
+        for (int64_t j = 0; j < L; ++j) {
+          if (score[j] == -std::numeric_limits<float>::infinity()) continue;
+          const double p = std::exp(double(score[j]) - double(mx));
+          sum += p;
+          const float* vr = vb + j * vsl;
+          if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
+        }
+        float* orow = op + b * osb + h * osh + t * ost;
+        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.0 ? float(acc[i] / sum) : 0.f;  // no visible key: 0
+      }
+    }
+  });
+}
+
 torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend_rows: 4-D q, k, v");
@@ -82,49 +128,9 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
     msb = mask->stride(0), mst = mask->stride(2), msl = mask->stride(3);
   }
   auto out = torch::empty({B, H, T, D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const bool avx2 = attn_avx2() && !g_attn_portable;
-  const float sc = float(scale);
-  const int64_t group = H / KVH;
-  at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
-    std::vector<float> score(static_cast<size_t>(L));
-    std::vector<double> acc(static_cast<size_t>(D));
-    for (int64_t bh = s; bh < e; ++bh) {
-      const int64_t b = bh / H, h = bh % H, g = h / group;
-      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
-      for (int64_t t = 0; t < T; ++t) {
-        const float* qr = qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2);
-        const float* mr = has_mask ? mp + b * msb + t * mst : nullptr;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < L; ++j) {
-          const float m = mr ? mr[j * msl] : 0.f;
-          if (m == -std::numeric_limits<float>::infinity()) {
-            score[j] = m;
-            continue;
-          }
-          const float* kr = kb + j * k.stride(2);
-          const float x = (avx2 ? dot_avx2(qr, kr, D) : dot_portable(qr, kr, D)) * sc + m;
-          score[j] = x;
-          mx = std::max(mx, x);
-        }
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double sum = 0.0;
-        for (int64_t j = 0; j < L; ++j) {
-          if (score[j] == -std::numeric_limits<float>::infinity()) continue;
-          const double p = std::exp(double(score[j]) - double(mx));
-          sum += p;
-          const float* vr = vb + j * v.stride(2);
-          if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
-        }
-        float* orow = op + ((b * H + h) * T + t) * D;
-        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.0 ? float(acc[i] / sum) : 0.f;  // no visible key: 0
-      }
-    }
-  });
+  attend_rows_raw(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(0),
+                  k.stride(1), k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), mp, msb, mst,
+                  msl, B, H, T, D, KVH, L, float(scale), out.data_ptr<float>(), H * T * D, T * D, D);
   return out;
 }
 

@@ -191,7 +191,12 @@ class QuantLinear(nn.Module):
 
     def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in] in `rows_dtype`: a tied embedding lookup."""
-        return self.quantized(ids).dequantize().view(*ids.shape, self.in_features).to(self.rows_dtype)
+        ext = _ext() if self.packed.device.type == "cpu" else None
+        if ext is not None and hasattr(ext, "quant_rows"):  # the same values in one C++ call
+            rows = ext.quant_rows(self.packed, ids, self.out_features, self.in_features, self.bits, self.block)
+        else:
+            rows = self.quantized(ids).dequantize()
+        return rows.view(*ids.shape, self.in_features).to(self.rows_dtype)
 
     @property
     def nbytes(self) -> int:

@@ -253,6 +253,12 @@ void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_
 
 }  // namespace
 
+// The raw fp32 form, for other kernels of the extension (quant_block.cpp): y [M, N] (row stride N).
+void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
+                    float* y, const float* bias) {
+  run<float>(x, ldx, M, w, N, K, fmt, B, y, bias);
+}
+
 // x [M, K] fp32 or bf16 (unit inner stride); packed: uint8, see header; bias: fp32 [N] or None.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                            int64_t N, int64_t K, int64_t fmt, int64_t B) {
@@ -284,6 +290,47 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   return y;
 }
 
+// Rows `ids` of a packed weight, dequantized (d * q + m, fp32): a tied or quantized embedding's lookup.
+torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t N, int64_t K, int64_t fmt,
+                         int64_t B) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_rows: packed must be contiguous uint8");
+  TORCH_CHECK(ids.scalar_type() == torch::kLong, "quant_rows: ids must be int64");
+  TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_rows: unsupported format");
+  const int64_t nb = K / B;
+  const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
+  const int64_t block_bytes = qbytes + 2 * PW * 4;
+  TORCH_CHECK(packed.numel() == (N + PW - 1) / PW * nb * block_bytes, "quant_rows: packed size does not match N, K");
+  const auto flat = ids.contiguous().view(-1);
+  const int64_t R = flat.numel();
+  const int64_t* ip = flat.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < N, "quant_rows: id ", ip[r], " out of range");
+  auto out = torch::empty({R, K}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t p = ip[r] / PW, j = ip[r] % PW;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* w = wp + (p * nb + b) * block_bytes;
+      const float* dm = reinterpret_cast<const float*>(w + qbytes);
+      const float d = dm[j], m = dm[PW + j];
+      float* o = op + r * K + b * B;
+      if (fmt == 8) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(w);
+        for (int64_t g = 0; g < B / 4; ++g)
+          for (int i = 0; i < 4; ++i) o[4 * g + i] = d * float(q[(g * PW + j) * 4 + i]) + m;
+      } else {
+        for (int64_t g = 0; g < B / 8; ++g)
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t v = w[(g * PW + j) * 4 + i];
+            o[8 * g + i] = d * float(v & 15) + m;
+            o[8 * g + 4 + i] = d * float(v >> 4) + m;
+          }
+      }
+    }
+  }
+  return out;
+}
+
 // The int8 activations the kernel uses, for tests: (qx [M, K] int8, dx [M, K/B], xs [M, K/B]).
 std::vector<torch::Tensor> quant_activations(const torch::Tensor& x, int64_t B) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && x.size(1) % B == 0,
@@ -309,6 +356,7 @@ std::string quant_force_isa(const std::string& name) {
 
 void register_quant(pybind11::module& m) {
   m.def("quant_linear", &quant_linear, "y = x @ dequant(packed).T + bias, int8 activations (kernels/quant.py)");
+  m.def("quant_rows", &quant_rows, "dequantized rows of a packed weight (embedding lookups)");
   m.def("quant_activations", &quant_activations, "the int8 activations quant_linear uses (tests)");
   m.def("quant_isa", &quant_isa, "quantized kernel path: avx2 or portable");
   m.def("quant_force_isa", &quant_force_isa, "'portable' or 'auto' (tests)");

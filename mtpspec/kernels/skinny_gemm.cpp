@@ -739,10 +739,12 @@ std::string isa_name() {
 
 void register_quant(pybind11::module& m);      // quant_gemm.cpp
 void register_attention(pybind11::module& m);  // attention.cpp
+void register_quant_block(pybind11::module& m);  // quant_block.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_quant(m);
   register_attention(m);
+  register_quant_block(m);
   m.def("skinny_linear", &skinny_linear, "y = x @ unpack(packed).T + bias (any M; built for small M)");
   m.def("isa", &isa_name, "instruction set selected at runtime");
   m.def("rms_norm", &rms_norm, "fp32-computed RMS norm of fp32/bf16 rows");

@@ -29,8 +29,9 @@ from torch import nn
 from ..cache import CacheLayout, KVCache
 from ..kernels import Linear
 from .config import ModelConfig
-from .layers import (MLP, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin, tree_visibility,
-                     visibility)
+from .fused import FusedBlock
+from .layers import (MLP, ROW_ATTENTION_MAX_T, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin,
+                     tree_visibility, visibility)
 from .moe import MoE, MoEStats
 
 
@@ -60,10 +61,15 @@ class Block(nn.Module):
             self.moe = MoE(cfg.hidden_size, spec.moe, cfg.norm_eps, norm, self.mlp.act)
         self.ple = PerLayerInput(cfg) if cfg.per_layer_input_size else None
         self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
+        self.fused: FusedBlock | None = None  # set by Decoder.prepare() for quantized blocks it supports
 
     def forward(
         self, h: torch.Tensor, ctx: StepContext, cache: KVCache, per_layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.fused is not None and h.shape[1] <= ROW_ATTENTION_MAX_T:
+            out = self.fused(h, ctx, cache)
+            if out is not None:
+                return out
         a = self.attn(self.attn_norm(h), ctx, cache)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
@@ -113,14 +119,22 @@ class Decoder(nn.Module):
         return self.embed.weight.dtype
 
     def prepare(self) -> "Decoder":
-        """Call once after weights are loaded and moved: lets the linear kernels pack their weights."""
+        """Call once after weights are loaded and moved: lets the linear kernels pack their weights
+        and quantized blocks run fused (models/fused.py)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack()
+        self.fuse_blocks()
         if self.cfg.tie_embeddings and self.lm_head.is_packed:
             # tied: the packed LM head is the only copy; embeddings read its rows
             self.embed.weight = nn.Parameter(self.embed.weight.new_empty(0), requires_grad=False)
         return self.eval().requires_grad_(False)
+
+    def fuse_blocks(self) -> None:
+        """Let every quantized block of a supported shape run its decode / verify steps in one C++
+        call (models/fused.py); call again after swapping layers."""
+        for layer in self.layers:
+            layer.fused = FusedBlock.build(layer)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         layouts = {

@@ -220,6 +220,8 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     plan = plan_scheme(model, model.cfg, scheme)
     install(model, plan, model.dtype)
     model.quantization = plan.summary()
+    if hasattr(model, "fuse_blocks"):
+        model.fuse_blocks()
     return model
 
 

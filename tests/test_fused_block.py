@@ -1,0 +1,128 @@
+"""Quantized blocks in one C++ call (models/fused.py, kernels/quant_block.cpp): the same block as
+the per-op path to rounding, used for every decode / verify step of the supported families, and
+still lossless (speculative == plain) through sliding windows, batches and draft trees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtpspec.checkpoint import load_decoder
+from mtpspec.decoding.loop import Request, decode
+from mtpspec.decoding.plan import DraftPlan
+from mtpspec.kernels import _ext
+from mtpspec.models.fused import FusedBlock
+from mtpspec.models.quantize import quantize_model
+from proposers_for_tests import proposer_of_kind
+from tiny_models import VOCAB
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = _ext()
+    if e is None or not hasattr(e, "quant_block"):
+        pytest.skip("no compiled kernels")
+    return e
+
+
+def _model(tiny_checkpoints, family, scheme):
+    return quantize_model(load_decoder(tiny_checkpoints[family][0]), scheme)
+
+
+def _unfused(model):
+    saved = [layer.fused for layer in model.layers]
+    for layer in model.layers:
+        layer.fused = None
+    return saved
+
+
+def _steps(model, prompt, new):
+    """Logits of a prefill, a 4-token verify-like step and 3 one-token steps on one cache."""
+    cache = model.new_cache(prompt.shape[0], 64)
+    out = [model(prompt, cache).logits, model(new[:, :4], cache).logits]
+    out += [model(new[:, i : i + 1], cache).logits for i in range(4, 7)]
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_fused_blocks_compute_the_per_op_block(ext, tiny_checkpoints, family, scheme, monkeypatch):
+    model = _model(tiny_checkpoints, family, scheme)
+    assert all(isinstance(layer.fused, FusedBlock) for layer in model.layers)
+    calls = []
+    real = FusedBlock.__call__
+    monkeypatch.setattr(FusedBlock, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    g = torch.Generator().manual_seed(2)
+    # 13 + 7 positions cross gemma3's sliding window of 8; rows differ only in content
+    prompt, new = torch.randint(3, VOCAB, (3, 13), generator=g), torch.randint(3, VOCAB, (3, 7), generator=g)
+    fused, c1 = _steps(model, prompt, new)
+    assert len(calls) == 5 * len(model.layers)
+    _unfused(model)
+    ref, c2 = _steps(model, prompt, new)
+    # the block differs from the per-op one only in its norms' and RoPE's rounding, which int8
+    # activation rounding can turn into one quantization step of an activation now and then
+    assert ((fused - ref).norm() / ref.norm()).item() < 5e-3
+    assert (fused.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.95
+    for layer in c1.k:  # the K/V written into the cache (RoPE'd keys at the right slots)
+        for a, b in ((c1.k[layer], c2.k[layer]), (c1.v[layer], c2.v[layer])):
+            assert ((a - b).norm() / b.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_fused_verify_step_reproduces_decode_steps_and_rows_do_not_depend_on_the_batch(ext, tiny_checkpoints,
+                                                                                         family):
+    model = _model(tiny_checkpoints, family, "int4")
+    g = torch.Generator().manual_seed(5)
+    prompt, new = torch.randint(3, VOCAB, (4, 11), generator=g), torch.randint(3, VOCAB, (4, 6), generator=g)
+    c1 = model.new_cache(4, 32)
+    model(prompt, c1)
+    verify = model(new, c1).logits
+    c2 = model.new_cache(4, 32)
+    model(prompt, c2)
+    steps = torch.cat([model(new[:, i : i + 1], c2).logits for i in range(6)], dim=1)
+    assert torch.equal(verify, steps)
+    c3 = model.new_cache(1, 32)
+    model(prompt[1:2], c3)
+    assert torch.equal(model(new[1:2], c3).logits, verify[1:2])
+
+
+def test_the_portable_kernels_give_the_same_bits(ext, tiny_checkpoints):
+    model = _model(tiny_checkpoints, "qwen2", "int4")
+    g = torch.Generator().manual_seed(7)
+    prompt, new = torch.randint(3, VOCAB, (2, 9), generator=g), torch.randint(3, VOCAB, (2, 7), generator=g)
+    a, _ = _steps(model, prompt, new)
+    ext.quant_force_isa("portable")
+    ext.attend_force_portable(True)
+    try:
+        b, _ = _steps(model, prompt, new)
+    finally:
+        ext.quant_force_isa("auto")
+        ext.attend_force_portable(False)
+    assert torch.equal(a, b)
+
+
+def _prompts(batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return [(torch.randint(3, VOCAB, (n // 2 + 1,), generator=g).tolist() * 3)[:n] for n in [14, 5, 12, 3][:batch]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kind", ["agree", "never", "partial"])
+def test_speculative_decoding_through_fused_blocks_equals_plain(ext, tiny_checkpoints, family, batch, kind):
+    from test_tree import ReferenceTreeProposer
+
+    model = _model(tiny_checkpoints, family, "int4")
+    ps = _prompts(batch)
+    ref = [s.new_ids for s in decode(model, [Request(p, 20) for p in ps])]
+    full = [p + r for p, r in zip(ps, ref)]
+    chains = decode(model, [Request(p, 20) for p in ps], DraftPlan(proposer_of_kind(kind, full, VOCAB, seed=batch), 3))
+    assert [s.new_ids for s in chains] == ref
+    corrupt = {"agree": 0.0, "never": 1.0, "partial": 0.4}[kind]
+    trees = decode(model, [Request(p, 20) for p in ps], DraftPlan(ReferenceTreeProposer(full, corrupt, seed=batch), 3))
+    assert [s.new_ids for s in trees] == ref
+
+
+def test_unsupported_blocks_keep_the_per_op_path(tiny_checkpoints):
+    dense = load_decoder(tiny_checkpoints["llama"][0])
+    assert all(layer.fused is None for layer in dense.layers)  # dense weights: no quantized block
