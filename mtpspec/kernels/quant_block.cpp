@@ -1,7 +1,8 @@
-// One decoder block of a quantized target in one call, for decode and verify steps (fp32 rows).
+// The decoder blocks of a quantized target in one call, for decode and verify steps (fp32 rows).
 //
 // The per-op path (models/layers.py) runs ~25 torch ops per block; for a 135M model decoding one
-// token they cost more than the block's arithmetic. This runs the same block, row by row:
+// token they cost more than the block's arithmetic. `QuantStack` holds every block's weights
+// (checked once) and `run` applies all blocks to a step's rows, each block row by row:
 //
 //   x = norm(h);  q, k, v = split(qkv(x))           [q/k norms per head];  rotate q, k (RoPE)
 //   cache[slot] = k, v;   a = attention(q, cache)    (attention.cpp's batch-invariant kernel)
@@ -12,10 +13,12 @@
 // output does not depend on the step's other tokens or rows (verify steps reproduce decode steps).
 // RMS norms sum squares in fp64 and scale in fp32: y = x * (1 / sqrt(mean(x^2) + eps)) * (w + offset).
 //
-// h [M, D] (M = B * T rows, row b*T + t), cos / sin [B, T, ROT] (RoPE tables at the rows'
-// positions, ROT <= head dim, rotate-half), the layer's cache k / v [B, KVH, capacity, HD] (unit
-// stride in HD), slots [B, T] (where each row's K/V go), key range [lo, hi) of the cache that
-// attention reads, additive mask [B, 1, T, hi - lo] or an empty tensor (every key visible).
+// run(h, cos, sin, lo, hi, mask, k, v, slots): h [M, D] (M = B * T rows, row b*T + t); per
+// attention type (a block's `type` indexes these lists): cos / sin [B, T, ROT] (RoPE tables at the
+// rows' positions, ROT <= head dim, rotate-half), the key range [lo, hi) of the cache that
+// attention reads and an additive mask [B, 1, T, hi - lo] or an empty tensor (every key visible);
+// per block: its cache k / v [B, KVH, capacity, HD] (unit stride in HD); slots [B, T]: where each
+// row's K/V go.
 
 #include <torch/extension.h>
 #include <cmath>
@@ -68,116 +71,212 @@ inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
 
-torch::Tensor quant_block(const torch::Tensor& h, const std::vector<torch::Tensor>& packed,
-                          const std::vector<int64_t>& shapes, const std::vector<torch::Tensor>& biases,
-                          const std::vector<torch::Tensor>& norms, double eps_d, double offset_d,
-                          const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& kc,
-                          const torch::Tensor& vc, const torch::Tensor& slots, int64_t lo, int64_t hi,
-                          const torch::Tensor& mask, int64_t NH, int64_t KVH, double scale, bool gelu) {
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kFloat32, "quant_block: h [M, D] fp32");
-  TORCH_CHECK(packed.size() == 4 && shapes.size() == 16 && biases.size() == 4 && norms.size() == 6,
-              "quant_block: 4 weights (qkv, o, gate_up, down) with 4 shapes each, 4 biases, 6 norms");
-  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.scalar_type() == torch::kFloat32 &&
-              vc.scalar_type() == torch::kFloat32 && kc.stride(3) == 1 && vc.stride(3) == 1,
-              "quant_block: cache k, v fp32 [B, KVH, capacity, HD], unit stride in HD");
-  const int64_t M = h.size(0), D = h.size(1), B = kc.size(0), HD = kc.size(3), CAP = kc.size(2);
-  TORCH_CHECK(kc.size(1) == KVH && NH % KVH == 0 && HD % 8 == 0 && HD <= 1024, "quant_block: heads / head dim");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == torch::kLong && slots.is_contiguous(),
-              "quant_block: slots [B, T] int64");
-  const int64_t T = slots.size(1);
-  TORCH_CHECK(M == B * T, "quant_block: h must hold B * T rows");
-  TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == T && sin.sizes() == cos.sizes() &&
-              cos.stride(2) == 1 && sin.stride(2) == 1 && cos.scalar_type() == torch::kFloat32 &&
-              sin.scalar_type() == torch::kFloat32 && cos.size(2) <= HD && cos.size(2) % 2 == 0,
-              "quant_block: cos / sin fp32 [B, T, rotary dims]");
-  TORCH_CHECK(0 <= lo && lo < hi && hi <= CAP, "quant_block: key range outside the cache");
-  const int64_t L = hi - lo;
-  const bool has_mask = mask.defined() && mask.numel() > 0;
-  if (has_mask)
-    TORCH_CHECK(mask.scalar_type() == torch::kFloat32 && mask.dim() == 4 && mask.size(0) == B && mask.size(2) == T &&
-                mask.size(3) == L, "quant_block: mask fp32 [B, 1, T, hi - lo]");
+
+namespace {
+
+struct Block {  // one decoder block's weights, checked when the stack is built
   QW w[4];
-  for (int i = 0; i < 4; ++i) {
-    w[i] = QW{packed[i].data_ptr<uint8_t>(), shapes[4 * i], shapes[4 * i + 1], int(shapes[4 * i + 2]),
-              int(shapes[4 * i + 3]), opt_ptr(biases[i])};
-    TORCH_CHECK(packed[i].scalar_type() == torch::kUInt8 && packed[i].is_contiguous(), "quant_block: packed weights");
-    const int64_t qbytes = w[i].fmt == 8 ? w[i].block * 16 : w[i].block * 8;
-    TORCH_CHECK(w[i].K % w[i].block == 0 && packed[i].numel() == (w[i].N + 15) / 16 * (w[i].K / w[i].block) * (qbytes + 128),
-                "quant_block: packed size does not match its shape");
-  }
-  const int64_t QS = NH * HD, KS = KVH * HD, I = w[2].N / 2;
-  TORCH_CHECK(w[0].K == D && w[0].N == QS + 2 * KS && w[1].K == QS && w[1].N == D && w[2].K == D &&
-              w[3].K == I && w[3].N == D, "quant_block: weight shapes do not fit the block");
-  for (int i = 0; i < 6; ++i) {
-    const int64_t n = (i == 2 || i == 3) ? HD : D;
-    TORCH_CHECK(!norms[i].defined() || norms[i].numel() == 0 || (norms[i].numel() == n && norms[i].is_contiguous() &&
-                norms[i].scalar_type() == torch::kFloat32), "quant_block: norm weight ", i, " size");
-  }
-  TORCH_CHECK(opt_ptr(norms[0]) && opt_ptr(norms[1]), "quant_block: the attention and MLP norms are required");
-  const float eps = float(eps_d), offset = float(offset_d);
-  const float* hp = h.data_ptr<float>();
-  const float *n_attn = opt_ptr(norms[0]), *n_mlp = opt_ptr(norms[1]), *n_q = opt_ptr(norms[2]),
-              *n_k = opt_ptr(norms[3]), *n_ao = opt_ptr(norms[4]), *n_mo = opt_ptr(norms[5]);
-  const int64_t ROT = cos.size(2);
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < M; ++i)
-    TORCH_CHECK(sp[i] >= 0 && sp[i] < CAP, "quant_block: slot outside the cache");
+  const float *n_attn, *n_mlp, *n_q, *n_k, *n_ao, *n_mo;
+  int64_t D, NH, KVH, HD, QS, KS, I;
+  int type;
+};
 
-  std::vector<float> x(M * std::max(D, QS)), qkv(M * w[0].N), att(M * QS), o(M * D), gu(M * 2 * I), act(M * I);
-  auto out = torch::empty_like(h);
-  float* hn = out.data_ptr<float>();
+struct TypeStep {  // one attention type's tables for a step, checked once per run
+  const float *cos, *sin, *mask;
+  int64_t cs0, cs1, ss0, ss1, ms0, ms2, ms3, rot, lo, hi;
+};
 
+struct Scratch {
+  std::vector<float> x, qkv, att, o, gu, act;
+};
+
+void block_forward(const Block& bl, const float* hp, float* hn, int64_t B, int64_t T, const TypeStep& ts,
+                   const torch::Tensor& kc, const torch::Tensor& vc, const int64_t* sp, float eps, float offset,
+                   float scale, bool gelu, Scratch& sc) {
+  const int64_t M = B * T, D = bl.D, NH = bl.NH, KVH = bl.KVH, HD = bl.HD, QS = bl.QS, KS = bl.KS, I = bl.I;
+  const int64_t NQKV = bl.w[0].N;
+  float *x = sc.x.data(), *qkv = sc.qkv.data(), *att = sc.att.data(), *o = sc.o.data(), *gu = sc.gu.data(),
+        *act = sc.act.data();
   // attention
-  for (int64_t r = 0; r < M; ++r) norm(hp + r * D, n_attn, eps, offset, D, x.data() + r * D);
-  gemm(w[0], x.data(), M, qkv.data());
+  for (int64_t r = 0; r < M; ++r) norm(hp + r * D, bl.n_attn, eps, offset, D, x + r * D);
+  gemm(bl.w[0], x, M, qkv);
   float* kp = kc.data_ptr<float>();
   float* vp = vc.data_ptr<float>();
+  const int64_t k0 = kc.stride(0), k1 = kc.stride(1), k2 = kc.stride(2);
+  const int64_t v0 = vc.stride(0), v1 = vc.stride(1), v2 = vc.stride(2);
   for (int64_t r = 0; r < M; ++r) {
     const int64_t b = r / T, t = r % T;
-    const float* c = cos.data_ptr<float>() + b * cos.stride(0) + t * cos.stride(1);
-    const float* s = sin.data_ptr<float>() + b * sin.stride(0) + t * sin.stride(1);
-    float* row = qkv.data() + r * w[0].N;
+    const float* c = ts.cos + b * ts.cs0 + t * ts.cs1;
+    const float* s = ts.sin + b * ts.ss0 + t * ts.ss1;
+    float* row = qkv + r * NQKV;
     for (int64_t hh = 0; hh < NH + KVH; ++hh) {
       float* x1 = row + hh * HD;
-      const float* nw = hh < NH ? n_q : n_k;
+      const float* nw = hh < NH ? bl.n_q : bl.n_k;
       if (nw) norm(x1, nw, eps, offset, HD, x1);
-      rope(x1, c, s, ROT);
+      rope(x1, c, s, ts.rot);
     }
     const int64_t slot = sp[r];
     for (int64_t g = 0; g < KVH; ++g) {
-      std::memcpy(kp + b * kc.stride(0) + g * kc.stride(1) + slot * kc.stride(2), row + QS + g * HD, HD * sizeof(float));
-      std::memcpy(vp + b * vc.stride(0) + g * vc.stride(1) + slot * vc.stride(2), row + QS + KS + g * HD,
-                  HD * sizeof(float));
+      std::memcpy(kp + b * k0 + g * k1 + slot * k2, row + QS + g * HD, HD * sizeof(float));
+      std::memcpy(vp + b * v0 + g * v1 + slot * v2, row + QS + KS + g * HD, HD * sizeof(float));
     }
   }
-  const float* mp = has_mask ? mask.data_ptr<float>() : nullptr;
-  attend_rows_raw(qkv.data(), T * w[0].N, HD, w[0].N, kp + lo * kc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-                  vp + lo * vc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2), mp,
-                  has_mask ? mask.stride(0) : 0, has_mask ? mask.stride(2) : 0, has_mask ? mask.stride(3) : 0, B, NH, T,
-                  HD, KVH, L, float(scale), att.data(), T * QS, HD, QS);
-  gemm(w[1], att.data(), M, o.data());
+  attend_rows_raw(qkv, T * NQKV, HD, NQKV, kp + ts.lo * k2, k0, k1, k2, vp + ts.lo * v2, v0, v1, v2, ts.mask, ts.ms0,
+                  ts.ms2, ts.ms3, B, NH, T, HD, KVH, ts.hi - ts.lo, scale, att, T * QS, HD, QS);
+  gemm(bl.w[1], att, M, o);
   for (int64_t r = 0; r < M; ++r) {
-    float* orow = o.data() + r * D;
-    if (n_ao) norm(orow, n_ao, eps, offset, D, orow);
+    float* orow = o + r * D;
+    if (bl.n_ao) norm(orow, bl.n_ao, eps, offset, D, orow);
     for (int64_t i = 0; i < D; ++i) hn[r * D + i] = hp[r * D + i] + orow[i];
   }
   // MLP
-  for (int64_t r = 0; r < M; ++r) norm(hn + r * D, n_mlp, eps, offset, D, x.data() + r * D);
-  gemm(w[2], x.data(), M, gu.data());
+  for (int64_t r = 0; r < M; ++r) norm(hn + r * D, bl.n_mlp, eps, offset, D, x + r * D);
+  gemm(bl.w[2], x, M, gu);
   for (int64_t r = 0; r < M; ++r) {
-    const float* g = gu.data() + r * 2 * I;
-    float* a = act.data() + r * I;
+    const float* g = gu + r * 2 * I;
+    float* a = act + r * I;
     for (int64_t i = 0; i < I; ++i) a[i] = (gelu ? gelu_tanh(g[i]) : silu(g[i])) * g[I + i];
   }
-  gemm(w[3], act.data(), M, o.data());
+  gemm(bl.w[3], act, M, o);
   for (int64_t r = 0; r < M; ++r) {
-    float* orow = o.data() + r * D;
-    if (n_mo) norm(orow, n_mo, eps, offset, D, orow);
+    float* orow = o + r * D;
+    if (bl.n_mo) norm(orow, bl.n_mo, eps, offset, D, orow);
     for (int64_t i = 0; i < D; ++i) hn[r * D + i] += orow[i];
   }
-  return out;
 }
 
+}  // namespace
+
+class QuantStack {
+ public:
+  // Per block: packed (qkv, o, gate_up, down; uint8), shapes (N, K, bits, block of each), biases
+  // (4, empty = none), norms (attention, MLP, q, k, attention out, MLP out; fp32, empty = none),
+  // attention type index, query and K/V heads.
+  QuantStack(const std::vector<std::vector<torch::Tensor>>& packed, const std::vector<std::vector<int64_t>>& shapes,
+             const std::vector<std::vector<torch::Tensor>>& biases, const std::vector<std::vector<torch::Tensor>>& norms,
+             const std::vector<int64_t>& types, const std::vector<int64_t>& n_heads,
+             const std::vector<int64_t>& n_kv_heads, int64_t head_dim, double eps, double offset, double scale,
+             bool gelu)
+      : eps_(float(eps)), offset_(float(offset)), scale_(float(scale)), gelu_(gelu) {
+    const size_t n = packed.size();
+    TORCH_CHECK(shapes.size() == n && biases.size() == n && norms.size() == n && types.size() == n &&
+                n_heads.size() == n && n_kv_heads.size() == n && n > 0, "QuantStack: one entry per block");
+    for (size_t li = 0; li < n; ++li) {
+      TORCH_CHECK(packed[li].size() == 4 && shapes[li].size() == 16 && biases[li].size() == 4 && norms[li].size() == 6,
+                  "QuantStack: 4 weights (qkv, o, gate_up, down) with 4 shapes each, 4 biases, 6 norms per block");
+      Block bl;
+      for (int i = 0; i < 4; ++i) {
+        const auto& p = packed[li][i];
+        const auto* sh = &shapes[li][4 * i];
+        TORCH_CHECK(p.scalar_type() == torch::kUInt8 && p.is_contiguous() && p.device().is_cpu(),
+                    "QuantStack: packed weights must be contiguous uint8 CPU tensors");
+        TORCH_CHECK((sh[2] == 4 && sh[3] == 32) || (sh[2] == 8 && (sh[3] == 16 || sh[3] == 32)),
+                    "QuantStack: unsupported weight format");
+        const int64_t qbytes = sh[2] == 8 ? sh[3] * 16 : sh[3] * 8;
+        TORCH_CHECK(sh[1] % sh[3] == 0 && p.numel() == (sh[0] + 15) / 16 * (sh[1] / sh[3]) * (qbytes + 128),
+                    "QuantStack: packed size does not match its shape");
+        const auto& bias = biases[li][i];
+        TORCH_CHECK(!bias.defined() || bias.numel() == 0 || (bias.numel() == sh[0] && bias.is_contiguous() &&
+                    bias.scalar_type() == torch::kFloat32), "QuantStack: bias must be fp32 [N]");
+        bl.w[i] = QW{p.data_ptr<uint8_t>(), sh[0], sh[1], int(sh[2]), int(sh[3]), opt_ptr(bias)};
+        keep_.push_back(p);
+        keep_.push_back(bias);
+      }
+      bl.NH = n_heads[li], bl.KVH = n_kv_heads[li], bl.HD = head_dim, bl.D = bl.w[0].K;
+      bl.QS = bl.NH * bl.HD, bl.KS = bl.KVH * bl.HD, bl.I = bl.w[2].N / 2;
+      TORCH_CHECK(bl.NH % bl.KVH == 0 && bl.HD % 8 == 0 && bl.HD <= 1024, "QuantStack: heads / head dim");
+      TORCH_CHECK(bl.w[0].N == bl.QS + 2 * bl.KS && bl.w[1].K == bl.QS && bl.w[1].N == bl.D && bl.w[2].K == bl.D &&
+                  bl.w[2].N == 2 * bl.I && bl.w[3].K == bl.I && bl.w[3].N == bl.D,
+                  "QuantStack: weight shapes do not fit the block");
+      for (int i = 0; i < 6; ++i) {
+        const auto& t = norms[li][i];
+        const int64_t want = (i == 2 || i == 3) ? bl.HD : bl.D;
+        TORCH_CHECK(!t.defined() || t.numel() == 0 || (t.numel() == want && t.is_contiguous() &&
+                    t.scalar_type() == torch::kFloat32), "QuantStack: norm weight ", i, " size");
+        keep_.push_back(t);
+      }
+      bl.n_attn = opt_ptr(norms[li][0]), bl.n_mlp = opt_ptr(norms[li][1]), bl.n_q = opt_ptr(norms[li][2]);
+      bl.n_k = opt_ptr(norms[li][3]), bl.n_ao = opt_ptr(norms[li][4]), bl.n_mo = opt_ptr(norms[li][5]);
+      TORCH_CHECK(bl.n_attn && bl.n_mlp, "QuantStack: the attention and MLP norms are required");
+      TORCH_CHECK(li == 0 || bl.D == blocks_[0].D, "QuantStack: every block must have the same width");
+      bl.type = int(types[li]);
+      TORCH_CHECK(bl.type >= 0, "QuantStack: attention type index");
+      blocks_.push_back(bl);
+    }
+  }
+
+  torch::Tensor run(const torch::Tensor& h, const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                    const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, const std::vector<torch::Tensor>& mask,
+                    const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
+                    const torch::Tensor& slots) const {
+    const int64_t D = blocks_[0].D;
+    TORCH_CHECK(h.dim() == 2 && h.size(1) == D && h.is_contiguous() && h.scalar_type() == torch::kFloat32,
+                "QuantStack.run: h must be contiguous fp32 [M, hidden]");
+    TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == torch::kLong && slots.is_contiguous(),
+                "QuantStack.run: slots [B, T] int64");
+    const int64_t B = slots.size(0), T = slots.size(1), M = h.size(0);
+    TORCH_CHECK(M == B * T, "QuantStack.run: h must hold B * T rows");
+    TORCH_CHECK(k.size() == blocks_.size() && v.size() == blocks_.size(), "QuantStack.run: one cache k, v per block");
+    const size_t nt = cos.size();
+    TORCH_CHECK(sin.size() == nt && lo.size() == nt && hi.size() == nt && mask.size() == nt,
+                "QuantStack.run: per attention type cos, sin, lo, hi, mask");
+    std::vector<TypeStep> ts(nt);
+    for (size_t i = 0; i < nt; ++i) {
+      const auto &c = cos[i], &s = sin[i], &m = mask[i];
+      TORCH_CHECK(c.dim() == 3 && c.size(0) == B && c.size(1) == T && s.sizes() == c.sizes() && c.stride(2) == 1 &&
+                  s.stride(2) == 1 && c.scalar_type() == torch::kFloat32 && s.scalar_type() == torch::kFloat32 &&
+                  c.size(2) % 2 == 0, "QuantStack.run: cos / sin fp32 [B, T, rotary dims]");
+      const int64_t L = hi[i] - lo[i];
+      TORCH_CHECK(lo[i] >= 0 && L > 0, "QuantStack.run: empty key range");
+      const bool has_mask = m.defined() && m.numel() > 0;
+      if (has_mask)
+        TORCH_CHECK(m.scalar_type() == torch::kFloat32 && m.dim() == 4 && m.size(0) == B && m.size(2) == T &&
+                    m.size(3) == L, "QuantStack.run: mask fp32 [B, 1, T, hi - lo]");
+      ts[i] = TypeStep{c.data_ptr<float>(), s.data_ptr<float>(), has_mask ? m.data_ptr<float>() : nullptr,
+                       c.stride(0), c.stride(1), s.stride(0), s.stride(1), has_mask ? m.stride(0) : 0,
+                       has_mask ? m.stride(2) : 0, has_mask ? m.stride(3) : 0, c.size(2), lo[i], hi[i]};
+    }
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    int64_t maxq = 0, maxn = 0, maxi = 0;
+    for (size_t li = 0; li < blocks_.size(); ++li) {
+      const Block& bl = blocks_[li];
+      TORCH_CHECK(bl.type < int(nt), "QuantStack.run: no tables for attention type ", bl.type);
+      const auto &kc = k[li], &vc = v[li];
+      TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.size(0) == B && kc.size(1) == bl.KVH &&
+                  kc.size(3) == bl.HD && kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32 &&
+                  kc.stride(3) == 1 && vc.stride(3) == 1, "QuantStack.run: cache k, v fp32 [B, KVH, capacity, HD]");
+      TORCH_CHECK(ts[bl.type].hi <= kc.size(2) && ts[bl.type].rot <= bl.HD, "QuantStack.run: key range outside the cache");
+      if (li == 0)
+        for (int64_t i = 0; i < M; ++i)
+          TORCH_CHECK(sp[i] >= 0 && sp[i] < kc.size(2), "QuantStack.run: slot outside the cache");
+      maxq = std::max(maxq, bl.QS), maxn = std::max(maxn, bl.w[0].N), maxi = std::max(maxi, bl.I);
+    }
+    Scratch sc;
+    sc.x.resize(M * std::max(D, maxq)), sc.qkv.resize(M * maxn), sc.att.resize(M * maxq), sc.o.resize(M * D);
+    sc.gu.resize(M * 2 * maxi), sc.act.resize(M * maxi);
+    auto a = torch::empty_like(h), b = torch::empty_like(h);
+    const float* cur = h.data_ptr<float>();
+    for (size_t li = 0; li < blocks_.size(); ++li) {
+      float* nxt = (li % 2 ? b : a).data_ptr<float>();
+      block_forward(blocks_[li], cur, nxt, B, T, ts[blocks_[li].type], k[li], v[li], sp, eps_, offset_, scale_, gelu_,
+                    sc);
+      cur = nxt;
+    }
+    return blocks_.size() % 2 ? a : b;
+  }
+
+ private:
+  std::vector<Block> blocks_;
+  std::vector<torch::Tensor> keep_;  // the tensors the blocks point into
+  float eps_, offset_, scale_;
+  bool gelu_;
+};
+
 void register_quant_block(pybind11::module& m) {
-  m.def("quant_block", &quant_block, "one quantized decoder block for decode / verify steps (models/fused.py)");
+  pybind11::class_<QuantStack>(m, "QuantStack", "a quantized target's decoder blocks for decode / verify steps")
+      .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<int64_t>>&,
+                          const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<torch::Tensor>>&,
+                          const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&, int64_t,
+                          double, double, double, bool>())
+      .def("run", &QuantStack::run, "apply every block to a step's rows (models/fused.py)");
 }

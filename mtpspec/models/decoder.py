@@ -29,7 +29,7 @@ from torch import nn
 from ..cache import CacheLayout, KVCache
 from ..kernels import Linear
 from .config import ModelConfig
-from .fused import FusedBlock
+from .fused import FusedStack
 from .layers import (MLP, ROW_ATTENTION_MAX_T, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin,
                      tree_visibility, visibility)
 from .moe import MoE, MoEStats
@@ -61,15 +61,10 @@ class Block(nn.Module):
             self.moe = MoE(cfg.hidden_size, spec.moe, cfg.norm_eps, norm, self.mlp.act)
         self.ple = PerLayerInput(cfg) if cfg.per_layer_input_size else None
         self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
-        self.fused: FusedBlock | None = None  # set by Decoder.prepare() for quantized blocks it supports
 
     def forward(
         self, h: torch.Tensor, ctx: StepContext, cache: KVCache, per_layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.fused is not None and h.shape[1] <= ROW_ATTENTION_MAX_T:
-            out = self.fused(h, ctx, cache)
-            if out is not None:
-                return out
         a = self.attn(self.attn_norm(h), ctx, cache)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
@@ -97,6 +92,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.quantization: str | None = None  # what checkpoint.load_decoder quantized (None: dense)
+        self.fused: FusedStack | None = None  # set by prepare() / fuse_blocks() for quantized blocks
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         if cfg.per_layer_input_size:  # Gemma 4 PLE: packed table + projection of the embeddings
@@ -131,10 +127,9 @@ class Decoder(nn.Module):
         return self.eval().requires_grad_(False)
 
     def fuse_blocks(self) -> None:
-        """Let every quantized block of a supported shape run its decode / verify steps in one C++
-        call (models/fused.py); call again after swapping layers."""
-        for layer in self.layers:
-            layer.fused = FusedBlock.build(layer)
+        """Let quantized blocks of a supported shape run decode / verify steps in one C++ call
+        (models/fused.py); call again after swapping layers."""
+        self.fused = FusedStack.build(self.layers)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         layouts = {
@@ -226,8 +221,12 @@ class Decoder(nn.Module):
             moe_stats.tokens = b * t
         h = self.embed_tokens(tokens)
         ple = self.per_layer_inputs(tokens, h) if self.cfg.per_layer_input_size else None
-        for i, layer in enumerate(self.layers):
-            h = layer(h, ctx, cache, ple[:, :, i] if ple is not None else None)
+        fused = self.fused(h, ctx, cache) if self.fused is not None and t <= ROW_ATTENTION_MAX_T else None
+        if fused is not None:
+            h = fused
+        else:
+            for i, layer in enumerate(self.layers):
+                h = layer(h, ctx, cache, ple[:, :, i] if ple is not None else None)
         hidden = self.norm(h)
         cache.advance(t)
         picked = hidden
