@@ -377,3 +377,13 @@ def test_cli_quantize_option(tmp_path):
                              "--json", "--cache-dir", str(tmp_path / "c")])
     assert ok.exit_code == 0, ok.output
     assert len(json.loads(ok.stdout.strip().splitlines()[0])["token_ids"]) == 4
+
+
+def test_quant_bench_candidates_compute_the_same_shape():
+    from mtpspec.kernels.bench_quant import candidates
+
+    ext = _ext()
+    if ext is None:
+        pytest.skip("no compiled kernels")
+    for name, fn in candidates(48, 64, 3, ext).items():
+        assert fn().shape == (3, 48), name
