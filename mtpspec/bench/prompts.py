@@ -31,9 +31,13 @@ def token_id_prompts(vocab_size: int, n: int = len(CHAT_PROMPTS), *, seed: int =
 
 
 def bench_prompts(engine, prompts=None, chat: bool = True) -> tuple[list[list[int]], str]:
-    """Token ids of the prompts a benchmark runs, and what kind they are: the given ones (strings
-    or token-id lists), else the built-in chat prompts, else token-id prompts when the checkpoint
-    has no tokenizer."""
+    """Token ids of the prompts a benchmark runs, and what kind they are: the given ones (strings,
+    token-id lists, or held-out benchmark prompts, rendered by `heldout.encode_prompt`), else the
+    built-in chat prompts, else token-id prompts when the checkpoint has no tokenizer."""
+    from .heldout import Prompt, encode_prompt
+
+    if prompts and all(isinstance(p, Prompt) for p in prompts):
+        return [encode_prompt(engine, p, chat=chat) for p in prompts], "heldout"
     if prompts is not None:
         return [engine.encode(p if isinstance(p, str) else list(p), chat=chat) for p in prompts], "given"
     tok = engine.tokenizer

@@ -12,7 +12,9 @@ adaptive policy by default):
   speedup; also the decode-only rates;
 * acceptance: mean accepted length (tokens emitted per target forward in the decode phase) and
   acceptance per draft position, summed over all rows and repeats; the mean K actually drafted
-  (the adaptive policy's choice); the drafter's share of the decode time;
+  (the adaptive policy's choice); the drafter's share of the decode time; on the broad held-out
+  benchmark's prompts (`heldout.Prompt`s), also tau (mean accepted length) per category and the
+  unweighted mean over categories (`heldout_scores`);
 * losslessness: greedy speculative tokens must equal plain greedy tokens, every row of every run
   (asserted: `BenchMismatch` is raised after the results are written). Sampled runs are lossless
   in distribution only, so their tokens are not compared;
@@ -44,6 +46,8 @@ from ..acceptance import AcceptanceTotals
 from ..compat import transformers_gemma4_assistant
 from ..errors import InputError
 from .arguments import as_recorded, check_positive_int
+from .heldout import Prompt
+from .heldout_scores import heldout_run_record, print_heldout_tables
 from .machine import environment, kernel_summary, load_average
 from .records import (BenchMismatch, compare_tokens, fmt, log, print_load_warning, recorded_command, rounded,
                       table_console, write_results)
@@ -111,7 +115,7 @@ class SpecConfig:
     seed: int
     max_new_tokens: int
     repeats: int
-    prompts: Sequence[str | list[int]] | None
+    prompts: Sequence[str | list[int] | Prompt] | None
     num_prompts: int | None
     chat: bool
     transformers_assisted: bool
@@ -140,12 +144,31 @@ class SpecConfig:
             raise InputError(f"temperature must be > 0 for sampled runs, got {self.temperature!r}")
         if self.prompts is not None and not self.prompts:
             raise InputError("prompts is empty")
+        self._check_heldout()
         if self.assisted_k is None:
             self.assisted_k = 4 if 4 in self.fixed_ks else max(self.fixed_ks, default=4)
         self.drafter = resolve_drafter(self.model, self.drafter) or "ngram"
         self.drafter_kind = "ngram" if self.drafter == "ngram" else "mtp"
         if self.trees and self.drafter_kind != "mtp":
             raise InputError("draft trees need an MTP drafter (the n-gram proposer drafts chains)")
+
+    @property
+    def categories(self) -> list[str] | None:
+        """Held-out benchmark prompts: each prompt's category (scored per category); else None."""
+        if self.prompts is None or not isinstance(self.prompts[0], Prompt):
+            return None
+        return [p.category for p in self.prompts]
+
+    def _check_heldout(self) -> None:
+        if self.prompts is None or not any(isinstance(p, Prompt) for p in self.prompts):
+            return
+        if not all(isinstance(p, Prompt) for p in self.prompts):
+            raise InputError("prompts: held-out benchmark prompts cannot be mixed with other prompts")
+        if self.num_prompts is None:
+            self.num_prompts = len(self.prompts)  # every held-out prompt runs
+        elif self.num_prompts < len(self.prompts):
+            raise InputError(f"num_prompts {self.num_prompts} < the {len(self.prompts)} held-out prompts selected: every "
+                             "category must run all its prompts (select fewer with categories / per_category)")
 
     @property
     def fixed_ks(self) -> list[int]:
@@ -163,7 +186,8 @@ class SpecConfig:
                     draft_tokens=[_k_name(k) for k in self.draft_tokens], trees=[str(t) for t in self.trees],
                     modes=self.modes, temperature=self.temperature, seed=self.seed,
                     max_new_tokens=self.max_new_tokens, repeats=self.repeats,
-                    prompts=None if self.prompts is None else list(self.prompts), num_prompts=self.num_prompts,
+                    prompts=None if self.prompts is None else [p.id if isinstance(p, Prompt) else p for p in self.prompts],
+                    num_prompts=self.num_prompts,
                     chat=self.chat, transformers_assisted=self.transformers_assisted, assisted_k=self.assisted_k,
                     cost_repeats=self.cost_repeats, out=as_recorded(self.out), plot=as_recorded(self.plot))
 
@@ -216,8 +240,11 @@ def _spec_row(cfg: SpecConfig, mode: str, bsz: int, batches, k: DraftSetting, tr
            "spec_tok_s_runs": [rounded(x.tok_s) for x in spec_runs],
            **acceptance_record(spec_runs),
            "tokens_identical_to_plain": identical, "first_divergence": first_div}
+    if cfg.categories:
+        row["heldout"] = heldout_run_record(spec_runs, cfg.categories)
     log(f"[{mode}] batch {bsz} K={_config_name(k, tree)}: plain {plain_med:.1f}, spec {med:.1f} tok/s "
-        f"({med / plain_med:.2f}x), mean accepted {row['mean_accepted_length']}")
+        f"({med / plain_med:.2f}x), mean accepted {row['mean_accepted_length']}"
+        + (f", mean over categories {row['heldout']['mean_over_categories']}" if cfg.categories else ""))
     return row, mismatch
 
 
@@ -422,7 +449,10 @@ def _step_cost_rows(cfg: SpecConfig, engine, plist: list[list[int]], results: di
 # the benchmark
 # ---------------------------------------------------------------------------------------------
 def _notes(cfg: SpecConfig) -> dict:
-    return {
+    heldout = {"heldout": "held-out benchmark (mtpspec.bench.heldout): per configuration, tau per category = mean "
+                          "accepted length over all verification rounds of the category's prompts (the rows of complete "
+                          "passes through the prompt set, all repeats); mean_over_categories = their unweighted mean"}
+    return {**(heldout if cfg.categories else {}),
         "tok_s": "generated tokens of the whole batch / wall time of the run (prefill included); median of repeats",
         "speedup": "spec tok_s / plain tok_s, same mode and batch size, interleaved in the same repeats",
         "mean_accepted_length": "tokens emitted per target forward in the decode phase (accepted drafts + bonus)",
@@ -491,7 +521,7 @@ def run_spec_bench(
     seed: int = 0,
     max_new_tokens: int = 64,
     repeats: int = 3,
-    prompts: Sequence[str | list[int]] | None = None,
+    prompts: Sequence[str | list[int] | Prompt] | None = None,
     num_prompts: int | None = None,
     chat: bool = True,
     transformers_assisted: bool = True,
@@ -513,7 +543,11 @@ def run_spec_bench(
     prompt lookup and our n-gram comparison at batch 1 (default: 4 if in draft_tokens, else the
     largest fixed K). prompts: the prompt set (default: the built-in chat prompts); num_prompts:
     how many of them one run generates, in batches of the batch size (default: one batch, i.e.
-    the first B prompts at batch size B). out / plot: JSON and PNG paths (None = do not write).
+    the first B prompts at batch size B). Held-out benchmark prompts (`heldout.Prompt`s, e.g.
+    `heldout_scores.heldout_prompts("math,coding", 4)`) all run by default (num_prompts, if
+    given, must be at least their number) and every speculative row gets "heldout": tau per
+    category and the mean over categories (`heldout_scores`). out / plot: JSON and PNG paths
+    (None = do not write).
     """
     from ..api import load, resolve_model_path
     from .prompts import bench_prompts
@@ -627,6 +661,7 @@ def print_spec_tables(results: dict, console=None) -> None:
                   f"{r['speedup']:.2f}x", fmt(r["mean_accepted_length"], "{:.2f}"), fmt(r["mean_k"], "{:.2f}"), acc,
                   fmt(r["drafter_time_share"], "{:.0%}"), ident)
     console.print(t)
+    print_heldout_tables(results, console)
     if results["transformers"] or results.get("transformers_assistant_error") or results.get("transformers_errors"):
         t = Table(title="transformers at batch 1, greedy (same interleaved repeats)")
         for col in ("what", "tf tok/s", "tf vs tf plain", "tf == tf plain", "ours", "ours tok/s", "ours vs ours plain",

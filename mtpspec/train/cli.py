@@ -76,7 +76,10 @@ def train_drafter_cmd(
 
 def eval_drafter_cmd(
     drafter: Annotated[Path, typer.Argument(help="Drafter folder (gemma4_assistant format).")],
-    prompts_file: Annotated[list[Path], typer.Option("--prompts-file", "-p", help="Held-out prompts (.jsonl with 'prompt' or one per line); repeatable.")],
+    prompts_file: Annotated[Optional[list[Path]], typer.Option("--prompts-file", "-p", help="Held-out prompts (.jsonl with 'prompt' or one per line); repeatable. Give -p, --heldout or both.")] = None,
+    heldout: Annotated[bool, typer.Option("--heldout", help="Run the broad held-out benchmark (mtpspec/bench/heldout: 12 chat categories, ~24 prompts each, multi-turn ones whole): tau = mean accepted length per category, and the headline, the unweighted mean over categories.")] = False,
+    categories: Annotated[Optional[str], typer.Option("--categories", help="With --heldout: only these categories, comma-separated (e.g. math,coding); default all.")] = None,
+    per_category: Annotated[Optional[int], typer.Option("--per-category", help="With --heldout: the first N prompts of each category (quick runs); default all.")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     draft_tokens: Annotated[Optional[int], typer.Option("--draft-tokens", "-k", help="K (default: the drafter's num_assistant_tokens).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 64,
@@ -84,20 +87,28 @@ def eval_drafter_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     compare_heads: Annotated[bool, typer.Option("--compare-heads", help="For a clustered drafter: also evaluate the full head (same weights) and measure both heads' cost.")] = False,
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft trees of K levels instead of chains, NODES:BEAM:BRANCH (e.g. 8:2:3).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text (held-out: each evaluation's \"heldout\" holds \"categories\" {name: prompts, rounds, mean_accepted_length, acceptance_per_position} and \"mean_over_categories\").")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
     drafter_dtype: Annotated[str, typer.Option("--drafter-dtype", help="'auto' = bfloat16 on CPU (as generate/serve), or float32 / bfloat16 / float16.")] = "auto",
 ) -> None:
-    """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K),
-    optionally clustered vs full head with their costs."""
+    """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K), on
+    prompts files (-p) and/or the broad held-out benchmark (--heldout: tau per category and the
+    unweighted mean over categories), optionally clustered vs full head with their costs."""
     import json
 
     import mtpspec
 
+    from ..bench.heldout import load_heldout
     from ..drafter_checkpoint import read_drafter_config
-    from .evaluate import evaluate_drafter, head_costs
+    from ..errors import InputError
+    from .evaluate import evaluate_drafter, evaluate_drafter_heldout, head_costs
 
     try:
+        if not heldout and (categories is not None or per_category is not None):
+            raise InputError("--categories and --per-category select held-out benchmark prompts: add --heldout")
+        if not prompts_file and not heldout:
+            raise InputError("give --prompts-file (-p) and/or --heldout")
+        selection = load_heldout(categories, per_category) if heldout else None  # bad names fail before loading
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
         eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device,
@@ -106,28 +117,45 @@ def eval_drafter_cmd(
         heads = [False, True] if compare_heads and clustered else [False]
         res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.plan.tree),
                "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."), "evaluations": []}
-        for path in prompts_file:
+        for path in prompts_file or []:
             for full in heads:
                 res["evaluations"].append(evaluate_drafter(drafter, path, k=k, max_new_tokens=max_new_tokens, limit=limit,
                                                            batch_size=batch_size, full_head=full, engine=eng))
+        for full in heads if selection is not None else []:
+            res["evaluations"].append(evaluate_drafter_heldout(drafter, selection, k=k, max_new_tokens=max_new_tokens,
+                                                               batch_size=batch_size, full_head=full, engine=eng))
         if compare_heads:
             res["head_costs"] = head_costs(eng)
         if json_out:
             typer.echo(json.dumps(res))
             return
         for e in res["evaluations"]:
-            acc = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-            shape = f", tree {res['tree']}" if res["tree"] else ""
-            typer.echo(f"{e['prompts_file']} ({e['prompts']} prompts, {e['head']} head, K={k}{shape}): mean accepted length "
-                       f"{e['mean_accepted_length']:.3f}, acceptance per position [{acc}]")
+            _echo_evaluation(e, res)
         if "head_costs" in res:
-            hc = res["head_costs"]
-            for name in ("clustered", "full"):
-                if name in hc:
-                    typer.echo(f"{name} head: {hc[name]['head_ms']} ms alone, drafting step {hc[name]['draft_step_ms']} ms (batch 1)")
-            if "head_cost_ratio_full_over_clustered" in hc:
-                typer.echo(f"clustered head {hc['head_cost_ratio_full_over_clustered']}x cheaper than the full head "
-                           f"(drafting step {hc['step_cost_ratio_full_over_clustered']}x)")
+            _echo_head_costs(res["head_costs"])
     except MtpspecError as e:
         typer.echo(f"mtpspec: error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+def _echo_evaluation(e: dict, res: dict) -> None:
+    """One evaluation as text; a held-out one with its table of tau per category."""
+    from ..bench.heldout_scores import heldout_lines
+
+    acc = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
+    shape = f", tree {res['tree']}" if res["tree"] else ""
+    what = e["prompts_file"] or f"held-out benchmark, {len(e['heldout']['categories'])} categories"
+    overall = "all rounds pooled: mean accepted length" if e.get("heldout") else "mean accepted length"
+    typer.echo(f"{what} ({e['prompts']} prompts, {e['head']} head, K={res['draft_tokens']}{shape}): {overall} "
+               f"{e['mean_accepted_length']:.3f}, acceptance per position [{acc}]")
+    if e.get("heldout"):
+        typer.echo("\n".join(heldout_lines(e["heldout"])))
+
+
+def _echo_head_costs(hc: dict) -> None:
+    for name in ("clustered", "full"):
+        if name in hc:
+            typer.echo(f"{name} head: {hc[name]['head_ms']} ms alone, drafting step {hc[name]['draft_step_ms']} ms (batch 1)")
+    if "head_cost_ratio_full_over_clustered" in hc:
+        typer.echo(f"clustered head {hc['head_cost_ratio_full_over_clustered']}x cheaper than the full head "
+                   f"(drafting step {hc['step_cost_ratio_full_over_clustered']}x)")

@@ -1,11 +1,14 @@
 """Held-out evaluation of a drafter: mean accepted length (tokens per target forward, bonus token
 included) and per-position acceptance, measured with the real MtpProposer in our decoding loop
-(greedy, fixed K; chains, or draft trees of K levels if the engine's proposer drafts trees)."""
+(greedy, fixed K; chains, or draft trees of K levels if the engine's proposer drafts trees): on a
+prompts file (`evaluate_drafter`) or on the broad held-out benchmark, per category and as the
+unweighted mean over categories (`evaluate_drafter_heldout`, see `mtpspec.bench.heldout`)."""
 
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -14,30 +17,52 @@ from ..acceptance import AcceptanceTotals
 from ..prompts_file import read_prompts
 
 
-def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
-    """Aggregate over all verification rounds of all prompts (an engine with an MTP proposer),
-    summed from each sequence's counts."""
+def _decode_stats(engine, prompt_ids: list[list[int]], k: int, max_new_tokens: int, batch_size: int) -> list:
+    """Each prompt's `SequenceStats` (greedy, K drafted every round), in prompt order."""
     from ..decoding.loop import Request, decode
     from ..decoding.sampling import SamplingParams
 
-    t0 = time.time()
-    requests = [Request(engine.encode(p), max_new_tokens, SamplingParams(), engine.eos_ids) for p in prompts]
-    seqs = decode(engine.model, requests, engine.plan.with_draft_tokens(k), slots=batch_size)
-    totals = AcceptanceTotals.of(s.stats for s in seqs)
+    requests = [Request(ids, max_new_tokens, SamplingParams(), engine.eos_ids) for ids in prompt_ids]
+    return [s.stats for s in decode(engine.model, requests, engine.plan.with_draft_tokens(k), slots=batch_size)]
+
+
+def _summary(totals: AcceptanceTotals, k: int) -> dict:
     per_position = totals.acceptance_per_position[:k]
     per_position += [None] * (k - len(per_position))
-    return {"prompts": len(seqs), "draft_tokens": k, "max_new_tokens": max_new_tokens,
-            "mean_accepted_length": round(totals.mean_accepted_length or 0.0, 4),
-            "acceptance_per_position": [round(a or 0.0, 4) for a in per_position],
-            "seconds": round(time.time() - t0, 1)}
+    return {"mean_accepted_length": round(totals.mean_accepted_length or 0.0, 4),
+            "acceptance_per_position": [round(a or 0.0, 4) for a in per_position]}
 
 
-def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | None = None, k: int | None = None,
-                     max_new_tokens: int = 64, limit: int | None = None, batch_size: int = 8,
-                     full_head: bool = False, engine=None) -> dict:
-    """Mean accepted length of a drafter folder on a prompts file (.jsonl {"prompt"} or .txt).
-    full_head: evaluate a clustered drafter's weights with the full LM head instead. `engine`: an
-    already loaded engine with this drafter (saves loading it again)."""
+def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+    """Aggregate over all verification rounds of all prompts (an engine with an MTP proposer),
+    summed from each sequence's counts."""
+    t0 = time.time()
+    stats = _decode_stats(engine, [engine.encode(p) for p in prompts], k, max_new_tokens, batch_size)
+    return {"prompts": len(stats), "draft_tokens": k, "max_new_tokens": max_new_tokens,
+            **_summary(AcceptanceTotals.of(stats), k), "seconds": round(time.time() - t0, 1)}
+
+
+def heldout_acceptance(engine, heldout: Mapping[str, Sequence], k: int, max_new_tokens: int = 64,
+                       batch_size: int = 8) -> dict:
+    """`acceptance` on held-out benchmark prompts ({category: [heldout.Prompt]}, as `load_heldout`
+    gives), rendered with the engine's chat template (`encode_prompt`; multi-turn prompts whole).
+    Besides the figures over all rounds of all prompts, "heldout" holds tau (mean accepted length)
+    and per-position acceptance per category and their unweighted mean, "mean_over_categories"
+    (the scoring convention of `mtpspec.bench.heldout`; record: `bench.heldout_scores`)."""
+    from ..bench.heldout import encode_prompt
+    from ..bench.heldout_scores import category_record, category_totals
+
+    t0 = time.time()
+    prompts = [p for ps in heldout.values() for p in ps]
+    stats = _decode_stats(engine, [encode_prompt(engine, p) for p in prompts], k, max_new_tokens, batch_size)
+    per_category = category_record(category_totals(((p.category, st) for p, st in zip(prompts, stats)), list(heldout)), k)
+    return {"prompts": len(stats), "draft_tokens": k, "max_new_tokens": max_new_tokens,
+            **_summary(AcceptanceTotals.of(stats), k), "heldout": per_category, "seconds": round(time.time() - t0, 1)}
+
+
+def _drafter_engine(drafter, target, k: int | None, full_head: bool, engine):
+    """(K, the engine evaluating `drafter`): `engine` if given, else loaded; with full_head, a copy
+    drafting with the clustered drafter's full LM head."""
     import mtpspec
     from ..decoding.mtp import MtpProposer
     from ..drafter_checkpoint import read_drafter_config
@@ -48,10 +73,40 @@ def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | 
     if full_head:
         eng = copy.copy(eng)
         eng.plan = eng.plan.with_proposer(MtpProposer(eng.proposer.drafter.full_head_copy().prepare()))
+    return k, eng
+
+
+def _head(eng, full_head: bool) -> str:
+    return "full" if full_head or not eng.proposer.drafter.cfg.clustered else "clustered"
+
+
+def evaluate_drafter(drafter: str | Path, prompts: str | Path, *, target: str | None = None, k: int | None = None,
+                     max_new_tokens: int = 64, limit: int | None = None, batch_size: int = 8,
+                     full_head: bool = False, engine=None) -> dict:
+    """Mean accepted length of a drafter folder on a prompts file (.jsonl {"prompt"} or .txt).
+    full_head: evaluate a clustered drafter's weights with the full LM head instead. `engine`: an
+    already loaded engine with this drafter (saves loading it again)."""
+    k, eng = _drafter_engine(drafter, target, k, full_head, engine)
     ps = read_prompts(prompts)[:limit] if limit else read_prompts(prompts)
     out = acceptance(eng, ps, k, max_new_tokens, batch_size)
     out["prompts_file"] = str(prompts)
-    out["head"] = "full" if full_head or not eng.proposer.drafter.cfg.clustered else "clustered"
+    out["head"] = _head(eng, full_head)
+    return out
+
+
+def evaluate_drafter_heldout(drafter: str | Path, heldout: Mapping[str, Sequence] | None = None, *,
+                             target: str | None = None, k: int | None = None, max_new_tokens: int = 64,
+                             batch_size: int = 8, full_head: bool = False, engine=None) -> dict:
+    """A drafter folder on the broad held-out benchmark: `heldout_acceptance` on `heldout`
+    ({category: prompts}, e.g. `load_heldout("math,coding", per_category=4)`; None = all of it),
+    with "prompts_file" None and "head" as `evaluate_drafter`."""
+    from ..bench.heldout import load_heldout
+
+    heldout = load_heldout() if heldout is None else heldout
+    k, eng = _drafter_engine(drafter, target, k, full_head, engine)
+    out = heldout_acceptance(eng, heldout, k, max_new_tokens, batch_size)
+    out["prompts_file"] = None
+    out["head"] = _head(eng, full_head)
     return out
 
 
