@@ -68,4 +68,6 @@ def test_shipped_drafter_acceptance_stays_in_its_band():
                for line in (root / f"heldout-{name}.jsonl").read_text().splitlines()[:4]]
     results = engine.generate(prompts, max_new_tokens=64, draft_tokens=4, batch_size=1)
     tau = sum(r.stats["mean_accepted_length"] for r in results) / len(results)
-    assert 2.05 <= tau <= 2.35, f"mean accepted length {tau:.3f}, measured 2.196 when this band was set"
+    # band re-set when quantized blocks became fused (different rounding, so different greedy
+    # continuations on these prompts: per-op 2.056, fused 2.377)
+    assert 2.2 <= tau <= 2.55, f"mean accepted length {tau:.3f}, measured 2.377 when this band was set"

@@ -80,7 +80,8 @@ class FusedStack:
 
     def __call__(self, h: torch.Tensor, ctx, cache) -> torch.Tensor | None:
         """All blocks applied to h [B, T, hidden], or None when this step cannot run fused."""
-        if h.dtype != torch.float32 or quant._ext() is None or (torch.is_grad_enabled() and h.requires_grad):
+        if (h.dtype != torch.float32 or h.device.type != "cpu" or quant._ext() is None
+                or (torch.is_grad_enabled() and h.requires_grad)):
             return None
         cos, sin, lo, hi, masks = [], [], [], [], []
         for lt in self.types:
