@@ -2,7 +2,8 @@
 
 from .config import TrainConfig
 from .data import DataBuilder, Sample, build_samples, heldout_prompts
+from .self_instruct import generate_prompts
 from .trainer import Trainer, TrainResult, train_drafter
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "train_drafter", "DataBuilder", "Sample", "build_samples",
-           "heldout_prompts"]
+           "heldout_prompts", "generate_prompts"]

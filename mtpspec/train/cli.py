@@ -11,7 +11,7 @@ from ..errors import MtpspecError
 
 
 def train_drafter_cmd(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N].")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
@@ -23,6 +23,9 @@ def train_drafter_cmd(
     centroid_top_k: Annotated[Optional[int], typer.Option("--centroid-top-k")] = None,
     self_distill: Annotated[bool, typer.Option("--self-distill/--no-self-distill", help="Train on the target's own (greedy) responses to the data's prompts.")] = True,
     distill_tokens: Annotated[int, typer.Option("--distill-tokens", help="Max response tokens generated per prompt.")] = 192,
+    self_instruct_temperature: Annotated[float, typer.Option("--self-instruct-temperature", help="Sampling temperature of the prompts the target writes (self-instruct recipe); seeded by --seed.")] = 1.0,
+    self_instruct_top_p: Annotated[float, typer.Option("--self-instruct-top-p", help="Top-p of the prompts the target writes (1 = off).")] = 1.0,
+    self_instruct_tokens: Annotated[int, typer.Option("--self-instruct-tokens", help="Max tokens of a prompt the target writes; one not ending its turn within them is dropped.")] = 128,
     max_len: Annotated[int, typer.Option("--max-len", help="Max tokens per training sequence.")] = 384,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per activation shard.")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 8,
@@ -53,6 +56,8 @@ def train_drafter_cmd(
             draft_tokens=draft_tokens, num_layers=layers, hidden_size=hidden_size, clustered=clustered,
             num_centroids=num_centroids, centroid_top_k=centroid_top_k, self_distill=self_distill,
             distill_max_new_tokens=distill_tokens, max_len=max_len, shard_size=shard_size, batch_size=batch_size,
+            self_instruct_temperature=self_instruct_temperature, self_instruct_top_p=self_instruct_top_p,
+            self_instruct_max_tokens=self_instruct_tokens,
             lr=lr, epochs=epochs, replay=replay, max_steps=max_steps,
             time_budget=time_budget * 60 if time_budget else None, full_vocab_loss=full_vocab_loss, soft_labels=soft_labels,
             eval_prompts=str(eval_prompts) if eval_prompts else None,

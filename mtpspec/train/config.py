@@ -23,6 +23,9 @@ class TrainConfig:
     self_distill: bool = True
     distill_max_new_tokens: int = 192
     distill_batch: int = 32
+    self_instruct_temperature: float = 1.0  # the `self-instruct` recipe's sampling (see self_instruct.py)
+    self_instruct_top_p: float = 1.0
+    self_instruct_max_tokens: int = 128  # a generated prompt not ending its turn within this is dropped
     max_len: int = 384
     shard_size: int = 64
     batch_size: int = 8
@@ -59,3 +62,9 @@ class TrainConfig:
             raise InputError("batch_size and shard_size must be >= 1")
         if not 0 <= self.replay < 1:
             raise InputError(f"replay must be in [0, 1), got {self.replay}")
+        if not self.self_instruct_temperature > 0:
+            raise InputError(f"self_instruct_temperature must be > 0, got {self.self_instruct_temperature}")
+        if not 0 < self.self_instruct_top_p <= 1:
+            raise InputError(f"self_instruct_top_p must be in (0, 1], got {self.self_instruct_top_p}")
+        if self.self_instruct_max_tokens < 1:
+            raise InputError(f"self_instruct_max_tokens must be >= 1, got {self.self_instruct_max_tokens}")

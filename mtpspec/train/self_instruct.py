@@ -1,0 +1,255 @@
+"""Prompts written by the target itself, the Magpie method (Xu et al., 2024, "Magpie: Alignment
+Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing").
+
+An instruction-tuned model has learnt what its users write after the chat template's user-turn
+markup. Rendering the template up to the start of a user message (the "pre-query template", e.g.
+`<|im_start|>user\\n`) and letting the model continue makes it sample a user message, ended by its
+end-of-turn token. No corpus is needed, and the prompts follow the distribution of requests the
+target was tuned for: the traffic its drafter will see. The self-distillation then answers them
+like any other prompt (harvest.py).
+
+`generate_prompts`:
+1. the pre-query template: the chat template applied to one user message whose content is a
+   sentinel, cut at the sentinel. A system prompt the template inserts by default stays in it:
+   the target writes the user message in the context it will answer in (`DataBuilder.render_prompt`
+   inserts the same system prompt). The special tokens between a user message and the assistant's
+   (e.g. `<|im_end|>`, `<|im_start|>`) end the user's turn, with the EOS tokens.
+2. sampling, batched through our decoding loop (`decode`, `batch_size` rows refilled as they end),
+   each request with its own seed (derived from `seed` and its index), so the same seed gives the
+   same prompts whatever the batch.
+3. filtering (`PromptFilter`): dropped are messages that did not end their turn within
+   `max_tokens` (truncated), contain template markup or broken UTF-8, are empty, too short or
+   repetitive, or duplicate a kept one after normalisation (case, punctuation, spacing).
+Rounds of requests continue until `n` are kept or `max_attempts` were sampled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError
+
+SENTINEL = "MTPSPECUSERMESSAGE7Q"
+REPLY = "MTPSPECASSISTANTREPLY7Q"
+DROP_REASONS = ("truncated", "markup", "broken", "empty", "short", "repetitive", "duplicate")
+
+
+@dataclass
+class UserTurn:
+    """Where a user message starts and ends in a target's chat template."""
+
+    prefix_ids: list[int]  # the template's tokens before a user message's content
+    stop_ids: frozenset[int]  # tokens that end the user's turn: the template's turn markup and EOS
+    stop_text: str | None  # a plain-text turn boundary, for templates that mark turns without special tokens
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # the template itself may reject a conversation
+        raise InputError(f"self-instruct: the chat template cannot render a user turn "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if SENTINEL not in text:
+        raise InputError("self-instruct: the chat template does not show the user's message; cannot find where it starts")
+    return text
+
+
+def special_tokens(tokenizer) -> dict[int, str]:
+    """The tokenizer's special tokens (id -> text): template markup, never part of a user message."""
+    out = {i: t for i, t in zip(tokenizer.all_special_ids, tokenizer.all_special_tokens)}
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            out[i] = str(tok)
+    return {i: t for i, t in out.items() if t}
+
+
+def user_turn(tokenizer, eos_ids=()) -> UserTurn:
+    """The pre-query template of a chat target and what ends a user turn (see the module doc).
+    InputError if the target has no tokenizer or no chat template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InputError("self-instruct: the target's tokenizer has no chat template; the target can write its own "
+                         "prompts only if it is a chat model (use other --data for this target)")
+    one = _render(tokenizer, [{"role": "user", "content": SENTINEL}])
+    prefix = tokenizer.encode(one[: one.index(SENTINEL)], add_special_tokens=False)
+    if not prefix:
+        raise InputError("self-instruct: the chat template puts nothing before a user message; nothing to prompt with")
+    two = _render(tokenizer, [{"role": "user", "content": SENTINEL}, {"role": "assistant", "content": REPLY}])
+    start = two.index(SENTINEL) + len(SENTINEL)
+    between = two[start : two.find(REPLY, start)] if REPLY in two[start:] else two[start:]
+    special = special_tokens(tokenizer)
+    markup = {i for i in tokenizer.encode(between, add_special_tokens=False) if i in special}
+    stop_text = None if markup else (between.strip() or None)
+    eos = set(eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    return UserTurn(list(prefix), frozenset(markup | eos), stop_text)
+
+
+# ---- filtering ---------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """The key of near-duplicate detection: NFKC, case-folded, letters and digits only, single spaces."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c if c.isalnum() else " " for c in text).split())
+
+
+_RUN = re.compile(r"(\w.{0,7}?)\1{7,}", re.S)  # a short unit (starting with a letter or digit) 8+ times in a row
+
+
+def is_repetitive(text: str, n: int = 3, max_repeated: float = 0.3) -> bool:
+    """A degenerate loop: a short unit repeated 8+ times in a row ("hahahaha..."), or more than
+    `max_repeated` of the word n-grams repeating earlier ones (among at least 6 n-grams)."""
+    if _RUN.search(text):
+        return True
+    words = re.findall(r"\w+", text.casefold())
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 6 and 1 - len(set(grams)) / len(grams) > max_repeated
+
+
+class PromptFilter:
+    """Keeps a generated user message unless it is degenerate or a (near-)duplicate of one kept;
+    counts the kept ones and the dropped ones by reason (`DROP_REASONS`)."""
+
+    def __init__(self, markup=(), min_chars: int = 8) -> None:
+        self.markup = [m for m in markup if m]
+        self.min_chars = min_chars
+        self.seen: set[str] = set()
+        self.kept = 0
+        self.dropped: Counter = Counter()
+
+    def reason(self, text: str, ended_turn: bool = True) -> str | None:
+        """Why `text` would be dropped (one of DROP_REASONS), None if it would be kept."""
+        if not ended_turn:
+            return "truncated"
+        if any(m in text for m in self.markup):
+            return "markup"
+        if "\ufffd" in text:
+            return "broken"
+        text = text.strip()
+        if not text:
+            return "empty"
+        if len(text) < self.min_chars:
+            return "short"
+        if is_repetitive(text):
+            return "repetitive"
+        if normalize(text) in self.seen:
+            return "duplicate"
+        return None
+
+    def add(self, text: str, ended_turn: bool = True) -> str | None:
+        """The message, stripped, if kept (then later near-duplicates of it are dropped), else None."""
+        why = self.reason(text, ended_turn)
+        if why is not None:
+            self.dropped[why] += 1
+            return None
+        self.kept += 1
+        self.seen.add(normalize(text))
+        return text.strip()
+
+
+# ---- generation --------------------------------------------------------------------------------
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of request `index` of a run seeded with `seed`."""
+    return int(hashlib.sha1(f"self-instruct/{seed}/{index}".encode()).hexdigest()[:15], 16)
+
+
+def _text_stop(tokenizer, marker: str):
+    def check(ids: list[int]) -> int | None:
+        return len(ids) if marker in tokenizer.decode(ids, skip_special_tokens=False) else None
+    return check
+
+
+def _sample(model, tokenizer, turn: UserTurn, indices: range, *, temperature: float, top_p: float, seed: int,
+            max_tokens: int, batch_size: int) -> list[tuple[str, bool, int]]:
+    """(text, ended its turn, tokens generated) of the user messages of requests `indices`."""
+    from ..decoding.loop import Request, decode
+    from ..decoding.sampling import SamplingParams
+
+    stop = _text_stop(tokenizer, turn.stop_text) if turn.stop_text else None
+    reqs = [Request(turn.prefix_ids, max_tokens, SamplingParams(temperature, 0, top_p, row_seed(seed, i)),
+                    turn.stop_ids, stop) for i in indices]
+    out = []
+    for s in decode(model, reqs, None, slots=batch_size):
+        text = tokenizer.decode(s.new_ids, skip_special_tokens=False)
+        ended = s.finish_reason == "stop"
+        if turn.stop_text and turn.stop_text in text:
+            text, ended = text[: text.index(turn.stop_text)], True
+        out.append((text, ended, len(s.new_ids)))
+    return out
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     max_tokens: int = 128, batch_size: int = 32, eos_ids=(), max_attempts: int | None = None,
+                     min_chars: int = 8, log: Callable[[str], None] | None = _stderr) -> list[str]:
+    """Up to `n` distinct user prompts written by the target (`model`: a Decoder, with its
+    tokenizer) with the Magpie method (see the module doc): `temperature`/`top_p` sampling, one
+    seed per request derived from `seed`, at most `max_tokens` tokens per message, `batch_size`
+    rows decoded at once, at most `max_attempts` messages sampled (default: 8 n, at least
+    4 batches). `eos_ids` (e.g. `Engine.eos_ids`) also end a message. Logs one line (`log`) with
+    the counts generated / kept / dropped by reason and the rate. InputError without a chat
+    template, or if no message was usable."""
+    if n < 1:
+        raise InputError(f"self-instruct: the number of prompts must be >= 1, got {n}")
+    if max_tokens < 1 or batch_size < 1:
+        raise InputError("self-instruct: max_tokens and batch_size must be >= 1")
+    turn = user_turn(tokenizer, eos_ids)
+    keep = PromptFilter(special_tokens(tokenizer).values(), min_chars)
+    budget = max_attempts if max_attempts is not None else max(8 * n, 4 * batch_size)
+    kept: list[str] = []
+    tried = tokens = 0
+    t0 = time.perf_counter()
+    while len(kept) < n and tried < budget:
+        rate = max(len(kept) / tried, 0.05) if tried else 1.0
+        size = min(budget - tried, max(batch_size, math.ceil(1.1 * (n - len(kept)) / rate)))
+        rows = _sample(model, tokenizer, turn, range(tried, tried + size), temperature=temperature, top_p=top_p,
+                       seed=seed, max_tokens=max_tokens, batch_size=batch_size)
+        for text, ended, n_tok in rows:
+            tokens += n_tok
+            if (p := keep.add(text, ended)) is not None:
+                kept.append(p)
+        tried += size
+    secs = max(time.perf_counter() - t0, 1e-9)
+    dropped = ", ".join(f"{r} {keep.dropped[r]}" for r in DROP_REASONS if keep.dropped[r]) or "none"
+    if log is not None:
+        log(f"self-instruct: {tried} prompts generated, {len(kept)} kept, dropped: {dropped}; {min(n, len(kept))} used "
+            f"({n} asked); {secs:.1f}s, {tried / secs:.1f} prompts/s ({tokens / secs:.0f} tok/s)")
+    if not kept:
+        raise InputError(f"self-instruct: none of the {tried} user messages the target wrote was usable "
+                         f"(dropped: {dropped}); try a higher max_tokens or another temperature")
+    return kept[:n]
+
+
+# ---- storage -----------------------------------------------------------------------------------
+def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, seed: int, max_tokens: int) -> Path:
+    """Where a run keeps its generated prompts (the options that shape them are in the name)."""
+    return Path(work_dir) / f"self-instruct-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
+
+
+def load_or_generate(path: Path, generate: Callable[[], list[str]],
+                     log: Callable[[str], None] | None = _stderr) -> list[str]:
+    """The prompts stored at `path` ({"prompt": ...} per line, usable as --data), or `generate()`'s,
+    then stored (atomically: a resumed or repeated run reads them instead of generating again)."""
+    path = Path(path)
+    if path.is_file():
+        prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if log is not None:
+            log(f"self-instruct: {len(prompts)} prompts read from {path}")
+        return prompts
+    prompts = generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
+    os.replace(tmp, path)
+    return prompts

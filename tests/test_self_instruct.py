@@ -1,0 +1,286 @@
+"""The `self-instruct` data recipe (Magpie: the target writes its own prompts): the pre-query
+template of each family's chat template, prompts sampled through the decoding loop, seeded and
+filtered, stored in the work dir and read again on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gemma4_configs import tiny_gemma4
+from tiny_models import CHAT_TEMPLATE, VOCAB, tiny_hf_model
+
+import mtpspec
+from mtpspec.errors import InputError
+from mtpspec.train import TrainConfig, Trainer, build_samples
+from mtpspec.train import self_instruct as si
+from mtpspec.train.self_instruct import PromptFilter, generate_prompts, is_repetitive, normalize, user_turn
+
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2 = SMOLLM2.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                        "You are a helpful assistant.")
+GEMMA3 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA4 = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 = pad, bos, eos of the tiny configs
+# family -> (special tokens in id order, bos, eos, chat template, the pre-query template as text)
+FAMILIES = {
+    "llama": (CHATML, "<|im_start|>", "<|im_end|>", SMOLLM2,
+              "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\n"),
+    "qwen2": (CHATML, "<|im_start|>", "<|im_end|>", QWEN2,
+              "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"),
+    "gemma3": (["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", GEMMA3,
+               "<bos><start_of_turn>user\n"),
+    "gemma4": (["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>"], "<bos>", "<eos>", GEMMA4, "<bos><|turn>user\n"),
+}
+PLAIN = (["<pad>", "<s>", "</s>"], "<s>", "</s>", CHAT_TEMPLATE, "<s>user: ")  # the tests' minimal template
+END_OF_TURN = {"llama": "<|im_end|>", "qwen2": "<|im_end|>", "gemma3": "<end_of_turn>", "gemma4": "<turn|>"}
+
+
+def save_family_tokenizer(folder, family: str, template: bool = True):
+    """A byte-level BPE tokenizer (< VOCAB tokens, ASCII only: random models write valid text) with
+    the family's special tokens and a chat template of its form (or none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, bos, eos, chat, _ = PLAIN if family == "plain" else FAMILIES[family]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? tell me a story",
+            "you are a helpful assistant named smollm, trained by hugging face", "system user model"] * 20
+    ascii_only = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # printable, space, newline (byte-level)
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=specials,
+                                                      initial_alphabet=ascii_only))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=specials[0],
+                                   extra_special_tokens=[s for s in specials if s not in (bos, eos, specials[0])])
+    if template:
+        fast.chat_template = chat
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def family_targets(tmp_path_factory):
+    """family -> a tiny target folder (model + the family's tokenizer and chat template)."""
+    out = {}
+    for fam in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"si-{fam}")
+        (tiny_gemma4("e2b", seed=7) if fam == "gemma4" else tiny_hf_model(fam)).save_pretrained(folder)
+        save_family_tokenizer(folder, fam)
+        out[fam] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(family_targets):
+    return {fam: mtpspec.load(folder) for fam, folder in family_targets.items()}
+
+
+def _generate(engine, n, **kw):
+    opts = dict(temperature=1.0, seed=0, max_tokens=48, batch_size=16, eos_ids=engine.eos_ids, log=None)
+    opts.update(kw)
+    return generate_prompts(engine.model, engine.tokenizer, n, **opts)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pre_query_template_is_the_template_up_to_the_user_message(family, engines):
+    """The prompt the target continues is the template's text before a user message (a default
+    system prompt included); the template's end-of-turn token ends the message."""
+    tok = engines[family].tokenizer
+    turn = user_turn(tok, engines[family].eos_ids)
+    assert tok.decode(turn.prefix_ids, skip_special_tokens=False) == FAMILIES[family][4]
+    assert tok.convert_tokens_to_ids(END_OF_TURN[family]) in turn.stop_ids
+    assert turn.stop_text is None
+    # what the self-distillation renders for a generated prompt starts with the same tokens
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+    assert rendered[: len(turn.prefix_ids)] == turn.prefix_ids
+
+
+def test_plain_template_without_end_of_turn_token(tmp_path):
+    """The tests' minimal template ("<s>role: content\\n") ends a turn with the next turn's <s>."""
+    tiny_hf_model("llama").save_pretrained(tmp_path)
+    save_family_tokenizer(tmp_path, "plain")
+    eng = mtpspec.load(tmp_path)
+    turn = user_turn(eng.tokenizer, eng.eos_ids)
+    assert eng.tokenizer.decode(turn.prefix_ids, skip_special_tokens=False) == "<s>user: "
+    assert eng.tokenizer.convert_tokens_to_ids("<s>") in turn.stop_ids
+    assert _generate(eng, 3, max_tokens=64)
+
+
+def test_template_with_plain_text_turn_markers(tmp_path):
+    """A template marking turns with text only ("User: ...\\nAssistant: ..."): the user's message
+    ends where the assistant's header starts (or at EOS)."""
+    tok = save_family_tokenizer(tmp_path, "plain")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}Assistant:{% endif %}")
+    turn = user_turn(tok)
+    assert tok.decode(turn.prefix_ids) == "User: "
+    assert turn.stop_text == "Assistant:" and turn.stop_ids == {tok.eos_token_id}
+    check = si._text_stop(tok, turn.stop_text)
+    assert check(tok.encode("the lazy dog\nAssis", add_special_tokens=False)) is None
+    ids = tok.encode("the lazy dog\nAssistant: hello", add_special_tokens=False)
+    assert check(ids) == len(ids)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_recipe_yields_distinct_prompts_for_each_family(family, engines):
+    eng = engines[family]
+    written: list[str] = []
+
+    def write(n):
+        written.extend(_generate(eng, n))
+        return list(written)
+
+    samples = build_samples(eng.tokenizer, ["self-instruct:6"], self_distill=True, max_len=256, self_instruct=write)
+    assert 1 <= len(samples) == len(written) <= 6
+    markup = set(FAMILIES[family][0])
+    for p in written:
+        assert p.strip() == p and len(p) >= 8
+        assert not any(m in p for m in markup)
+        assert p != FAMILIES[family][4].strip()
+    assert len({normalize(p) for p in written}) == len(written)
+    assert all(s.needs_response and s.loss_from == len(s.ids) for s in samples)
+    rendered = {tuple(eng.encode(p)) for p in written}  # each sample is a generated prompt as a user message
+    assert {tuple(s.ids) for s in samples} == rendered
+
+
+def test_same_seed_same_prompts(engines):
+    eng = engines["qwen2"]
+    a = _generate(eng, 6, seed=3)
+    assert _generate(eng, 6, seed=3) == a
+    assert _generate(eng, 6, seed=3, batch_size=5) == a  # each request has its own seed: the batch does not matter
+    assert _generate(eng, 6, seed=4) != a
+
+
+def test_target_without_chat_template_is_a_clear_error(tmp_path):
+    folder = tmp_path / "no-template"
+    tiny_hf_model("llama").save_pretrained(folder)
+    save_family_tokenizer(folder, "llama", template=False)
+    eng = mtpspec.load(folder)
+    with pytest.raises(InputError, match="no chat template"):
+        _generate(eng, 4)
+    with pytest.raises(InputError, match="no chat template"):
+        Trainer(TrainConfig(data=["self-instruct:4"], out=str(tmp_path / "o"), hidden_size=32, progress=False), eng)
+    with pytest.raises(InputError, match="needs the target model"):
+        build_samples(eng.tokenizer, ["self-instruct:4"], self_distill=True, max_len=64)
+
+
+def test_self_instruct_needs_self_distillation(engines, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append(a) or ["a prompt to answer"])
+    with pytest.raises(InputError, match="have no answers: use self-distillation"):
+        Trainer(TrainConfig(data=["self-instruct:4"], out=str(tmp_path / "o"), hidden_size=32, progress=False,
+                            self_distill=False), engines["llama"])
+    assert calls == []  # refused before generating anything
+
+
+@pytest.mark.parametrize("text,ended,reason", [
+    ("What is the capital of France?", True, None),
+    ("What is the capital of Fra", False, "truncated"),
+    ("", True, "empty"),
+    ("  \n ", True, "empty"),
+    ("Hi!", True, "short"),
+    ("Tell me a joke<|im_end|>", True, "markup"),
+    ("<|im_start|>assistant\nSure", True, "markup"),
+    ("Caf\ufffd menu please", True, "broken"),
+    ("hahahahahahahahahahaha", True, "repetitive"),
+    ("please please please please please please please please", True, "repetitive"),
+    ("tell me about cats. tell me about cats. tell me about cats. tell me about cats.", True, "repetitive"),
+])
+def test_degenerate_prompts_are_dropped(text, ended, reason):
+    f = PromptFilter(["<|im_start|>", "<|im_end|>"])
+    assert f.reason(text, ended) == reason
+    assert (f.add(text, ended) is None) == (reason is not None)
+    assert f.dropped[reason] == (reason is not None)
+
+
+def test_near_duplicates_are_dropped():
+    f = PromptFilter()
+    assert f.add("  What is the capital of France?\n") == "What is the capital of France?"
+    for dup in ("What is the capital of France?", "what is the capital of france", "What is the  capital of FRANCE!!"):
+        assert f.add(dup) is None
+    assert f.add("What is the capital of Spain?") is not None
+    assert (f.kept, f.dropped["duplicate"]) == (2, 3)
+    assert not is_repetitive("Write a function that sorts a list of numbers and explain how it works.")
+
+
+def test_counts_and_rate_are_logged(engines):
+    lines: list[str] = []
+    prompts = _generate(engines["gemma3"], 4, log=lines.append)
+    assert len(lines) == 1
+    msg = lines[0]
+    generated = int(msg.split(" prompts generated")[0].rsplit(" ", 1)[-1])
+    kept = int(msg.split(" kept")[0].rsplit(" ", 1)[-1])
+    dropped = sum(int(part.split()[-1]) for part in msg.split("dropped: ")[1].split(";")[0].split(", "))
+    assert kept >= len(prompts) and generated == kept + dropped
+    assert "truncated" in msg and "prompts/s" in msg
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(data=["self-instruct:5"], out=str(tmp_path / "drafter"), draft_tokens=2, num_layers=1,
+                hidden_size=32, distill_max_new_tokens=16, distill_batch=16, max_len=96, shard_size=8, batch_size=4,
+                warmup=1, progress=False, checkpoint_every=1e9, self_instruct_max_tokens=48)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_reads_the_stored_prompts(engines, tmp_path, monkeypatch):
+    calls = []
+    real = si.generate_prompts
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(si, "generate_prompts", counting)
+    eng = engines["llama"]
+    first = Trainer(_cfg(tmp_path, max_steps=4), eng)
+    first.run(on_step=lambda rec: rec["step"] == 1 and first.request_stop())
+    assert calls == [5]
+    stored = list((tmp_path / "drafter.work").glob("self-instruct-*.jsonl"))
+    assert [p.name for p in stored] == ["self-instruct-n5-seed0-t1-p1-len48.jsonl"]
+    prompts = [json.loads(line)["prompt"] for line in stored[0].read_text().splitlines()]
+    assert prompts and all(isinstance(p, str) and p for p in prompts)
+    second = Trainer(_cfg(tmp_path, max_steps=4), eng)
+    second.run(resume=True)
+    assert calls == [5]  # read from the work dir, not generated again
+    assert second.state.step == 4
+    assert {tuple(s.ids) for s in second.shards.samples} == {tuple(eng.encode(p)) for p in prompts}
+    Trainer(_cfg(tmp_path / "other", max_steps=1, self_instruct_temperature=0.7), eng)
+    assert calls == [5, 5]  # another run (other options, other work dir) generates its own
+
+
+def test_cli_options(family_targets, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpspec.cli import app
+
+    out = tmp_path / "d"
+    r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--data", "self-instruct:4",
+                                 "--out", str(out), "--hidden-size", "32", "--draft-tokens", "2", "--max-steps", "2",
+                                 "--distill-tokens", "8", "--shard-size", "8", "--batch-size", "2", "--seed", "5",
+                                 "--self-instruct-temperature", "0.9", "--self-instruct-top-p", "0.95",
+                                 "--self-instruct-tokens", "40"])
+    assert r.exit_code == 0, r.output
+    assert "prompts generated" in r.output and "prompts/s" in r.output
+    assert (tmp_path / "d.work" / "self-instruct-n4-seed5-t0.9-p0.95-len40.jsonl").is_file()
+    r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--data", "self-instruct",
+                                 "--out", str(tmp_path / "e"), "--self-instruct-temperature", "0"])
+    assert r.exit_code == 2 and "self_instruct_temperature must be > 0" in r.output
