@@ -45,10 +45,10 @@ class Checkpoint:
                      **asdict(state), "n_samples": self.n_samples,
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, self.path)
 
-    def load(self, drafter: MTPDrafter, opt: Optimiser) -> RunState:
-        if not self.path.is_file():
-            raise MtpspecError(f"{self.path}: no checkpoint to resume from")
-        st = torch.load(self.path, weights_only=False)
+    def load(self, drafter: MTPDrafter, opt: Optimiser, read=None) -> RunState:
+        """The run's state restored into drafter and opt. read(fn): how the checkpoint file is
+        read (data-parallel runs: by rank 0, sent to every rank); default: fn()."""
+        st = (read or (lambda fn: fn()))(self._read)
         if st["n_samples"] != self.n_samples:
             raise MtpspecError(f"{self.path}: the checkpoint was made with {st['n_samples']} samples, the data "
                                f"now gives {self.n_samples}: resume with the same --data and options")
@@ -57,6 +57,11 @@ class Checkpoint:
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
         return RunState(**{f: st[f] for f in RunState.__dataclass_fields__})
+
+    def _read(self) -> dict:
+        if not self.path.is_file():
+            raise MtpspecError(f"{self.path}: no checkpoint to resume from")
+        return torch.load(self.path, weights_only=False)
 
 
 def write_drafter(drafter: MTPDrafter, folder: Path, *, dtype: torch.dtype, draft_tokens: int, info: dict,

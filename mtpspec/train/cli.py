@@ -36,6 +36,8 @@ def train_drafter_cmd(
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop after this many minutes of training.")] = None,
     full_vocab_loss: Annotated[bool, typer.Option("--full-vocab-loss", help="Cross-entropy over the whole vocabulary (default: over the batch's target top-k candidates).")] = False,
     soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="Teacher: the target's top-8 distribution (soft) or only its argmax (hard, default).")] = False,
+    acceptance_weight: Annotated[float, typer.Option("--acceptance-weight", help="Share in [0, 1] of the loss given to the acceptance objective, which maximises the expected number of drafts accepted per K-step chain (from the drafter's per-step acceptance probabilities); the cross-entropy keeps the rest, which keeps early training stable. 0 = cross-entropy only (default), 1 = acceptance only.")] = 0.0,
+    acceptance_verify: Annotated[str, typer.Option("--acceptance-verify", help="The acceptance objective's per-step acceptance: greedy (the drafter's probability of the target's argmax: greedy verification, default) or sampled (sum over tokens of min(p, q), p = the target's top-8 distribution: speculative sampling).")] = "greedy",
     eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept.")] = None,
     eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
@@ -46,8 +48,18 @@ def train_drafter_cmd(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the work dir from its last checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
+    distill_url: Annotated[Optional[str], typer.Option("--distill-url", help="Self-distill through an OpenAI-compatible server (vLLM, SGLang, llama.cpp's server, mtpspec serve) serving the target, e.g. http://127.0.0.1:8000: prompts go as token ids to /v1/completions, many at a time; each answer is kept in the work dir as it arrives (a restarted run asks only for the missing ones). The activations are still computed locally from the target's weights. API key: the MTPSPEC_DISTILL_API_KEY environment variable.")] = None,
+    distill_model: Annotated[Optional[str], typer.Option("--distill-model", help="The served model's name (must be listed by the server's /v1/models); default: the one it lists.")] = None,
+    distill_concurrency: Annotated[int, typer.Option("--distill-concurrency", help="Requests in flight to --distill-url (per rank).")] = 8,
+    distill_temperature: Annotated[float, typer.Option("--distill-temperature", help="The server's sampling temperature for the answers (0 = greedy, default).")] = 0.0,
+    distill_top_p: Annotated[float, typer.Option("--distill-top-p", help="Top-p of sampled answers (1 = off).")] = 1.0,
+    distill_top_k: Annotated[int, typer.Option("--distill-top-k", help="Top-k of sampled answers (0 = off; not every server supports it).")] = 0,
+    distill_timeout: Annotated[float, typer.Option("--distill-timeout", help="Seconds to wait for one answer.")] = 600.0,
+    distill_retries: Annotated[int, typer.Option("--distill-retries", help="Retries (exponential backoff from 1 s) of a request that timed out, lost its connection or got HTTP 408/429/5xx.")] = 5,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Sequences per forward/backward: each step's batch is cut into micro-batches of this size (their gradients averaged), spread over the ranks under torchrun. Default: batch size / number of ranks. The same value gives the same steps whatever the number of ranks.")] = None,
 ) -> None:
-    """Train an MTP drafter for a target (self-distilled, K-step unrolled); resumable."""
+    """Train an MTP drafter for a target (self-distilled, K-step unrolled); resumable. Data-parallel
+    under torchrun (e.g. `torchrun --nproc-per-node 4 --no-python mtpspec train-drafter ...`)."""
     from . import TrainConfig, train_drafter
 
     try:
@@ -60,12 +72,18 @@ def train_drafter_cmd(
             self_instruct_max_tokens=self_instruct_tokens,
             lr=lr, epochs=epochs, replay=replay, max_steps=max_steps,
             time_budget=time_budget * 60 if time_budget else None, full_vocab_loss=full_vocab_loss, soft_labels=soft_labels,
+            acceptance_weight=acceptance_weight, acceptance_verify=acceptance_verify,
             eval_prompts=str(eval_prompts) if eval_prompts else None,
             eval_every=eval_every * 60 if eval_every else None, checkpoint_every=checkpoint_every * 60,
             save_dtype=save_dtype, bf16=bf16, seed=seed, device=device,
             init_from=str(init) if init else None, replay_from=[str(p) for p in replay_from or []],
+            distill_url=distill_url, distill_model=distill_model, distill_concurrency=distill_concurrency,
+            distill_temperature=distill_temperature, distill_top_p=distill_top_p, distill_top_k=distill_top_k,
+            distill_timeout=distill_timeout, distill_retries=distill_retries, micro_batch_size=micro_batch_size,
         )
         res = train_drafter(cfg, resume=resume)
+        if not res.is_main:  # another rank of a torchrun launch: rank 0 reports
+            return
         msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min); drafter in {res.out}"
         if res.evals:
             last = res.evals[-1]

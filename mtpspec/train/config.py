@@ -39,6 +39,8 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training (building shards included)
     full_vocab_loss: bool = False
     soft_labels: bool = False  # teacher: the target top-k distribution where shards hold it (else its argmax)
+    acceptance_weight: float = 0.0  # share of the acceptance objective (expected accepted length) in the loss, [0, 1]
+    acceptance_verify: str = "greedy"  # its per-step acceptance: "greedy" q(argmax) or "sampled" sum min(p, q)
     feature_weight: float = 0.2
     train_head: bool | None = None  # None: frozen when copied from the target, else trained
     checkpoint_every: float = 300.0  # seconds
@@ -53,6 +55,18 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    # self-distillation through an OpenAI-compatible server (remote.py); None: the local target answers
+    distill_url: str | None = None
+    distill_model: str | None = None  # the served model's name (checked against /v1/models)
+    distill_concurrency: int = 8  # requests in flight
+    distill_temperature: float = 0.0  # the server's sampling of answers: 0 = greedy
+    distill_top_p: float = 1.0
+    distill_top_k: int = 0  # 0 = off (not sent)
+    distill_timeout: float = 600.0  # seconds per request
+    distill_retries: int = 5  # retries of a request that timed out or got HTTP 408/429/5xx (exponential backoff)
+    # data-parallel training (torchrun; distributed.py): the global batch is cut into micro-batches of
+    # this many sequences, spread over the ranks; None = batch_size / world size (one per rank)
+    micro_batch_size: int | None = None
 
     def check(self) -> None:
         """Raise InputError naming the first option out of its range."""
@@ -68,3 +82,32 @@ class TrainConfig:
             raise InputError(f"self_instruct_top_p must be in (0, 1], got {self.self_instruct_top_p}")
         if self.self_instruct_max_tokens < 1:
             raise InputError(f"self_instruct_max_tokens must be >= 1, got {self.self_instruct_max_tokens}")
+        w = self.acceptance_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+            raise InputError(f"acceptance_weight must be in [0, 1] (the acceptance objective's share of the loss), "
+                             f"got {self.acceptance_weight}")
+        if self.acceptance_verify not in ("greedy", "sampled"):
+            raise InputError(f"acceptance_verify must be 'greedy' or 'sampled', got {self.acceptance_verify!r}")
+        self._check_distill()
+
+    def _check_distill(self) -> None:
+        if self.distill_url is not None and not self.self_distill:
+            raise InputError("distill_url (--distill-url) answers prompts for self-distillation: drop --no-self-distill")
+        if self.distill_url is None and (self.distill_model is not None or self.distill_temperature != 0
+                                         or self.distill_top_p != 1 or self.distill_top_k != 0):
+            raise InputError("distill_model and the distill sampling settings apply to answers from a server: "
+                             "give --distill-url")
+        if self.distill_concurrency < 1:
+            raise InputError(f"distill_concurrency must be >= 1, got {self.distill_concurrency}")
+        if not 0 <= self.distill_temperature <= 2:
+            raise InputError(f"distill_temperature must be in [0, 2] (0 = greedy), got {self.distill_temperature}")
+        if not 0 < self.distill_top_p <= 1:
+            raise InputError(f"distill_top_p must be in (0, 1], got {self.distill_top_p}")
+        if self.distill_top_k < 0:
+            raise InputError(f"distill_top_k must be >= 0 (0 = off), got {self.distill_top_k}")
+        if not self.distill_timeout > 0:
+            raise InputError(f"distill_timeout must be > 0 seconds, got {self.distill_timeout}")
+        if self.distill_retries < 0:
+            raise InputError(f"distill_retries must be >= 0, got {self.distill_retries}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise InputError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")

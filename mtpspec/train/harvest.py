@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -73,15 +74,21 @@ def harvest(target: Decoder, seqs: list[list[int]], loss_from: list[int], attent
     return out  # type: ignore[return-value]
 
 
+def response_budgets(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int) -> list[int]:
+    """Max response tokens of each prompt: max_new_tokens, within max_len tokens in all (and the
+    target's context), at least 1."""
+    limit = min(max_len, engine.model.cfg.max_position)
+    return [max(1, min(max_new_tokens, limit - len(p))) for p in prompts]
+
+
 def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int) -> list[list[int]]:
     """The target's greedy responses to `prompts` (our plain decoding loop, `slots` sequences at a
     time, each slot refilled as soon as its response ends), each within max_len tokens in all."""
     from ..decoding.loop import Request, decode
     from ..decoding.sampling import SamplingParams
 
-    limit = min(max_len, engine.model.cfg.max_position)
-    reqs = [Request(p, max(1, min(max_new_tokens, limit - len(p))), SamplingParams(0.0, 0, 1.0, None),
-                    engine.eos_ids) for p in prompts]
+    reqs = [Request(p, n, SamplingParams(0.0, 0, 1.0, None), engine.eos_ids)
+            for p, n in zip(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))]
     return [list(s.new_ids) for s in decode(engine.model, reqs, None, slots=slots)]
 
 
@@ -89,7 +96,13 @@ def training_sequences(samples: list[Sample], responses: list[list[int]], max_le
     """(token ids, first trained index) of each sample that has something to predict: prompts
     completed by their response (in order; a response under 2 tokens drops its prompt), cut to
     max_len tokens."""
-    seqs, froms = [], []
+    seqs = _sequences(samples, responses, max_len)
+    return [ids for ids, _, _ in seqs], [f for _, f, _ in seqs]
+
+
+def _sequences(samples: list[Sample], responses: list[list[int]], max_len: int) -> list[tuple]:
+    """`training_sequences` with, for a prompt + response, where the response starts (else None)."""
+    out = []
     resp = iter(responses)
     for s in samples:
         ids = list(s.ids)
@@ -99,24 +112,50 @@ def training_sequences(samples: list[Sample], responses: list[list[int]], max_le
                 continue
         ids = ids[:max_len]
         if len(ids) >= 2:
-            seqs.append(ids)
-            froms.append(min(s.loss_from, len(ids) - 1))
-    return seqs, froms
+            out.append((ids, min(s.loss_from, len(ids) - 1), len(s.ids) if s.needs_response else None))
+    return out
+
+
+def answer_agreement(acts: list[Activations], starts: list[int | None]) -> tuple[int, int]:
+    """(answer tokens, those the target's own greedy choice differs from): over the responses
+    (tokens from `starts[i]` on in acts[i]; None: no response), the target's argmax at the position
+    before each token (the harvest's labels) against the token."""
+    n = differ = 0
+    for a, start in zip(acts, starts):
+        if start is None or start >= len(a):
+            continue
+        n += len(a) - start
+        differ += int((a.labels[start - 1 : -1] != a.ids[start:]).sum())
+    return n, differ
 
 
 def build_shard(engine, samples: list[Sample], attention_types, *, max_new_tokens: int, max_len: int, slots: int,
-                label: str | None = None) -> list[Activations]:
+                label: str | None = None, report: dict | None = None,
+                respond: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None) -> list[Activations]:
     """The activations of one shard of samples (prompts self-distilled first); with a label, one
-    line of progress on stderr."""
+    line of progress on stderr. respond(prompts, max tokens of each): the responses (default: the
+    local target's greedy ones, `distill`). report: filled with the shard's responses, their tokens
+    and how many of those differ from the target's greedy choice (`answer_agreement`)."""
     prompts = [s.ids for s in samples if s.needs_response]
     t0 = time.time()
-    responses = distill(engine, prompts, max_new_tokens, max_len, slots) if prompts else []
+    if not prompts:
+        responses = []
+    elif respond is not None:
+        responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
+    else:
+        responses = distill(engine, prompts, max_new_tokens, max_len, slots)
     t1 = time.time()
-    seqs, froms = training_sequences(samples, responses, max_len)
+    triples = _sequences(samples, responses, max_len)
+    seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
     acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
+    n_ans, differ = answer_agreement(acts, [t[2] for t in triples])
+    if report is not None:
+        report.update(responses=len(responses), answer_tokens=n_ans, differ=differ)
     if label is not None:
         n_gen = sum(len(x) for x in responses)
-        print(f"{label}: {len(seqs)} sequences, {sum(len(x) for x in seqs)} tokens ({n_gen} generated in "
-              f"{t1 - t0:.0f}s, {n_gen / max(t1 - t0, 1e-9):.0f} tok/s; activations in {time.time() - t1:.0f}s)",
+        how = "received" if respond is not None else "generated"
+        agree = f"; the target's greedy choice differs from {differ / n_ans:.1%} of the answer tokens" if n_ans else ""
+        print(f"{label}: {len(seqs)} sequences, {sum(len(x) for x in seqs)} tokens ({n_gen} {how} in "
+              f"{t1 - t0:.0f}s, {n_gen / max(t1 - t0, 1e-9):.0f} tok/s; activations in {time.time() - t1:.0f}s{agree})",
               file=sys.stderr, flush=True)
     return acts

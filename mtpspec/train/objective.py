@@ -11,6 +11,43 @@ per step covers all anchors. Step i's teacher is the target's argmax at position
 input token is the token at p + i - 1, which is what an accepted draft is. When the data's token
 differs from the target's argmax (human text), the later steps of that anchor are masked: at
 inference the target would never have accepted that path.
+
+Loss (`step_losses`): the mean over the K steps of each step's cross-entropy to the teacher (the
+target's argmax, or with soft labels its top-k distribution) plus the feature and cluster terms;
+with `acceptance_weight` w > 0 the cross-entropy gets the share 1 - w and the acceptance
+objective L_acc (`acceptance_loss`) the share w:
+
+For an anchor t whose step 1 is trained, let n_t <= K be its run of consecutive trained steps
+from step 1 (a step's mask is on while the path stays on the target's tokens, inside the row and
+from loss_from on; a later step trained after an untrained one does not count: that chain never
+starts at inference) and a_{t,i} the probability that step i's draft is accepted given steps < i
+were. Verification stops at the first rejection, so the expected number of accepted drafts is
+
+    E_t = sum_{i=1..n_t} prod_{j=1..i} a_{t,j}   ( = sum_n n P(n), P(n) = a_1..a_n (1 - a_{n+1}), a_{n_t+1} = 0 )
+
+    L_acc = 1 - sum_t E_t / (K N),   N = the anchors whose step 1 is trained,
+
+in [0, 1]: 0 when every step of every full chain is accepted surely. Its gradient,
+dE_t/da_{t,j} = sum_{i=j..n_t} prod_{l<=i, l!=j} a_{t,l}, weighs step j by the acceptance of
+the steps before it (a step behind a likely rejection hardly matters) and by what it unlocks
+after it. a_{t,i} (`acceptance_verify`):
+
+- "greedy" (default): a = q(y), the drafter's probability of the target's argmax y. Greedy
+  verification accepts a draft iff it is y, so a drafter sampling from q is accepted with
+  probability q(y) (drafting the argmax, as inference does at temperature 0, is accepted iff
+  q's argmax is y; q(y) is its smooth surrogate). The setting the held-out benchmark measures
+  (greedy verification, fixed K), and it needs no stored target logits: hence the default.
+- "sampled": a = sum_x min(p(x), q(x)) = 1 - TV(p, q), speculative sampling's acceptance
+  probability (decoding/verify.py), with p the softmax of the target's stored top-k logits
+  (temperature 1; the mass outside its top-k dropped and the rest renormalised). Rows whose
+  shards hold no logits use p = one-hot(y), i.e. "greedy". Approximate beyond the truncation of
+  p: the unroll feeds step i + 1 the target's token, while sampled verification would feed the
+  accepted draft (distributed as min(p, q) / a).
+
+q is the drafter's softmax over the batch's candidate tokens (unless full_vocab: over the whole
+vocabulary), as for the cross-entropy: it drops the mass of the other tokens, so it overestimates
+q(y) and a, the less so the better the drafter. From a fresh drafter a ~ 1/candidates and the
+products make L_acc's gradient tiny; the cross-entropy share (1 - w) keeps early training going.
 """
 
 from __future__ import annotations
@@ -20,6 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..models.decoder import Decoder
 from ..models.drafter import MTPDrafter
 from .harvest import Activations
@@ -102,28 +140,76 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int) -> list[S
     return outs
 
 
+ACCEPTANCE_VERIFY = ("greedy", "sampled")
+
+
+def _teacher_topk(o: StepOut, batch: Batch, remap: torch.Tensor | None):
+    """Per trained position: (row holds the target's top-k logits [n] bool, their ids in the
+    logits' index space [n, TOPK], the target's top-k distribution p [n, TOPK])."""
+    m = o.mask
+    soft_rows = batch.soft[:, None].expand_as(m)[m]
+    ids = o.topk[m] if remap is None else remap[o.topk[m]]
+    return soft_rows, ids, torch.softmax(o.topk_logits[m].float(), dim=-1)
+
+
 def _nll(logp: torch.Tensor, y: torch.Tensor, o: StepOut, batch: Batch, remap: torch.Tensor | None,
          soft_labels: bool) -> torch.Tensor:
     """Per trained position: -log q(target argmax) (hard), or with soft_labels, on rows that hold
     the target's top-k logits, -sum_j p_j log q_j over the target's top-k distribution p."""
     nll = -logp.gather(1, y[:, None]).squeeze(1)
     if soft_labels and o.topk_logits is not None:
-        m = o.mask
-        soft_rows = batch.soft[:, None].expand_as(m)[m]
-        ids = o.topk[m] if remap is None else remap[o.topk[m]]
-        p = torch.softmax(o.topk_logits[m].float(), dim=-1)
+        soft_rows, ids, p = _teacher_topk(o, batch, remap)
         nll = torch.where(soft_rows, -(p * logp.gather(1, ids)).sum(-1), nll)
     return nll
 
 
+def acceptance_probs(logp: torch.Tensor, y: torch.Tensor, o: StepOut, batch: Batch, remap: torch.Tensor | None,
+                     verify: str) -> torch.Tensor:
+    """Per trained position, the probability a that the step's draft is accepted (module
+    docstring): q(y) ("greedy"), or sum_x min(p(x), q(x)) over the target's top-k p ("sampled",
+    on rows holding the target's logits; q(y) on the others)."""
+    a = logp.gather(1, y[:, None]).squeeze(1).exp()
+    if verify == "sampled" and o.topk_logits is not None:
+        soft_rows, ids, p = _teacher_topk(o, batch, remap)
+        a = torch.where(soft_rows, torch.minimum(p, logp.gather(1, ids).exp()).sum(-1), a)
+    return a
+
+
+def expected_accepted_length(a: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, mask: [K, ...] per-step acceptance probabilities and trained masks of the same anchors.
+    Returns (E [...], chains [...] bool): E = sum_{i <= n} prod_{j <= i} a_j over each anchor's run
+    of n consecutive trained steps from step 1 (0 where step 1 is not trained), and which anchors
+    have a chain (step 1 trained)."""
+    chain = mask.to(torch.long).cumprod(0).bool()  # steps 1..i all trained
+    run = torch.where(chain, a, torch.ones_like(a)).cumprod(0)
+    return torch.where(chain, run, torch.zeros_like(run)).sum(0), chain[0]
+
+
+def acceptance_loss(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_acc = 1 - sum of E over the anchors with a chain / (K * their number); a, mask [K, ...]
+    (`expected_accepted_length`). 0 (with a graph) when no anchor has a chain."""
+    e, chains = expected_accepted_length(a, mask)
+    n = int(chains.sum())
+    if n == 0:
+        return (a * 0).sum()
+    return 1 - e[chains].sum() / (a.shape[0] * n)
+
+
 def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_vocab: bool,
-                feature_weight: float, cluster_of: torch.Tensor | None, soft_labels: bool = False):
+                feature_weight: float, cluster_of: torch.Tensor | None, soft_labels: bool = False,
+                acceptance_weight: float = 0.0, acceptance_verify: str = "greedy"):
     """Loss, per-step (positions, correct argmax, cluster hits) counts.
 
-    Loss per step: cross-entropy of the drafter's logits (over the full vocabulary, or over the
-    batch's candidate tokens = every target top-k id in the batch) against the teacher (`_nll`);
-    + feature_weight * (1 - cos(s, target hidden)) when the drafter head is the target's own;
-    + the cluster layer's cross-entropy to the label's cluster (cluster_of: each token's cluster)."""
+    Loss per step: (1 - acceptance_weight) * the cross-entropy of the drafter's logits (over the
+    full vocabulary, or over the batch's candidate tokens = every target top-k id in the batch)
+    against the teacher (`_nll`); + feature_weight * (1 - cos(s, target hidden)) when the drafter
+    head is the target's own; + the cluster layer's cross-entropy to the label's cluster
+    (cluster_of: each token's cluster). Averaged over the steps, plus acceptance_weight * L_acc
+    (`acceptance_loss` of `acceptance_probs` with acceptance_verify, module docstring)."""
+    if acceptance_verify not in ACCEPTANCE_VERIFY:
+        raise InputError(f"acceptance_verify must be one of {', '.join(ACCEPTANCE_VERIFY)}, got {acceptance_verify!r}")
+    if not 0 <= acceptance_weight <= 1:
+        raise InputError(f"acceptance_weight must be in [0, 1], got {acceptance_weight}")
     cand = remap = None
     if not full_vocab:
         cand = torch.unique(torch.cat([batch.topk.flatten(), batch.labels.flatten()]))
@@ -131,16 +217,24 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
         remap[cand] = torch.arange(cand.numel())
     total = 0.0
     stats = []
+    acc_a = []  # per step: [B, T] acceptance probabilities (0 where not trained)
     for o in outs:
         m = o.mask
         n = int(m.sum())
         if n == 0:
             stats.append((0, 0, 0))
+            if acceptance_weight:
+                acc_a.append(torch.zeros(m.shape, device=m.device))
             continue
         s, lab = o.s[m], o.labels[m]
         logits = drafter.token_logits(s, cand)
         y = lab if remap is None else remap[lab]
-        loss = _nll(F.log_softmax(logits.float(), dim=-1), y, o, batch, remap, soft_labels).mean()
+        logp = F.log_softmax(logits.float(), dim=-1)
+        loss = _nll(logp, y, o, batch, remap, soft_labels).mean()
+        if acceptance_weight:
+            loss = (1 - acceptance_weight) * loss
+            a = acceptance_probs(logp, y, o, batch, remap, acceptance_verify)
+            acc_a.append(torch.zeros(m.shape, dtype=a.dtype, device=a.device).masked_scatter(m, a))
         if feature_weight:
             th = o.target_hidden[m].to(s.dtype)
             loss = loss + feature_weight * (1 - F.cosine_similarity(s.float(), th.float(), dim=-1)).mean()
@@ -151,7 +245,10 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
             hits = int((top == cluster_of[lab][:, None]).any(-1).sum())
         total = total + loss
         stats.append((n, int((logits.argmax(-1) == y).sum()), hits))
-    return total / len(outs), stats
+    total = total / len(outs)
+    if acceptance_weight:
+        total = total + acceptance_weight * acceptance_loss(torch.stack(acc_a), torch.stack([o.mask for o in outs]))
+    return total, stats
 
 
 @dataclass
@@ -164,6 +261,8 @@ class Objective:
     soft_labels: bool
     bf16: bool  # autocast the forward to bfloat16
     device: str
+    acceptance_weight: float = 0.0  # share of the acceptance objective L_acc in the loss (0: cross-entropy only)
+    acceptance_verify: str = "greedy"  # its per-step acceptance: "greedy" q(y) or "sampled" sum min(p, q)
 
     def __call__(self, drafter: MTPDrafter, target: Decoder, items: list[Activations]):
         """(loss, per-step (positions, correct, cluster hits)) of a batch of activations."""
@@ -175,4 +274,5 @@ class Objective:
             return step_losses(drafter, outs, batch, full_vocab=self.full_vocab,
                                feature_weight=self.feature_weight if head_is_target else 0.0,
                                cluster_of=me.token_clusters() if me is not None else None,
-                               soft_labels=self.soft_labels)
+                               soft_labels=self.soft_labels, acceptance_weight=self.acceptance_weight,
+                               acceptance_verify=self.acceptance_verify)

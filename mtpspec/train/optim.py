@@ -36,10 +36,18 @@ class Optimiser:
 
     def step(self, loss: torch.Tensor, step: int, elapsed: float) -> None:
         """Backward of loss and one update at the scheduled learning rate of (step, elapsed seconds)."""
+        self.zero_grad()
+        loss.backward()
+        self.update(step, elapsed)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def update(self, step: int, elapsed: float) -> None:
+        """One update from the gradients accumulated since `zero_grad` (clipped), at the scheduled
+        learning rate of (step, elapsed seconds)."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr(step, elapsed)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()

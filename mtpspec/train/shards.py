@@ -4,6 +4,7 @@ plus other runs' shards, replayed alongside."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -38,13 +39,17 @@ def read_external_shards(dirs: list[str]) -> list[list[Activations]]:
 
 
 class ShardStore:
-    """Shard r of `samples`, loaded from `folder` or built by `build(samples of shard r, label)`."""
+    """Shard r of `samples`, loaded from `folder` or built by `build(samples of shard r, label)`.
+    build may return (activations, meta): meta (a JSON object, e.g. how the shard's answers agree
+    with the target) is kept beside the shard as shard_NNNNN.json and in `self.meta[r]`."""
 
     def __init__(self, samples: list[Sample], shard_size: int, folder: Path,
-                 build: Callable[[list[Sample], str], list[Activations]], external: list[list[Activations]]) -> None:
+                 build: Callable[[list[Sample], str], list[Activations] | tuple[list[Activations], dict]],
+                 external: list[list[Activations]]) -> None:
         self.samples, self.shard_size, self.folder, self._build = samples, shard_size, folder, build
         self.n_shards = math.ceil(len(samples) / shard_size)
         self.loaded: list[list[Activations]] = []
+        self.meta: dict[int, dict] = {}
         self.external = external
 
     def __getitem__(self, r: int) -> list[Activations]:
@@ -52,10 +57,32 @@ class ShardStore:
             self.loaded.append(self._load_or_build(len(self.loaded)))
         return self.loaded[r]
 
+    def path(self, r: int) -> Path:
+        return self.folder / f"shard_{r:05d}.pt"
+
+    def read(self, r: int) -> list[Activations]:
+        """Shard r from the folder (its meta too, if it has one)."""
+        meta = self.path(r).with_suffix(".json")
+        if meta.is_file():
+            self.meta[r] = json.loads(meta.read_text())
+        return torch.load(self.path(r), weights_only=False)
+
+    def build(self, r: int) -> tuple[list[Activations], dict | None]:
+        """Shard r built (not stored)."""
+        out = self._build(self.samples[r * self.shard_size : (r + 1) * self.shard_size], f"shard {r + 1}/{self.n_shards}")
+        return out if isinstance(out, tuple) else (out, None)
+
+    def store(self, r: int, acts: list[Activations], meta: dict | None) -> None:
+        """Shard r (and its meta) written to the folder."""
+        if meta is not None:
+            self.meta[r] = meta
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.path(r).with_suffix(".json").write_text(json.dumps(meta) + "\n")
+        save_atomic(acts, self.path(r))
+
     def _load_or_build(self, r: int) -> list[Activations]:
-        path = self.folder / f"shard_{r:05d}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
-        acts = self._build(self.samples[r * self.shard_size : (r + 1) * self.shard_size], f"shard {r + 1}/{self.n_shards}")
-        save_atomic(acts, path)
+        if self.path(r).is_file():
+            return self.read(r)
+        acts, meta = self.build(r)
+        self.store(r, acts, meta)
         return acts

@@ -5,7 +5,8 @@ The `Trainer` runs the loop and owns a run's parts: the samples (data.py; prompt
 writes itself: self_instruct.py) cut into activation shards (shards.py, harvest.py), the batch
 schedule (schedule.py), the objective (objective.py) and its optimiser (optim.py), held-out
 evaluation (heldout.py), checkpoints and output (checkpointing.py), progress (progress.py) and
-stop requests (stop.py).
+stop requests (stop.py). Answers may come from an OpenAI-compatible server (remote.py), and
+torchrun runs it data-parallel (distributed.py: ranks share the harvest and each step's batch).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,16 +23,18 @@ import torch
 from ..errors import MtpspecError
 from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
-from . import self_instruct
+from . import distributed, self_instruct
 from .checkpointing import Checkpoint, RunState, write_drafter
 from .config import TrainConfig
 from .data import Sample, build_samples
+from .distributed import Group, SharedShardStore
 from .drafter_init import starting_drafter
 from .harvest import Activations, build_shard
 from .heldout import HeldOut
 from .objective import Objective
 from .optim import Optimiser
 from .progress import Progress
+from .remote import AnswerCache, RemoteTeacher, Sampling, stderr_log
 from .schedule import Schedule
 from .shards import ShardStore, read_external_shards
 from .stop import StopRequest
@@ -44,6 +47,7 @@ class TrainResult:
     seconds: float
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)
+    is_main: bool = True  # rank 0 (or the only process): the one that wrote the output
 
 
 def _step_record(step: int, loss: torch.Tensor, stats: list[tuple[int, int, int]], clustered: bool) -> dict:
@@ -58,9 +62,11 @@ def _step_record(step: int, loss: torch.Tensor, stats: list[tuple[int, int, int]
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, engine=None) -> None:
+    def __init__(self, cfg: TrainConfig, engine=None, group: Group | None = None) -> None:
+        """group: the data-parallel process group (distributed.py); None = this process alone."""
         cfg.check()
         self.cfg = cfg
+        self.group = g = group or Group()
         if engine is None:
             from ..api import load
 
@@ -77,16 +83,25 @@ class Trainer:
         self.opt = Optimiser(self.drafter, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                              grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, time_budget=cfg.time_budget)
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
-                                   cfg.bf16, cfg.device)
-        samples = build_samples(engine.tokenizer, cfg.data, self_distill=cfg.self_distill, max_len=cfg.max_len,
-                                seed=cfg.seed, self_instruct=self._self_instruct)
-        self.shards = ShardStore(samples, cfg.shard_size, self.work / "shards", self._build_shard,
-                                 read_external_shards(cfg.replay_from))
+                                   cfg.bf16, cfg.device, acceptance_weight=cfg.acceptance_weight,
+                                   acceptance_verify=cfg.acceptance_verify)
+        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data, self_distill=cfg.self_distill,
+                                                    max_len=cfg.max_len, seed=cfg.seed,
+                                                    self_instruct=self._self_instruct))
+        store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
+        self.shards = store(samples, cfg.shard_size, self.work / "shards", self._build_shard,
+                            read_external_shards(cfg.replay_from), **extra)
+        self.micro_batch = cfg.micro_batch_size or -(-cfg.batch_size // g.world)
+        distributed.check_micro_batches(cfg.batch_size, self.micro_batch, g.world)
+        distributed.broadcast_parameters(g, self.drafter)
+        self.teacher: RemoteTeacher | None = None
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
         self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples))
         prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
-        self.heldout = HeldOut(engine, prompts, cfg.draft_tokens, cfg.eval_max_new_tokens) if prompts else None
+        # rank 0 evaluates (and writes the output)
+        self.heldout = (HeldOut(engine, prompts, cfg.draft_tokens, cfg.eval_max_new_tokens) if prompts and g.is_main
+                        else None)
         self.state = RunState()
         self.stop = StopRequest()
 
@@ -102,11 +117,29 @@ class Trainer:
             lambda: self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
                                                    eos_ids=eng.eos_ids, log=log), log)
 
-    def _build_shard(self, samples: list[Sample], label: str) -> list[Activations]:
+    def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
-        return build_shard(self.engine, samples, list(dict.fromkeys(self.drafter.cfg.layer_types)),
+        if self.group.world > 1:
+            label = f"rank {self.group.rank}: {label}"
+        report = {"answers_from": cfg.distill_url or "target"}
+        acts = build_shard(self.engine, samples, list(dict.fromkeys(self.drafter.cfg.layer_types)),
                            max_new_tokens=cfg.distill_max_new_tokens, max_len=cfg.max_len, slots=cfg.distill_batch,
-                           label=label if cfg.progress else None)
+                           label=label if cfg.progress else None, report=report,
+                           respond=self._remote_answers if cfg.distill_url else None)
+        return acts, report
+
+    def _remote_answers(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+        """Answers from the --distill-url server (remote.py), cached in <work>/distill."""
+        cfg = self.cfg
+        if self.teacher is None:
+            prefix = f"rank {self.group.rank}: " if self.group.world > 1 else ""
+            self.teacher = RemoteTeacher(
+                cfg.distill_url, self.engine.tokenizer, self.target.cfg.vocab_size,
+                AnswerCache(self.work / "distill", self.group.rank), model=cfg.distill_model,
+                concurrency=cfg.distill_concurrency, timeout=cfg.distill_timeout, retries=cfg.distill_retries,
+                sampling=Sampling(cfg.distill_temperature, cfg.distill_top_p, cfg.distill_top_k, cfg.seed),
+                log=stderr_log(prefix) if cfg.progress else None)
+        return self.teacher.answers(prompts, max_tokens)
 
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and return from `run` (what SIGTERM does); the run
@@ -117,12 +150,13 @@ class Trainer:
         """Train until the schedule, max_steps or the time budget ends the run, or a stop request;
         `on_step(record)` is called after every step. Then the drafter folder is written: the
         best held-out evaluation's drafter, or without held-out prompts the last one."""
+        main = self.group.is_main
         if resume:
-            self.state = self.checkpoint.load(self.drafter, self.opt)
-        elif self.checkpoint.exists():
+            self.state = self.checkpoint.load(self.drafter, self.opt, read=self.group.from_main)
+        elif self.group.from_main(self.checkpoint.exists):
             raise MtpspecError(f"{self.checkpoint.path} exists: pass --resume to continue it, or choose another "
                                f"--out/--work-dir")
-        progress = Progress(self.cfg.progress, self.cfg.max_steps, self.state.step, self.shards.n_shards)
+        progress = Progress(self.cfg.progress and main, self.cfg.max_steps, self.state.step, self.shards.n_shards)
         try:
             with self.stop.on_sigterm():
                 self._train(progress, on_step)
@@ -131,15 +165,18 @@ class Trainer:
         finally:
             self._save_checkpoint()
             progress.close()
+            if self.teacher is not None:
+                self.teacher.close()
+                self.teacher = None
         st = self.state
-        if self.stop.requested:  # checkpointed: leave quickly (resume later)
+        if self.stop.requested or not main:  # checkpointed: leave quickly (resume later); rank 0 writes
             pass
         elif self.heldout is not None:
             if not st.evals or st.evals[-1]["step"] != st.step:
                 self._eval_and_keep_best(progress)
         else:
             self.save_output()
-        return TrainResult(self.out, st.step, st.elapsed, st.history, st.evals)
+        return TrainResult(self.out, st.step, st.elapsed, st.history, st.evals, main)
 
     def _limit_reached(self) -> bool:
         cfg, st = self.cfg, self.state
@@ -150,7 +187,12 @@ class Trainer:
         cfg, st = self.cfg, self.state
         last_ckpt = last_eval = time.time()
         t_start = time.time() - st.elapsed
-        while not self._limit_reached() and not self.stop.requested:
+        while True:
+            st.elapsed, stop = distributed.sync_state(self.group, st.elapsed, self.stop.requested)
+            if stop:
+                self.stop.request()
+            if self._limit_reached() or self.stop.requested:
+                break
             n_steps, b_new = self.schedule.round_plan(st.round)
             if not self.schedule.has_round(st.round, n_steps):
                 break
@@ -174,19 +216,32 @@ class Trainer:
                 last_eval = time.time()
             if now - last_ckpt >= cfg.checkpoint_every:
                 self._save_checkpoint()
-                if self.heldout is None:
+                if self.heldout is None and self.group.is_main:
                     self.save_output()
                 last_ckpt = time.time()
 
     def _train_step(self, items: list[Activations]) -> dict:
-        st = self.state
+        """One optimiser step on a global batch: the mean of its micro-batches' losses; this rank
+        takes its share of the micro-batches and the gradients are summed over the ranks."""
+        st, g = self.state, self.group
         self.drafter.train()
-        loss, stats = self.objective(self.drafter, self.target, items)
-        self.opt.step(loss, st.step, st.elapsed)
-        return _step_record(st.step, loss, stats, self.drafter.cfg.clustered)
+        parts = distributed.micro_batches(items, self.micro_batch)
+        self.opt.zero_grad()
+        loss_sum, stats = 0.0, [(0, 0, 0)] * self.cfg.draft_tokens
+        for part in parts[g.rank :: g.world]:
+            loss, s = self.objective(self.drafter, self.target, part)
+            if torch.is_tensor(loss) and loss.requires_grad:
+                (loss / len(parts)).backward()
+            loss_sum += float(loss.detach() if torch.is_tensor(loss) else loss) / len(parts)
+            stats = [tuple(a + b for a, b in zip(x, y)) for x, y in zip(stats, s)]
+        loss_sum, stats = distributed.reduce_record(g, loss_sum, stats)
+        distributed.reduce_gradients(g, self.opt.params)
+        self.opt.update(st.step, st.elapsed)
+        return _step_record(st.step, torch.tensor(loss_sum), stats, self.drafter.cfg.clustered)
 
     def _save_checkpoint(self) -> None:
-        self.checkpoint.save(self.state, self.drafter, self.opt)
+        if self.group.is_main:
+            self.checkpoint.save(self.state, self.drafter, self.opt)
 
     def evaluate(self) -> dict:
         """Held-out mean accepted length of the drafter as it is now (recorded in the run's evals);
@@ -208,6 +263,19 @@ class Trainer:
                 self.save_output(self.work / "best-full-head", full_head=True)
         self._save_checkpoint()
 
+    def distill_report(self) -> dict | None:
+        """How the answers of the shards built so far agree with the target: per shard and in all,
+        the fraction of answer tokens where the target's own greedy choice differs (None: no
+        answered prompts)."""
+        meta = {r: m for r, m in sorted(self.shards.meta.items()) if m.get("answer_tokens")}
+        if not meta:
+            return None
+        n, d = sum(m["answer_tokens"] for m in meta.values()), sum(m["differ"] for m in meta.values())
+        return {"answers_from": sorted({m.get("answers_from", "target") for m in meta.values()}),
+                "answer_tokens": n, "differ": d, "differ_fraction": d / n,
+                "shards": [{"shard": r, "answer_tokens": m["answer_tokens"], "differ": m["differ"],
+                            "differ_fraction": m["differ"] / m["answer_tokens"]} for r, m in meta.items()]}
+
     def save_output(self, folder: Path | None = None, full_head: bool = False) -> Path:
         """The drafter as it is now, as a drafter folder (default: the run's output) with its
         training.json."""
@@ -215,19 +283,28 @@ class Trainer:
 
         st = self.state
         info = {"steps": st.step, "training_seconds": round(st.elapsed, 1), "config": asdict(self.cfg),
-                "evals": st.evals, "last": st.history[-1] if st.history else None}
+                "evals": st.evals, "last": st.history[-1] if st.history else None,
+                "world_size": self.group.world, "micro_batch_size": self.micro_batch,
+                "distill": self.distill_report()}
         return write_drafter(self.drafter, folder or self.out, dtype=resolve_dtype(self.cfg.save_dtype),
                              draft_tokens=self.cfg.draft_tokens, info=info, full_head=full_head)
 
 
 def train_drafter(cfg: TrainConfig | None = None, *, resume: bool = False, engine=None, **kwargs) -> TrainResult:
     """Train an MTP drafter for a target (see `TrainConfig`); returns where it was written and the
-    training history. `resume=True` continues the run in `work_dir` from its last checkpoint."""
+    training history. `resume=True` continues the run in `work_dir` from its last checkpoint.
+    Under torchrun (WORLD_SIZE > 1) the ranks train data-parallel (distributed.py)."""
     if cfg is None:
         cfg = TrainConfig(**kwargs)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    return Trainer(cfg, engine).run(resume=resume)
+    group = distributed.from_env(cfg.device)
+    try:
+        if group.world > 1:
+            cfg = replace(cfg, device=group.device(cfg.device))
+        return Trainer(cfg, engine, group).run(resume=resume)
+    finally:
+        group.close()
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train_drafter"]
