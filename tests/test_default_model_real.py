@@ -68,6 +68,7 @@ def test_shipped_drafter_acceptance_stays_in_its_band():
                for line in (root / f"heldout-{name}.jsonl").read_text().splitlines()[:4]]
     results = engine.generate(prompts, max_new_tokens=64, draft_tokens=4, batch_size=1)
     tau = sum(r.stats["mean_accepted_length"] for r in results) / len(results)
-    # band re-set when quantized blocks became fused (different rounding, so different greedy
-    # continuations on these prompts: per-op 2.056, fused 2.377)
-    assert 2.2 <= tau <= 2.55, f"mean accepted length {tau:.3f}, measured 2.377 when this band was set"
+    # Rounding changes that keep the target exact to ~1e-6 still change some greedy continuations
+    # of these 8 prompts, and tau with them: per-op blocks 2.056, fused blocks 2.377, fused with
+    # fp32 attention exponentials 2.064. The band spans that spread; the bugs it is for fall to ~1.6.
+    assert 1.95 <= tau <= 2.6, f"mean accepted length {tau:.3f}, measured 2.064 when this band was set"

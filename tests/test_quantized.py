@@ -23,12 +23,13 @@ from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.plan import DraftPlan
 from mtpspec.gguf_weights import BLOCK_TYPES, decode_tensor
 from mtpspec.kernels import _ext
-from mtpspec.kernels.quant import QuantizedWeight, QuantLinear, pack, quantize_weight, unpack_rows
+from mtpspec.kernels.quant import QuantizedWeight, QuantLinear, pack, quantize_weight, scale_mode, unpack_rows
 from mtpspec.models.quantize import check_quantize, quantize_model
 from proposers_for_tests import proposer_of_kind
 from tiny_models import VOCAB
 
 FORMATS = [(4, 32), (8, 32), (8, 16)]
+SCALE_MODES = [0, 1, 2]  # how d, m are packed: fp32 / fp16 / fp16 d only (kernels/quant.py scale_mode)
 
 
 def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
@@ -53,13 +54,19 @@ def random_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator, sca
     return raw.reshape(rows, -1)
 
 
-def random_weight(bits: int, block: int, n: int, k: int, seed: int = 0) -> QuantizedWeight:
+def random_weight(bits: int, block: int, n: int, k: int, seed: int = 0, scales: int = 0) -> QuantizedWeight:
+    """scales: 0 = fp32 d and m (packed as fp32), 1 = fp16 values (packed as fp16), 2 = fp16 d, m = 0."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = (0, 16) if bits == 4 else (-128, 128)
     q = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int16).to(torch.int8)
     d = torch.rand(n, k // block, generator=g) * 0.02
     m = (torch.rand(n, k // block, generator=g) - 0.5) * 0.1
-    return QuantizedWeight(q, d, m, block, bits)
+    if scales:
+        d = d.half().float()
+        m = m.half().float() if scales == 1 else torch.zeros_like(m)
+    w = QuantizedWeight(q, d, m, block, bits)
+    assert scale_mode(w) == scales
+    return w
 
 
 # ---- formats ------------------------------------------------------------------------------------
@@ -86,12 +93,25 @@ def test_truncated_gguf_tensor_data_is_an_error():
         decode_tensor("Q4_1", raw.reshape(-1)[:-20], 4, 64)
 
 
+@pytest.mark.parametrize("kind,mode,bits_per_weight", [("Q4_0", 1, 5.0), ("Q4_1", 1, 5.0), ("Q5_0", 2, 8.5),
+                                                        ("Q5_1", 1, 9.0), ("Q8_0", 2, 8.5), ("Q4_K", 0, 6.0),
+                                                        ("Q6_K", 0, 12.0)])
+def test_packed_scales_take_no_more_room_than_needed(kind, mode, bits_per_weight):
+    rows, cols = 32, 512
+    w = decode_tensor(kind, random_blocks(kind, rows, cols, np.random.default_rng(2)), rows, cols)
+    assert scale_mode(w) == mode
+    assert pack(w).numel() * 8 / (rows * cols) == bits_per_weight
+    for scheme, want in (("int8", 2), ("int4", 1)):  # load-time quantization stores fp16 scales
+        assert scale_mode(quantize_weight(torch.randn(8, 64), scheme)) == want
+
+
 @pytest.mark.parametrize("bits,block", FORMATS)
 @pytest.mark.parametrize("n", [1, 16, 37])
-def test_packed_layout_round_trips_and_reads_rows(bits, block, n, monkeypatch):
+@pytest.mark.parametrize("scales", SCALE_MODES)
+def test_packed_layout_round_trips_and_reads_rows(bits, block, n, scales, monkeypatch):
     import mtpspec.kernels.quant as quant
 
-    w = random_weight(bits, block, n, 96)
+    w = random_weight(bits, block, n, 96, scales=scales)
     packed = pack(w)
     back = unpack_rows(packed, n, 96, bits, block)
     assert torch.equal(back.q, w.q) and torch.equal(back.d, w.d) and torch.equal(back.m, w.m)
@@ -179,8 +199,9 @@ def test_activation_quantization_matches_its_definition():
 @pytest.mark.parametrize("bits,block", FORMATS)
 @pytest.mark.parametrize("n,k", [(16, 32), (37, 96), (100, 256)])
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
-def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n, k, m):
-    w = random_weight(bits, block, n, k, seed=n + m)
+@pytest.mark.parametrize("scales", SCALE_MODES)
+def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n, k, m, scales):
+    w = random_weight(bits, block, n, k, seed=n + m, scales=scales)
     bias = torch.randn(n)
     x = torch.randn(m, k)
     y = QuantLinear(w, bias)(x)
@@ -191,11 +212,12 @@ def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n
 
 
 @pytest.mark.parametrize("bits,block", FORMATS)
-def test_both_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bits, block):
+@pytest.mark.parametrize("scales", SCALE_MODES)
+def test_both_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bits, block, scales):
     ext = _ext()
     if ext is None or ext.quant_isa() != "avx2":
         pytest.skip("needs the AVX2 path")
-    w = random_weight(bits, block, 53, 160)
+    w = random_weight(bits, block, 53, 160, scales=scales)
     lin = QuantLinear(w, torch.randn(53))
     x = torch.randn(19, 160)
     y = lin(x)

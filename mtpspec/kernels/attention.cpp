@@ -9,8 +9,10 @@
 // with a fixed operation order:
 //
 //   s_j = (q . k_j) * scale + mask_j        (dot: 8 fp32 lanes over the head dim, then a fixed sum)
-//   out = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)      (j ascending, visible only;
-//         the exponentials and both sums in fp64)
+//   p_j = exp(s_j - max s)                  (fp32, `exp_lanes`: one polynomial, the same bits in
+//                                            the AVX2 and portable paths; 0 below e^-87)
+//   out = sum_j p_j v_j / sum_j p_j         (j ascending, visible only; the weighted sum in fp32
+//                                            fused multiply-adds per element, the normaliser in fp64)
 //
 // q [B, H, T, D] fp32, k / v [B, KVH, L, D] fp32 (unit stride in D), mask [B, 1, T, L] additive
 // (0 / -inf) or none; D a multiple of 8. Heads share K/V in groups of H / KVH (GQA).
@@ -20,6 +22,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -49,15 +52,69 @@ float dot_portable(const float* a, const float* b, int64_t d) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-// acc (fp64) += p * v: the weighted sum of values over many keys is kept in double
-__attribute__((target("avx2,fma"))) void axpy_avx2(double p, const float* v, double* acc, int64_t d) {
-  const __m256d pv = _mm256_set1_pd(p);
-  for (int64_t i = 0; i < d; i += 4)
-    _mm256_storeu_pd(acc + i, _mm256_fmadd_pd(pv, _mm256_cvtps_pd(_mm_loadu_ps(v + i)), _mm256_loadu_pd(acc + i)));
+// acc += p * v (one fused multiply-add per element: both paths give the same bits)
+__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t i = 0; i < d; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
 }
 
-void axpy_portable(double p, const float* v, double* acc, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, double(v[i]), acc[i]);
+void axpy_portable(float p, const float* v, float* acc, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+}
+
+// exp(x) for x <= 0 (Cephes' expf): n = round(x log2 e), r = x - n ln 2 (in two parts), then
+// 2^n * (1 + r + r^2 P(r)); 0 for x < -87 (or -inf). Every step is one fp32 operation or fused
+// multiply-add, in the same order in both paths, so they agree to the bit (within ~2 ulp of exp).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
+                kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+float exp_portable(float x) {
+  if (!(x >= -87.0f)) return 0.f;
+  const float n = std::nearbyint(x * kLog2e);
+  float r = std::fma(n, -kLn2Hi, x);
+  r = std::fma(n, -kLn2Lo, r);
+  float p = std::fma(kP0, r, kP1);
+  p = std::fma(p, r, kP2);
+  p = std::fma(p, r, kP3);
+  p = std::fma(p, r, kP4);
+  p = std::fma(p, r, kP5);
+  const float y = std::fma(p, r * r, r) + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+
+__attribute__((target("avx2,fma"))) void exp_lanes_avx2(float* s, int64_t L) {
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    const __m256 ok = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+    const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // -inf lanes: any finite input, masked below
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), xc);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+    const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(s + j, _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), ok));
+  }
+  for (; j < L; ++j) s[j] = exp_portable(s[j]);
+}
+
+// s[j] = exp(s[j]) for the L scores (already shifted by their max)
+void exp_lanes(float* s, int64_t L, bool avx2) {
+  if (avx2) {
+    exp_lanes_avx2(s, L);
+    return;
+  }
+  for (int64_t j = 0; j < L; ++j) s[j] = exp_portable(s[j]);
 }
 
 }  // namespace
@@ -72,7 +129,7 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
   const int64_t group = H / KVH;
   at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
     std::vector<float> score(static_cast<size_t>(L));
-    std::vector<double> acc(static_cast<size_t>(D));
+    std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t bh = s; bh < e; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / group;
       const float* kb = kp + b * ksb + g * ksh;
@@ -92,17 +149,21 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
           score[j] = x;
           mx = std::max(mx, x);
         }
-        std::fill(acc.begin(), acc.end(), 0.0);
+        std::fill(acc.begin(), acc.end(), 0.f);
         double sum = 0.0;
-        for (int64_t j = 0; j < L; ++j) {
-          if (score[j] == -std::numeric_limits<float>::infinity()) continue;
-          const double p = std::exp(double(score[j]) - double(mx));
-          sum += p;
-          const float* vr = vb + j * vsl;
-          if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
+        if (mx != -std::numeric_limits<float>::infinity()) {
+          for (int64_t j = 0; j < L; ++j) score[j] -= mx;  // -inf stays -inf: exp gives 0
+          exp_lanes(score.data(), L, avx2);
+          for (int64_t j = 0; j < L; ++j) {
+            const float p = score[j];
+            if (p == 0.f) continue;
+            sum += double(p);
+            const float* vr = vb + j * vsl;
+            if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
+          }
         }
         float* orow = op + b * osb + h * osh + t * ost;
-        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.0 ? float(acc[i] / sum) : 0.f;  // no visible key: 0
+        for (int64_t i = 0; i < D; ++i) orow[i] = sum > 0.0 ? float(double(acc[i]) / sum) : 0.f;  // no visible key: 0
       }
     }
   });

@@ -46,8 +46,8 @@ def candidates(n: int, k: int, m: int, ext) -> dict:
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
     sz = torch.randn(k // 32, n, 2) * 0.01
     return {
-        "ours int4": lambda: ext.quant_linear(x, q4.packed, None, n, k, 4, 32),
-        "ours int8": lambda: ext.quant_linear(x, q8.packed, None, n, k, 8, 32),
+        "ours int4": lambda: ext.quant_linear(x, q4.packed, None, n, k, 4, 32, q4.scale_mode),
+        "ours int8": lambda: ext.quant_linear(x, q8.packed, None, n, k, 8, 32, q8.scale_mode),
         "torch int8": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, s8),
         "torch int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 32, sz),
         "dense fp32": lambda: F.linear(x, w),

@@ -9,8 +9,13 @@ block of B inputs (B = 32, or 16 for GGUF's Q6_K):
 exactly); `QuantLinear` holds it packed for the C++ kernel (`quant_gemm.cpp`), which reads each
 weight byte once per step for all the step's rows:
 
-    bits 4: 4-bit q in 0..15 (Q4_0, Q4_1, Q4_K, int4), 6 bits per weight with the fp32 d, m
-    bits 8: int8 q (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, int8), 10 bits per weight (12 with B = 16)
+    bits 4: 4-bit q in 0..15 (Q4_0, Q4_1, Q4_K, int4)
+    bits 8: int8 q (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, int8)
+
+with d and m packed in the smallest exact form (`scale_mode`): fp16 when every value is an fp16
+value (GGUF's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and `quantize_weight`'s), m dropped when it is zero
+(Q8_0, int8), else fp32 (the K-quants' d * sub-scale products). Bits per weight: Q4_1 5 (as in
+the file), Q8_0 8.5 (as in the file), K-quants 6 (4-bit) or 10 / 12 (8-bit, B = 32 / 16).
 
 The kernel quantizes each activation row to int8 per block (as llama.cpp does) and sums integer
 products exactly, so a row's output does not depend on the other rows of the step: speculative
@@ -73,11 +78,18 @@ class QuantizedWeight:
                                torch.cat([p.m for p in parts]), block, bits)
 
 
+def _fp16_grid(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to the nearest fp16 value where that is finite and keeps a nonzero value nonzero."""
+    h = t.half().float()
+    return torch.where(torch.isfinite(h) & ((h != 0) | (t == 0)), h, t)
+
+
 def quantize_weight(w: torch.Tensor, scheme: str, block: int = 32) -> QuantizedWeight:
     """Round-to-nearest quantization of a float weight [N, K] (K a multiple of `block`).
 
     int8: symmetric, q in -127..127, d = max|w| / 127 (like GGUF Q8_0).
-    int4: asymmetric, q in 0..15, d = (max - min) / 15, m = min (like GGUF Q4_1)."""
+    int4: asymmetric, q in 0..15, d = (max - min) / 15, m = min (like GGUF Q4_1).
+    d and m are rounded to fp16 values first (as GGUF stores them), so they pack in fp16."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     n, k = w.shape
@@ -85,13 +97,13 @@ def quantize_weight(w: torch.Tensor, scheme: str, block: int = 32) -> QuantizedW
         raise ValueError(f"cannot quantize a weight with {k} inputs in blocks of {block}")
     wb = w.detach().float().reshape(n, k // block, block)
     if scheme == "int8":
-        d = wb.abs().amax(-1) / 127
+        d = _fp16_grid(wb.abs().amax(-1) / 127)
         q = torch.where(d[..., None] > 0, wb / d[..., None], torch.zeros_like(wb)).round().clamp(-127, 127)
         m = torch.zeros_like(d)
         bits = 8
     else:
-        lo, hi = wb.amin(-1), wb.amax(-1)
-        d = (hi - lo) / 15
+        lo, hi = _fp16_grid(wb.amin(-1)), wb.amax(-1)
+        d = _fp16_grid((hi - lo) / 15)
         q = torch.where(d[..., None] > 0, (wb - lo[..., None]) / d[..., None], torch.zeros_like(wb)).round().clamp(0, 15)
         m = lo
         bits = 4
@@ -105,9 +117,28 @@ def _qbytes(bits: int, block: int) -> int:
     return block * PANEL if bits == 8 else block * PANEL // 2
 
 
+SCALE_BYTES = {0: 2 * PANEL * 4, 1: 2 * PANEL * 2, 2: PANEL * 2}  # per block: fp32 d, m / fp16 d, m / fp16 d
+
+
+def _fp16_exact(t: torch.Tensor) -> bool:
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t.float())
+
+
+def scale_mode(w: QuantizedWeight) -> int:
+    """How `pack` stores d and m: 2 = fp16 d and no m (m == 0), 1 = fp16 d and m, 0 = fp32 d and m;
+    the smallest that holds them exactly."""
+    if not _fp16_exact(w.d):
+        return 0
+    if not bool((w.m == 0).all()):
+        return 1 if _fp16_exact(w.m) else 0
+    return 2
+
+
 def pack(w: QuantizedWeight) -> torch.Tensor:
-    """uint8 [P * nb * (qbytes + 128)]: panels of 16 rows, each its blocks in order, each block the
-    integers ([B/4][16][4] int8, or [B/8][16][4] nibbles: low = k 8g+i, high = k 8g+4+i) then d[16], m[16]."""
+    """uint8 [P * nb * (qbytes + scale bytes)]: panels of 16 rows, each its blocks in order, each
+    block the integers ([B/4][16][4] int8, or [B/8][16][4] nibbles: low = k 8g+i, high = k 8g+4+i)
+    then d[16], m[16] in the form `scale_mode(w)` gives (fp32; fp16; fp16 d only)."""
     n, k = w.shape
     if w.bits == 4 and w.block != 32:
         raise ValueError("4-bit weights are packed in blocks of 32")
@@ -126,9 +157,22 @@ def pack(w: QuantizedWeight) -> torch.Tensor:
         nib = u[..., 0, :] | (u[..., 1, :] << 4)                  # [P, 16, nb, B/8, 4]
         qb = nib.permute(0, 2, 3, 1, 4).contiguous()
     qb = qb.reshape(P, nb, -1)
+    sm = scale_mode(w)
     dm = torch.stack([d.view(P, PANEL, nb), m.view(P, PANEL, nb)], dim=2)  # [P, 16, 2, nb]
-    dm = dm.permute(0, 3, 2, 1).contiguous().view(torch.uint8).reshape(P, nb, 2 * PANEL * 4)
+    dm = dm.permute(0, 3, 2, 1)                                           # [P, nb, 2, 16]
+    if sm:
+        dm = dm.half()[:, :, : 2 if sm == 1 else 1]
+    dm = dm.contiguous().view(torch.uint8).reshape(P, nb, SCALE_BYTES[sm])
     return torch.cat([qb, dm], dim=2).reshape(-1).contiguous()
+
+
+def packed_scale_mode(packed: torch.Tensor, n: int, k: int, bits: int, block: int) -> int:
+    """The scale mode of a packed weight, from its size."""
+    per_block = packed.numel() // ((n + PANEL - 1) // PANEL * (k // block)) - _qbytes(bits, block)
+    modes = [sm for sm, b in SCALE_BYTES.items() if b == per_block]
+    if not modes:
+        raise ValueError(f"packed weight of {packed.numel()} bytes does not fit [{n}, {k}] {bits}-bit / block {block}")
+    return modes[0]
 
 
 def unpack_rows(packed: torch.Tensor, n: int, k: int, bits: int, block: int,
@@ -137,14 +181,16 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int, bits: int, block: int,
     B, nb = block, k // block
     P = (n + PANEL - 1) // PANEL
     qbytes = _qbytes(bits, B)
-    blocks = packed.view(P, nb, qbytes + 2 * PANEL * 4)
+    sm = packed_scale_mode(packed, n, k, bits, block)
+    blocks = packed.view(P, nb, qbytes + SCALE_BYTES[sm])
     ids = torch.arange(n, device=packed.device) if ids is None else ids.reshape(-1)
     p, j = ids // PANEL, ids % PANEL
     sel = blocks[p]                                               # [r, nb, bytes]
-    dm = sel[..., qbytes:].contiguous().view(torch.float32).view(-1, nb, 2, PANEL)
+    dm = sel[..., qbytes:].contiguous().view(torch.float32 if sm == 0 else torch.float16)
+    dm = dm.float().view(-1, nb, 1 if sm == 2 else 2, PANEL)
     jj = j[:, None].expand(-1, nb)
     d = dm[:, :, 0].gather(2, jj[..., None]).squeeze(2)
-    m = dm[:, :, 1].gather(2, jj[..., None]).squeeze(2)
+    m = dm[:, :, 1].gather(2, jj[..., None]).squeeze(2) if sm != 2 else torch.zeros_like(d)
     r = len(ids)
     ar = torch.arange(r, device=packed.device)
     if bits == 8:
@@ -169,6 +215,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.block = weight.bits, weight.block
+        self.scale_mode = scale_mode(weight)
         self.register_buffer("packed", pack(weight), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self.is_packed = True  # like kernels.Linear after pack(): embeddings read rows (weight_rows)
@@ -193,7 +240,8 @@ class QuantLinear(nn.Module):
         """Dequantized rows `ids` (any shape) -> [*ids.shape, in] in `rows_dtype`: a tied embedding lookup."""
         ext = _ext() if self.packed.device.type == "cpu" else None
         if ext is not None and hasattr(ext, "quant_rows"):  # the same values in one C++ call
-            rows = ext.quant_rows(self.packed, ids, self.out_features, self.in_features, self.bits, self.block)
+            rows = ext.quant_rows(self.packed, ids, self.out_features, self.in_features, self.bits, self.block,
+                                  self.scale_mode)
         else:
             rows = self.quantized(ids).dequantize()
         return rows.view(*ids.shape, self.in_features).to(self.rows_dtype)
@@ -209,14 +257,16 @@ class QuantLinear(nn.Module):
         if ext is not None and hasattr(ext, "quant_linear"):
             if x2.stride(-1) != 1:
                 x2 = x2.contiguous()
-            y = ext.quant_linear(x2, self.packed, self.bias, self.out_features, self.in_features, self.bits, self.block)
+            y = ext.quant_linear(x2, self.packed, self.bias, self.out_features, self.in_features, self.bits, self.block,
+                                 self.scale_mode)
         else:
             w = self.unpacked_weight().to(x.dtype)
             y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block}, "
+                f"scales={('fp32', 'fp16', 'fp16 d')[self.scale_mode]}")
 
 
 class QuantEmbedding(nn.Module):

@@ -21,12 +21,13 @@
 // row's K/V go.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
-                    float* y, const float* bias);
+                    int sm, float* y, const float* bias);
 void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
                      int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
                      const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
@@ -37,14 +38,14 @@ namespace {
 struct QW {  // one packed quantized weight (kernels/quant.py's QuantLinear)
   const uint8_t* w;
   int64_t N, K;
-  int fmt, block;
+  int fmt, block, sm;  // bits, inputs per block, scale mode (quant_gemm.cpp)
   const float* bias;
 };
 
 const float* opt_ptr(const torch::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
 
 void gemm(const QW& q, const float* x, int64_t M, float* y) {
-  quant_gemm_f32(x, q.K, M, q.w, q.N, q.K, q.fmt, q.block, y, q.bias);
+  quant_gemm_f32(x, q.K, M, q.w, q.N, q.K, q.fmt, q.block, q.sm, y, q.bias);
 }
 
 // y = x * (1 / sqrt(mean(x^2) + eps)) * (w + offset) over n values (in place allowed)
@@ -68,6 +69,18 @@ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
 }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// fn(r0, r1) over rows [0, M) of `width` values each: split across threads when there are enough
+// values to pay for it (a 1-row decode step stays on the calling thread). Rows are independent,
+// so the split does not change any result.
+template <typename F>
+void for_rows(int64_t M, int64_t width, const F& fn) {
+  constexpr int64_t kMinValues = 8192;
+  if (M * width < 2 * kMinValues)
+    fn(int64_t(0), M);
+  else
+    at::parallel_for(0, M, std::max<int64_t>(1, kMinValues / std::max<int64_t>(width, 1)), fn);
+}
 
 }  // namespace
 
@@ -98,13 +111,16 @@ void block_forward(const Block& bl, const float* hp, float* hn, int64_t B, int64
   float *x = sc.x.data(), *qkv = sc.qkv.data(), *att = sc.att.data(), *o = sc.o.data(), *gu = sc.gu.data(),
         *act = sc.act.data();
   // attention
-  for (int64_t r = 0; r < M; ++r) norm(hp + r * D, bl.n_attn, eps, offset, D, x + r * D);
+  for_rows(M, D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) norm(hp + r * D, bl.n_attn, eps, offset, D, x + r * D);
+  });
   gemm(bl.w[0], x, M, qkv);
   float* kp = kc.data_ptr<float>();
   float* vp = vc.data_ptr<float>();
   const int64_t k0 = kc.stride(0), k1 = kc.stride(1), k2 = kc.stride(2);
   const int64_t v0 = vc.stride(0), v1 = vc.stride(1), v2 = vc.stride(2);
-  for (int64_t r = 0; r < M; ++r) {
+  for_rows(M, NQKV, [&](int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / T, t = r % T;
     const float* c = ts.cos + b * ts.cs0 + t * ts.cs1;
     const float* s = ts.sin + b * ts.ss0 + t * ts.ss1;
@@ -121,35 +137,42 @@ void block_forward(const Block& bl, const float* hp, float* hn, int64_t B, int64
       std::memcpy(vp + b * v0 + g * v1 + slot * v2, row + QS + KS + g * HD, HD * sizeof(float));
     }
   }
+  });
   attend_rows_raw(qkv, T * NQKV, HD, NQKV, kp + ts.lo * k2, k0, k1, k2, vp + ts.lo * v2, v0, v1, v2, ts.mask, ts.ms0,
                   ts.ms2, ts.ms3, B, NH, T, HD, KVH, ts.hi - ts.lo, scale, att, T * QS, HD, QS);
   gemm(bl.w[1], att, M, o);
-  for (int64_t r = 0; r < M; ++r) {
-    float* orow = o + r * D;
-    if (bl.n_ao) norm(orow, bl.n_ao, eps, offset, D, orow);
-    for (int64_t i = 0; i < D; ++i) hn[r * D + i] = hp[r * D + i] + orow[i];
-  }
+  for_rows(M, 2 * D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* orow = o + r * D;
+      if (bl.n_ao) norm(orow, bl.n_ao, eps, offset, D, orow);
+      for (int64_t i = 0; i < D; ++i) hn[r * D + i] = hp[r * D + i] + orow[i];
+      norm(hn + r * D, bl.n_mlp, eps, offset, D, x + r * D);  // the MLP's input
+    }
+  });
   // MLP
-  for (int64_t r = 0; r < M; ++r) norm(hn + r * D, bl.n_mlp, eps, offset, D, x + r * D);
   gemm(bl.w[2], x, M, gu);
-  for (int64_t r = 0; r < M; ++r) {
-    const float* g = gu + r * 2 * I;
-    float* a = act + r * I;
-    for (int64_t i = 0; i < I; ++i) a[i] = (gelu ? gelu_tanh(g[i]) : silu(g[i])) * g[I + i];
-  }
+  for_rows(M, 4 * I, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gu + r * 2 * I;
+      float* a = act + r * I;
+      for (int64_t i = 0; i < I; ++i) a[i] = (gelu ? gelu_tanh(g[i]) : silu(g[i])) * g[I + i];
+    }
+  });
   gemm(bl.w[3], act, M, o);
-  for (int64_t r = 0; r < M; ++r) {
-    float* orow = o + r * D;
-    if (bl.n_mo) norm(orow, bl.n_mo, eps, offset, D, orow);
-    for (int64_t i = 0; i < D; ++i) hn[r * D + i] += orow[i];
-  }
+  for_rows(M, D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* orow = o + r * D;
+      if (bl.n_mo) norm(orow, bl.n_mo, eps, offset, D, orow);
+      for (int64_t i = 0; i < D; ++i) hn[r * D + i] += orow[i];
+    }
+  });
 }
 
 }  // namespace
 
 class QuantStack {
  public:
-  // Per block: packed (qkv, o, gate_up, down; uint8), shapes (N, K, bits, block of each), biases
+  // Per block: packed (qkv, o, gate_up, down; uint8), shapes (N, K, bits, block, scale mode of each), biases
   // (4, empty = none), norms (attention, MLP, q, k, attention out, MLP out; fp32, empty = none),
   // attention type index, query and K/V heads.
   QuantStack(const std::vector<std::vector<torch::Tensor>>& packed, const std::vector<std::vector<int64_t>>& shapes,
@@ -162,23 +185,25 @@ class QuantStack {
     TORCH_CHECK(shapes.size() == n && biases.size() == n && norms.size() == n && types.size() == n &&
                 n_heads.size() == n && n_kv_heads.size() == n && n > 0, "QuantStack: one entry per block");
     for (size_t li = 0; li < n; ++li) {
-      TORCH_CHECK(packed[li].size() == 4 && shapes[li].size() == 16 && biases[li].size() == 4 && norms[li].size() == 6,
-                  "QuantStack: 4 weights (qkv, o, gate_up, down) with 4 shapes each, 4 biases, 6 norms per block");
+      TORCH_CHECK(packed[li].size() == 4 && shapes[li].size() == 20 && biases[li].size() == 4 && norms[li].size() == 6,
+                  "QuantStack: 4 weights (qkv, o, gate_up, down) with 5 shape values each, 4 biases, 6 norms per block");
       Block bl;
       for (int i = 0; i < 4; ++i) {
         const auto& p = packed[li][i];
-        const auto* sh = &shapes[li][4 * i];
+        const auto* sh = &shapes[li][5 * i];
         TORCH_CHECK(p.scalar_type() == torch::kUInt8 && p.is_contiguous() && p.device().is_cpu(),
                     "QuantStack: packed weights must be contiguous uint8 CPU tensors");
         TORCH_CHECK((sh[2] == 4 && sh[3] == 32) || (sh[2] == 8 && (sh[3] == 16 || sh[3] == 32)),
                     "QuantStack: unsupported weight format");
+        TORCH_CHECK(sh[4] >= 0 && sh[4] <= 2, "QuantStack: scale mode");
         const int64_t qbytes = sh[2] == 8 ? sh[3] * 16 : sh[3] * 8;
-        TORCH_CHECK(sh[1] % sh[3] == 0 && p.numel() == (sh[0] + 15) / 16 * (sh[1] / sh[3]) * (qbytes + 128),
+        const int64_t sbytes = sh[4] == 0 ? 128 : sh[4] == 1 ? 64 : 32;
+        TORCH_CHECK(sh[1] % sh[3] == 0 && p.numel() == (sh[0] + 15) / 16 * (sh[1] / sh[3]) * (qbytes + sbytes),
                     "QuantStack: packed size does not match its shape");
         const auto& bias = biases[li][i];
         TORCH_CHECK(!bias.defined() || bias.numel() == 0 || (bias.numel() == sh[0] && bias.is_contiguous() &&
                     bias.scalar_type() == torch::kFloat32), "QuantStack: bias must be fp32 [N]");
-        bl.w[i] = QW{p.data_ptr<uint8_t>(), sh[0], sh[1], int(sh[2]), int(sh[3]), opt_ptr(bias)};
+        bl.w[i] = QW{p.data_ptr<uint8_t>(), sh[0], sh[1], int(sh[2]), int(sh[3]), int(sh[4]), opt_ptr(bias)};
         keep_.push_back(p);
         keep_.push_back(bias);
       }

@@ -4,7 +4,11 @@
 //     W[n][k] = d[n][b] * q[n][k] + m[n][b],     b = k / B
 //
 // Packed layout (mtpspec/kernels/quant.py writes it): panels of 16 output features; each panel
-// holds its K/B blocks one after the other, each block its integers then d[16] and m[16] (fp32):
+// holds its K/B blocks one after the other, each block its integers then its scales in one of three
+// modes `sm`: 0 = d[16], m[16] fp32; 1 = d[16], m[16] fp16; 2 = d[16] fp16 and m = 0. quant.py
+// picks the smallest exact one (GGUF's Q4_0/Q4_1/Q5_x/Q8_0 store fp16 scales: mode 1 or 2, as few
+// bytes per weight as the file). The kernel widens fp16 to fp32 (exact), so the arithmetic below
+// is the same in every mode:
 //
 //   fmt 8 (B = 16 or 32):  int8   Q[g][j][i]  = q[16p+j][bB + 4g + i]            g < B/4   (B*16 bytes)
 //   fmt 4 (B = 32):        nibbles Q[g][j][i]: low = q[16p+j][bB + 8g + i], high = ...[bB + 8g + 4 + i]
@@ -40,10 +44,30 @@ enum QIsa { Q_SCALAR = 0, Q_AVX2 = 1 };
 
 QIsa q_detect() {
   __builtin_cpu_init();
-  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Q_AVX2 : Q_SCALAR;
+  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) ? Q_AVX2
+                                                                                                      : Q_SCALAR;
 }
 const QIsa q_detected = q_detect();
 QIsa q_isa = q_detected;
+
+// Bytes of a block's scales in mode sm (see the header).
+inline int64_t scale_bytes(int sm) { return sm == 0 ? 2 * PW * 4 : sm == 1 ? 2 * PW * 2 : PW * 2; }
+
+inline float half_to_f32(uint16_t h) { return float(c10::Half(h, c10::Half::from_bits())); }
+
+// A block's d[16] and m[16] as fp32 (dm: the bytes after the block's integers).
+inline void scales_scalar(const uint8_t* dm, int sm, float* d, float* m) {
+  if (sm == 0) {
+    std::memcpy(d, dm, PW * 4);
+    std::memcpy(m, dm + PW * 4, PW * 4);
+    return;
+  }
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(dm);
+  for (int j = 0; j < PW; ++j) {
+    d[j] = half_to_f32(h[j]);
+    m[j] = sm == 1 ? half_to_f32(h[PW + j]) : 0.f;
+  }
+}
 
 // Quantized activations of M rows: qx [M][K] int8, dx / xs [M][K/B].
 struct QRows {
@@ -65,8 +89,10 @@ QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
   r.q.resize(size_t(M * K));
   r.d.resize(size_t(M * r.nb));
   r.s.resize(size_t(M * r.nb));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // rows: ~16K values per task
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
   std::vector<float> buf(static_cast<size_t>(B));
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t b = 0; b < r.nb; ++b) {
       const T* src = x + m * ldx + b * B;
       float amax = 0.f;
@@ -86,6 +112,7 @@ QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
       r.s[m * r.nb + b] = dx * float(sum);
     }
   }
+  });
   return r;
 }
 
@@ -109,10 +136,11 @@ inline void dot_block_scalar(const uint8_t* w, const int8_t* qx, int fmt, int B,
   }
 }
 
-inline void finish_block_scalar(const int32_t* sums, const float* dm, float dx, float xs, float* acc) {
+inline void finish_block_scalar(const int32_t* sums, const float* d, const float* m, bool has_m, float dx, float xs,
+                                float* acc) {
   for (int j = 0; j < PW; ++j) {
-    acc[j] = std::fma(float(sums[j]), dm[j] * dx, acc[j]);
-    acc[j] = std::fma(dm[PW + j], xs, acc[j]);
+    acc[j] = std::fma(float(sums[j]), d[j] * dx, acc[j]);
+    if (has_m) acc[j] = std::fma(m[j], xs, acc[j]);
   }
 }
 
@@ -123,7 +151,7 @@ struct Avx2Block {
   __m256i sg[16];
 };
 
-__attribute__((target("avx2,fma"))) inline void unpack_block_avx2(const uint8_t* w, int fmt, int B, Avx2Block& blk) {
+__attribute__((target("avx2,fma,f16c"))) inline void unpack_block_avx2(const uint8_t* w, int fmt, int B, Avx2Block& blk) {
   if (fmt == 4) {
     const __m256i lo = _mm256_set1_epi8(15);
     for (int g = 0; g < B / 8; ++g)
@@ -143,7 +171,7 @@ __attribute__((target("avx2,fma"))) inline void unpack_block_avx2(const uint8_t*
 }
 
 // int32 sums of the block for features 0..7 (s0) and 8..15 (s1). qx: B int8 of the row.
-__attribute__((target("avx2,fma"))) inline void dot_block_avx2(const Avx2Block& blk, const int8_t* qx, int fmt, int B,
+__attribute__((target("avx2,fma,f16c"))) inline void dot_block_avx2(const Avx2Block& blk, const int8_t* qx, int fmt, int B,
                                                            __m256i& s0, __m256i& s1) {
   const __m256i ones = _mm256_set1_epi16(1);
   const int G = B / 4;  // groups of 4 inputs
@@ -174,15 +202,25 @@ __attribute__((target("avx2,fma"))) inline void dot_block_avx2(const Avx2Block& 
 }
 
 // One panel for all M rows: acc [M][16] fp32.
-__attribute__((target("avx2,fma"))) void panel_avx2(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B,
+template <int SM>
+__attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B,
                                                 const QRows& xr, int64_t M, float* acc) {
   Avx2Block blk;
+  const int64_t bbytes = qbytes + scale_bytes(SM);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* w = wp + b * (qbytes + 2 * PW * 4);
-    const float* dm = reinterpret_cast<const float*>(w + qbytes);
+    const uint8_t* w = wp + b * bbytes;
     unpack_block_avx2(w, fmt, B, blk);
-    const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
-    const __m256 m0 = _mm256_loadu_ps(dm + PW), m1 = _mm256_loadu_ps(dm + PW + 8);
+    __m256 d0, d1, m0, m1;
+    if (SM == 0) {
+      const float* dm = reinterpret_cast<const float*>(w + qbytes);
+      d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
+      m0 = _mm256_loadu_ps(dm + PW), m1 = _mm256_loadu_ps(dm + PW + 8);
+    } else {
+      const __m128i* h = reinterpret_cast<const __m128i*>(w + qbytes);
+      d0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), d1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+      m0 = m1 = _mm256_setzero_ps();
+      if (SM == 1) m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
+    }
     for (int64_t m = 0; m < M; ++m) {
       __m256i s0, s1;
       dot_block_avx2(blk, xr.q.data() + m * xr.K + b * B, fmt, B, s0, s1);
@@ -192,23 +230,26 @@ __attribute__((target("avx2,fma"))) void panel_avx2(const uint8_t* wp, int64_t n
       __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, dx), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, dx), a1);
-      a0 = _mm256_fmadd_ps(m0, xs, a0);
-      a1 = _mm256_fmadd_ps(m1, xs, a1);
+      if (SM != 2) {
+        a0 = _mm256_fmadd_ps(m0, xs, a0);
+        a1 = _mm256_fmadd_ps(m1, xs, a1);
+      }
       _mm256_storeu_ps(a, a0);
       _mm256_storeu_ps(a + 8, a1);
     }
   }
 }
 
-void panel_scalar(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, const QRows& xr, int64_t M,
+void panel_scalar(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, int sm, const QRows& xr, int64_t M,
                   float* acc) {
   int32_t sums[PW];
+  float d[PW], mm[PW];
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* w = wp + b * (qbytes + 2 * PW * 4);
-    const float* dm = reinterpret_cast<const float*>(w + qbytes);
+    const uint8_t* w = wp + b * (qbytes + scale_bytes(sm));
+    scales_scalar(w + qbytes, sm, d, mm);
     for (int64_t m = 0; m < M; ++m) {
       dot_block_scalar(w, xr.q.data() + m * xr.K + b * B, fmt, B, sums);
-      finish_block_scalar(sums, dm, xr.d[m * nb + b], xr.s[m * nb + b], acc + m * PW);
+      finish_block_scalar(sums, d, mm, sm != 2, xr.d[m * nb + b], xr.s[m * nb + b], acc + m * PW);
     }
   }
 }
@@ -229,12 +270,12 @@ void store<uint16_t>(const float* acc, int64_t M, uint16_t* y, int64_t N, int64_
 }
 
 template <typename T>
-void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
+void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B, int sm,
          T* y, const float* bias) {
   const QRows xr = quantize_rows<T>(x, ldx, M, K, B);
   const int64_t nb = K / B;
   const int64_t qbytes = fmt == 8 ? int64_t(B) * PW : int64_t(B) * PW / 2;
-  const int64_t panel_bytes = nb * (qbytes + 2 * PW * 4);
+  const int64_t panel_bytes = nb * (qbytes + scale_bytes(sm));
   const int64_t P = (N + PW - 1) / PW;
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / panel_bytes);  // >= ~32 KB of weights per task
   const bool avx2 = q_isa == Q_AVX2;
@@ -242,10 +283,15 @@ void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_
     std::vector<float> acc(size_t(M * PW));
     for (int64_t p = p0; p < p1; ++p) {
       std::fill(acc.begin(), acc.end(), 0.f);
-      if (avx2)
-        panel_avx2(w + p * panel_bytes, nb, qbytes, fmt, B, xr, M, acc.data());
+      const uint8_t* wp = w + p * panel_bytes;
+      if (!avx2)
+        panel_scalar(wp, nb, qbytes, fmt, B, sm, xr, M, acc.data());
+      else if (sm == 0)
+        panel_avx2<0>(wp, nb, qbytes, fmt, B, xr, M, acc.data());
+      else if (sm == 1)
+        panel_avx2<1>(wp, nb, qbytes, fmt, B, xr, M, acc.data());
       else
-        panel_scalar(w + p * panel_bytes, nb, qbytes, fmt, B, xr, M, acc.data());
+        panel_avx2<2>(wp, nb, qbytes, fmt, B, xr, M, acc.data());
       store<T>(acc.data(), M, y, N, p * PW, int(std::min<int64_t>(PW, N - p * PW)), bias);
     }
   });
@@ -255,21 +301,23 @@ void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_
 
 // The raw fp32 form, for other kernels of the extension (quant_block.cpp): y [M, N] (row stride N).
 void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
-                    float* y, const float* bias) {
-  run<float>(x, ldx, M, w, N, K, fmt, B, y, bias);
+                    int sm, float* y, const float* bias) {
+  run<float>(x, ldx, M, w, N, K, fmt, B, sm, y, bias);
 }
 
 // x [M, K] fp32 or bf16 (unit inner stride); packed: uint8, see header; bias: fp32 [N] or None.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
-                           int64_t N, int64_t K, int64_t fmt, int64_t B) {
+                           int64_t N, int64_t K, int64_t fmt, int64_t B, int64_t sm) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.stride(1) == 1, "quant_linear: x must be [M, K] with unit inner stride");
+  TORCH_CHECK(sm >= 0 && sm <= 2, "quant_linear: scale mode must be 0, 1 or 2");
   TORCH_CHECK(fmt == 4 || fmt == 8, "quant_linear: fmt must be 4 or 8");
   TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_linear: unsupported block size");
   TORCH_CHECK(K % B == 0, "quant_linear: K must be a multiple of the block size");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_linear: packed must be contiguous uint8");
   const int64_t P = (N + PW - 1) / PW;
   const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
-  TORCH_CHECK(packed.numel() == P * (K / B) * (qbytes + 2 * PW * 4), "quant_linear: packed size does not match N, K");
+  TORCH_CHECK(packed.numel() == P * (K / B) * (qbytes + scale_bytes(int(sm))),
+              "quant_linear: packed size does not match N, K");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
@@ -280,9 +328,9 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   if (x.scalar_type() == torch::kFloat32) {
-    run<float>(x.data_ptr<float>(), x.stride(0), M, wp, N, K, int(fmt), int(B), y.data_ptr<float>(), bp);
+    run<float>(x.data_ptr<float>(), x.stride(0), M, wp, N, K, int(fmt), int(B), int(sm), y.data_ptr<float>(), bp);
   } else if (x.scalar_type() == torch::kBFloat16) {
-    run<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, wp, N, K, int(fmt), int(B),
+    run<uint16_t>(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, wp, N, K, int(fmt), int(B), int(sm),
                   reinterpret_cast<uint16_t*>(y.data_ptr()), bp);
   } else {
     TORCH_CHECK(false, "quant_linear: x must be float32 or bfloat16");
@@ -292,13 +340,14 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, 
 
 // Rows `ids` of a packed weight, dequantized (d * q + m, fp32): a tied or quantized embedding's lookup.
 torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t N, int64_t K, int64_t fmt,
-                         int64_t B) {
+                         int64_t B, int64_t sm) {
+  TORCH_CHECK(sm >= 0 && sm <= 2, "quant_rows: scale mode must be 0, 1 or 2");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_rows: packed must be contiguous uint8");
   TORCH_CHECK(ids.scalar_type() == torch::kLong, "quant_rows: ids must be int64");
   TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_rows: unsupported format");
   const int64_t nb = K / B;
   const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
-  const int64_t block_bytes = qbytes + 2 * PW * 4;
+  const int64_t block_bytes = qbytes + scale_bytes(int(sm));
   TORCH_CHECK(packed.numel() == (N + PW - 1) / PW * nb * block_bytes, "quant_rows: packed size does not match N, K");
   const auto flat = ids.contiguous().view(-1);
   const int64_t R = flat.numel();
@@ -311,8 +360,9 @@ torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, 
     const int64_t p = ip[r] / PW, j = ip[r] % PW;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* w = wp + (p * nb + b) * block_bytes;
-      const float* dm = reinterpret_cast<const float*>(w + qbytes);
-      const float d = dm[j], m = dm[PW + j];
+      float ds[PW], ms[PW];
+      scales_scalar(w + qbytes, int(sm), ds, ms);
+      const float d = ds[j], m = ms[j];
       float* o = op + r * K + b * B;
       if (fmt == 8) {
         const int8_t* q = reinterpret_cast<const int8_t*>(w);

@@ -57,7 +57,7 @@ class FusedStack:
         lin = lambda b: (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)  # noqa: E731
         self.stack = ext.QuantStack(
             [[x.packed for x in lin(b)] for b in blocks],
-            [[v for x in lin(b) for v in (x.out_features, x.in_features, x.bits, x.block)] for b in blocks],
+            [[v for x in lin(b) for v in (x.out_features, x.in_features, x.bits, x.block, x.scale_mode)] for b in blocks],
             [[_opt(x.bias) for x in lin(b)] for b in blocks],
             [[_opt(None if n is None else n.weight) for n in (b.attn_norm, b.mlp_norm, b.attn.q_norm, b.attn.k_norm,
                                                                b.attn_out_norm, b.mlp_out_norm)] for b in blocks],
