@@ -49,9 +49,10 @@ def test_a_query_gets_the_same_bits_alone_and_in_a_padded_batch(ext):
     assert torch.equal(alone, full[1:2, :, 2:3])
 
 
-def test_portable_path_gives_the_same_bits(ext):
-    q, k, v = _inputs(seed=3)
-    mask = visibility(torch.arange(35, 40).expand(3, 5), 0, 40, 9)
+@pytest.mark.parametrize("d,length", [(16, 40), (72, 43), (128, 21)])  # head dims: under 64, 64 + 8, 2 x 64
+def test_portable_path_gives_the_same_bits(ext, d, length):
+    q, k, v = _inputs(seed=3, d=d, length=length)
+    mask = visibility(torch.arange(length - 5, length).expand(3, 5), 0, length, 9)
     a = attend_rows(q, k, v, mask, 0.3)
     ext.attend_force_portable(True)
     try:
@@ -59,6 +60,8 @@ def test_portable_path_gives_the_same_bits(ext):
     finally:
         ext.attend_force_portable(False)
     assert torch.equal(a, b)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert torch.allclose(a, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

@@ -52,6 +52,31 @@ float dot_portable(const float* a, const float* b, int64_t d) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
+// Scores of keys 0..L-1 for one query, 8 keys at a time: 8 dot-product accumulators reduced by
+// one transpose-and-add (hadd), which sums each key's 8 lanes in dot_avx2's order exactly:
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). The caller scales and masks them (in code
+// compiled without FMA, so `dot * scale + mask` is never contracted into one rounding).
+__attribute__((target("avx2,fma"))) inline __m256 sum_lanes8(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* q, const float* kb, int64_t ksl, int64_t L,
+                                                   int64_t D, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    __m256 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + r) * ksl + d), a[r]);
+    }
+    _mm256_storeu_ps(out + j, sum_lanes8(a));
+  }
+  for (; j < L; ++j) out[j] = dot_avx2(q, kb + j * ksl, D);
+}
+
 // acc += p * v (one fused multiply-add per element: both paths give the same bits)
 __attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
@@ -61,6 +86,29 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, floa
 
 void axpy_portable(float p, const float* v, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+}
+
+// acc[0..D) = sum_j p_j v_j over the keys with p_j != 0, j ascending: 64 values at a time in
+// registers (the same per-element fused multiply-adds in the same order as axpy_portable).
+__attribute__((target("avx2,fma"))) void values_avx2(const float* p, const float* vb, int64_t vsl, int64_t L,
+                                                     int64_t D, float* acc) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 a[8];
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      if (p[j] == 0.f) continue;
+      const __m256 pv = _mm256_set1_ps(p[j]);
+      const float* vr = vb + j * vsl + d0;
+      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + 8 * r), a[r]);
+    }
+    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(acc + d0 + 8 * r, a[r]);
+  }
+  if (d0 < D) {
+    for (int64_t i = d0; i < D; ++i) acc[i] = 0.f;
+    for (int64_t j = 0; j < L; ++j)
+      if (p[j] != 0.f) axpy_avx2(p[j], vb + j * vsl + d0, acc + d0, D - d0);
+  }
 }
 
 // exp(x) for x <= 0 (Cephes' expf): n = round(x log2 e), r = x - n ln 2 (in two parts), then
@@ -137,29 +185,28 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
       for (int64_t t = 0; t < T; ++t) {
         const float* qr = qp + b * qsb + h * qsh + t * qst;
         const float* mr = mp ? mp + b * msb + t * mst : nullptr;
-        float mx = -std::numeric_limits<float>::infinity();
+        constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+        if (avx2)
+          dots_avx2(qr, kb, ksl, L, D, score.data());
+        else
+          for (int64_t j = 0; j < L; ++j) score[j] = dot_portable(qr, kb + j * ksl, D);
+        float mx = kNegInf;
         for (int64_t j = 0; j < L; ++j) {
           const float m = mr ? mr[j * msl] : 0.f;
-          if (m == -std::numeric_limits<float>::infinity()) {
-            score[j] = m;
-            continue;
-          }
-          const float* kr = kb + j * ksl;
-          const float x = (avx2 ? dot_avx2(qr, kr, D) : dot_portable(qr, kr, D)) * sc + m;
-          score[j] = x;
-          mx = std::max(mx, x);
+          score[j] = m == kNegInf ? m : score[j] * sc + m;  // a masked key: -inf whatever its dot
+          mx = std::max(mx, score[j]);
         }
         std::fill(acc.begin(), acc.end(), 0.f);
         double sum = 0.0;
-        if (mx != -std::numeric_limits<float>::infinity()) {
+        if (mx != kNegInf) {
           for (int64_t j = 0; j < L; ++j) score[j] -= mx;  // -inf stays -inf: exp gives 0
           exp_lanes(score.data(), L, avx2);
-          for (int64_t j = 0; j < L; ++j) {
-            const float p = score[j];
-            if (p == 0.f) continue;
-            sum += double(p);
-            const float* vr = vb + j * vsl;
-            if (avx2) axpy_avx2(p, vr, acc.data(), D); else axpy_portable(p, vr, acc.data(), D);
+          for (int64_t j = 0; j < L; ++j) sum += double(score[j]);
+          if (avx2) {
+            values_avx2(score.data(), vb, vsl, L, D, acc.data());
+          } else {
+            for (int64_t j = 0; j < L; ++j)
+              if (score[j] != 0.f) axpy_portable(score[j], vb + j * vsl, acc.data(), D);
           }
         }
         float* orow = op + b * osb + h * osh + t * ost;
