@@ -35,6 +35,12 @@ def test_record_ratios_agreement_and_losslessness_flag():
     assert rows["mtpspec+drafter"]["equals_plain"] is True
     assert rows["mtpspec+drafter"]["tokens_per_target_forward"] == pytest.approx(8 / 8)
     assert "mtpspec+drafter" in table(rec)
+    assert "greedy_agreement_with_fp32" not in rows["mtpspec"]  # no dense engine in this run
+    # with the dense engine: the quantized engine's agreement with it is reported
+    results["mtpspec-f32"] = _result("mtpspec-f32", [[1, 2, 9, 9, 9], [6, 7, 8, 9, 10]], 0.5)
+    rows = {r["engine"]: r for r in _record("x.gguf", a, results, 5, 2, 2, [])["results"]}
+    assert rows["mtpspec"]["greedy_agreement_with_fp32"] == pytest.approx(7 / 10)
+    assert "vs mtpspec-f32" in table(_record("x.gguf", a, results, 5, 2, 2, []))
 
 
 def statistics_median(*xs):

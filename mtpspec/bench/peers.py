@@ -209,6 +209,8 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
         }
         if "+" in name and plain_name in results:
             row["equals_plain"] = res.outputs() == results[plain_name].outputs()
+        if name == "mtpspec" and "mtpspec-f32" in results:  # reported, not asserted: rounding differs
+            row["greedy_agreement_with_fp32"] = round(_agreement(res.outputs(), results["mtpspec-f32"].outputs()), 4)
         rows.append(row)
     return {
         "suite": "peers",
@@ -232,6 +234,10 @@ def table(record: dict) -> str:
         lines.append(f"{r['engine']:<22}{r['decode_tokens_per_s']:>13.1f}{r['wall_tokens_per_s']:>11.1f}"
                      f"{r['decode_vs_llama_cpp']:>10.2f}{r['wall_vs_llama_cpp']:>8.2f}{tpf:>9}"
                      f"{r['greedy_agreement_with_llama_cpp']:>8.0%}")
+    for r in record["results"]:
+        if "greedy_agreement_with_fp32" in r:
+            lines.append(f"{r['engine']} (quantized) vs mtpspec-f32 (the same GGUF dequantized): greedy tokens equal up "
+                         f"to the first difference: {r['greedy_agreement_with_fp32']:.0%}")
     lines.append(f"x = ratio to llama.cpp; =llama: greedy tokens equal to llama.cpp's up to the first difference; "
                  f"{record['prompts']} prompts, {record['new_tokens']} new tokens, {record['repeats']} interleaved "
                  f"repeats (medians), {record['threads']} threads")
