@@ -259,9 +259,13 @@ def plot(record: dict, path: str | Path) -> None:
     ax.bar([i + 0.2 for i in x], [r["wall_tokens_per_s"] for r in rows], width=0.4, label="wall (with prefill)")
     ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{Path(record['gguf']).name}: batch 1, greedy, {record['new_tokens']} new tokens, "
-                 f"{record['threads']} threads")
-    ax.legend()
+    ax.set_title(f"{Path(record['gguf']).name}\nbatch 1, greedy, {record['new_tokens']} new tokens, "
+                 f"{record['threads']} threads", fontsize=10)
+    ax.set_ylim(0, 1.25 * max(max(r["decode_tokens_per_s"], r["wall_tokens_per_s"]) for r in rows))
+    for i, r in zip(x, rows):
+        ax.annotate(f"{r['decode_vs_llama_cpp']:.2f}x", (i - 0.2, r["decode_tokens_per_s"]), ha="center",
+                    va="bottom", fontsize=8)
+    ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
