@@ -284,3 +284,25 @@ def test_cli_options(family_targets, tmp_path):
     r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--data", "self-instruct",
                                  "--out", str(tmp_path / "e"), "--self-instruct-temperature", "0"])
     assert r.exit_code == 2 and "self_instruct_temperature must be > 0" in r.output
+
+
+def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
+    """No data: the target writes its own prompts (self_instruct_prompts of them, plus eval_limit
+    held out for evaluation, never trained on), answers them and the drafter is evaluated on the
+    held-out ones; the head is clustered only for a large vocabulary."""
+    calls = []
+    real = si.generate_prompts
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    eng = engines["llama"]
+    t = Trainer(_cfg(tmp_path, data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2), eng)
+    assert calls == [9]
+    held = t.generated_heldout
+    assert len(held) == 3 and t.heldout is not None and t.heldout.prompts == held
+    trained = {tuple(s.ids) for s in t.shards.samples}
+    assert len(trained) == 6 and not trained & {tuple(eng.encode(p)) for p in held}
+    assert not t.drafter.cfg.clustered  # tiny vocabulary
+    res = t.run()
+    assert res.evals and res.evals[-1]["step"] == 2
+    assert TrainConfig(data=[], out="x").data_specs() == ["self-instruct:2000"]
+    assert TrainConfig(data=[], out="x").clustered_for(49152) and not TrainConfig(data=[], out="x").clustered_for(1000)
+    assert not TrainConfig(data=[], out="x", clustered=False).clustered_for(49152)

@@ -11,14 +11,14 @@ from ..errors import MtpspecError
 
 
 def train_drafter_cmd(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data (repeatable): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data (repeatable; default: self-instruct:2000, prompts the target writes itself, with held-out evaluation on a split of them): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie).")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", "-k", help="K: drafting steps unrolled in training, written as num_assistant_tokens.")] = 4,
     layers: Annotated[int, typer.Option("--layers", help="Drafter layers.")] = 1,
     hidden_size: Annotated[Optional[int], typer.Option("--hidden-size", help="Drafter width (default: the target's; the head is then the target's own embedding, frozen).")] = None,
-    clustered: Annotated[bool, typer.Option("--clustered", help="Clustered head (balanced k-means token_ordering + trained centroids).")] = False,
+    clustered: Annotated[Optional[bool], typer.Option("--clustered/--no-clustered", help="Clustered head (balanced k-means token_ordering + trained centroids); default: when the vocabulary has >= 32768 tokens.")] = None,
     num_centroids: Annotated[Optional[int], typer.Option("--num-centroids")] = None,
     centroid_top_k: Annotated[Optional[int], typer.Option("--centroid-top-k")] = None,
     self_distill: Annotated[bool, typer.Option("--self-distill/--no-self-distill", help="Train on the target's own (greedy) responses to the data's prompts.")] = True,
@@ -38,7 +38,7 @@ def train_drafter_cmd(
     soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="Teacher: the target's top-8 distribution (soft) or only its argmax (hard, default).")] = False,
     acceptance_weight: Annotated[float, typer.Option("--acceptance-weight", help="Share in [0, 1] of the loss given to the acceptance objective, which maximises the expected number of drafts accepted per K-step chain (from the drafter's per-step acceptance probabilities); the cross-entropy keeps the rest, which keeps early training stable. 0 = cross-entropy only (default), 1 = acceptance only.")] = 0.0,
     acceptance_verify: Annotated[str, typer.Option("--acceptance-verify", help="The acceptance objective's per-step acceptance: greedy (the drafter's probability of the target's argmax: greedy verification, default) or sampled (sum over tokens of min(p, q), p = the target's top-8 distribution: speculative sampling).")] = "greedy",
-    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept.")] = None,
+    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept (default: --eval-limit prompts the target writes, held out of the self-instruct data).")] = None,
     eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
@@ -64,7 +64,7 @@ def train_drafter_cmd(
 
     try:
         cfg = TrainConfig(
-            data=list(data), out=str(out), target=target, work_dir=str(work_dir) if work_dir else None,
+            data=list(data or []), out=str(out), target=target, work_dir=str(work_dir) if work_dir else None,
             draft_tokens=draft_tokens, num_layers=layers, hidden_size=hidden_size, clustered=clustered,
             num_centroids=num_centroids, centroid_top_k=centroid_top_k, self_distill=self_distill,
             distill_max_new_tokens=distill_tokens, max_len=max_len, shard_size=shard_size, batch_size=batch_size,

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 
 
+DEFAULT_SELF_INSTRUCT = 2000  # prompts the target writes when no data is given (`data_specs`)
+
+
 @dataclass
 class TrainConfig:
-    data: list[str]
+    data: list[str]  # empty: the target's own prompts (`data_specs`)
     out: str
     target: str | None = None  # None = the default model
     work_dir: str | None = None  # checkpoints + shards (default: <out>.work)
@@ -17,7 +20,7 @@ class TrainConfig:
     num_layers: int = 1
     hidden_size: int | None = None  # default: the target's width (head initialised from the target)
     intermediate_size: int | None = None
-    clustered: bool = False
+    clustered: bool | None = None  # None: a clustered head when the vocabulary has >= 32768 tokens
     num_centroids: int | None = None
     centroid_top_k: int | None = None
     self_distill: bool = True
@@ -26,6 +29,7 @@ class TrainConfig:
     self_instruct_temperature: float = 1.0  # the `self-instruct` recipe's sampling (see self_instruct.py)
     self_instruct_top_p: float = 1.0
     self_instruct_max_tokens: int = 128  # a generated prompt not ending its turn within this is dropped
+    self_instruct_prompts: int = DEFAULT_SELF_INSTRUCT  # used when `data` is empty
     max_len: int = 384
     shard_size: int = 64
     batch_size: int = 8
@@ -67,6 +71,15 @@ class TrainConfig:
     # data-parallel training (torchrun; distributed.py): the global batch is cut into micro-batches of
     # this many sequences, spread over the ranks; None = batch_size / world size (one per rank)
     micro_batch_size: int | None = None
+
+    def data_specs(self) -> list[str]:
+        """The data to train on: `data`, or without it `self-instruct:N` (the one-command recipe:
+        prompts the target writes itself, answered by it; held-out evaluation on a split of them)."""
+        return list(self.data) or [f"self-instruct:{self.self_instruct_prompts}"]
+
+    def clustered_for(self, vocab_size: int) -> bool:
+        """Whether the drafter gets a clustered head: `clustered`, or for None a large vocabulary."""
+        return self.clustered if self.clustered is not None else vocab_size >= 32768
 
     def check(self) -> None:
         """Raise InputError naming the first option out of its range."""

@@ -76,7 +76,8 @@ class Trainer:
         self.out = Path(cfg.out)
         self.work = Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(self.out.name + ".work")
         dcfg = DrafterConfig.for_target(self.target.cfg, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                        clustered=cfg.clustered, intermediate_size=cfg.intermediate_size,
+                                        clustered=cfg.clustered_for(self.target.cfg.vocab_size),
+                                        intermediate_size=cfg.intermediate_size,
                                         num_centroids=cfg.num_centroids, centroid_top_k=cfg.centroid_top_k)
         self.drafter = starting_drafter(dcfg, self.target, seed=cfg.seed, train_head=cfg.train_head,
                                         init_from=cfg.init_from)
@@ -85,7 +86,10 @@ class Trainer:
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
                                    cfg.bf16, cfg.device, acceptance_weight=cfg.acceptance_weight,
                                    acceptance_verify=cfg.acceptance_verify)
-        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data, self_distill=cfg.self_distill,
+        # the one-command recipe (no data, no --eval-prompts): evaluate on a split of the prompts the target writes
+        self.split = cfg.eval_limit if cfg.eval_prompts is None and not cfg.data and g.is_main else 0
+        self.generated_heldout: list[str] = []
+        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data_specs(), self_distill=cfg.self_distill,
                                                     max_len=cfg.max_len, seed=cfg.seed,
                                                     self_instruct=self._self_instruct))
         store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
@@ -98,7 +102,8 @@ class Trainer:
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
         self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples))
-        prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts else None
+        prompts = (read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts
+                   else self.generated_heldout or None)
         # rank 0 evaluates (and writes the output)
         self.heldout = (HeldOut(engine, prompts, cfg.draft_tokens, cfg.eval_max_new_tokens) if prompts and g.is_main
                         else None)
@@ -107,8 +112,16 @@ class Trainer:
 
     def _self_instruct(self, n: int) -> list[str]:
         """n prompts written by the target (the `self-instruct` recipe), generated once and kept in
-        the work dir: a resumed or repeated run reads them."""
+        the work dir: a resumed or repeated run reads them. Without --eval-prompts, `split` more are
+        written and held out for evaluation (`generated_heldout`), never trained on."""
         cfg, eng = self.cfg, self.engine
+        split, self.split = self.split, 0  # one split, for the first self-instruct spec
+        if split:
+            prompts = self._self_instruct(n + split)
+            if len(prompts) > split:
+                self.generated_heldout = prompts[-split:]
+                return prompts[:-split]
+            return prompts
         opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=cfg.seed,
                     max_tokens=cfg.self_instruct_max_tokens)
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
