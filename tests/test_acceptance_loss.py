@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import mtpspec
+from tiny_models import write_random_chats
 from mtpspec.errors import InputError
 from mtpspec.models.drafter import DrafterConfig, MTPDrafter
 from mtpspec.train import TrainConfig, Trainer
@@ -262,14 +263,7 @@ def test_unrolled_batch_acceptance_matches_per_anchor_brute_force(engine, verify
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    words = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(48):
-        n = int(torch.randint(3, 8, (1,), generator=g))
-        msg = " ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
-    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    write_random_chats(d / "chat.jsonl", 48, seed=0)
     (d / "eval.txt").write_text("hello world\nthe lazy dog\nstop here please\na b c d\n")
     return d
 

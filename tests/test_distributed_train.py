@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mtpspec
+from tiny_models import write_random_chats
 from mtpspec.errors import InputError
 from mtpspec.train import TrainConfig, Trainer
 
@@ -36,14 +37,7 @@ def engine(tiny_with_tokenizer):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    words = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
-    g = torch.Generator().manual_seed(1)
-    lines = []
-    for _ in range(16):
-        n = int(torch.randint(3, 8, (1,), generator=g))
-        msg = " ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
-    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    write_random_chats(d / "chat.jsonl", 16, seed=1)
     return d
 
 

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import mtpspec
+from tiny_models import write_random_chats
 from mtpspec.errors import InputError, MtpspecError
 from mtpspec.serve.server import ServerThread, build, free_port
 from mtpspec.train import TrainConfig, Trainer
@@ -106,14 +107,7 @@ def server(engine):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    words = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(24):
-        n = int(torch.randint(3, 8, (1,), generator=g))
-        msg = " ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
-    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    write_random_chats(d / "chat.jsonl", 24, seed=0)
     return d
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import save_tiny_tokenizer, tiny_hf_model
+from tiny_models import save_tiny_tokenizer, tiny_hf_model, write_random_chats
 
 import mtpspec
 from mtpspec.errors import InputError, MtpspecError
@@ -35,14 +35,7 @@ def engine(tiny_with_tokenizer):
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    words = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
-    g = torch.Generator().manual_seed(0)
-    lines = []
-    for i in range(48):
-        n = int(torch.randint(3, 8, (1,), generator=g))
-        msg = " ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
-    (d / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    write_random_chats(d / "chat.jsonl", 48, seed=0)
     (d / "eval.txt").write_text("hello world\nthe lazy dog\nstop here please\na b c d\n")
     (d / "text.txt").write_text(("the quick brown fox jumps over the lazy dog. " * 30 + "\n\n") * 4)
     return d

@@ -69,3 +69,21 @@ def save_tiny_tokenizer(folder) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
+
+
+CHAT_WORDS = "the quick brown fox jumps over the lazy dog hello world stop here please a b c d e f g".split()
+
+
+def write_random_chats(path, n: int, seed: int = 0) -> None:
+    """A .jsonl of n one-message chats of 3-7 random words (drafter-training test data)."""
+    import json
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n):
+        k = int(torch.randint(3, 8, (1,), generator=g))
+        msg = " ".join(CHAT_WORDS[int(j)] for j in torch.randint(len(CHAT_WORDS), (k,), generator=g))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": msg}]}))
+    path.write_text("\n".join(lines) + "\n")
