@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import mtpspec
-from tiny_models import write_random_chats
 from mtpspec.errors import InputError
 from mtpspec.models.drafter import DrafterConfig, MTPDrafter
 from mtpspec.train import TrainConfig, Trainer
@@ -260,21 +259,7 @@ def test_unrolled_batch_acceptance_matches_per_anchor_brute_force(engine, verify
 
 
 # ---- training ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_random_chats(d / "chat.jsonl", 48, seed=0)
-    (d / "eval.txt").write_text("hello world\nthe lazy dog\nstop here please\na b c d\n")
-    return d
-
-
-def _cfg(data_files, tmp_path, **kw):
-    base = dict(data=[str(data_files / "chat.jsonl")], out=str(tmp_path / "drafter"), draft_tokens=3, num_layers=1,
-                hidden_size=32, distill_max_new_tokens=24, distill_batch=16, max_len=64, shard_size=16,
-                batch_size=4, lr=3e-3, warmup=2, progress=False, eval_prompts=str(data_files / "eval.txt"),
-                eval_max_new_tokens=24, checkpoint_every=1e9, full_vocab_loss=True)
-    base.update(kw)
-    return TrainConfig(**base)
+from test_train import _cfg, data_files  # noqa: E402,F401  (the training tests' data and settings)
 
 
 def test_training_with_the_acceptance_objective_raises_acceptance(engine, data_files, tmp_path):
