@@ -215,8 +215,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.bits, self.block = weight.bits, weight.block
-        self.scale_mode = scale_mode(weight)
         self.register_buffer("packed", pack(weight), persistent=False)
+        self.scale_mode = packed_scale_mode(self.packed, self.out_features, self.in_features, self.bits, self.block)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self.is_packed = True  # like kernels.Linear after pack(): embeddings read rows (weight_rows)
         self.rows_dtype = torch.float32  # dtype of weight_rows (the model's activations)
