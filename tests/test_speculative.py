@@ -130,6 +130,37 @@ def test_adaptive_policy_keys_verify_cost_by_tokens_verified():
     assert pol._verify_time(1, 5) == pytest.approx(0.020 + (0.022 - 0.020) * 4 / 6, rel=0.02)  # interpolated
 
 
+def test_adaptive_policy_does_not_switch_drafting_off_on_its_first_rounds():
+    """Regression (CI, the wheel test): the first round's draft was rejected and its verify, the
+    first 5-token step, was slow (one-time costs); the policy chose plain decoding from round 3 on
+    and, exploring every 16th round, never drafted again in a 32-token answer. Now the warm-up
+    measurement is replaced by the next one and k = 0 needs min_observations rounds of evidence."""
+    pol = AdaptiveDraftLength(4)
+    assert pol.choose(1) == 4
+    pol.observe(1, 4, [0], 0.021, 0.010)  # rejected, slow first verify and first drafting round
+    assert pol.choose(1) == 0
+    pol.observe(1, 0, [0], 0.012, 0.0)
+    ks = []
+    for _ in range(7):
+        k = pol.choose(1)
+        ks.append(k)
+        pol.observe(1, k, [min(k, 1)], 0.012 + 0.0004 * k, 0.003 * k)  # now the first draft is accepted
+    assert all(k >= 1 for k in ks), ks
+    assert pol.verify[(1, 5)] == pytest.approx(0.021)  # measured once so far: kept until a second comes
+    pol.observe(1, 4, [1], 0.0136, 0.012)
+    assert pol.verify[(1, 5)] == pytest.approx(0.0136)  # the second replaces the warm-up measurement
+    pol.observe(1, 4, [1], 0.0140, 0.012)
+    assert pol.verify[(1, 5)] == pytest.approx(0.0138)  # then a running mean
+    # a drafter that keeps being rejected is switched off once min_observations rounds saw it
+    bad = AdaptiveDraftLength(4, min_observations=8)
+    ks = []
+    for _ in range(12):
+        k = bad.choose(1)
+        ks.append(k)
+        bad.observe(1, k, [0], 0.012 + 0.0004 * k, 0.003 * k)
+    assert ks[-1] == 0 and sum(1 for k in ks if k) == 8, ks
+
+
 def test_the_loop_reports_tokens_verified_per_round(target):
     """Chains verify k + 1 tokens, trees their node count + 1; the policy records both."""
     from mtpspec.decoding.mtp import MtpProposer, TreeShape
