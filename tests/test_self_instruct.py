@@ -224,8 +224,8 @@ def test_near_duplicates_are_dropped():
 def test_counts_and_rate_are_logged(engines):
     lines: list[str] = []
     prompts = _generate(engines["gemma3"], 4, log=lines.append)
-    assert len(lines) == 1
-    msg = lines[0]
+    assert len(lines) >= 2 and all(" prompts kept of " in ln for ln in lines[:-1])  # progress after each chunk
+    msg = lines[-1]
     generated = int(msg.split(" prompts generated")[0].rsplit(" ", 1)[-1])
     kept = int(msg.split(" kept")[0].rsplit(" ", 1)[-1])
     dropped = sum(int(part.split()[-1]) for part in msg.split("dropped: ")[1].split(";")[0].split(", "))
@@ -233,10 +233,41 @@ def test_counts_and_rate_are_logged(engines):
     assert "truncated" in msg and "prompts/s" in msg
 
 
+def test_a_killed_generation_resumes_after_its_last_chunk(engines, tmp_path, monkeypatch):
+    """Each chunk of requests is journaled as it completes: a run killed part way samples only
+    the requests after the last complete chunk (a torn last line is sampled again) and keeps
+    exactly the prompts an uninterrupted run keeps."""
+    eng = engines["qwen2"]
+    whole = _generate(eng, 12, batch_size=4, chunk=8)
+    journal = tmp_path / "p.partial"
+    real, asked = si._sample, []
+
+    def dying(*args, **kw):
+        if len(asked) == 2:
+            raise KeyboardInterrupt  # killed during the third chunk
+        asked.append(list(args[3]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(si, "_sample", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(eng, 12, batch_size=4, chunk=8, journal=journal)
+    assert asked == [list(range(0, 8)), list(range(8, 16))]
+    with open(journal, "a") as f:
+        f.write('{"rows": [["cut off')  # a write cut by the kill
+    monkeypatch.setattr(si, "_sample", lambda *a, **k: asked.append(list(a[3])) or real(*a, **k))
+    lines: list[str] = []
+    assert _generate(eng, 12, batch_size=4, chunk=8, journal=journal, log=lines.append) == whole
+    assert asked[2][0] == 16 and all(a[0] >= 16 for a in asked[2:])  # nothing sampled twice
+    assert "resumed after 16 sampled prompts" in lines[0]
+    path = tmp_path / "prompts.jsonl"
+    got = si.load_or_generate(path, lambda j: _generate(eng, 12, batch_size=4, chunk=8, journal=j), log=None)
+    assert got == whole and path.is_file() and not path.with_suffix(".partial").exists()  # journal removed
+
+
 def _cfg(tmp_path, **kw):
     base = dict(data=["self-instruct:5"], out=str(tmp_path / "drafter"), draft_tokens=2, num_layers=1,
                 hidden_size=32, distill_max_new_tokens=16, distill_batch=16, max_len=96, shard_size=8, batch_size=4,
-                warmup=1, progress=False, checkpoint_every=1e9, self_instruct_max_tokens=48)
+                warmup=1, progress=False, checkpoint_every=1e9, self_instruct_max_tokens=48, eval_limit=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -253,18 +284,18 @@ def test_resume_reads_the_stored_prompts(engines, tmp_path, monkeypatch):
     eng = engines["llama"]
     first = Trainer(_cfg(tmp_path, max_steps=4), eng)
     first.run(on_step=lambda rec: rec["step"] == 1 and first.request_stop())
-    assert calls == [5]
+    assert calls == [5 + 2]  # and eval_limit more, held out for evaluation
     stored = list((tmp_path / "drafter.work").glob("self-instruct-*.jsonl"))
-    assert [p.name for p in stored] == ["self-instruct-n5-seed0-t1-p1-len48.jsonl"]
-    prompts = [json.loads(line)["prompt"] for line in stored[0].read_text().splitlines()]
+    assert [p.name for p in stored] == ["self-instruct-n7-seed0-t1-p1-len48.jsonl"]
+    prompts = [json.loads(line)["prompt"] for line in stored[0].read_text().splitlines()][:-2]
     assert prompts and all(isinstance(p, str) and p for p in prompts)
     second = Trainer(_cfg(tmp_path, max_steps=4), eng)
     second.run(resume=True)
-    assert calls == [5]  # read from the work dir, not generated again
+    assert calls == [7]  # read from the work dir, not generated again
     assert second.state.step == 4
     assert {tuple(s.ids) for s in second.shards.samples} == {tuple(eng.encode(p)) for p in prompts}
     Trainer(_cfg(tmp_path / "other", max_steps=1, self_instruct_temperature=0.7), eng)
-    assert calls == [5, 5]  # another run (other options, other work dir) generates its own
+    assert calls == [7, 7]  # another run (other options, other work dir) generates its own
 
 
 def test_cli_options(family_targets, tmp_path):
@@ -277,10 +308,11 @@ def test_cli_options(family_targets, tmp_path):
                                  "--out", str(out), "--hidden-size", "32", "--draft-tokens", "2", "--max-steps", "2",
                                  "--distill-tokens", "8", "--shard-size", "8", "--batch-size", "2", "--seed", "5",
                                  "--self-instruct-temperature", "0.9", "--self-instruct-top-p", "0.95",
-                                 "--self-instruct-tokens", "40"])
+                                 "--self-instruct-tokens", "40", "--eval-limit", "3"])
     assert r.exit_code == 0, r.output
     assert "prompts generated" in r.output and "prompts/s" in r.output
-    assert (tmp_path / "d.work" / "self-instruct-n4-seed5-t0.9-p0.95-len40.jsonl").is_file()
+    assert (tmp_path / "d.work" / "self-instruct-n7-seed5-t0.9-p0.95-len40.jsonl").is_file()  # 4 + 3 held out
+    assert len(json.loads((out / "training.json").read_text())["evals"]) == 1  # evaluated on the 3 at the end
     r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--data", "self-instruct",
                                  "--out", str(tmp_path / "e"), "--self-instruct-temperature", "0"])
     assert r.exit_code == 2 and "self_instruct_temperature must be > 0" in r.output
@@ -303,6 +335,19 @@ def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
     assert not t.drafter.cfg.clustered  # tiny vocabulary
     res = t.run()
     assert res.evals and res.evals[-1]["step"] == 2
+    # the training curve beside training.json: one point per evaluation, minutes of training
+    from mtpspec.train.curve import plot_training_curve
+
+    png = t.out / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = plot_training_curve(t.out / "training.json", tmp_path / "again.png")
+    assert points == [(e["elapsed"] / 60, e["mean_accepted_length"]) for e in res.evals]
+    assert plot_training_curve({"evals": []}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
     assert TrainConfig(data=[], out="x").data_specs() == ["self-instruct:2000"]
     assert TrainConfig(data=[], out="x").clustered_for(49152) and not TrainConfig(data=[], out="x").clustered_for(1000)
     assert not TrainConfig(data=[], out="x", clustered=False).clustered_for(49152)
+    # named self-instruct data, mixed with other data, without --eval-prompts: the same held-out split
+    calls.clear()
+    (tmp_path / "mix").mkdir()
+    t = Trainer(_cfg(tmp_path / "mix", data=["self-instruct:5", "instructions:3"], eval_limit=2, max_steps=1), eng)
+    assert calls == [7] and len(t.generated_heldout) == 2 and t.heldout.prompts == t.generated_heldout

@@ -20,7 +20,8 @@ like any other prompt (harvest.py).
 3. filtering (`PromptFilter`): dropped are messages that did not end their turn within
    `max_tokens` (truncated), contain template markup or broken UTF-8, are empty, too short or
    repetitive, or duplicate a kept one after normalisation (case, punctuation, spacing).
-Rounds of requests continue until `n` are kept or `max_attempts` were sampled.
+Rounds of requests continue until `n` are kept or `max_attempts` were sampled; each round is
+journaled (`load_or_generate`), so a generation killed part way resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -190,16 +191,34 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _read_journal(journal: Path | None) -> list[dict]:
+    """The chunk records a killed generation left in `journal` (a torn last line is dropped)."""
+    if journal is None or not journal.is_file():
+        return []
+    records = []
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # cut off by a kill: this chunk is sampled again
+        records.append(rec)
+    return records
+
+
 def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      max_tokens: int = 128, batch_size: int = 32, eos_ids=(), max_attempts: int | None = None,
-                     min_chars: int = 8, log: Callable[[str], None] | None = _stderr) -> list[str]:
+                     min_chars: int = 8, log: Callable[[str], None] | None = _stderr,
+                     journal: Path | None = None, chunk: int | None = None) -> list[str]:
     """Up to `n` distinct user prompts written by the target (`model`: a Decoder, with its
     tokenizer) with the Magpie method (see the module doc): `temperature`/`top_p` sampling, one
     seed per request derived from `seed`, at most `max_tokens` tokens per message, `batch_size`
     rows decoded at once, at most `max_attempts` messages sampled (default: 8 n, at least
-    4 batches). `eos_ids` (e.g. `Engine.eos_ids`) also end a message. Logs one line (`log`) with
-    the counts generated / kept / dropped by reason and the rate. InputError without a chat
-    template, or if no message was usable."""
+    4 batches). `eos_ids` (e.g. `Engine.eos_ids`) also end a message. Requests go in chunks of
+    at most `chunk` (default 8 batches); after each, `log` gets a progress line, and the chunk's
+    messages are appended to `journal` if given: a generation killed part way restarts after its
+    last complete chunk, with the same result as an uninterrupted one. A last line gives the counts
+    generated / kept / dropped by reason and the rate. InputError without a chat template, or if
+    no message was usable."""
     if n < 1:
         raise InputError(f"self-instruct: the number of prompts must be >= 1, got {n}")
     if max_tokens < 1 or batch_size < 1:
@@ -207,24 +226,46 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
     turn = user_turn(tokenizer, eos_ids)
     keep = PromptFilter(special_tokens(tokenizer).values(), min_chars)
     budget = max_attempts if max_attempts is not None else max(8 * n, 4 * batch_size)
+    chunk = chunk or 8 * batch_size
     kept: list[str] = []
     tried = tokens = 0
-    t0 = time.perf_counter()
-    while len(kept) < n and tried < budget:
-        rate = max(len(kept) / tried, 0.05) if tried else 1.0
-        size = min(budget - tried, max(batch_size, math.ceil(1.1 * (n - len(kept)) / rate)))
-        rows = _sample(model, tokenizer, turn, range(tried, tried + size), temperature=temperature, top_p=top_p,
-                       seed=seed, max_tokens=max_tokens, batch_size=batch_size)
+
+    def take(rows) -> None:
+        nonlocal tokens
         for text, ended, n_tok in rows:
             tokens += n_tok
             if (p := keep.add(text, ended)) is not None:
                 kept.append(p)
+
+    records = _read_journal(journal)
+    for rec in records:  # replay a killed run's chunks through the filter, in order
+        take(rec["rows"])
+        tried += len(rec["rows"])
+    if journal is not None:  # rewritten without a torn last line, then appended to
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        journal.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        if records and log is not None:
+            log(f"self-instruct: resumed after {tried} sampled prompts ({len(kept)} kept) from {journal}")
+    t0, resumed_tokens = time.perf_counter(), tokens
+    while len(kept) < n and tried < budget:
+        rate = max(len(kept) / tried, 0.05) if tried else 1.0
+        size = min(budget - tried, chunk, max(batch_size, math.ceil(1.1 * (n - len(kept)) / rate)))
+        rows = _sample(model, tokenizer, turn, range(tried, tried + size), temperature=temperature, top_p=top_p,
+                       seed=seed, max_tokens=max_tokens, batch_size=batch_size)
+        take(rows)
         tried += size
+        if journal is not None:
+            with open(journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"rows": [list(r) for r in rows]}, ensure_ascii=False) + "\n")
+        if log is not None:
+            secs = max(time.perf_counter() - t0, 1e-9)
+            log(f"self-instruct: {min(len(kept), n)}/{n} prompts kept of {tried} sampled "
+                f"({(tokens - resumed_tokens) / secs:.0f} tok/s)")
     secs = max(time.perf_counter() - t0, 1e-9)
     dropped = ", ".join(f"{r} {keep.dropped[r]}" for r in DROP_REASONS if keep.dropped[r]) or "none"
     if log is not None:
         log(f"self-instruct: {tried} prompts generated, {len(kept)} kept, dropped: {dropped}; {min(n, len(kept))} used "
-            f"({n} asked); {secs:.1f}s, {tried / secs:.1f} prompts/s ({tokens / secs:.0f} tok/s)")
+            f"({n} asked); {secs:.1f}s, {tried / secs:.1f} prompts/s ({(tokens - resumed_tokens) / secs:.0f} tok/s)")
     if not kept:
         raise InputError(f"self-instruct: none of the {tried} user messages the target wrote was usable "
                          f"(dropped: {dropped}); try a higher max_tokens or another temperature")
@@ -237,19 +278,23 @@ def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, se
     return Path(work_dir) / f"self-instruct-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
 
 
-def load_or_generate(path: Path, generate: Callable[[], list[str]],
+def load_or_generate(path: Path, generate: Callable[[Path], list[str]],
                      log: Callable[[str], None] | None = _stderr) -> list[str]:
-    """The prompts stored at `path` ({"prompt": ...} per line, usable as --data), or `generate()`'s,
-    then stored (atomically: a resumed or repeated run reads them instead of generating again)."""
+    """The prompts stored at `path` ({"prompt": ...} per line, usable as --data), or
+    `generate(journal)`'s, then stored (atomically: a resumed or repeated run reads them instead of
+    generating again). `journal` (beside `path`, removed once `path` is written) is where the
+    generation keeps its progress, for a run killed while generating."""
     path = Path(path)
     if path.is_file():
         prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if log is not None:
             log(f"self-instruct: {len(prompts)} prompts read from {path}")
         return prompts
-    prompts = generate()
+    journal = path.with_suffix(".partial")
+    prompts = generate(journal)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8")
     os.replace(tmp, path)
+    journal.unlink(missing_ok=True)
     return prompts

@@ -26,6 +26,7 @@ from ..prompts_file import read_prompts
 from . import distributed, self_instruct
 from .checkpointing import Checkpoint, RunState, write_drafter
 from .config import TrainConfig
+from .curve import plot_training_curve
 from .data import Sample, build_samples
 from .distributed import Group, SharedShardStore
 from .drafter_init import starting_drafter
@@ -86,8 +87,9 @@ class Trainer:
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
                                    cfg.bf16, cfg.device, acceptance_weight=cfg.acceptance_weight,
                                    acceptance_verify=cfg.acceptance_verify)
-        # the one-command recipe (no data, no --eval-prompts): evaluate on a split of the prompts the target writes
-        self.split = cfg.eval_limit if cfg.eval_prompts is None and not cfg.data and g.is_main else 0
+        # self-instruct data (the one-command recipe's default) and no --eval-prompts: evaluate on a split of
+        # the prompts the target writes (taken when the first self-instruct spec is read)
+        self.split = cfg.eval_limit if cfg.eval_prompts is None and g.is_main else 0
         self.generated_heldout: list[str] = []
         samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data_specs(), self_distill=cfg.self_distill,
                                                     max_len=cfg.max_len, seed=cfg.seed,
@@ -127,8 +129,9 @@ class Trainer:
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
         return self_instruct.load_or_generate(
             self_instruct.prompts_path(self.work, n, **opts),
-            lambda: self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
-                                                   eos_ids=eng.eos_ids, log=log), log)
+            lambda journal: self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts,
+                                                           batch_size=cfg.distill_batch, eos_ids=eng.eos_ids, log=log,
+                                                           journal=journal), log)
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
@@ -291,7 +294,7 @@ class Trainer:
 
     def save_output(self, folder: Path | None = None, full_head: bool = False) -> Path:
         """The drafter as it is now, as a drafter folder (default: the run's output) with its
-        training.json."""
+        training.json and, once evaluated, its training curve (training.png)."""
         from ..api import resolve_dtype
 
         st = self.state
@@ -299,8 +302,10 @@ class Trainer:
                 "evals": st.evals, "last": st.history[-1] if st.history else None,
                 "world_size": self.group.world, "micro_batch_size": self.micro_batch,
                 "distill": self.distill_report()}
-        return write_drafter(self.drafter, folder or self.out, dtype=resolve_dtype(self.cfg.save_dtype),
-                             draft_tokens=self.cfg.draft_tokens, info=info, full_head=full_head)
+        out = write_drafter(self.drafter, folder or self.out, dtype=resolve_dtype(self.cfg.save_dtype),
+                            draft_tokens=self.cfg.draft_tokens, info=info, full_head=full_head)
+        plot_training_curve(info, out / "training.png")  # held-out tau against training minutes (curve.py)
+        return out
 
 
 def train_drafter(cfg: TrainConfig | None = None, *, resume: bool = False, engine=None, **kwargs) -> TrainResult:

@@ -1,0 +1,49 @@
+"""The training curve of a drafter: held-out mean accepted length against training minutes.
+
+The trainer writes it as `training.png` beside the drafter's `training.json` whenever it writes the
+drafter (from the run's evaluations, resumed segments included); `plot_training_curve` redraws it
+from any training.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def curve_points(info: dict) -> list[tuple[float, float]]:
+    """(training minutes, held-out mean accepted length) of each evaluation in a training.json."""
+    return [(e["elapsed"] / 60, e["mean_accepted_length"]) for e in info.get("evals", [])
+            if "elapsed" in e and "mean_accepted_length" in e]
+
+
+def plot_training_curve(info: dict | str | Path, path: str | Path, *, title: str | None = None) -> list | None:
+    """Draw the curve of `info` (a training.json's content or its path) into the PNG `path`;
+    returns the points drawn, or None (and writes nothing) without evaluations."""
+    if not isinstance(info, dict):
+        info = json.loads(Path(info).read_text())
+    points = curve_points(info)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = info.get("config", {})
+    k = cfg.get("draft_tokens")
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    ax.plot([m for m, _ in points], [t for _, t in points], marker="o", markersize=3)
+    best = max(points, key=lambda p: p[1])
+    ax.annotate(f"{best[1]:.2f}", best, textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(f"held-out mean accepted length{f' (K={k})' if k else ''}")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    if title is None:
+        where = cfg.get("eval_prompts") or "prompts the target wrote, held out of training"
+        title = f"{Path(str(cfg.get('target') or 'default model')).name}: held-out {where}"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return points
