@@ -231,6 +231,17 @@ def _ext():
     return _state["ext"]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512_BF16 or AMX-BF16). Without, torch's
+    CPU bfloat16 matmuls fall back to slow paths: bfloat16 autocast trained ~18x slower than
+    float32 on an AVX2-only EPYC. Assumed True where /proc/cpuinfo cannot tell."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def kernel_info() -> dict:
     """Which path `Linear` uses (loads or builds the extension if not done yet): path "cpp" with
     build "prebuilt" (compiled at install time) or "jit" (compiled at run time), the ISA and the

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..errors import MtpspecError
+from ..kernels import cpu_has_bf16
 from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
 from . import distributed, self_instruct
@@ -66,6 +67,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, engine=None, group: Group | None = None) -> None:
         """group: the data-parallel process group (distributed.py); None = this process alone."""
         cfg.check()
+        if cfg.bf16 and torch.device(cfg.device).type == "cpu" and not cpu_has_bf16():
+            print("train-drafter: --bf16 ignored: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX), "
+                  "where bfloat16 autocast trains ~18x slower than float32", file=sys.stderr, flush=True)
+            cfg = replace(cfg, bf16=False)
         self.cfg = cfg
         self.group = g = group or Group()
         if engine is None:
