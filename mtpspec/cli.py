@@ -163,6 +163,7 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option(help="spec/serve/peers suite: PNG plot path (default <out-dir>/<suite>.png).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="peers suite: threads for both engines (default: all cores).")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="peers suite: also run mtpspec on the GGUF dequantized to fp32 (the drafter's acceptance on the dense target).")] = False,
+    quantize: Annotated[str, typer.Option("--quantize", help="spec suite: target weights as `generate --quantize` (default 'auto': a GGUF, e.g. the default model, stays quantized; 'none': dense in the first --dtypes).")] = "auto",
     device: DeviceOpt = "cpu",
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -189,7 +190,7 @@ def bench(
             elif s == "spec":
                 from .bench.spec import run_spec_bench
 
-                run_spec_bench(model=model, drafter=drafter, dtype=dts[0] if dts else "float32",
+                run_spec_bench(model=model, drafter=drafter, dtype=dts[0] if dts else "float32", quantize=quantize,
                                batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
                                trees=[t.strip() for t in (trees or "").split(",") if t.strip()],
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,

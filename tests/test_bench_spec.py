@@ -245,3 +245,18 @@ def test_cli_bench_serve_suite(tiny_with_tokenizer, tmp_path):
     from mtpspec.kernels import kernel_info
 
     assert data["kernel"] == kernel_info() and f"kernel: {kernel_summary(kernel_info())}" in res.output
+
+
+def test_spec_bench_runs_a_gguf_target_as_users_load_it(tmp_path, monkeypatch):
+    """The spec suite loads the target as `load` does: a GGUF stays quantized by default (the
+    default model runs from its Q4_1 file), `quantize="none"` dequantizes it; the record says which."""
+    from test_default_model import write_tiny_gguf
+
+    monkeypatch.setenv("MTPSPEC_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "t.gguf", hidden=64, ffn=128, weight_types={"*": "Q8_0"})
+    prompts = [[5, 6, 7, 8] * 6, [9, 10, 11] * 8]
+    kw = dict(drafter="ngram", batch_sizes=(1,), draft_tokens="2", modes=("greedy",), prompts=prompts,
+              transformers_assisted=False, out=None, plot=None, **FAST)
+    quant = run_spec_bench(model=gguf, **kw)
+    assert "Q8_0" in quant["model"]["quantization"] and quant["greedy_tokens_identical"] is True
+    assert run_spec_bench(model=gguf, quantize="none", **kw)["model"]["quantization"] is None

@@ -70,5 +70,6 @@ def test_shipped_drafter_acceptance_stays_in_its_band():
     tau = sum(r.stats["mean_accepted_length"] for r in results) / len(results)
     # Rounding changes that keep the target exact to ~1e-6 still change some greedy continuations
     # of these 8 prompts, and tau with them: per-op blocks 2.056, fused blocks 2.377, fused with
-    # fp32 attention exponentials 2.064. The band spans that spread; the bugs it is for fall to ~1.6.
-    assert 1.95 <= tau <= 2.6, f"mean accepted length {tau:.3f}, measured 2.064 when this band was set"
+    # fp32 attention exponentials 2.064 (stage-5 drafter); the stage-6 drafter 2.074. The band spans
+    # that spread; the bugs it is for fall to ~1.6.
+    assert 1.95 <= tau <= 2.6, f"mean accepted length {tau:.3f}, measured 2.074 with the stage-6 drafter"

@@ -472,7 +472,8 @@ def _results_header(cfg: SpecConfig, engine, folder: Path, prompt_kind: str, com
     return {
         "benchmark": "spec",
         "model": {"name": engine.name if cfg.model is not None else "SmolLM2-135M-Instruct", "folder": str(folder),
-                  "model_type": engine.model.cfg.model_type if hasattr(engine.model.cfg, "model_type") else None},
+                  "model_type": engine.model.cfg.model_type if hasattr(engine.model.cfg, "model_type") else None,
+                  "quantization": engine.model.quantization},
         "drafter": {"name": engine.drafter_name, "kind": cfg.drafter_kind,
                     "path": None if cfg.drafter == "ngram" else str(cfg.drafter),
                     "max_draft_tokens": engine.max_draft_tokens},
@@ -513,6 +514,7 @@ def run_spec_bench(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    quantize: str = "auto",
     batch_sizes: Sequence[int] = (1, 4, 8),
     draft_tokens: str | Sequence[Any] = (1, 2, 4, 8, None),
     trees: Sequence[Any] = (),
@@ -559,7 +561,9 @@ def run_spec_bench(
                      cost_repeats=cost_repeats, out=out, plot=plot)
     folder = resolve_model_path(model, cache_dir)
     log(f"spec bench: model {folder}, drafter {cfg.drafter}")
-    engine = load(folder, drafter=cfg.drafter, draft_tree=None, device=device, dtype=dtype)  # chains; trees below
+    # the target as users load it (`quantize`: a GGUF stays quantized by default); chains, trees below
+    engine = load(model, drafter=cfg.drafter, draft_tree=None, device=device, dtype=dtype, cache_dir=cache_dir,
+                  quantize=quantize)
     plist, prompt_kind = bench_prompts(engine, prompts, chat)
     results = _results_header(cfg, engine, folder, prompt_kind, command)
     mismatches: list[str] = []

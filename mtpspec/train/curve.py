@@ -38,10 +38,11 @@ def plot_training_curve(info: dict | str | Path, path: str | Path, *, title: str
     ax.set_xlabel("training minutes")
     ax.set_ylabel(f"held-out mean accepted length{f' (K={k})' if k else ''}")
     ax.set_xlim(left=0)
+    ax.set_ylim(bottom=1.0)  # 1 = nothing accepted
     ax.grid(alpha=0.3)
     if title is None:
-        where = cfg.get("eval_prompts") or "prompts the target wrote, held out of training"
-        title = f"{Path(str(cfg.get('target') or 'default model')).name}: held-out {where}"
+        where = cfg.get("eval_prompts") or "prompts the target wrote, not trained on"
+        title = f"{Path(str(cfg.get('target') or 'default model')).name}: evaluated on {where}"
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
