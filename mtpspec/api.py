@@ -397,6 +397,7 @@ def load(
     drafter_dtype: str | torch.dtype | None = "auto",
     cache_dir: str | Path | None = None,
     quantize: str = "auto",
+    prompt_lookup: bool = True,
 ) -> Engine:
     """Load a model and, optionally, a drafter for speculative decoding.
 
@@ -420,6 +421,10 @@ def load(
         quantized matrices; "int8" / "int4" = quantized at load time (any checkpoint); "none" =
         dense in `dtype` (a GGUF is dequantized). Quantized layers use int8 activations
         (kernels/quant.py); norms, attention and the KV cache stay in `dtype`.
+    prompt_lookup: with an MTP drafter, rows whose last 2+ tokens occurred earlier in their
+        prompt or output draft the tokens that followed there instead of the drafter's
+        (`decoding.lookup.PromptLookupProposer`; free, and accepted far more often on text that
+        copies from its context). False = the MTP drafter alone.
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -445,6 +450,9 @@ def load(
     from .drafter_checkpoint import load_drafter
 
     proposer = MtpProposer(load_drafter(Path(chosen), decoder, device=dev, dtype=ddt))
-    spec = engine.with_proposer(proposer, draft_tokens=draft_tokens, draft_tree=draft_tree,
-                                drafter_name=Path(chosen).name)
-    return spec
+    if prompt_lookup:
+        from .decoding.lookup import PromptLookupProposer
+
+        proposer = PromptLookupProposer(proposer)
+    return engine.with_proposer(proposer, draft_tokens=draft_tokens, draft_tree=draft_tree,
+                                drafter_name=Path(chosen).name + ("+lookup" if prompt_lookup else ""))

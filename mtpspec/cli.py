@@ -22,6 +22,7 @@ DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUD
 TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' (default) = 6:1:3 while one sampled sequence decodes, chains for greedy sequences and batches (what measured fastest on CPU; see mtpspec.decoding.plan.AUTO_TREE); 'none' = chains.")]
 DrafterDtypeOpt = Annotated[str, typer.Option("--drafter-dtype", help="MTP drafter dtype: 'auto' = bfloat16 on CPU (cheaper drafting, same acceptance), the model's dtype elsewhere; or float32 / bfloat16 / float16.")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="Target weights: 'auto' = as in the file for a GGUF (the default model's Q4_1 stays 4-bit), dense otherwise; 'gguf' = the GGUF's own quantized matrices; 'int8' / 'int4' = quantized at load time; 'none' = dense in --dtype.")]
+LookupOpt = Annotated[bool, typer.Option("--prompt-lookup/--no-prompt-lookup", help="MTP drafter: rows whose last 2+ tokens occurred earlier in the prompt or output draft what followed there instead (free; accepted far more often on text that copies from its context). --no-prompt-lookup = the drafter alone.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
 
 
@@ -87,6 +88,7 @@ def generate(
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
     quantize: QuantizeOpt = "auto",
+    prompt_lookup: LookupOpt = True,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Generate text for a prompt (streamed) or a file of prompts (batched).
@@ -101,7 +103,8 @@ def generate(
             raise MtpspecError("choose at most one of --drafter, --ngram and --no-drafter")
         chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize)
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize,
+                      prompt_lookup=prompt_lookup)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw, ignore_eos=ignore_eos, min_tokens=min_tokens)
         if compare and engine.plan.proposer is None:
@@ -164,6 +167,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", help="peers suite: threads for both engines (default: all cores).")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="peers suite: also run mtpspec on the GGUF dequantized to fp32 (the drafter's acceptance on the dense target).")] = False,
     quantize: Annotated[str, typer.Option("--quantize", help="spec suite: target weights as `generate --quantize` (default 'auto': a GGUF, e.g. the default model, stays quantized; 'none': dense in the first --dtypes).")] = "auto",
+    prompt_lookup: Annotated[bool, typer.Option("--prompt-lookup/--no-prompt-lookup", help="spec suite, MTP drafter: prompt lookup in front of the drafter, as generate/serve run it by default (--no-prompt-lookup: the drafter alone).")] = True,
     device: DeviceOpt = "cpu",
     cache_dir: CacheOpt = None,
 ) -> None:
@@ -197,7 +201,7 @@ def bench(
                                seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
                                transformers_assisted=not no_transformers, out=target, prompts=spec_prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
-                               cache_dir=cache_dir, command=command)
+                               cache_dir=cache_dir, command=command, prompt_lookup=prompt_lookup)
             elif s == "serve":
                 from .serve.bench import run_serve_bench
 
@@ -278,6 +282,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
     quantize: QuantizeOpt = "auto",
+    prompt_lookup: LookupOpt = True,
     cache_dir: CacheOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, speculative decoding)."""
@@ -285,7 +290,8 @@ def serve(
 
     try:
         engine = load(model, drafter=drafter, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
-                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize)
+                      drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize,
+                      prompt_lookup=prompt_lookup)
         from .serve.server import serve as run_server
 
         typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "

@@ -28,6 +28,7 @@ import mtpspec.decoding.loop as loop
 from drafter_helpers import random_drafter
 from exact_fit import DistortedTargetProposer, failed_fits, run_and_observe
 from mtpspec.checkpoint import load_decoder
+from mtpspec.decoding.lookup import PromptLookupProposer
 from mtpspec.decoding.mtp import MtpProposer, TreeShape
 from mtpspec.decoding.sampling import SamplingParams
 from tiny_models import tiny_hf_model
@@ -116,4 +117,14 @@ def test_mtp_sampled_drafting_follows_the_target(sharp_target, tree, params):
     obs, k = _observe(sharp_target, "far", params, seed=1, proposer=proposer, tree=tree)
     counts = torch.bincount(obs.slots, minlength=k + 2)[1:].tolist()
     assert counts[1] > 300, f"drafts must be accepted often enough to test later slots: {counts}"
+    assert failed_fits(obs, k) == []
+
+
+def test_prompt_lookup_in_front_of_a_sampled_drafter_follows_the_target(sharp_target):
+    """Sampled chains drafted by lookup (deterministic, q one-hot) in some rows and rounds and by
+    the MTP drafter (sampled, its q) in the others, through the real loop."""
+    proposer = PromptLookupProposer(MtpProposer(random_drafter(sharp_target, seed=2)))
+    obs, k = _observe(sharp_target, "far", SamplingParams(1.0), seed=2, proposer=proposer)
+    rows = RUNS["far"][0]
+    assert 0.1 < proposer.lookup_rows / (proposer.rounds * rows) < 0.9, (proposer.lookup_rows, proposer.rounds)
     assert failed_fits(obs, k) == []

@@ -253,7 +253,7 @@ def test_acceptance_estimates_count_rows_not_rounds():
     assert batched.accept[0] == pytest.approx(single.accept[0]) == pytest.approx((0.7 * 2 + 2) / 6)
 
 
-@pytest.mark.parametrize("kind", ["ngram", "mtp-chain", "mtp-tree", "random-sampling"])
+@pytest.mark.parametrize("kind", ["ngram", "mtp-chain", "mtp-tree", "mtp-lookup", "random-sampling"])
 def test_a_seeded_row_alone_equals_the_same_row_in_a_mixed_batch(target, kind):
     """The loop's promise: a seeded sampled row draws the same tokens whatever else is in the batch
     (greedy and sampled rows, other prompt lengths and budgets, joining later through continuous
@@ -261,6 +261,7 @@ def test_a_seeded_row_alone_equals_the_same_row_in_a_mixed_batch(target, kind):
     the longest remaining budget in the batch, so a row's last rounds drew different numbers of
     random values alone and in a batch."""
     from drafter_helpers import random_drafter
+    from mtpspec.decoding.lookup import PromptLookupProposer
     from mtpspec.decoding.mtp import MtpProposer, TreeShape
 
     g = torch.Generator().manual_seed(21)
@@ -272,6 +273,7 @@ def test_a_seeded_row_alone_equals_the_same_row_in_a_mixed_batch(target, kind):
         "ngram": lambda: NgramProposer(),
         "mtp-chain": lambda: MtpProposer(random_drafter(target, seed=3)),
         "mtp-tree": lambda: MtpProposer(random_drafter(target, seed=3)),
+        "mtp-lookup": lambda: PromptLookupProposer(MtpProposer(random_drafter(target, seed=3))),
         "random-sampling": lambda: RandomSamplingProposer(VOCAB),
     }[kind]()
     # a fixed K and a tree (or chain) at every round: the same proposal kind alone and in a batch
@@ -309,10 +311,11 @@ class HiddenStateCheck:
         return self.inner.propose(inp, k) if tree is None else self.inner.propose(inp, k, tree)
 
 
-@pytest.mark.parametrize("kind", ["reference", "random-sampling", "mtp-chain", "mtp-tree"])
+@pytest.mark.parametrize("kind", ["reference", "random-sampling", "mtp-chain", "mtp-tree", "mtp-lookup"])
 def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(target, kind):
     """Greedy and sampled rows of different lengths, drafts partly accepted, chains and trees."""
     from drafter_helpers import copying_drafter
+    from mtpspec.decoding.lookup import PromptLookupProposer
     from mtpspec.decoding.mtp import MtpProposer, TreeShape
 
     ps = prompts(4, seed=8)
@@ -323,6 +326,7 @@ def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(tar
         "random-sampling": lambda: RandomSamplingProposer(VOCAB),
         "mtp-chain": lambda: MtpProposer(copying_drafter(target).prepare()),
         "mtp-tree": lambda: MtpProposer(copying_drafter(target).prepare()),
+        "mtp-lookup": lambda: PromptLookupProposer(MtpProposer(copying_drafter(target).prepare())),
     }[kind]()
     if kind == "reference":
         params = [SamplingParams()] * 4  # the reference continuation is the greedy one

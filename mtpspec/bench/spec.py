@@ -123,6 +123,7 @@ class SpecConfig:
     cost_repeats: int
     out: str | Path | None
     plot: str | Path | None
+    prompt_lookup: bool = True
     drafter_kind: str = field(init=False)  # "ngram" or "mtp"
 
     def __post_init__(self) -> None:
@@ -189,7 +190,8 @@ class SpecConfig:
                     prompts=None if self.prompts is None else [p.id if isinstance(p, Prompt) else p for p in self.prompts],
                     num_prompts=self.num_prompts,
                     chat=self.chat, transformers_assisted=self.transformers_assisted, assisted_k=self.assisted_k,
-                    cost_repeats=self.cost_repeats, out=as_recorded(self.out), plot=as_recorded(self.plot))
+                    cost_repeats=self.cost_repeats, out=as_recorded(self.out), plot=as_recorded(self.plot),
+                    prompt_lookup=self.prompt_lookup if self.drafter_kind == "mtp" else None)
 
     def params_for_row(self, mode: str) -> Callable[[int], Any]:
         """Sampling parameters of row i: greedy, or seeded sampling at the temperature."""
@@ -533,6 +535,7 @@ def run_spec_bench(
     plot: str | Path | None = DEFAULT_PLOT,
     show_table: bool = True,
     command: str | None = None,
+    prompt_lookup: bool = True,
 ) -> dict:
     """Benchmark speculative against plain decoding (see module docstring); returns the results.
 
@@ -549,7 +552,8 @@ def run_spec_bench(
     `heldout_scores.heldout_prompts("math,coding", 4)`) all run by default (num_prompts, if
     given, must be at least their number) and every speculative row gets "heldout": tau per
     category and the mean over categories (`heldout_scores`). out / plot: JSON and PNG paths
-    (None = do not write).
+    (None = do not write). prompt_lookup: an MTP drafter runs with prompt lookup in front of it,
+    as `load` gives users by default (False: the drafter alone).
     """
     from ..api import load, resolve_model_path
     from .prompts import bench_prompts
@@ -558,12 +562,12 @@ def run_spec_bench(
                      draft_tokens=draft_tokens, trees=trees, modes=modes, temperature=temperature, seed=seed,
                      max_new_tokens=max_new_tokens, repeats=repeats, prompts=prompts, num_prompts=num_prompts,
                      chat=chat, transformers_assisted=transformers_assisted, assisted_k=assisted_k,
-                     cost_repeats=cost_repeats, out=out, plot=plot)
+                     cost_repeats=cost_repeats, out=out, plot=plot, prompt_lookup=prompt_lookup)
     folder = resolve_model_path(model, cache_dir)
     log(f"spec bench: model {folder}, drafter {cfg.drafter}")
     # the target as users load it (`quantize`: a GGUF stays quantized by default); chains, trees below
     engine = load(model, drafter=cfg.drafter, draft_tree=None, device=device, dtype=dtype, cache_dir=cache_dir,
-                  quantize=quantize)
+                  quantize=quantize, prompt_lookup=prompt_lookup)
     plist, prompt_kind = bench_prompts(engine, prompts, chat)
     results = _results_header(cfg, engine, folder, prompt_kind, command)
     mismatches: list[str] = []

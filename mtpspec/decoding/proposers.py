@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 from ..cache import KVCache
@@ -88,15 +89,32 @@ class NgramProposer:
 
     def lookup(self, history: list[int], k: int) -> list[int]:
         """The up-to-k tokens that followed the latest earlier match of history's suffix."""
-        h = history
-        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
-            suffix = h[-n:]
-            for start in range(len(h) - n - 1, -1, -1):  # most recent earlier occurrence first
-                if h[start : start + n] == suffix:
-                    follow = h[start + n : start + n + k]
-                    if follow:
-                        return follow
-        return []
+        return self.match(history, k)[0]
+
+    def match(self, history: list[int], k: int) -> tuple[list[int], int]:
+        """(the up-to-k tokens that followed the most recent earlier occurrence of the longest
+        matching suffix of `history`, n from max_ngram down to min_ngram; that n), or ([], 0).
+        Vectorized over the earlier occurrences of the last token (long prompts stay cheap)."""
+        L = len(history)
+        if L < 2:
+            return [], 0
+        h = np.asarray(history, dtype=np.int64)
+        ends = np.flatnonzero(h[: L - 1] == h[L - 1])  # e: h[e] is the last token, e <= L - 2
+        longest = self.max_ngram if L - 1 >= self.max_ngram else L - 1
+        # length[i] = how many tokens of the suffix match ending at ends[i] (up to `longest`)
+        length = np.ones(len(ends), dtype=np.int64)
+        alive = np.ones(len(ends), dtype=bool)
+        for j in range(1, longest):
+            ok = alive & (ends >= j)
+            ok[ok] = h[ends[ok] - j] == h[L - 1 - j]
+            length += ok
+            alive = ok
+        for n in range(longest, self.min_ngram - 1, -1):
+            hits = np.flatnonzero(length >= n)
+            if hits.size:
+                start = int(ends[hits[-1]]) + 1  # most recent; start <= L - 1: the follow is non-empty
+                return h[start : start + k].tolist(), n
+        return [], 0
 
     drafts_trees = False
 

@@ -114,6 +114,7 @@ def eval_drafter_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text (held-out: each evaluation's \"heldout\" holds \"categories\" {name: prompts, rounds, mean_accepted_length, acceptance_per_position} and \"mean_over_categories\").")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
     drafter_dtype: Annotated[str, typer.Option("--drafter-dtype", help="'auto' = bfloat16 on CPU (as generate/serve), or float32 / bfloat16 / float16.")] = "auto",
+    prompt_lookup: Annotated[bool, typer.Option("--prompt-lookup", help="Evaluate the drafter with prompt lookup in front of it (as generate/serve run it by default) instead of alone.")] = False,
 ) -> None:
     """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K), on
     prompts files (-p) and/or the broad held-out benchmark (--heldout: tau per category and the
@@ -136,10 +137,10 @@ def eval_drafter_cmd(
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
         eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device,
-                           drafter_dtype=drafter_dtype)
+                           drafter_dtype=drafter_dtype, prompt_lookup=prompt_lookup)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
-        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.plan.tree),
+        res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.plan.tree), "prompt_lookup": prompt_lookup,
                "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."), "evaluations": []}
         for path in prompts_file or []:
             for full in heads:
@@ -167,7 +168,7 @@ def _echo_evaluation(e: dict, res: dict) -> None:
     from ..bench.heldout_scores import heldout_lines
 
     acc = " ".join(f"{a:.2f}" for a in e["acceptance_per_position"])
-    shape = f", tree {res['tree']}" if res["tree"] else ""
+    shape = (f", tree {res['tree']}" if res["tree"] else "") + (", with prompt lookup" if res.get("prompt_lookup") else "")
     what = e["prompts_file"] or f"held-out benchmark, {len(e['heldout']['categories'])} categories"
     overall = "all rounds pooled: mean accepted length" if e.get("heldout") else "mean accepted length"
     typer.echo(f"{what} ({e['prompts']} prompts, {e['head']} head, K={res['draft_tokens']}{shape}): {overall} "

@@ -69,10 +69,15 @@ def _drafter_engine(drafter, target, k: int | None, full_head: bool, engine):
 
     _, k_ckpt = read_drafter_config(drafter)
     k = k or k_ckpt or 4
-    eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=None)
+    eng = engine or mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=None, prompt_lookup=False)
     if full_head:
+        from ..decoding.lookup import PromptLookupProposer
+
         eng = copy.copy(eng)
-        eng.plan = eng.plan.with_proposer(MtpProposer(eng.proposer.drafter.full_head_copy().prepare()))
+        full = MtpProposer(eng.proposer.drafter.full_head_copy().prepare())
+        if isinstance(eng.proposer, PromptLookupProposer):  # the same lookup in front of the full head
+            full = PromptLookupProposer(full, eng.proposer.lookup.min_ngram, eng.proposer.lookup.max_ngram)
+        eng.plan = eng.plan.with_proposer(full)
     return k, eng
 
 

@@ -1,0 +1,82 @@
+"""`PromptLookupProposer`: a drafter with prompt lookup in front of it.
+
+Per round and row: if the row's history ends with an n-gram (n >= `min_match`) that occurred
+earlier in that history (the prompt or the generated text), the tokens that followed its most
+recent occurrence are the row's draft (`NgramProposer.match`); otherwise the wrapped drafter's
+draft is. Text that copies from the context (summaries, extraction, quotes, code edits, multi-turn
+chat repeating names and phrases) is drafted by lookup, which costs nothing and is accepted far
+more often there than a small drafter's guesses; the drafter covers everything else. When every
+active row has a match, the drafter is not run at all.
+
+A lookup continuation shorter than k (the match sits near the end of the history) keeps the
+drafter's tokens after it: any token is a valid draft, verification decides.
+
+Losslessness: verification does not care where drafts come from, only that a sampled row reports
+the distribution q its draft was drawn from (decoding/verify.py). Lookup drafts are deterministic,
+so an overridden sampled row reports q = one-hot(draft) at those positions (accepted with the
+target's probability p(draft), the residual max(p - q, 0) otherwise), and keeps the drafter's q
+at the positions it did not override. Tree rounds (decoding/plan.py) go to the drafter alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .proposers import DraftInput, NgramProposer, Proposal, Proposer
+
+if TYPE_CHECKING:
+    from .tree import TreeShape
+
+__all__ = ["PromptLookupProposer"]
+
+
+class PromptLookupProposer:
+    """`drafter`'s drafts, replaced per row by prompt lookup where the history's last `min_match`
+    or more tokens (up to `max_match`) occurred before (module docstring)."""
+
+    def __init__(self, drafter: Proposer, min_match: int = 2, max_match: int = 4) -> None:
+        self.inner = drafter
+        self.lookup = NgramProposer(max_ngram=max_match, min_ngram=min_match)
+        self.drafts_trees = bool(getattr(drafter, "drafts_trees", False))
+        self.rounds = 0  # chain rounds proposed, and rows drafted by lookup in them (statistics)
+        self.lookup_rows = 0
+
+    @property
+    def drafter(self):
+        """The wrapped MTP drafter (None if the inner proposer has none)."""
+        return getattr(self.inner, "drafter", None)
+
+    @property
+    def draft_tokens(self) -> int | None:
+        return getattr(self.inner, "draft_tokens", None)
+
+    def max_tokens(self, k: int, tree: "TreeShape | None" = None) -> int:
+        room = getattr(self.inner, "max_tokens", None)
+        if room is None or tree is None:  # chains: k tokens, whoever drafts them
+            return k
+        return room(k, tree)
+
+    def propose(self, inp: DraftInput, k: int, tree: "TreeShape | None" = None) -> Proposal:
+        if tree is not None:
+            return self.inner.propose(inp, k, tree)
+        if k == 0:
+            return self.inner.propose(inp, k)
+        found = [self.lookup.match(h, k)[0] if a else [] for h, a in zip(inp.history, inp.active)]
+        self.rounds += 1
+        self.lookup_rows += sum(1 for f in found if f)
+        dev = inp.last_tokens.device
+        if all(len(f) == k or not a for f, a in zip(found, inp.active)):
+            rows = [f if f else [int(inp.last_tokens[b])] * k for b, f in enumerate(found)]
+            return Proposal(torch.tensor(rows, dtype=torch.long, device=dev).view(len(rows), k))
+        p = self.inner.propose(inp, k)
+        for b, f in enumerate(found):
+            if not f:
+                continue
+            ids = torch.tensor(f, dtype=torch.long, device=dev)
+            p.tokens[b, : len(f)] = ids
+            if p.probs is not None:  # deterministic drafts: q = one-hot where lookup drafted
+                p.probs[b, : len(f)] = 0.0
+                p.probs[b, torch.arange(len(f), device=dev), ids] = 1.0
+        return p
