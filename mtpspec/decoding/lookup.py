@@ -42,6 +42,7 @@ class PromptLookupProposer:
         self.drafts_trees = bool(getattr(drafter, "drafts_trees", False))
         self.rounds = 0  # chain rounds proposed, and rows drafted by lookup in them (statistics)
         self.lookup_rows = 0
+        self._found: dict[int, tuple[int, int, int, int]] = {}  # this round: row -> (id, len of history, start, n)
 
     @property
     def drafter(self):
@@ -58,12 +59,34 @@ class PromptLookupProposer:
             return k
         return room(k, tree)
 
+    def _find(self, b: int, history: list[int]) -> tuple[int, int]:
+        """Row b's match (`NgramProposer.find`), computed once per round (`round_kind` then
+        `propose`; the memo lives for one round only)."""
+        memo = self._found.get(b)
+        if memo is not None and memo[0] == id(history) and memo[1] == len(history):
+            return memo[2], memo[3]
+        start, n = self.lookup.find(history)
+        self._found[b] = (id(history), len(history), start, n)
+        return start, n
+
+    def round_kind(self, history: list[list[int]], active: list[bool]) -> str:
+        """"lookup" when every active row will draft by lookup this round, else "drafter": rounds
+        of the two kinds accept (and cost) very differently, so the drafting plan adapts the draft
+        length of each separately (decoding/plan.py)."""
+        self._found = {}
+        rows = [self._find(b, h)[1] for b, (h, a) in enumerate(zip(history, active)) if a]
+        return "lookup" if rows and all(rows) else "drafter"
+
     def propose(self, inp: DraftInput, k: int, tree: "TreeShape | None" = None) -> Proposal:
         if tree is not None:
             return self.inner.propose(inp, k, tree)
         if k == 0:
             return self.inner.propose(inp, k)
-        found = [self.lookup.match(h, k)[0] if a else [] for h, a in zip(inp.history, inp.active)]
+        found = []
+        for b, (h, a) in enumerate(zip(inp.history, inp.active)):
+            start, n = self._find(b, h) if a else (0, 0)
+            found.append(list(h[start : start + k]) if n else [])
+        self._found = {}
         self.rounds += 1
         self.lookup_rows += sum(1 for f in found if f)
         dev = inp.last_tokens.device

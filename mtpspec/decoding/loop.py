@@ -223,6 +223,7 @@ class DecodeBatch:
         self.last_tokens = torch.zeros(slots, dtype=torch.long)
         self.last_hidden = torch.zeros(slots, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
         self.decode_start = [0.0] * slots
+        self._pending: tuple | None = None  # the last round's outcome, waiting for its whole time
 
     @property
     def slots(self) -> int:
@@ -246,6 +247,7 @@ class DecodeBatch:
     def add(self, requests: list[Request], slots: list[int] | None = None) -> list[Event]:
         """Prefill `requests` into free slots (the lowest free ones by default); returns each one's
         first-token event (its `row` is the slot)."""
+        self._observe_pending(None)  # a prefill is not part of the last round's cost
         check_requests(self.model, requests)
         for i, r in enumerate(requests):
             if len(r.prompt_ids) + 1 > self.max_len:
@@ -312,11 +314,13 @@ class DecodeBatch:
         active = [s is not None and not s.done for s in seqs]
         view = self.cache.rows(0, hi)
         running = [s for s, a in zip(seqs, active) if a]
+        t_round = time.perf_counter()
+        self._observe_pending(t_round)
         rnd = self.plan.decide([s.request.params for s in running],
-                               [s.max_new_tokens - len(s.new_ids) for s in running])
+                               [s.max_new_tokens - len(s.new_ids) for s in running],
+                               self.plan.round_kind(self.history[:hi], active))
         k = rnd.k
         last_tokens = self.last_tokens[:hi].to(dev)
-        t_round = time.perf_counter()
         if k > 0:
             inp = DraftInput(model, view, last_tokens, self.last_hidden[:hi], self.history[:hi],
                              [s.request.params if s else SamplingParams() for s in seqs],
@@ -334,8 +338,6 @@ class DecodeBatch:
         else:
             n_accepted, emitted = self._verify_tree(view, seqs, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
-        self.plan.observe(rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a],
-                          now - t_drafted, t_drafted - t_round, verified_tokens=drafts.shape[1] + 1)
         events = []
         for b, s in enumerate(seqs):
             if not emitted[b]:
@@ -356,7 +358,24 @@ class DecodeBatch:
                 # what it emitted, so the rounds it sits out until its slot is reused stay in the cache
                 view.lengths[b] = len(self.history[b]) - 1
             events.append(Event(b, s.new_ids, s.done))
+        self._pending = (rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a], t_drafted - t_round,
+                         drafts.shape[1] + 1, t_drafted, time.perf_counter())
         return events
+
+    def _observe_pending(self, t_next: float | None) -> None:
+        """Report the last round to the drafting plan. Its verify time runs from the end of its
+        drafting to the start of the next round (t_next): the target forward, acceptance and the
+        round's bookkeeping, and what the caller did with its events (detokenizing, stop strings,
+        streaming), which every round pays whatever its k, so a round that emits more tokens
+        spreads it thinner. Without a next round (t_next None: a prefill comes first), or when
+        the pause between rounds was longer than the round itself (the caller did something else),
+        it ends where the round's step ended."""
+        if self._pending is None:
+            return
+        rnd, batch_size, accepted, draft_time, verified, t_drafted, t_end = self._pending
+        self._pending = None
+        end = t_end if t_next is None or t_next - t_end > t_end - t_drafted else t_next
+        self.plan.observe(rnd, batch_size, accepted, end - t_drafted, draft_time, verified_tokens=verified)
 
     def _suppress_eos(self, logits, seqs, active, depth=None):
         """The target's logits [B, N+1, V] over [last, nodes...] with EOS masked (-inf) where a

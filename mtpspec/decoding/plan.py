@@ -5,7 +5,9 @@
   other drafters are used only when named.
 - How many tokens per round (`DraftPlan.draft_tokens`): a fixed K, or adaptive
   (draft_length.py), with one learned state for rounds of greedy rows and one for rounds with
-  sampled rows (they accept differently), kept for the plan's lifetime (across calls).
+  sampled rows (they accept differently), and per kind of round when the proposer tells kinds
+  apart before drafting (`round_kind`: prompt lookup's rounds drafted by lookup vs by the drafter
+  accept and cost very differently), kept for the plan's lifetime (across calls).
 - Each round (`DraftPlan.decide`), from the state of the batch: K, and whether to draft a tree
   (which `TreeShape`) or a chain.
 
@@ -106,7 +108,7 @@ class DraftPlan:
         self.draft_tokens = draft_tokens
         self.max_draft_tokens = max_draft_tokens or 2 * (getattr(proposer, "draft_tokens", None) or 4)
         self.tree, self.tree_only_lone_sampled = self._tree_rule(draft_tree, proposer)
-        self._adaptive: dict[bool, AdaptiveDraftLength] = {}  # all rows greedy? -> state
+        self._adaptive: dict[tuple, AdaptiveDraftLength] = {}  # (all rows greedy?, round kind) -> state
 
     @staticmethod
     def _tree_rule(draft_tree, proposer) -> tuple[TreeShape | None, bool]:
@@ -169,7 +171,16 @@ class DraftPlan:
         return room(k, self.tree) if self.tree is not None else room(k)
 
     # ---- each round ----------------------------------------------------------------------------
-    def decide(self, params: list[SamplingParams], remaining: list[int]) -> Round:
+    def round_kind(self, history: list[list[int]], active: list[bool]):
+        """The proposer's kind of the coming round (`proposer.round_kind(history, active)`, e.g.
+        "lookup" / "drafter" for `PromptLookupProposer`), or None if it does not tell kinds apart.
+        Only adaptive plans ask (the loop passes the result to `decide`)."""
+        ask = getattr(self.proposer, "round_kind", None)
+        if ask is None or not self.speculative or self.draft_tokens is not None:
+            return None
+        return ask(history, active)
+
+    def decide(self, params: list[SamplingParams], remaining: list[int], kind=None) -> Round:
         """K and tree-or-chain for a round of the active rows (their sampling parameters and how
         many tokens each may still emit):
 
@@ -177,7 +188,8 @@ class DraftPlan:
         2. K: the fixed K; a given policy's choice; adaptive: if a row samples with a seed, the
            fixed `seeded_draft_tokens` (an adaptive K follows timings, and a sampled row's random
            draws depend on K, so the seeded request would not reproduce), else the choice of the
-           greedy state (all rows greedy) or of the sampled state.
+           greedy state (all rows greedy) or of the sampled state, for this `kind` of round
+           (`round_kind`).
         3. All rows greedy: K is capped by the largest remaining budget (a sampled row's draws
            depend on K, so its K must not depend on other rows' budgets).
         4. A tree if K > 0 and the plan has one: every round, or ("auto") only while exactly one
@@ -186,7 +198,7 @@ class DraftPlan:
         if not self.speculative:
             return Round(0)
         greedy = all(p.greedy for p in params)
-        policy = self._length_policy(params, greedy)
+        policy = self._length_policy(params, greedy, kind)
         k = policy.choose(len(params))
         if greedy:
             k = min(k, max(remaining))
@@ -195,7 +207,7 @@ class DraftPlan:
             tree = None
         return Round(k, tree, policy)
 
-    def _length_policy(self, params: list[SamplingParams], greedy: bool) -> DraftLengthPolicy:
+    def _length_policy(self, params: list[SamplingParams], greedy: bool, kind=None) -> DraftLengthPolicy:
         d = self.draft_tokens
         if isinstance(d, int):
             return FixedDraftLength(d)
@@ -203,13 +215,14 @@ class DraftPlan:
             return d
         if any(not p.greedy and p.seed is not None for p in params):
             return FixedDraftLength(self.seeded_draft_tokens)
-        if greedy not in self._adaptive:
-            self._adaptive[greedy] = AdaptiveDraftLength(self.max_draft_tokens)
-        return self._adaptive[greedy]
+        if (greedy, kind) not in self._adaptive:
+            self._adaptive[(greedy, kind)] = AdaptiveDraftLength(self.max_draft_tokens)
+        return self._adaptive[(greedy, kind)]
 
-    def adaptive_state(self, greedy: bool) -> AdaptiveDraftLength | None:
-        """The learned adaptive state for rounds of greedy rows (or with sampled rows), if any yet."""
-        return self._adaptive.get(greedy)
+    def adaptive_state(self, greedy: bool, kind=None) -> AdaptiveDraftLength | None:
+        """The learned adaptive state for rounds of greedy rows (or with sampled rows) of this
+        kind (`round_kind`), if any yet."""
+        return self._adaptive.get((greedy, kind))
 
     def observe(self, rnd: Round, batch_size: int, accepted: list[int], verify_time: float, draft_time: float,
                 verified_tokens: int) -> None:

@@ -93,11 +93,32 @@ class NgramProposer:
 
     def match(self, history: list[int], k: int) -> tuple[list[int], int]:
         """(the up-to-k tokens that followed the most recent earlier occurrence of the longest
-        matching suffix of `history`, n from max_ngram down to min_ngram; that n), or ([], 0).
+        matching suffix of `history`, n from max_ngram down to min_ngram; that n), or ([], 0)."""
+        start, n = self.find(history)
+        return (list(history[start : start + k]), n) if n else ([], 0)
+
+    def find(self, history: list[int]) -> tuple[int, int]:
+        """(where the continuation of the match `match` describes starts in history, n), or (0, 0).
         Vectorized over the earlier occurrences of the last token (long prompts stay cheap)."""
         L = len(history)
         if L < 2:
-            return [], 0
+            return 0, 0
+        h = np.asarray(history, dtype=np.int64)
+        ends = np.flatnonzero(h[: L - 1] == h[L - 1])  # e: h[e] is the last token, e <= L - 2
+        longest = self.max_ngram if L - 1 >= self.max_ngram else L - 1
+        # length[i] = how many tokens of the suffix match ending at ends[i] (up to `longest`)
+        length = np.ones(len(ends), dtype=np.int64)
+        alive = np.ones(len(ends), dtype=bool)
+        for j in range(1, longest):
+            ok = alive & (ends >= j)
+            ok[ok] = h[ends[ok] - j] == h[L - 1 - j]
+            length += ok
+            alive = ok
+        for n in range(longest, self.min_ngram - 1, -1):
+            hits = np.flatnonzero(length >= n)
+            if hits.size:  # most recent; the continuation starts at <= L - 1: it is non-empty
+                return int(ends[hits[-1]]) + 1, n
+        return 0, 0
         h = np.asarray(history, dtype=np.int64)
         ends = np.flatnonzero(h[: L - 1] == h[L - 1])  # e: h[e] is the last token, e <= L - 2
         longest = self.max_ngram if L - 1 >= self.max_ngram else L - 1
