@@ -123,3 +123,38 @@ def test_interleave_rotates_the_order_and_drops_a_failing_runner():
     order = []
     times = alternating_times({"p": lambda: order.append("p"), "q": lambda: order.append("q")}, repeats=2, warmup=1)
     assert order == ["p", "q", "q", "p", "p", "q"] and [len(t) for t in times.values()] == [2, 2]
+
+def test_interleave_alternates_batch_runners_batch_by_batch():
+    """Runners over the same batches alternate at every batch (order rotated per batch and per
+    repeat); each run's tokens come back in batch order; a runner failing mid-run is dropped."""
+    from mtpspec.bench.timing import Run, Runner, interleave
+
+    calls, errors = [], {}
+
+    class Fake(Runner):
+        def __init__(self, name, fail_at=None):
+            super().__init__(3)
+            self.name, self.fail_at, self.n = name, fail_at, 0
+
+        def start(self):
+            self.done = {}
+
+        def run_batch(self, i):
+            calls.append(f"{self.name}{i}")
+            self.n += 1
+            if self.n == self.fail_at:
+                raise RuntimeError(self.name)
+            self.done[i] = [[10 * i]]
+
+        def result(self):
+            return Run([t for i in sorted(self.done) for t in self.done[i]], 1.0, None)
+
+    ref, got = interleave({"a": Fake("a"), "b": Fake("b"), "c": Fake("c", fail_at=5)}, 2,
+                          on_error=lambda name, e: errors.setdefault(name, str(e)))
+    warm = ["a0", "a1", "a2", "b0", "b1", "b2", "c0", "c1", "c2"]  # whole runs first (the reference)
+    assert calls[:9] == warm
+    # repeat 1: c's 5th batch (c1) fails and c is dropped; repeat 2 rotates by one more
+    assert calls[9:] == ["a0", "b0", "c0", "b1", "c1", "a1", "a2", "b2", "b0", "a0", "a1", "b1", "b2", "a2"]
+    assert errors == {"c": "c"} and set(got) == {"a", "b"}
+    assert [r.tokens for r in got["a"]] == [[[0], [10], [20]]] * 2 and ref["a"] == [[0], [10], [20]]
+

@@ -294,7 +294,11 @@ def _runners(cfg: SpecConfig, engine, mode: str, batches, hf: _Transformers | No
     from ..decoding.proposers import NgramProposer
 
     def plan(proposer, k: DraftSetting, tree=None) -> Callable[[], DraftPlan]:
-        # a fresh adaptive policy every run; None: one policy for greedy and sampled rows alike
+        # a fresh plan every run. Adaptive K: greedy runs get the plan users get (its own states,
+        # per kind of round); sampled runs one given policy, since the plan would give their
+        # seeded rows a fixed K (a seeded row must reproduce whatever the timings)
+        if k is None and mode == "greedy":
+            return lambda: DraftPlan(proposer, None, draft_tree=tree, max_draft_tokens=engine.max_draft_tokens)
         return lambda: DraftPlan(proposer, AdaptiveDraftLength(engine.max_draft_tokens) if k is None else k,
                                  draft_tree=tree)
 

@@ -101,26 +101,33 @@ class AdaptiveDraftLength:
         self.last_k = min(4, max_k)
 
     def expected_tokens(self, k: int) -> float:
+        return self._expected_all(k)[k]
+
+    def _expected_all(self, k_max: int) -> list[float]:
+        """[E(0), ..., E(k_max)] in one pass."""
         observed = [a for a, n in zip(self.accept, self.seen) if n]
         unseen = sum(observed) / len(observed) if observed else self.prior
-        total, run = 1.0, 1.0
-        for i in range(k):
+        out, total, run = [1.0], 1.0, 1.0
+        for i in range(k_max):
             run *= self.accept[i] if self.seen[i] else unseen
             total += run
-        return total
+            out.append(total)
+        return out
 
     def verified_tokens(self, bucket: int, k: int) -> int:
         """Tokens a round of k drafts verifies in this bucket: as observed, else k + 1 (a chain)."""
         return self.tokens.get((bucket, k), k + 1)
 
-    def _verify_time(self, bucket: int, n: int) -> float | None:
-        """Verify time of n tokens: measured, else interpolated (extrapolated) from the nearest."""
-        known = sorted((nn, t) for (b, nn), t in self.verify.items() if b == bucket)
+    def _verify_time(self, bucket: int, n: int, known: list | None = None) -> float | None:
+        """Verify time of n tokens: measured, else interpolated (extrapolated) from the nearest.
+        known: this bucket's sorted (tokens, seconds) pairs, if the caller has them already."""
+        if known is None:
+            known = sorted((nn, t) for (b, nn), t in self.verify.items() if b == bucket)
         if not known:
             return None
-        exact = dict(known)
-        if n in exact:
-            return exact[n]
+        for nn, t in known:
+            if nn == n:
+                return t
         if len(known) == 1:  # one point: assume a verify pass grows 5% per extra token
             n0, t0 = known[0]
             return t0 * (1 + 0.05 * (n - n0))
@@ -141,9 +148,11 @@ class AdaptiveDraftLength:
             # ... and a second verify size (plain decoding, k = 0, if not yet seen) for the cost slope
             return next(k for k in (0, max(1, self.last_k), 1, 2) if self.verified_tokens(bucket, k) not in seen)
         scores = {}
+        known = sorted((nn, t) for (b, nn), t in self.verify.items() if b == bucket)
+        expected = self._expected_all(self.max_k)
         for k in range(self.max_k + 1):
-            t_verify = self._verify_time(bucket, self.verified_tokens(bucket, k))
-            scores[k] = self.expected_tokens(k) / (t_verify + k * self.draft_per_token[bucket])
+            t_verify = self._verify_time(bucket, self.verified_tokens(bucket, k), known)
+            scores[k] = expected[k] / (t_verify + k * self.draft_per_token[bucket])
         if self.seen[0] < self.min_observations:
             scores.pop(0)  # too few rounds to write the drafter off
         best = max(scores, key=scores.get)
