@@ -641,8 +641,9 @@ def plot_spec(results: dict, path: str | Path) -> Path:
     axes[0][0].legend(fontsize=7, ncol=2)
     axes[0][1].legend(fontsize=7, ncol=2)
     m = results["machine"]
-    fig.suptitle(f"speculative decoding: {results['model']['name']} + {results['drafter']['name']} "
-                 f"({results['arguments']['dtype']}, {m.get('cpu_model')}, {m.get('logical_cores')} cores)", fontsize=10)
+    weights = results["model"].get("quantization") or results["arguments"]["dtype"]  # e.g. Q4_1 kept quantized
+    fig.suptitle(f"speculative decoding: {results['model']['name']} ({weights}) + {results['drafter']['name']} "
+                 f"({m.get('cpu_model')}, {m.get('logical_cores')} cores)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,9 @@ class QuantPlan:
     def summary(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.source_types.items()))
         experts = sum(len(v) for v in self.experts.values())
-        return f"{len(self.weights)} quantized matrices{f' + {experts} experts' if experts else ''} ({types})"
+        # fused matrices (q/k/v, gate/up) count once; the source tensors by their type
+        return (f"{len(self.weights)} quantized matrices{f' + {experts} experts' if experts else ''} "
+                f"(from {sum(self.source_types.values())} tensors: {types})")
 
 
 def check_quantize(quantize: str) -> str:
