@@ -105,7 +105,7 @@ def test_wheel_in_a_fresh_venv_runs_kernels_and_shipped_drafter(tmp_path):
     assert out["packed"][0] == out["packed"][1] > 0, out["packed"]  # ... for every linear layer
     assert "Q4_1" in out["quantization"], out  # the default model runs from its Q4_1 file, kept quantized
     assert Path(out["shipped_drafter"]).is_relative_to(site / "mtpspec" / "drafters"), out["shipped_drafter"]
-    assert out["drafter"] == "smollm2-135m-instruct"
+    assert out["drafter"] == "smollm2-135m-instruct+lookup"  # the shipped drafter, prompt lookup in front
     st = out["stats"]
     assert st["mean_accepted_length"] > 1.2 and st["acceptance_per_position"], st  # drafts were accepted
     assert len(out["plain"]) > 8 and out["spec"] == out["plain"] == out["auto"]  # lossless
@@ -115,7 +115,7 @@ def test_wheel_in_a_fresh_venv_runs_kernels_and_shipped_drafter(tmp_path):
     r = _run([str(venv / "bin" / "mtpspec"), "generate", "--compare", "-n", "24", PROMPT], cwd=work, env=env,
              timeout=600)
     last = r.stderr.strip().splitlines()[-1]
-    assert "speculative (smollm2-135m-instruct)" in last and last.endswith("identical output: yes"), r.stderr
+    assert "speculative (smollm2-135m-instruct+lookup)" in last and last.endswith("identical output: yes"), r.stderr
     assert "unavailable" not in r.stderr, r.stderr
 
 
