@@ -119,23 +119,6 @@ class NgramProposer:
             if hits.size:  # most recent; the continuation starts at <= L - 1: it is non-empty
                 return int(ends[hits[-1]]) + 1, n
         return 0, 0
-        h = np.asarray(history, dtype=np.int64)
-        ends = np.flatnonzero(h[: L - 1] == h[L - 1])  # e: h[e] is the last token, e <= L - 2
-        longest = self.max_ngram if L - 1 >= self.max_ngram else L - 1
-        # length[i] = how many tokens of the suffix match ending at ends[i] (up to `longest`)
-        length = np.ones(len(ends), dtype=np.int64)
-        alive = np.ones(len(ends), dtype=bool)
-        for j in range(1, longest):
-            ok = alive & (ends >= j)
-            ok[ok] = h[ends[ok] - j] == h[L - 1 - j]
-            length += ok
-            alive = ok
-        for n in range(longest, self.min_ngram - 1, -1):
-            hits = np.flatnonzero(length >= n)
-            if hits.size:
-                start = int(ends[hits[-1]]) + 1  # most recent; start <= L - 1: the follow is non-empty
-                return h[start : start + k].tolist(), n
-        return [], 0
 
     drafts_trees = False
 
