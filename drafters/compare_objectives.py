@@ -79,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     budget.add_argument("--minutes", type=float, help="wall time of training per arm")
     budget.add_argument("--max-steps", type=int, help="training steps per arm (instead of --minutes)")
     ap.add_argument("--shards", type=int, default=None, help="activation shards built up front (default: all)")
+    ap.add_argument("--init", default=None, help="a drafter folder every arm starts from (fine-tuning; default: a fresh drafter)")
+    ap.add_argument("--shards-from", default=None,
+                    help="an earlier run's work dir whose activation shards the arms train on (linked, from "
+                         "--first-shard on) instead of building them; --data must still yield at least as many "
+                         "samples as the linked shards hold (it only sizes the run's shard plan)")
+    ap.add_argument("--first-shard", type=int, default=0, help="with --shards-from: the first of its shards to use")
     ap.add_argument("--draft-tokens", "-k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--hidden-size", type=int, default=None)
@@ -115,6 +121,22 @@ def _share(shared: Path, work: Path) -> None:
             link.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
 
 
+def _link_shards(src: str, first: int, shared: Path) -> int:
+    """Link an earlier run's shards first, first+1, ... into shared/shards as 0, 1, ...; the count."""
+    folder = Path(src) / "shards" if (Path(src) / "shards").is_dir() else Path(src)
+    files = sorted(folder.glob("shard_*.pt"))[first:]
+    if not files:
+        raise InputError(f"--shards-from {src}: no shard_*.pt files from shard {first} on")
+    dest = shared / "shards"
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        for src_file, suffix in ((f, ".pt"), (f.with_suffix(".json"), ".json")):
+            link = dest / f"shard_{i:05d}{suffix}"
+            if src_file.is_file() and not link.exists():
+                link.symlink_to(src_file.resolve())
+    return len(files)
+
+
 def _train_acc(history: list[dict], last: int = 20) -> list[float]:
     """Per drafting step: the argmax accuracy over the last `last` steps (positions pooled)."""
     tail = history[-last:]
@@ -141,12 +163,16 @@ def run(args: argparse.Namespace) -> dict:
                 max_len=args.max_len, shard_size=args.shard_size, batch_size=args.batch_size, lr=args.lr,
                 epochs=args.epochs, replay=args.replay, bf16=args.bf16, full_vocab_loss=args.full_vocab_loss,
                 max_steps=args.max_steps, time_budget=args.minutes * 60 if args.minutes else None, seed=args.seed,
-                device=args.device, progress=not args.quiet, eval_prompts=None, checkpoint_every=1e9)
+                device=args.device, progress=not args.quiet, eval_prompts=None, checkpoint_every=1e9,
+                init_from=args.init)
     engine = mtpspec.load(args.target, drafter=None, device=args.device)
 
     # the shared shards, built before any arm's clock starts
     t0 = time.time()
     shared = out / "shared.work"
+    if args.shards_from:
+        linked = _link_shards(args.shards_from, args.first_shard, shared)
+        args.shards = linked if args.shards is None else min(args.shards, linked)
     prep = Trainer(TrainConfig(**base, out=str(out / "shared"), work_dir=str(shared)), engine)
     n_shards = prep.shards.n_shards if args.shards is None else min(args.shards, prep.shards.n_shards)
     n_seqs = sum(len(prep.shards[r]) for r in range(n_shards))

@@ -322,6 +322,18 @@ def test_compare_objectives_script_on_a_tiny_target(tiny_with_tokenizer, data_fi
         "soft_labels": False, "acceptance_weight": 1.0, "acceptance_verify": "sampled"}
     text = capsys.readouterr().out
     assert "held-out tau" in text and "acceptance-0.5" in text and "best" in text
+    # fine-tuning arms on an earlier run's shards: linked from --first-shard on, not rebuilt
+    src = out / "shared.work" / "shards" / "shard_00000.pt"
+    again = mod.main(["--target", str(tiny_with_tokenizer), "--data", str(data_files / "chat.jsonl"),
+                      "--out", str(tmp_path / "cmp2"), "--arms", "ce", "--max-steps", "2", "--init", report["arms"][0]["drafter"],
+                      "--shards-from", str(out / "shared.work"), "--first-shard", "0", "--hidden-size", "32",
+                      "--draft-tokens", "2", "--shard-size", "16", "--batch-size", "4", "--categories", "math",
+                      "--per-category", "1", "--max-new-tokens", "8", "--quiet"])
+    assert again["shards"] == 1 and again["arms"][0]["steps"] == 2
+    assert (tmp_path / "cmp2" / "ce.work" / "shards" / "shard_00000.pt").resolve() == src.resolve()
+    with pytest.raises(InputError, match="no shard_"):
+        mod.main(["--data", "x", "--out", str(tmp_path / "cmp3"), "--max-steps", "1", "--shards-from", str(out / "shared.work"),
+                  "--first-shard", "5"])
     with pytest.raises(InputError, match="unknown arm"):
         mod.parse_arm("kl")
     with pytest.raises(InputError, match="acceptance"):
