@@ -14,8 +14,8 @@ shards in the same batch order; the shards are built once, before any arm's cloc
 them, or --shards N: an arm that goes past them builds the next ones on its own clock, and later
 arms find them built), and shared through each arm's work dir. Each arm trains for --minutes of
 wall time (or --max-steps steps), then its final drafter is scored with
-`mtpspec.train.evaluate.evaluate_drafter_heldout` (greedy, fixed K: the numbers
-`mtpspec eval-drafter DRAFTER --heldout` gives). Prints a table and writes OUT/compare_objectives.json.
+`mtpspec.train.evaluate.evaluate_drafter_heldout` (greedy, fixed K, the drafter alone, without
+prompt lookup: the numbers `mtpspec eval-drafter DRAFTER --heldout` gives). Prints a table and writes OUT/compare_objectives.json.
 
     .venv/bin/python drafters/compare_objectives.py --data chitchat:512 --data instructions:256 \\
         --minutes 30 --out drafters/compare-objectives
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
                                       max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
                                       engine=mtpspec.load(args.target, drafter=str(res.out),
                                                           draft_tokens=args.draft_tokens, draft_tree=None,
-                                                          device=args.device))
+                                                          device=args.device, prompt_lookup=False))
         results.append({"arm": name, "options": opts, "drafter": str(res.out), "steps": res.steps,
                         "train_seconds": round(res.seconds, 1),
                         "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4) if losses else None,
