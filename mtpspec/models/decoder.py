@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..cache import CacheLayout, KVCache
-from ..kernels import Linear
+from ..kernels import Linear, hugepages
 from .config import ModelConfig
 from .fused import FusedStack
 from .layers import (MLP, ROW_ATTENTION_MAX_T, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin,
@@ -128,7 +128,9 @@ class Decoder(nn.Module):
 
     def fuse_blocks(self) -> None:
         """Let quantized blocks of a supported shape run decode / verify steps in one C++ call
-        (models/fused.py); call again after swapping layers."""
+        (models/fused.py); call again after swapping layers. Packed weights move to huge pages
+        first (kernels/hugepages.py): the fused stack keeps raw pointers to them."""
+        hugepages.move_packed_weights(self)
         self.fused = FusedStack.build(self.layers)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..cache import CacheLayout, KVCache
 from .. import kernels
-from ..kernels import Linear
+from ..kernels import Linear, hugepages
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 
@@ -428,6 +428,7 @@ class MTPDrafter(nn.Module):
             w = self.model.embed_tokens.weight
             w.data = w.data.index_select(0, me.token_ordering).contiguous()
             me.cluster_major = True
+        hugepages.move_packed_weights(self)
         return self.eval().requires_grad_(False)
 
     def full_head_copy(self) -> "MTPDrafter":
