@@ -98,3 +98,18 @@ def test_nothing_moves_when_switched_off(tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("MTPSPEC_HUGEPAGES", "0")
     model = quantize_model(load_decoder(tiny_checkpoints["llama"][0]), "int8")
     assert hugepages.move_packed_weights(model) == 0
+
+
+@needs_thp
+def test_shared_weights_stay_shared_and_views_keep_their_size():
+    from mtpspec.kernels.quant import quantize_weight
+
+    a = QuantLinear(quantize_weight(torch.randn(64, 64), "int8"))
+    b = QuantLinear(quantize_weight(torch.randn(64, 64), "int8"))
+    c = QuantLinear(quantize_weight(torch.randn(64, 64), "int8"))
+    b.packed = a.packed  # tied
+    c.packed = a.packed[: a.packed.numel() // 2]  # same start, another tensor
+    want_a, want_c = a.packed.clone(), c.packed.clone()
+    assert hugepages.move_packed_weights(torch.nn.Sequential(a, b, c)) == want_a.numel() + want_c.numel()
+    assert a.packed.data_ptr() == b.packed.data_ptr() and torch.equal(a.packed, want_a)
+    assert c.packed.shape == want_c.shape and torch.equal(c.packed, want_c)

@@ -67,7 +67,8 @@ def to_hugepages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def move_packed_weights(module: nn.Module) -> int:
     """Move the packed weights of `module`'s quantized and dense kernel layers (CPU) onto huge
     pages, keeping tensors shared between layers shared and leaving those already moved. Returns
-    the bytes moved (0 when not `available()`). Call before anything keeps raw pointers to them (`Decoder.fuse_blocks`)."""
+    the bytes moved (0 when not `available()`). Call before anything keeps raw pointers to them
+    (`Decoder.fuse_blocks`)."""
     from . import Linear
     from .quant import QuantLinear
 
@@ -79,14 +80,15 @@ def move_packed_weights(module: nn.Module) -> int:
             slots.append((m, "packed", m.packed))
         elif isinstance(m, Linear) and m.is_packed:
             slots.append((m, "_packed", m._packed))
-    unique: dict[int, torch.Tensor] = {}
+    key = lambda t: (t.data_ptr(), t.numel(), t.dtype)  # noqa: E731  (the same tensor, not just the same start)
+    unique: dict[tuple, torch.Tensor] = {}
     for _, _, t in slots:
         if t.device.type == "cpu" and t.is_contiguous() and t.numel() and not getattr(t, "_on_hugepages", False):
-            unique.setdefault(t.data_ptr(), t)
+            unique.setdefault(key(t), t)
     if not unique:
         return 0
     moved = dict(zip(unique, to_hugepages(list(unique.values()))))
     for m, name, t in slots:
-        if t.data_ptr() in moved:
-            setattr(m, name, moved[t.data_ptr()])
+        if key(t) in moved:
+            setattr(m, name, moved[key(t)])
     return sum(t.numel() * t.element_size() for t in unique.values())
