@@ -48,19 +48,19 @@ def to_hugepages(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of `tensors` (CPU, contiguous) in one anonymous mapping advised MADV_HUGEPAGE, each
     starting on a 64-byte boundary; the mapping lives as long as any of the returned views."""
     sizes = [t.numel() * t.element_size() for t in tensors]
-    total = sum(-(-s // ALIGN) * ALIGN for s in sizes)
-    length = -(-total // HUGE) * HUGE + HUGE  # room to start on a 2 MB boundary
+    padded = [-(-s // ALIGN) * ALIGN for s in sizes]
+    length = -(-sum(padded) // HUGE) * HUGE + HUGE  # room to start on a 2 MB boundary
     area = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive
     start = (-raw.data_ptr()) % HUGE
     area.madvise(mmap.MADV_HUGEPAGE, start, length - start)  # before the first touch: faults map 2 MB pages
     out, off = [], start
-    for t, s in zip(tensors, sizes):
+    for t, s, p in zip(tensors, sizes, padded):
         view = raw[off : off + s].view(t.dtype).view(t.shape)
         view.copy_(t)
         view._on_hugepages = True  # move_packed_weights leaves it where it is
         out.append(view)
-        off += -(-s // ALIGN) * ALIGN
+        off += p
     return out
 
 
