@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bulk_active, bulk_linear
+
 __all__ = ["QuantizedWeight", "QuantLinear", "QuantEmbedding", "quantize_weight", "SCHEMES"]
 
 PANEL = 16
@@ -253,6 +255,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if bulk_active() and (y := bulk_linear(self, x2, self.bias)) is not None:
+            return y.view(*lead, self.out_features)
         ext = _ext() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) else None
         if ext is not None and hasattr(ext, "quant_linear"):
             if x2.stride(-1) != 1:

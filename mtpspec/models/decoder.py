@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..cache import CacheLayout, KVCache
-from ..kernels import Linear, hugepages
+from ..kernels import Linear, bulk_active, hugepages
 from .config import ModelConfig
 from .fused import FusedStack
 from .layers import (MLP, ROW_ATTENTION_MAX_T, Attention, PerLayerInput, RMSNorm, StepContext, TreeMask, rope_cos_sin,
@@ -223,7 +223,8 @@ class Decoder(nn.Module):
             moe_stats.tokens = b * t
         h = self.embed_tokens(tokens)
         ple = self.per_layer_inputs(tokens, h) if self.cfg.per_layer_input_size else None
-        fused = self.fused(h, ctx, cache) if self.fused is not None and t <= ROW_ATTENTION_MAX_T else None
+        fused = (self.fused(h, ctx, cache) if self.fused is not None and t <= ROW_ATTENTION_MAX_T
+                 and not bulk_active() else None)
         if fused is not None:
             h = fused
         else:

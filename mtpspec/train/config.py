@@ -25,7 +25,7 @@ class TrainConfig:
     centroid_top_k: int | None = None
     self_distill: bool = True
     distill_max_new_tokens: int = 192
-    distill_batch: int = 32
+    distill_batch: int = 64  # rows the target decodes at once (self-distillation, self-instruct)
     self_instruct_temperature: float = 1.0  # the `self-instruct` recipe's sampling (see self_instruct.py)
     self_instruct_top_p: float = 1.0
     self_instruct_max_tokens: int = 128  # a generated prompt not ending its turn within this is dropped
@@ -85,8 +85,8 @@ class TrainConfig:
         """Raise InputError naming the first option out of its range."""
         if self.draft_tokens < 1:
             raise InputError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise InputError("batch_size and shard_size must be >= 1")
+        if self.batch_size < 1 or self.shard_size < 1 or self.distill_batch < 1:
+            raise InputError("batch_size, shard_size and distill_batch must be >= 1")
         if not 0 <= self.replay < 1:
             raise InputError(f"replay must be in [0, 1), got {self.replay}")
         if not self.self_instruct_temperature > 0:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels import bulk_matmuls
 from ..models.decoder import Decoder
 from .data import Sample
 
@@ -132,7 +133,8 @@ def answer_agreement(acts: list[Activations], starts: list[int | None]) -> tuple
 def build_shard(engine, samples: list[Sample], attention_types, *, max_new_tokens: int, max_len: int, slots: int,
                 label: str | None = None, report: dict | None = None,
                 respond: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None) -> list[Activations]:
-    """The activations of one shard of samples (prompts self-distilled first); with a label, one
+    """The activations of one shard of samples (prompts self-distilled first; the local target's
+    passes in `kernels.bulk_matmuls` mode, bfloat16 GEMMs where the CPU has them); with a label, one
     line of progress on stderr. respond(prompts, max tokens of each): the responses (default: the
     local target's greedy ones, `distill`). report: filled with the shard's responses, their tokens
     and how many of those differ from the target's greedy choice (`answer_agreement`)."""
@@ -143,11 +145,13 @@ def build_shard(engine, samples: list[Sample], attention_types, *, max_new_token
     elif respond is not None:
         responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
     else:
-        responses = distill(engine, prompts, max_new_tokens, max_len, slots)
+        with bulk_matmuls():
+            responses = distill(engine, prompts, max_new_tokens, max_len, slots)
     t1 = time.time()
     triples = _sequences(samples, responses, max_len)
     seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
-    acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
+    with bulk_matmuls():
+        acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
     n_ans, differ = answer_agreement(acts, [t[2] for t in triples])
     if report is not None:
         report.update(responses=len(responses), answer_tokens=n_ans, differ=differ)

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..errors import MtpspecError
-from ..kernels import cpu_has_bf16
+from ..kernels import bulk_matmuls, cpu_has_bf16
 from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
 from . import distributed, self_instruct
@@ -132,11 +132,13 @@ class Trainer:
         opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=cfg.seed,
                     max_tokens=cfg.self_instruct_max_tokens)
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
-        return self_instruct.load_or_generate(
-            self_instruct.prompts_path(self.work, n, **opts),
-            lambda journal: self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts,
-                                                           batch_size=cfg.distill_batch, eos_ids=eng.eos_ids, log=log,
-                                                           journal=journal), log)
+
+        def generate(journal):
+            with bulk_matmuls():  # sampled prompts for training: bfloat16 GEMMs where the CPU has them
+                return self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
+                                                      eos_ids=eng.eos_ids, log=log, journal=journal)
+
+        return self_instruct.load_or_generate(self_instruct.prompts_path(self.work, n, **opts), generate, log)
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
