@@ -186,8 +186,13 @@ class DrafterAttention(nn.Module):
         w = q.shape[2]
         q = apply_rope(q, kv.cos, kv.sin)  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
-        q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
         kv_dtype = (kv.k_head if kv.k_head is not None else kv.k_tail).dtype
+        if kv.anchors:  # training: one fused op under the [T, L] mask (its backward too), GQA in SDPA
+            out = F.scaled_dot_product_attention(q.to(kv_dtype), kv.k_head, kv.v_head, attn_mask=kv.mask[:, :, 0],
+                                                 scale=1.0, enable_gqa=True)
+            out = out.to(x.dtype).transpose(1, 2)  # [rows, W, H, hd]
+            return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
+        q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
         q = q.to(kv_dtype)  # a drafter may run in another dtype than the target (e.g. bf16 on fp32)
         if kv.all_visible:  # every row sees all of [lo, hi): one fused op (batch 1 always is)
             out = F.scaled_dot_product_attention(q, kv.k_head, kv.v_head, scale=1.0)  # scaling 1.0 (Gemma 4)
@@ -302,6 +307,7 @@ class TypeContext:
     sin: torch.Tensor
     all_visible: bool = False  # no ragged tail and the mask is all True (attention needs no mask)
     rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [B, rotary_dim] fp32, when all_visible
+    anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
 
 
 @dataclass
@@ -509,7 +515,7 @@ class MTPDrafter(nn.Module):
             b = k.shape[0]
             visible = _visible(torch.arange(k.shape[2], device=anchors.device), anchors, _window(spec, t))  # [T, L]
             cos, sin = rope_cos_sin(spec, anchors[None].expand(b, -1), self.dtype)
-            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin)
+            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin, anchors=True)
         return DraftContext(anchors, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
