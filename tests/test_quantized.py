@@ -171,14 +171,22 @@ def reference_quant_linear(x, w: QuantizedWeight, bias=None):
     return y if bias is None else y + bias.double()
 
 
-@pytest.fixture(params=["avx2", "portable"])
+ISAS = ["avx512vnni", "avx2", "portable"]  # best first: quant_force_isa never goes above what the CPU has
+
+
+def _has_isa(ext, name: str) -> bool:
+    best = ext.quant_force_isa("auto")
+    return ISAS.index(best) <= ISAS.index(name)
+
+
+@pytest.fixture(params=ISAS)
 def isa(request):
     ext = _ext()
     if ext is None:
         pytest.skip("no compiled kernels")
-    if request.param == "avx2" and ext.quant_isa() != "avx2":
-        pytest.skip("CPU without AVX2")
-    ext.quant_force_isa(request.param)
+    if not _has_isa(ext, request.param):
+        pytest.skip(f"CPU without {request.param}")
+    assert ext.quant_force_isa("auto" if request.param == "avx512vnni" else request.param) == request.param
     yield request.param
     ext.quant_force_isa("auto")
 
@@ -213,19 +221,22 @@ def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n
 
 @pytest.mark.parametrize("bits,block", FORMATS)
 @pytest.mark.parametrize("scales", SCALE_MODES)
-def test_both_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bits, block, scales):
+def test_all_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bits, block, scales):
     ext = _ext()
-    if ext is None or ext.quant_isa() != "avx2":
-        pytest.skip("needs the AVX2 path")
+    if ext is None or not _has_isa(ext, "avx2"):
+        pytest.skip("needs a SIMD path")
     w = random_weight(bits, block, 53, 160, scales=scales)
     lin = QuantLinear(w, torch.randn(53))
     x = torch.randn(19, 160)
+    x[4, 32:64] = 0  # an all-zero activation block
+    x[5] *= 1e3  # activations at the int8 extremes (+-127), weights at theirs (random_weight)
     y = lin(x)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(len(x))])
     assert torch.equal(y, alone)
-    ext.quant_force_isa("portable")
     try:
-        assert torch.equal(lin(x), y)
+        for other in ("avx2", "portable"):
+            ext.quant_force_isa(other)
+            assert torch.equal(lin(x), y), other
     finally:
         ext.quant_force_isa("auto")
 

@@ -21,10 +21,12 @@
 // Each row's result depends only on that row: one token gives the same logits alone, in a batch,
 // or inside a verify step (speculative decoding stays lossless against plain decoding).
 //
-// Paths: AVX2 (maddubs: u8 x s8 pair products into int16; 4-bit weights are unsigned, int8
-// weights go through |w| x sign(x, w), as llama.cpp does; no int16 sum can overflow) and portable
-// C++ with the same integer sums and the same fp32 operations in the same order, so both give
-// bit-identical results (tests check it). CPUs with AVX-512 run the AVX2 path.
+// Paths: AVX-512 VNNI (vpdpbusd: one 64-byte group [16 features][4 inputs] is one register, each
+// int32 lane summing its feature's 4 u8 x s8 products; 4-bit weights are unsigned, int8 weights
+// are offset to w + 128 and 128 * sum(qx) subtracted, exact in int32), AVX2 (maddubs: u8 x s8 pair
+// products into int16; int8 weights go through |w| x sign(x, w), as llama.cpp does; no int16 sum
+// can overflow) and portable C++, all with the same integer sums and the same fp32 operations in
+// the same order, so they give bit-identical results (tests check it).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -40,12 +42,15 @@ namespace {
 
 constexpr int PW = 16;  // output features per panel
 
-enum QIsa { Q_SCALAR = 0, Q_AVX2 = 1 };
+enum QIsa { Q_SCALAR = 0, Q_AVX2 = 1, Q_VNNI = 2 };
 
 QIsa q_detect() {
   __builtin_cpu_init();
-  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) ? Q_AVX2
-                                                                                                      : Q_SCALAR;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    return Q_SCALAR;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    return Q_VNNI;
+  return Q_AVX2;
 }
 const QIsa q_detected = q_detect();
 QIsa q_isa = q_detected;
@@ -69,10 +74,12 @@ inline void scales_scalar(const uint8_t* dm, int sm, float* d, float* m) {
   }
 }
 
-// Quantized activations of M rows: qx [M][K] int8, dx / xs [M][K/B].
+// Quantized activations of M rows: qx [M][K] int8, dx / xs [M][K/B], and is [M][K/B] = sum(qx)
+// per block (the VNNI path's offset correction).
 struct QRows {
   std::vector<int8_t> q;
   std::vector<float> d, s;
+  std::vector<int32_t> is;
   int64_t K = 0, nb = 0;
 };
 
@@ -89,6 +96,7 @@ QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
   r.q.resize(size_t(M * K));
   r.d.resize(size_t(M * r.nb));
   r.s.resize(size_t(M * r.nb));
+  r.is.resize(size_t(M * r.nb));
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // rows: ~16K values per task
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
   std::vector<float> buf(static_cast<size_t>(B));
@@ -110,6 +118,7 @@ QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
       }
       r.d[m * r.nb + b] = dx;
       r.s[m * r.nb + b] = dx * float(sum);
+      r.is[m * r.nb + b] = sum;
     }
   }
   });
@@ -240,6 +249,54 @@ __attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int6
   }
 }
 
+// AVX-512 VNNI: one panel for all M rows. A block's groups are loaded once as u8 operands (the
+// nibbles, or the int8 weights + 128) and reused by every row; u[g] pairs with qx[4g .. 4g + 3].
+template <int SM>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void panel_vnni(
+    const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, const QRows& xr, int64_t M, float* acc) {
+  __m512i u[8];  // B / 4 groups (B <= 32)
+  const int G = B / 4;
+  const int64_t bbytes = qbytes + scale_bytes(SM);
+  const __m512i lo = _mm512_set1_epi8(15), offset = _mm512_set1_epi8(char(0x80));
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = wp + b * bbytes;
+    if (fmt == 4) {
+      for (int g = 0; g < G / 2; ++g) {  // 64 bytes hold inputs 8g + 0..3 (low nibbles) and 8g + 4..7 (high)
+        const __m512i v = _mm512_loadu_si512(w + g * 64);
+        u[2 * g] = _mm512_and_si512(v, lo);
+        u[2 * g + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+      }
+    } else {
+      for (int g = 0; g < G; ++g) u[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), offset);  // w + 128 as u8
+    }
+    __m512 d, mv = _mm512_setzero_ps();
+    if (SM == 0) {
+      const float* dm = reinterpret_cast<const float*>(w + qbytes);
+      d = _mm512_loadu_ps(dm);
+      mv = _mm512_loadu_ps(dm + PW);
+    } else {
+      const __m256i* h = reinterpret_cast<const __m256i*>(w + qbytes);
+      d = _mm512_cvtph_ps(_mm256_loadu_si256(h));
+      if (SM == 1) mv = _mm512_cvtph_ps(_mm256_loadu_si256(h + 1));
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* qx = xr.q.data() + m * xr.K + b * B;
+      __m512i s = _mm512_setzero_si512();
+      for (int g = 0; g < G; ++g) {
+        int32_t x4;
+        std::memcpy(&x4, qx + 4 * g, 4);
+        s = _mm512_dpbusd_epi32(s, u[g], _mm512_set1_epi32(x4));
+      }
+      if (fmt == 8) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * xr.is[m * nb + b]));
+      float* a = acc + m * PW;
+      __m512 av = _mm512_loadu_ps(a);
+      av = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xr.d[m * nb + b])), av);
+      if (SM != 2) av = _mm512_fmadd_ps(mv, _mm512_set1_ps(xr.s[m * nb + b]), av);
+      _mm512_storeu_ps(a, av);
+    }
+  }
+}
+
 void panel_scalar(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, int sm, const QRows& xr, int64_t M,
                   float* acc) {
   int32_t sums[PW];
@@ -278,14 +335,16 @@ void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_
   const int64_t panel_bytes = nb * (qbytes + scale_bytes(sm));
   const int64_t P = (N + PW - 1) / PW;
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / panel_bytes);  // >= ~32 KB of weights per task
-  const bool avx2 = q_isa == Q_AVX2;
+  const QIsa isa = q_isa;
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
     std::vector<float> acc(size_t(M * PW));
     for (int64_t p = p0; p < p1; ++p) {
       std::fill(acc.begin(), acc.end(), 0.f);
       const uint8_t* wp = w + p * panel_bytes;
-      if (!avx2)
+      if (isa == Q_SCALAR)
         panel_scalar(wp, nb, qbytes, fmt, B, sm, xr, M, acc.data());
+      else if (isa == Q_VNNI)
+        (sm == 0 ? panel_vnni<0> : sm == 1 ? panel_vnni<1> : panel_vnni<2>)(wp, nb, qbytes, fmt, B, xr, M, acc.data());
       else if (sm == 0)
         panel_avx2<0>(wp, nb, qbytes, fmt, B, xr, M, acc.data());
       else if (sm == 1)
@@ -396,10 +455,11 @@ std::vector<torch::Tensor> quant_activations(const torch::Tensor& x, int64_t B) 
   return {q, d, s};
 }
 
-std::string quant_isa() { return q_isa == Q_AVX2 ? "avx2" : "portable"; }
+std::string quant_isa() { return q_isa == Q_VNNI ? "avx512vnni" : q_isa == Q_AVX2 ? "avx2" : "portable"; }
 
+// 'portable', 'avx2' or 'auto' (the best this CPU has); never more than the CPU has.
 std::string quant_force_isa(const std::string& name) {
-  const QIsa want = name == "portable" ? Q_SCALAR : q_detected;
+  const QIsa want = name == "portable" ? Q_SCALAR : name == "avx2" ? Q_AVX2 : q_detected;
   q_isa = std::min(want, q_detected);
   return quant_isa();
 }
@@ -408,6 +468,6 @@ void register_quant(pybind11::module& m) {
   m.def("quant_linear", &quant_linear, "y = x @ dequant(packed).T + bias, int8 activations (kernels/quant.py)");
   m.def("quant_rows", &quant_rows, "dequantized rows of a packed weight (embedding lookups)");
   m.def("quant_activations", &quant_activations, "the int8 activations quant_linear uses (tests)");
-  m.def("quant_isa", &quant_isa, "quantized kernel path: avx2 or portable");
-  m.def("quant_force_isa", &quant_force_isa, "'portable' or 'auto' (tests)");
+  m.def("quant_isa", &quant_isa, "quantized kernel path: avx512vnni, avx2 or portable");
+  m.def("quant_force_isa", &quant_force_isa, "'portable', 'avx2' or 'auto' (tests)");
 }
