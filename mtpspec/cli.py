@@ -146,7 +146,7 @@ def bench(
                                             "vs mtpspec on the same GGUF; needs `pip install 'mtpspec\\[peers]'`), "
                                             "or all (all but peers).")] = "plain",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16).")] = None,
+    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16); peers: one size (default 1), llama.cpp decoding that many sequences in one context.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32, serve 32).")] = None,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
     drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the drafter shipped for the default model; without one the spec suite drafts with ngram).")] = "auto",
@@ -210,8 +210,11 @@ def bench(
                                 plot=plot if plot is not None and len(suites) == 1 else out_dir / "serve.png",
                                 command=command)
             elif s == "peers":
+                if bs and len(bs) > 1:
+                    raise MtpspecError(f"--suite peers runs one batch size at a time, got --batch-sizes {batch_sizes}")
                 _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, repeats if repeats != 3 else 2,
-                       threads, dense, target, plot if plot is not None else out_dir / "peers.png", command)
+                       threads, dense, target, plot if plot is not None else out_dir / "peers.png", command,
+                       batch=bs[0] if bs else 1)
             else:
                 from .bench.gemma4 import run_gemma4_bench
 
@@ -243,7 +246,8 @@ def _heldout_selection(heldout: bool, categories: str | None, per_category: int 
     return heldout_prompts(categories, per_category)
 
 
-def _peers(model, drafter, n_prompts, new_tokens, repeats, threads, dense, out: Path, plot: Path, command) -> None:
+def _peers(model, drafter, n_prompts, new_tokens, repeats, threads, dense, out: Path, plot: Path, command,
+           batch: int = 1) -> None:
     from .bench import peers
 
     if model is not None and not str(model).endswith(".gguf"):
@@ -251,7 +255,7 @@ def _peers(model, drafter, n_prompts, new_tokens, repeats, threads, dense, out: 
     try:
         record = peers.peers_suite(model, drafter=None if drafter == "none" else drafter, n_prompts=n_prompts,
                                    new_tokens=new_tokens, repeats=repeats, threads=threads, dense=dense,
-                                   progress=lambda m: typer.echo(f"  {m}", err=True))
+                                   batch=batch, progress=lambda m: typer.echo(f"  {m}", err=True))
     except peers.PeersUnavailable as e:
         typer.echo(f"mtpspec: peers suite skipped: {e}", err=True)
         return

@@ -90,15 +90,50 @@ def test_other_processes_cpu_share_sees_a_busy_child():
     assert busy > 0.3 / (peers.os.cpu_count() or 1)
 
 
+def test_batched_groups_run_together_in_order_and_share_the_group_time(monkeypatch):
+    calls = []
+
+    def fake_runner(name, step_s):
+        def run(prompts, new):
+            calls.append((name, [p[0] for p in prompts]))
+            return peers._split(0.2, step_s * new, [[p[0]] * new for p in prompts])
+        return run
+
+    monkeypatch.setattr(peers, "llama_cpp_runner", lambda g, t, n, batch: fake_runner("llama.cpp", 0.1))
+    monkeypatch.setattr(peers, "mtpspec_runner", lambda e: fake_runner("mtpspec", 0.05))
+    prompts = [[i, 0] for i in range(1, 7)]
+    rec = peers.run_peers_bench("x.gguf", prompts, {"mtpspec": None}, new_tokens=4, repeats=2, threads=1, batch=3)
+    timed = calls[2:]  # after one warm-up call per engine
+    assert [c[1] for c in timed] == [[1, 2, 3], [1, 2, 3], [4, 5, 6], [4, 5, 6]] * 2
+    assert [c[0] for c in timed[:4]] == ["llama.cpp", "mtpspec", "mtpspec", "llama.cpp"]  # order rotates
+    rows = {r["engine"]: r for r in rec["results"]}
+    assert rec["batch"] == 3 and "batch 3" in table(rec)
+    # per group: 3 sequences x 4 tokens; decode tok/s = (12 - 3) / decode time of the group
+    assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(9 / 0.4)
+    assert rows["mtpspec"]["decode_vs_llama_cpp"] == pytest.approx(2.0)
+    assert rows["mtpspec"]["wall_tokens_per_s"] == pytest.approx(12 / 0.4)
+    assert rows["mtpspec"]["greedy_agreement_with_llama_cpp"] == 1.0
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        peers.run_peers_bench("x.gguf", prompts[:5], {"mtpspec": None}, new_tokens=4, repeats=1, threads=1, batch=3)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path, batch):
     import mtpspec
     from test_default_model import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "t.gguf", hidden=64, ffn=128, weight_types={"*": "Q8_0"})
     engines = {"mtpspec": mtpspec.load(path, drafter=None, cache_dir=tmp_path / "c"),
                "mtpspec+drafter": mtpspec.load(path, drafter="ngram", cache_dir=tmp_path / "c")}
-    rec = peers.run_peers_bench(path, [[5, 6, 7, 8, 5, 6, 7]], engines, new_tokens=12, repeats=1, threads=1)
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 3, 4], [3, 4, 5, 6, 7, 8, 9, 10, 11]][:batch]
+    rec = peers.run_peers_bench(path, prompts, engines, new_tokens=12, repeats=1, threads=1, batch=batch)
     rows = {r["engine"]: r for r in rec["results"]}
     assert set(rows) == {"llama.cpp", "mtpspec", "mtpspec+drafter"}
     assert rows["mtpspec+drafter"]["equals_plain"] is True
+    # the same greedy tokens from llama.cpp whether its sequences decode one by one or together
+    one_by_one = peers.run_peers_bench(path, prompts, {}, new_tokens=12, repeats=1, threads=1, batch=1)
+    assert rows["llama.cpp"]["greedy_agreement_with_llama_cpp"] == 1.0
+    llama_rows = {r["engine"]: r for r in one_by_one["results"]}
+    assert llama_rows["llama.cpp"]["decode_tokens_per_s"] > 0
+    assert rows["mtpspec"]["greedy_agreement_with_llama_cpp"] >= 0.5

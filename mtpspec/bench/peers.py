@@ -1,8 +1,11 @@
 """`mtpspec bench --suite peers`: mtpspec against llama.cpp on the same GGUF file and prompts.
 
-Engines, all greedy, batch 1, the same prompt token ids, a fixed number of new tokens (EOS
-ignored), the same thread count, run interleaved (every repeat runs every prompt on every engine,
-the engine order rotating) so that a change in machine load hits all engines alike:
+Engines, all greedy, the same prompt token ids, a fixed number of new tokens (EOS ignored), the
+same thread count, run interleaved (every repeat runs every prompt group on every engine, the
+engine order rotating) so that a change in machine load hits all engines alike. Batch 1 (default)
+runs one prompt at a time; batch B runs groups of B prompts together: llama.cpp as one context
+holding B sequences (its low-level batch API: one `llama_decode` per step for all B, as its
+`llama-batched` example and server do), mtpspec as `generate(prompts, batch_size=B)`:
 
     llama.cpp         llama-cpp-python (`pip install mtpspec[peers]`), the GGUF as it is
     mtpspec           the GGUF kept quantized (`quantize="gguf"`), plain decoding
@@ -10,8 +13,9 @@ the engine order rotating) so that a change in machine load hits all engines ali
     mtpspec-f32(+drafter)  optional (`dense=True`): the GGUF dequantized to fp32, for the drafter's
                       acceptance on the dense target
 
-Reported per engine: decode tokens/s (new tokens after the first / time after the first), wall
-tokens/s (new tokens / time including the prefill), tokens per target forward for drafting
+Reported per engine: decode tokens/s (new tokens after the first / time after the first; for a
+batch, all its sequences' tokens over the group's time), wall tokens/s (new tokens / time
+including the prefill), tokens per target forward for drafting
 engines, and the share of greedy tokens equal to llama.cpp's and to mtpspec plain's (the drafter
 must match plain exactly: speculative decoding is lossless against the same engine). Figures are
 medians over repeats of each engine's totals over all prompts.
@@ -78,15 +82,27 @@ class EngineResult:
         return [r.tokens for r in self.runs[min(self.runs)]]
 
 
-def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int], int], Run]:
+Runner = Callable[[list[list[int]], int], list[Run]]  # (a group of prompts, new tokens) -> one Run each
+
+
+def _split(group_prefill: float, group_decode: float, outs: list[list[int]]) -> list[Run]:
+    """One Run per sequence of a batch, the group's times shared equally (so that sums over runs
+    give the group's time and the aggregate tokens/s)."""
+    n = len(outs)
+    return [Run(o, group_prefill / n, group_decode / n) for o in outs]
+
+
+def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int, batch: int = 1) -> Runner:
     try:
         from llama_cpp import Llama
     except ImportError:
         raise PeersUnavailable(f"llama-cpp-python is not installed; install it with: {PEERS_INSTALL}") from None
     llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
+    if batch > 1:
+        return _llama_cpp_batched(llm, n_ctx, batch)
 
-    def run(prompt: list[int], new: int) -> Run:
+    def run_one(prompt: list[int], new: int) -> Run:
         llm.reset()
         t0 = time.perf_counter()
         out: list[int] = []
@@ -100,15 +116,79 @@ def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int) -> Callable[[list[int
         t2 = time.perf_counter()
         return Run(out, t1 - t0, t2 - t1)
 
+    return lambda prompts, new: [run_one(p, new) for p in prompts]
+
+
+def _llama_cpp_batched(llm, n_ctx: int, batch: int) -> Runner:
+    """Greedy decoding of up to `batch` sequences at once in one llama.cpp context (low-level API):
+    one decode call prefills every prompt, then each step decodes one token of every sequence."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max = batch
+    params.n_ctx = n_ctx * batch
+    params.n_batch = params.n_ubatch = max(512, n_ctx * batch)
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError(f"llama.cpp could not create a context for {batch} sequences of {n_ctx} tokens")
+    cb = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    n_vocab = llm.n_vocab()
+
+    def fill(entries) -> None:  # (token, position, sequence, wants logits)
+        cb.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            cb.token[i], cb.pos[i], cb.n_seq_id[i], cb.logits[i] = tok, pos, 1, logits
+            cb.seq_id[i][0] = seq
+
+    def argmax(i: int) -> int:
+        ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).argmax())
+
+    def decode() -> None:
+        if llama_cpp.llama_decode(ctx, cb) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(prompts: list[list[int]], new: int) -> list[Run]:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        t0 = time.perf_counter()
+        entries, last = [], []
+        for s, p in enumerate(prompts):
+            entries += [(tok, j, s, j == len(p) - 1) for j, tok in enumerate(p)]
+            last.append(len(entries) - 1)
+        fill(entries)
+        decode()
+        outs = [[argmax(i)] for i in last]
+        t1 = time.perf_counter()
+        for step in range(1, new):
+            fill([(o[-1], len(p) + step - 1, s, True) for s, (p, o) in enumerate(zip(prompts, outs))])
+            decode()
+            for s, o in enumerate(outs):
+                o.append(argmax(s))
+        return _split(t1 - t0, time.perf_counter() - t1, outs)
+
+    run.free = lambda: (llama_cpp.llama_batch_free(cb), llama_cpp.llama_free(ctx))  # type: ignore[attr-defined]
     return run
 
 
-def mtpspec_runner(engine) -> Callable[[list[int], int], Run]:
-    def run(prompt: list[int], new: int) -> Run:
-        r = engine.generate(prompt, max_new_tokens=new, ignore_eos=True, chat=False)
-        st = r.stats
-        forwards = st["target_forwards"] - 1 if engine.proposer is not None else None
-        return Run(list(r.token_ids), st["prefill_time"], st["decode_time"], forwards)
+def mtpspec_runner(engine) -> Runner:
+    def run(prompts: list[list[int]], new: int) -> list[Run]:
+        if len(prompts) == 1:
+            r = engine.generate(prompts[0], max_new_tokens=new, ignore_eos=True, chat=False)
+            st = r.stats
+            forwards = st["target_forwards"] - 1 if engine.proposer is not None else None
+            return [Run(list(r.token_ids), st["prefill_time"], st["decode_time"], forwards)]
+        t0 = time.perf_counter()
+        rs = engine.generate(prompts, max_new_tokens=new, ignore_eos=True, chat=False, batch_size=len(prompts))
+        wall = time.perf_counter() - t0
+        prefill = max(r.stats["prefill_time"] for r in rs)  # all prompts prefill together, before any decoding
+        runs = _split(prefill, wall - prefill, [list(r.token_ids) for r in rs])
+        if engine.proposer is not None:
+            for run_, r in zip(runs, rs):
+                run_.forwards = r.stats["target_forwards"] - 1
+        return runs
 
     return run
 
@@ -162,38 +242,47 @@ def run_peers_bench(
     new_tokens: int = 128,
     repeats: int = 2,
     threads: int | None = None,
+    batch: int = 1,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    """Time llama.cpp and the given mtpspec engines (name -> Engine) on `prompts`, interleaved."""
+    """Time llama.cpp and the given mtpspec engines (name -> Engine) on `prompts`, interleaved, in
+    groups of `batch` prompts decoded together (the prompt count must be a multiple of it)."""
     import torch
 
+    if batch < 1 or len(prompts) % batch:
+        raise ValueError(f"the number of prompts ({len(prompts)}) must be a multiple of the batch size ({batch})")
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     n_ctx = max(len(p) for p in prompts) + new_tokens + 16
-    runners = {"llama.cpp": llama_cpp_runner(gguf, threads, n_ctx)}
+    runners = {"llama.cpp": llama_cpp_runner(gguf, threads, n_ctx, batch)}
     runners.update({name: mtpspec_runner(e) for name, e in engines.items()})
     names = list(runners)
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     warnings = [w for w in [machine_busy()] if w]
     for name in names:  # warm-up: first-call allocations, page faults, thread pools
-        runners[name](prompts[0], 8)
+        runners[name](groups[0], 8)
     results = {name: EngineResult(name) for name in names}
     for rep in range(repeats):
         for res in results.values():
             res.runs[rep] = []
-        for i, p in enumerate(prompts):
+        for i, group in enumerate(groups):
             order = names[(rep + i) % len(names):] + names[:(rep + i) % len(names)]
             for name in order:
-                results[name].runs[rep].append((i, runners[name](p, new_tokens)))
-            progress(f"repeat {rep + 1}/{repeats}: prompt {i + 1}/{len(prompts)}")
+                results[name].runs[rep].append((i, runners[name](group, new_tokens)))
+            progress(f"repeat {rep + 1}/{repeats}: prompt group {i + 1}/{len(groups)}")
         for res in results.values():
-            res.runs[rep] = [r for _, r in sorted(res.runs[rep], key=lambda x: x[0])]
+            res.runs[rep] = [r for _, runs in sorted(res.runs[rep], key=lambda x: x[0]) for r in runs]
     late = machine_busy()
     if late and late not in warnings:
         warnings.append(late)
-    return _record(gguf, prompts, results, new_tokens, repeats, threads, warnings)
+    free = getattr(runners["llama.cpp"], "free", None)
+    if free is not None:
+        free()
+    return _record(gguf, prompts, results, new_tokens, repeats, threads, warnings, batch)
 
 
-def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats, threads, warnings) -> dict:
+def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats, threads, warnings,
+            batch: int = 1) -> dict:
     base = results["llama.cpp"]
     rows = []
     for name, res in results.items():
@@ -218,6 +307,7 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
         "prompts": len(prompts),
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens": new_tokens,
+        "batch": batch,
         "repeats": repeats,
         "threads": threads,
         "warnings": warnings,
@@ -239,8 +329,8 @@ def table(record: dict) -> str:
             lines.append(f"{r['engine']} (quantized) vs mtpspec-f32 (the same GGUF dequantized): greedy tokens equal up "
                          f"to the first difference: {r['greedy_agreement_with_fp32']:.0%}")
     lines.append(f"x = ratio to llama.cpp; =llama: greedy tokens equal to llama.cpp's up to the first difference; "
-                 f"{record['prompts']} prompts, {record['new_tokens']} new tokens, {record['repeats']} interleaved "
-                 f"repeats (medians), {record['threads']} threads")
+                 f"{record['prompts']} prompts, batch {record.get('batch', 1)}, {record['new_tokens']} new tokens, "
+                 f"{record['repeats']} interleaved repeats (medians), {record['threads']} threads")
     return "\n".join(lines)
 
 
@@ -259,7 +349,7 @@ def plot(record: dict, path: str | Path) -> None:
     ax.bar([i + 0.2 for i in x], [r["wall_tokens_per_s"] for r in rows], width=0.4, label="wall (with prefill)")
     ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{Path(record['gguf']).name}\nbatch 1, greedy, {record['new_tokens']} new tokens, "
+    ax.set_title(f"{Path(record['gguf']).name}\nbatch {record.get('batch', 1)}, greedy, {record['new_tokens']} new tokens, "
                  f"{record['threads']} threads", fontsize=10)
     ax.set_ylim(0, 1.25 * max(max(r["decode_tokens_per_s"], r["wall_tokens_per_s"]) for r in rows))
     for i, r in zip(x, rows):
@@ -301,9 +391,11 @@ def peers_suite(
     repeats: int = 2,
     threads: int | None = None,
     dense: bool = False,
+    batch: int = 1,
     progress: Callable[[str], None] = lambda s: None,
 ) -> dict:
-    """Load the engines for `run_peers_bench` (None = the default model's GGUF) and run it."""
+    """Load the engines for `run_peers_bench` (None = the default model's GGUF) and run it; with
+    batch B, n_prompts is rounded up to a multiple of B."""
     import importlib.util
 
     import mtpspec
@@ -322,6 +414,6 @@ def peers_suite(
         engines["mtpspec-f32"] = mtpspec.load(model, drafter=None, quantize="none")
         if spec.proposer is not None:
             engines["mtpspec-f32+drafter"] = mtpspec.load(model, drafter=drafter, quantize="none")
-    prompts = heldout_prompt_ids(engines["mtpspec"], n_prompts)
+    prompts = heldout_prompt_ids(engines["mtpspec"], -(-n_prompts // batch) * batch)
     return run_peers_bench(path, prompts, engines, new_tokens=new_tokens, repeats=repeats, threads=threads,
-                           progress=progress)
+                           batch=batch, progress=progress)
