@@ -395,3 +395,12 @@ def test_cli_eval_drafter_compares_heads(engine, tiny_with_tokenizer, data_files
     assert json.loads(r.output.strip().splitlines()[-1])["drafter_dtype"] == "float32"
     r = CliRunner().invoke(app, ["eval-drafter", str(tmp_path / "nope"), "-p", str(data_files / "eval.txt")])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+@pytest.mark.parametrize("field", ["batch_size", "shard_size", "distill_batch"])
+def test_sizes_below_one_are_refused_by_name(field, tmp_path):
+    from mtpspec.train.config import TrainConfig
+
+    with pytest.raises(InputError, match=field):
+        TrainConfig(data=["chitchat:4"], out=str(tmp_path / "d"), **{field: 0}).check()
+    TrainConfig(data=["chitchat:4"], out=str(tmp_path / "d"), **{field: 1}).check()
