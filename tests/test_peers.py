@@ -99,7 +99,8 @@ def test_batched_groups_run_together_in_order_and_share_the_group_time(monkeypat
             return peers._split(0.2, step_s * new, [[p[0]] * new for p in prompts])
         return run
 
-    monkeypatch.setattr(peers, "llama_cpp_runner", lambda g, t, n, batch: fake_runner("llama.cpp", 0.1))
+    monkeypatch.setattr(peers, "llama_cpp_runner", lambda g, t, n, batch, extra_bufts: fake_runner("llama.cpp", 0.1))
+    monkeypatch.setattr(peers, "extra_bufts_work", lambda g: False)
     monkeypatch.setattr(peers, "mtpspec_runner", lambda e: fake_runner("mtpspec", 0.05))
     prompts = [[i, 0] for i in range(1, 7)]
     rec = peers.run_peers_bench("x.gguf", prompts, {"mtpspec": None}, new_tokens=4, repeats=2, threads=1, batch=3)
@@ -108,6 +109,7 @@ def test_batched_groups_run_together_in_order_and_share_the_group_time(monkeypat
     assert [c[0] for c in timed[:4]] == ["llama.cpp", "mtpspec", "mtpspec", "llama.cpp"]  # order rotates
     rows = {r["engine"]: r for r in rec["results"]}
     assert rec["batch"] == 3 and "batch 3" in table(rec)
+    assert peers.NO_EXTRA_BUFTS in rec["warnings"]  # llama.cpp's crash-prone default is named in the record
     # per group: 3 sequences x 4 tokens; decode tok/s = (12 - 3) / decode time of the group
     assert rows["llama.cpp"]["decode_tokens_per_s"] == pytest.approx(9 / 0.4)
     assert rows["mtpspec"]["decode_vs_llama_cpp"] == pytest.approx(2.0)
@@ -124,6 +126,8 @@ def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path, batch):
     from test_default_model import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "t.gguf", hidden=64, ffn=128, weight_types={"*": "Q8_0"})
+    if not peers.extra_bufts_work(path):  # a segfault would end the whole test run
+        pytest.skip("this llama.cpp build crashes with its default settings on this CPU (seen on an AMX Xeon)")
     engines = {"mtpspec": mtpspec.load(path, drafter=None, cache_dir=tmp_path / "c"),
                "mtpspec+drafter": mtpspec.load(path, drafter="ngram", cache_dir=tmp_path / "c")}
     prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 3, 4], [3, 4, 5, 6, 7, 8, 9, 10, 11]][:batch]
@@ -131,9 +135,10 @@ def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path, batch):
     rows = {r["engine"]: r for r in rec["results"]}
     assert set(rows) == {"llama.cpp", "mtpspec", "mtpspec+drafter"}
     assert rows["mtpspec+drafter"]["equals_plain"] is True
-    # the same greedy tokens from llama.cpp whether its sequences decode one by one or together
-    one_by_one = peers.run_peers_bench(path, prompts, {}, new_tokens=12, repeats=1, threads=1, batch=1)
-    assert rows["llama.cpp"]["greedy_agreement_with_llama_cpp"] == 1.0
-    llama_rows = {r["engine"]: r for r in one_by_one["results"]}
-    assert llama_rows["llama.cpp"]["decode_tokens_per_s"] > 0
-    assert rows["mtpspec"]["greedy_agreement_with_llama_cpp"] >= 0.5
+    assert rec["batch"] == batch and rows["llama.cpp"]["decode_tokens_per_s"] > 0
+    # llama.cpp's batched context gives each sequence the tokens it gives it alone
+    extra = peers.extra_bufts_work(path)
+    together = peers.llama_cpp_runner(path, 1, 64, batch, extra_bufts=extra)(prompts, 12)
+    alone = [peers.llama_cpp_runner(path, 1, 64, extra_bufts=extra)([p], 12)[0] for p in prompts]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert all(len(r.tokens) == 12 for r in together)

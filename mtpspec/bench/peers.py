@@ -23,9 +23,12 @@ medians over repeats of each engine's totals over all prompts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,13 +95,56 @@ def _split(group_prefill: float, group_decode: float, outs: list[list[int]]) -> 
     return [Run(o, group_prefill / n, group_decode / n) for o in outs]
 
 
-def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int, batch: int = 1) -> Runner:
+NO_EXTRA_BUFTS = ("llama.cpp crashed (segmentation fault) decoding this file with its default extra buffer types "
+                  "(weight repacking, AMX) on this CPU; it runs without them (use_extra_bufts=False)")
+
+
+def extra_bufts_work(gguf: Path, extra_bufts: bool = True) -> bool:
+    """Whether llama.cpp decodes `gguf` (with its default extra buffer types: repacked weights,
+    AMX; or without them). Tried in a child process: llama-cpp-python 0.3.36 built from PyPI
+    segfaults with them on the first decode on a Xeon with AMX, which no exception handler could
+    survive."""
+    code = ("import sys\n"
+            "from mtpspec.bench.peers import _model_params\n"
+            "from llama_cpp import Llama\n"
+            "with _model_params(use_extra_bufts=sys.argv[2] == '1'):\n"
+            "    Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False).eval([1, 2, 3])")
+    try:
+        run = subprocess.run([sys.executable, "-c", code, str(gguf), "1" if extra_bufts else "0"], capture_output=True,
+                             timeout=600)
+    except subprocess.TimeoutExpired:
+        return False
+    return run.returncode == 0
+
+
+@contextlib.contextmanager
+def _model_params(**fields):
+    """llama_cpp.Llama built with these llama_model_params fields (it reads the defaults once)."""
+    from llama_cpp import llama_cpp as lib  # the module Llama reads them from
+
+    default = lib.llama_model_default_params
+
+    def patched():
+        params = default()
+        for k, v in fields.items():
+            setattr(params, k, v)
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
+def llama_cpp_runner(gguf: Path, threads: int, n_ctx: int, batch: int = 1, extra_bufts: bool = True) -> Runner:
     try:
         from llama_cpp import Llama
     except ImportError:
         raise PeersUnavailable(f"llama-cpp-python is not installed; install it with: {PEERS_INSTALL}") from None
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
+    with _model_params(**({} if extra_bufts else {"use_extra_bufts": False})):
+        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                    verbose=False)
     if batch > 1:
         return _llama_cpp_batched(llm, n_ctx, batch)
 
@@ -254,11 +300,12 @@ def run_peers_bench(
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     n_ctx = max(len(p) for p in prompts) + new_tokens + 16
-    runners = {"llama.cpp": llama_cpp_runner(gguf, threads, n_ctx, batch)}
+    extra = extra_bufts_work(gguf)
+    runners = {"llama.cpp": llama_cpp_runner(gguf, threads, n_ctx, batch, extra_bufts=extra)}
     runners.update({name: mtpspec_runner(e) for name, e in engines.items()})
     names = list(runners)
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-    warnings = [w for w in [machine_busy()] if w]
+    warnings = [w for w in [machine_busy(), None if extra else NO_EXTRA_BUFTS] if w]
     for name in names:  # warm-up: first-call allocations, page faults, thread pools
         runners[name](groups[0], 8)
     results = {name: EngineResult(name) for name in names}
