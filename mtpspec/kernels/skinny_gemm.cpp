@@ -70,7 +70,7 @@ inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int nn, cons
 
 // Number of independent accumulator sets (k-unroll) so that small M still
 // has >= ~8 FMA chains in flight to hide FMA latency.
-template <int M> constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+template <int M> constexpr int unroll() { return 1; }
 
 // All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].
 // Activations arrive pre-transposed as xt[k][m] (fp32) or xt[q][m] (bf16 pairs
