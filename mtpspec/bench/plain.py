@@ -413,8 +413,8 @@ def print_tables(results: dict, console=None) -> None:
     m, bw, k = results["machine"], results["bandwidth"], results["kernel"]
     console.print(f"[bold]plain decoding: {results['model']['name']}[/]  "
                   f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
-                  f"kernel: {kernel_summary(k)}  "
                   f"read bandwidth: {bw['gb_per_s']:.1f} GB/s")
+    console.print(f"kernel: {kernel_summary(k)}", soft_wrap=True)  # its own line: never wrapped mid-way
     print_load_warning(console, m)
 
     t = Table(title="throughput (tok/s = batch tokens / wall time of generate, prefill included)")

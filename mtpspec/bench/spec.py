@@ -660,8 +660,8 @@ def print_spec_tables(results: dict, console=None) -> None:
     console.print(f"[bold]speculative decoding: {results['model']['name']} + drafter {results['drafter']['name']}[/]  "
                   f"{results['arguments']['dtype']}, {results['arguments']['max_new_tokens']} new tokens/row, "
                   f"{results['arguments']['repeats']} interleaved repeats  "
-                  f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)  "
-                  f"kernel: {kernel_summary(k)}")
+                  f"CPU: {m['cpu_model']} ({m['logical_cores']} cores, {m['torch_threads']} torch threads)")
+    console.print(f"kernel: {kernel_summary(k)}", soft_wrap=True)  # its own line: never wrapped mid-way
     print_load_warning(console, m)
     t = Table(title="plain vs speculative (tok/s = batch tokens / wall time, prefill included; medians)")
     for col in ("mode", "batch", "K", "plain tok/s", "spec tok/s", "speedup", "mean acc. len", "mean K",
