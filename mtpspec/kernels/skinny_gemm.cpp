@@ -68,8 +68,10 @@ inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int nn, cons
   }
 }
 
-// Number of independent accumulator sets (k-unroll) so that small M still
-// has >= ~8 FMA chains in flight to hide FMA latency.
+// Number of independent accumulator sets (k-unroll) per row. It must not depend on M: a row's sum
+// order, hence its result, would then depend on how many rows share the step, and a verify step
+// would not reproduce decode steps bit for bit (it did not on AVX-512 when small M used 4 or 2
+// sets). One set costs one-row calls some FMA latency on cache-resident weights.
 template <int M> constexpr int unroll() { return 1; }
 
 // All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].

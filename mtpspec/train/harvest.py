@@ -139,18 +139,17 @@ def build_shard(engine, samples: list[Sample], attention_types, *, max_new_token
     local target's greedy ones, `distill`). report: filled with the shard's responses, their tokens
     and how many of those differ from the target's greedy choice (`answer_agreement`)."""
     prompts = [s.ids for s in samples if s.needs_response]
-    t0 = time.time()
-    if not prompts:
-        responses = []
-    elif respond is not None:
-        responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
-    else:
-        with bulk_matmuls():
+    with bulk_matmuls():  # one context: each weight's dense copy serves both the answers and the harvest
+        t0 = time.time()
+        if not prompts:
+            responses = []
+        elif respond is not None:
+            responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
+        else:
             responses = distill(engine, prompts, max_new_tokens, max_len, slots)
-    t1 = time.time()
-    triples = _sequences(samples, responses, max_len)
-    seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
-    with bulk_matmuls():
+        t1 = time.time()
+        triples = _sequences(samples, responses, max_len)
+        seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
         acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
     n_ans, differ = answer_agreement(acts, [t[2] for t in triples])
     if report is not None:
