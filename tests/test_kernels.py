@@ -183,6 +183,28 @@ def test_lower_isa_kernels(isa, dtype):
         ext.force_isa("auto")
 
 
+@pytest.mark.parametrize("isa", ["auto", "avx512", "avx2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_result_does_not_depend_on_row_count(isa, dtype):
+    """Lossless verification needs it: a row computed alongside 1..40 others (a verify step, a
+    batch, a prefill chunk) is bit-identical to the same row computed alone (a decode step), on
+    every instruction-set path; odd K exercises the k tail. The wide layer gives bf16 outputs enough
+    elements that a changed fp32 summation order flips some bf16 roundings."""
+    ext = K._ext()
+    if ext is None:
+        pytest.skip("C++ kernel not available")
+    try:
+        ext.force_isa(isa)
+        for i, o in [(577, 40), (1536, 48), (1536, 1024)]:
+            layer = _make(i, o, True, dtype).pack()
+            rows = torch.randn(41, i, dtype=dtype)
+            alone = torch.cat([layer(rows[m : m + 1]) for m in range(41)])
+            for M in [*range(2, 18), 24, 33, 41]:
+                assert torch.equal(layer(rows[:M]), alone[:M]), (i, M)
+    finally:
+        ext.force_isa("auto")
+
+
 @pytest.mark.parametrize("weighted,offset", [(True, 0.0), (True, 1.0), (False, 0.0)])
 def test_bf16_rms_norm_matches_torch(weighted, offset):
     if K._ext() is None:

@@ -68,11 +68,14 @@ inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int nn, cons
   }
 }
 
-// Number of independent accumulator sets (k-unroll) per row. It must not depend on M: a row's sum
-// order, hence its result, would then depend on how many rows share the step, and a verify step
-// would not reproduce decode steps bit for bit (it did not on AVX-512 when small M used 4 or 2
-// sets). One set costs one-row calls some FMA latency on cache-resident weights.
-template <int M> constexpr int unroll() { return 1; }
+// Accumulation order. A row's result must not depend on how many rows share the call: a verify
+// step must reproduce decode steps bit for bit. So every row, whatever M, sums k in U = 4
+// interleaved chains (chain u takes k = u mod 4 of the 4-aligned part, the tail goes to chain 0)
+// combined as ((c0 + c1) + c2) + c3. The four chains hide the FMA latency of one-row calls. Rows
+// are computed in groups of at most 6 (24 of the 32 zmm registers hold accumulators); a group
+// re-reads the panel's weights from L1/L2, and each row's order stays the same for any M.
+constexpr int kChains = 4;
+constexpr int group_rows(int rem) { return rem <= 6 ? rem : rem <= 12 ? (rem + 1) / 2 : 6; }
 
 // All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].
 // Activations arrive pre-transposed as xt[k][m] (fp32) or xt[q][m] (bf16 pairs
@@ -114,77 +117,92 @@ inline void epilogue_bf16(__m512 s, int m, const Out& o) {
   _mm256_mask_storeu_epi16(static_cast<uint16_t*>(o.y) + m * o.ldy, k, r);
 }
 
-template <int M>
+// Rows OFF..OFF+G-1 of an M-row chunk (xt[k][m], m < M).
+template <int M, int OFF, int G>
 __attribute__((target("avx512f")))
-void f32_panel_avx512(const float* xt, const float* w, int64_t K, const Out& o) {
-  constexpr int U = unroll<M>();
-  __m512 acc[U][M];
-#pragma GCC unroll 16
+void f32_group_avx512(const float* xt, const float* w, int64_t K, const Out& o) {
+  constexpr int U = kChains;
+  __m512 acc[U][G];
+#pragma GCC unroll 4
   for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[u][g] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + U <= K; k += U) {
     if constexpr (use_prefetch<M>()) _mm_prefetch((const char*)(w + k * PW) + kPrefetchBytes, _MM_HINT_T0);
-#pragma GCC unroll 16
+#pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const __m512 wv = _mm512_loadu_ps(w + (k + u) * PW);
-#pragma GCC unroll 16
-      for (int m = 0; m < M; ++m)
-        acc[u][m] = _mm512_fmadd_ps(_mm512_set1_ps(xt[(k + u) * M + m]), wv, acc[u][m]);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g)
+        acc[u][g] = _mm512_fmadd_ps(_mm512_set1_ps(xt[(k + u) * M + OFF + g]), wv, acc[u][g]);
     }
   }
   for (; k < K; ++k) {
     const __m512 wv = _mm512_loadu_ps(w + k * PW);
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m)
-      acc[0][m] = _mm512_fmadd_ps(_mm512_set1_ps(xt[k * M + m]), wv, acc[0][m]);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g)
+      acc[0][g] = _mm512_fmadd_ps(_mm512_set1_ps(xt[k * M + OFF + g]), wv, acc[0][g]);
   }
-#pragma GCC unroll 16
-  for (int m = 0; m < M; ++m) {
-    __m512 s = acc[0][m];
-#pragma GCC unroll 4
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
-    epilogue_f32(s, m, o);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][g], acc[1][g]), acc[2][g]), acc[3][g]);
+    epilogue_f32(s, OFF + g, o);
   }
 }
 
-template <int M>
+template <int M, int OFF = 0>
+void f32_panel_avx512(const float* xt, const float* w, int64_t K, const Out& o) {
+  if constexpr (OFF < M) {
+    constexpr int G = group_rows(M - OFF);
+    f32_group_avx512<M, OFF, G>(xt, w, K, o);
+    f32_panel_avx512<M, OFF + G>(xt, w, K, o);
+  }
+}
+
+template <int M, int OFF, int G>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-void bf16_panel_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, const Out& o) {
-  constexpr int U = unroll<M>();
-  __m512 acc[U][M];
-#pragma GCC unroll 16
+void bf16_group_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, const Out& o) {
+  constexpr int U = kChains;
+  __m512 acc[U][G];
+#pragma GCC unroll 4
   for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) acc[u][g] = _mm512_setzero_ps();
   int64_t q = 0;
   for (; q + U <= K2; q += U) {
     if constexpr (use_prefetch<M>()) _mm_prefetch((const char*)(w + q * 2 * PW) + kPrefetchBytes, _MM_HINT_T0);
-#pragma GCC unroll 16
+#pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (q + u) * 2 * PW);
-#pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[(q + u) * M + m]));
-        acc[u][m] = _mm512_dpbf16_ps(acc[u][m], xv, wv);
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[(q + u) * M + OFF + g]));
+        acc[u][g] = _mm512_dpbf16_ps(acc[u][g], xv, wv);
       }
     }
   }
   for (; q < K2; ++q) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + q * 2 * PW);
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[q * M + m]));
-      acc[0][m] = _mm512_dpbf16_ps(acc[0][m], xv, wv);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(int(xt[q * M + OFF + g]));
+      acc[0][g] = _mm512_dpbf16_ps(acc[0][g], xv, wv);
     }
   }
-#pragma GCC unroll 16
-  for (int m = 0; m < M; ++m) {
-    __m512 s = acc[0][m];
-#pragma GCC unroll 4
-    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][m]);
-    epilogue_bf16(s, m, o);
+#pragma GCC unroll 8
+  for (int g = 0; g < G; ++g) {
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][g], acc[1][g]), acc[2][g]), acc[3][g]);
+    epilogue_bf16(s, OFF + g, o);
+  }
+}
+
+template <int M, int OFF = 0>
+void bf16_panel_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, const Out& o) {
+  if constexpr (OFF < M) {
+    constexpr int G = group_rows(M - OFF);
+    bf16_group_avx512bf16<M, OFF, G>(xt, w, K2, o);
+    bf16_panel_avx512bf16<M, OFF + G>(xt, w, K2, o);
   }
 }
 
