@@ -101,6 +101,7 @@ def test_batched_groups_run_together_in_order_and_share_the_group_time(monkeypat
 
     monkeypatch.setattr(peers, "llama_cpp_runner", lambda g, t, n, batch, extra_bufts: fake_runner("llama.cpp", 0.1))
     monkeypatch.setattr(peers, "extra_bufts_work", lambda g: False)
+    monkeypatch.setattr(peers, "batched_works", lambda g, b, extra: True)
     monkeypatch.setattr(peers, "mtpspec_runner", lambda e: fake_runner("mtpspec", 0.05))
     prompts = [[i, 0] for i in range(1, 7)]
     rec = peers.run_peers_bench("x.gguf", prompts, {"mtpspec": None}, new_tokens=4, repeats=2, threads=1, batch=3)
@@ -117,6 +118,40 @@ def test_batched_groups_run_together_in_order_and_share_the_group_time(monkeypat
     assert rows["mtpspec"]["greedy_agreement_with_llama_cpp"] == 1.0
     with pytest.raises(ValueError, match="multiple of the batch size"):
         peers.run_peers_bench("x.gguf", prompts[:5], {"mtpspec": None}, new_tokens=4, repeats=1, threads=1, batch=3)
+
+
+def test_when_batched_llama_cpp_crashes_the_batch_compares_against_mtpspec_plain(monkeypatch):
+    """A crashing batched llama.cpp context (seen on an AMX Xeon) must not end the suite: the probe
+    runs in a child, llama.cpp is left out, a warning says so and ratios go to mtpspec plain."""
+    def fake_runner(step_s):
+        def run(prompts, new):
+            return peers._split(0.1, step_s * new, [[p[0]] * new for p in prompts])
+        return run
+
+    def llama_must_not_run(*a, **kw):
+        raise AssertionError("the batched llama.cpp runner was built although its probe failed")
+
+    monkeypatch.setattr(peers, "llama_cpp_runner", llama_must_not_run)
+    monkeypatch.setattr(peers, "extra_bufts_work", lambda g: True)
+    probed = []
+    monkeypatch.setattr(peers, "batched_works", lambda g, b, extra: probed.append((b, extra)) or False)
+    monkeypatch.setattr(peers, "mtpspec_runner", lambda e: fake_runner(e))
+    prompts = [[i, 0] for i in range(1, 5)]
+    rec = peers.run_peers_bench("x.gguf", prompts, {"mtpspec": 0.1, "mtpspec+drafter": 0.05}, new_tokens=4,
+                                repeats=1, threads=1, batch=2)
+    assert probed == [(2, True)]
+    assert rec["baseline"] == "mtpspec" and peers.NO_BATCHED.format(batch=2) in rec["warnings"]
+    rows = {r["engine"]: r for r in rec["results"]}
+    assert set(rows) == {"mtpspec", "mtpspec+drafter"}
+    assert rows["mtpspec+drafter"]["decode_vs_mtpspec"] == pytest.approx(2.0)
+    assert "greedy_agreement_with_llama_cpp" not in rows["mtpspec"]
+    assert "x = ratio to mtpspec plain" in table(rec)
+
+
+def test_the_batched_probe_reports_a_crashing_child(monkeypatch, tmp_path):
+    """`batched_works` is False when the child dies (here: llama_cpp is not importable in it, or the
+    file is not a GGUF), instead of taking the calling process down."""
+    assert peers.batched_works(tmp_path / "missing.gguf", 2) is False
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")

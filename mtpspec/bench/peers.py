@@ -117,6 +117,29 @@ def extra_bufts_work(gguf: Path, extra_bufts: bool = True) -> bool:
     return run.returncode == 0
 
 
+NO_BATCHED = ("llama.cpp crashed decoding {batch} sequences in one context on this CPU (checked in a child process); "
+              "the batch-{batch} ratios compare against mtpspec's plain decoding at batch {batch} instead")
+
+
+def batched_works(gguf: Path, batch: int, extra_bufts: bool = True) -> bool:
+    """Whether llama.cpp decodes `batch` sequences in one context (the batched runner) on this
+    file without crashing. Tried in a child process, like `extra_bufts_work`: on a Xeon with AMX
+    llama-cpp-python 0.3.36's multi-sequence context segfaulted even without extra buffer types."""
+    code = ("import sys\n"
+            "from mtpspec.bench.peers import llama_cpp_runner\n"
+            "b = int(sys.argv[2])\n"
+            "run = llama_cpp_runner(sys.argv[1], 1, 32, b, extra_bufts=sys.argv[3] == '1')\n"
+            "outs = run([[1, 2, 3 + i] for i in range(b)], 4)\n"
+            "assert len(outs) == b and all(len(r.tokens) == 4 for r in outs)\n"
+            "run.free()")
+    try:
+        run = subprocess.run([sys.executable, "-c", code, str(gguf), str(batch), "1" if extra_bufts else "0"],
+                             capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return False
+    return run.returncode == 0
+
+
 @contextlib.contextmanager
 def _model_params(**fields):
     """llama_cpp.Llama built with these llama_model_params fields (it reads the defaults once)."""
@@ -301,11 +324,15 @@ def run_peers_bench(
     torch.set_num_threads(threads)
     n_ctx = max(len(p) for p in prompts) + new_tokens + 16
     extra = extra_bufts_work(gguf)
-    runners = {"llama.cpp": llama_cpp_runner(gguf, threads, n_ctx, batch, extra_bufts=extra)}
+    warnings = [w for w in [machine_busy(), None if extra else NO_EXTRA_BUFTS] if w]
+    runners = {}
+    if batch == 1 or batched_works(gguf, batch, extra):
+        runners["llama.cpp"] = llama_cpp_runner(gguf, threads, n_ctx, batch, extra_bufts=extra)
+    else:
+        warnings.append(NO_BATCHED.format(batch=batch))
     runners.update({name: mtpspec_runner(e) for name, e in engines.items()})
     names = list(runners)
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-    warnings = [w for w in [machine_busy(), None if extra else NO_EXTRA_BUFTS] if w]
     for name in names:  # warm-up: first-call allocations, page faults, thread pools
         runners[name](groups[0], 8)
     results = {name: EngineResult(name) for name in names}
@@ -322,7 +349,7 @@ def run_peers_bench(
     late = machine_busy()
     if late and late not in warnings:
         warnings.append(late)
-    free = getattr(runners["llama.cpp"], "free", None)
+    free = getattr(runners.get("llama.cpp"), "free", None)
     if free is not None:
         free()
     return _record(gguf, prompts, results, new_tokens, repeats, threads, warnings, batch)
@@ -330,7 +357,12 @@ def run_peers_bench(
 
 def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats, threads, warnings,
             batch: int = 1) -> dict:
-    base = results["llama.cpp"]
+    """The suite's record. Ratios are to llama.cpp, or to mtpspec's plain decoding when llama.cpp
+    could not run (its batched context crashed): `baseline` names it, and the rows then carry
+    `decode_vs_mtpspec` / `wall_vs_mtpspec` and no agreement with llama.cpp."""
+    baseline = "llama.cpp" if "llama.cpp" in results else "mtpspec"
+    key = "llama_cpp" if baseline == "llama.cpp" else "mtpspec"
+    base = results[baseline]
     rows = []
     for name, res in results.items():
         plain_name = name.split("+")[0]
@@ -338,11 +370,12 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
             "engine": name,
             "decode_tokens_per_s": round(res.decode_tps(), 2),
             "wall_tokens_per_s": round(res.wall_tps(), 2),
-            "decode_vs_llama_cpp": round(res.decode_tps() / base.decode_tps(), 3),
-            "wall_vs_llama_cpp": round(res.wall_tps() / base.wall_tps(), 3),
+            f"decode_vs_{key}": round(res.decode_tps() / base.decode_tps(), 3),
+            f"wall_vs_{key}": round(res.wall_tps() / base.wall_tps(), 3),
             "tokens_per_target_forward": None if res.tokens_per_forward() is None else round(res.tokens_per_forward(), 3),
-            "greedy_agreement_with_llama_cpp": round(_agreement(res.outputs(), base.outputs()), 4),
         }
+        if baseline == "llama.cpp":
+            row["greedy_agreement_with_llama_cpp"] = round(_agreement(res.outputs(), base.outputs()), 4)
         if "+" in name and plain_name in results:
             row["equals_plain"] = res.outputs() == results[plain_name].outputs()
         if name == "mtpspec" and "mtpspec-f32" in results:  # reported, not asserted: rounding differs
@@ -355,6 +388,7 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
         "prompt_tokens": [len(p) for p in prompts],
         "new_tokens": new_tokens,
         "batch": batch,
+        "baseline": baseline,
         "repeats": repeats,
         "threads": threads,
         "warnings": warnings,
@@ -364,18 +398,22 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
 
 def table(record: dict) -> str:
     """A plain-text table of a peers record."""
+    baseline = record.get("baseline", "llama.cpp")
+    key = "llama_cpp" if baseline == "llama.cpp" else "mtpspec"
     head = f"{'engine':<22}{'decode tok/s':>13}{'wall tok/s':>11}{'decode x':>10}{'wall x':>8}{'tok/fwd':>9}{'=llama':>8}"
     lines = [head]
     for r in record["results"]:
         tpf = "" if r["tokens_per_target_forward"] is None else f"{r['tokens_per_target_forward']:.2f}"
+        agree = r.get("greedy_agreement_with_llama_cpp")
         lines.append(f"{r['engine']:<22}{r['decode_tokens_per_s']:>13.1f}{r['wall_tokens_per_s']:>11.1f}"
-                     f"{r['decode_vs_llama_cpp']:>10.2f}{r['wall_vs_llama_cpp']:>8.2f}{tpf:>9}"
-                     f"{r['greedy_agreement_with_llama_cpp']:>8.0%}")
+                     f"{r[f'decode_vs_{key}']:>10.2f}{r[f'wall_vs_{key}']:>8.2f}{tpf:>9}"
+                     f"{'' if agree is None else format(agree, '.0%'):>8}")
     for r in record["results"]:
         if "greedy_agreement_with_fp32" in r:
             lines.append(f"{r['engine']} (quantized) vs mtpspec-f32 (the same GGUF dequantized): greedy tokens equal up "
                          f"to the first difference: {r['greedy_agreement_with_fp32']:.0%}")
-    lines.append(f"x = ratio to llama.cpp; =llama: greedy tokens equal to llama.cpp's up to the first difference; "
+    lines.append(f"x = ratio to {'llama.cpp' if baseline == 'llama.cpp' else 'mtpspec plain (llama.cpp did not run)'}; "
+                 f"=llama: greedy tokens equal to llama.cpp's up to the first difference; "
                  f"{record['prompts']} prompts, batch {record.get('batch', 1)}, {record['new_tokens']} new tokens, "
                  f"{record['repeats']} interleaved repeats (medians), {record['threads']} threads")
     return "\n".join(lines)
@@ -399,8 +437,9 @@ def plot(record: dict, path: str | Path) -> None:
     ax.set_title(f"{Path(record['gguf']).name}\nbatch {record.get('batch', 1)}, greedy, {record['new_tokens']} new tokens, "
                  f"{record['threads']} threads", fontsize=10)
     ax.set_ylim(0, 1.25 * max(max(r["decode_tokens_per_s"], r["wall_tokens_per_s"]) for r in rows))
+    key = "llama_cpp" if record.get("baseline", "llama.cpp") == "llama.cpp" else "mtpspec"
     for i, r in zip(x, rows):
-        ax.annotate(f"{r['decode_vs_llama_cpp']:.2f}x", (i - 0.2, r["decode_tokens_per_s"]), ha="center",
+        ax.annotate(f"{r[f'decode_vs_{key}']:.2f}x", (i - 0.2, r["decode_tokens_per_s"]), ha="center",
                     va="bottom", fontsize=8)
     ax.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
