@@ -161,18 +161,22 @@ def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path, batch):
     from test_default_model import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path / "t.gguf", hidden=64, ffn=128, weight_types={"*": "Q8_0"})
-    if not peers.extra_bufts_work(path):  # a segfault would end the whole test run
-        pytest.skip("this llama.cpp build crashes with its default settings on this CPU (seen on an AMX Xeon)")
+    if not peers.extra_bufts_work(path) and not peers.extra_bufts_work(path, False):  # a segfault ends the run
+        pytest.skip("this llama.cpp build crashes on this CPU even without its extra buffer types")
     engines = {"mtpspec": mtpspec.load(path, drafter=None, cache_dir=tmp_path / "c"),
                "mtpspec+drafter": mtpspec.load(path, drafter="ngram", cache_dir=tmp_path / "c")}
     prompts = [[5, 6, 7, 8, 5, 6, 7], [9, 3, 4], [3, 4, 5, 6, 7, 8, 9, 10, 11]][:batch]
     rec = peers.run_peers_bench(path, prompts, engines, new_tokens=12, repeats=1, threads=1, batch=batch)
     rows = {r["engine"]: r for r in rec["results"]}
-    assert set(rows) == {"llama.cpp", "mtpspec", "mtpspec+drafter"}
     assert rows["mtpspec+drafter"]["equals_plain"] is True
-    assert rec["batch"] == batch and rows["llama.cpp"]["decode_tokens_per_s"] > 0
+    if rec["baseline"] == "llama.cpp":
+        assert set(rows) == {"llama.cpp", "mtpspec", "mtpspec+drafter"}
+        assert rec["batch"] == batch and rows["llama.cpp"]["decode_tokens_per_s"] > 0
     # llama.cpp's batched context gives each sequence the tokens it gives it alone
     extra = peers.extra_bufts_work(path)
+    if batch > 1 and not peers.batched_works(path, batch, extra):  # in-process, a segfault ends the run
+        assert rec["baseline"] == "mtpspec" and "llama.cpp" not in rows
+        pytest.skip("this llama.cpp build crashes decoding several sequences in one context on this CPU")
     together = peers.llama_cpp_runner(path, 1, 64, batch, extra_bufts=extra)(prompts, 12)
     alone = [peers.llama_cpp_runner(path, 1, 64, extra_bufts=extra)([p], 12)[0] for p in prompts]
     assert [r.tokens for r in together] == [r.tokens for r in alone]
