@@ -115,11 +115,35 @@ def test_packed_layout_round_trips_and_reads_rows(bits, block, n, scales, monkey
     packed = pack(w)
     back = unpack_rows(packed, n, 96, bits, block)
     assert torch.equal(back.q, w.q) and torch.equal(back.d, w.d) and torch.equal(back.m, w.m)
+    rows = unpack_rows(packed, n, 96, bits, block, torch.arange(n))  # the per-row (gather) path
+    assert torch.equal(rows.q, w.q) and torch.equal(rows.d, w.d) and torch.equal(rows.m, w.m)
     ids = torch.tensor([[n - 1, 0], [n // 2, n - 1]])
     lin = QuantLinear(w)
     assert torch.equal(lin.weight_rows(ids), w.dequantize()[ids])  # C++ lookup (quant_rows)
     monkeypatch.setattr(quant, "_ext", lambda: None)
     assert torch.equal(lin.weight_rows(ids), w.dequantize()[ids])  # torch lookup
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_the_kernel_a_layer_dequantizes_its_weight_once(dtype, monkeypatch):
+    """CUDA or no C++ build: F.linear on the dequantized weight, made once and kept (dequantizing
+    every weight at every step made the default model ~6 s per token)."""
+    import mtpspec.kernels.quant as quant
+
+    w = random_weight(4, 32, 37, 96, scales=1)
+    lin = QuantLinear(w, torch.randn(37))
+    monkeypatch.setattr(quant, "_ext", lambda: None)
+    calls = []
+    real = QuantLinear.unpacked_weight
+    monkeypatch.setattr(QuantLinear, "unpacked_weight", lambda self: calls.append(1) or real(self))
+    x = torch.randn(3, 96, dtype=dtype)
+    dense = w.dequantize().to(dtype)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, dense, lin.bias.to(dtype)))
+    assert torch.equal(lin(x[:1]), torch.nn.functional.linear(x[:1], dense, lin.bias.to(dtype)))
+    assert len(calls) == 1
+    lin.packed = lin.packed.clone()  # a replaced weight is dequantized again
+    lin(x)
+    assert len(calls) == 2
 
 
 def test_formats_widen_exactly():

@@ -20,7 +20,8 @@ the file), Q8_0 8.5 (as in the file), K-quants 6 (4-bit) or 10 / 12 (8-bit, B = 
 The kernel quantizes each activation row to int8 per block (as llama.cpp does) and sums integer
 products exactly, so a row's output does not depend on the other rows of the step: speculative
 verification of k tokens gives the same logits as k plain decode steps. On CUDA, or without the
-compiled extension, the layer dequantizes and calls `F.linear` (correct, not fast).
+compiled extension, the layer dequantizes its weight once, keeps it (the dense model's memory)
+and calls `F.linear`.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int, bits: int, block: int,
     qbytes = _qbytes(bits, B)
     sm = packed_scale_mode(packed, n, k, bits, block)
     blocks = packed.view(P, nb, qbytes + SCALE_BYTES[sm])
-    ids = torch.arange(n, device=packed.device) if ids is None else ids.reshape(-1)
+    if ids is None:
+        return _unpack_all(blocks, n, k, bits, block, qbytes, sm)
+    ids = ids.reshape(-1)
     p, j = ids // PANEL, ids % PANEL
     sel = blocks[p]                                               # [r, nb, bytes]
     dm = sel[..., qbytes:].contiguous().view(torch.float32 if sm == 0 else torch.float16)
@@ -202,6 +205,24 @@ def unpack_rows(packed: torch.Tensor, n: int, k: int, bits: int, block: int,
         qb = sel[..., :qbytes].reshape(r, nb, B // 8, PANEL, 4)[ar, :, :, j]  # [r, nb, B/8, 4]
         q = torch.stack([qb & 15, qb >> 4], dim=3).to(torch.int8).reshape(r, k)
     return QuantizedWeight(q, d.contiguous(), m.contiguous(), block, bits)
+
+
+def _unpack_all(blocks: torch.Tensor, n: int, k: int, bits: int, block: int, qbytes: int, sm: int) -> QuantizedWeight:
+    """`unpack_rows` of every row: the inverse permutations of `pack`, without per-row gathers
+    (the gathers cost seconds on a 49152-row LM head)."""
+    P, nb = blocks.shape[:2]
+    raw = blocks[..., :qbytes]
+    if bits == 8:
+        q = raw.reshape(P, nb, block // 4, PANEL, 4).permute(0, 3, 1, 2, 4).contiguous().view(torch.int8)
+    else:
+        qb = raw.reshape(P, nb, block // 8, PANEL, 4).permute(0, 3, 1, 2, 4)   # [P, 16, nb, B/8, 4]
+        q = torch.stack([qb & 15, qb >> 4], dim=4).to(torch.int8)               # [.., B/8, lo/hi, 4]
+    q = q.reshape(P * PANEL, k)[:n]
+    dm = blocks[..., qbytes:].contiguous().view(torch.float32 if sm == 0 else torch.float16).float()
+    dm = dm.view(P, nb, 1 if sm == 2 else 2, PANEL).permute(0, 3, 2, 1)        # [P, 16, d/m, nb]
+    d = dm[:, :, 0].reshape(P * PANEL, nb)[:n]
+    m = dm[:, :, 1].reshape(P * PANEL, nb)[:n] if sm != 2 else torch.zeros_like(d)
+    return QuantizedWeight(q.contiguous(), d.contiguous(), m.contiguous(), block, bits)
 
 
 def _ext():
@@ -264,9 +285,19 @@ class QuantLinear(nn.Module):
             y = ext.quant_linear(x2, self.packed, self.bias, self.out_features, self.in_features, self.bits, self.block,
                                  self.scale_mode)
         else:
-            w = self.unpacked_weight().to(x.dtype)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x2, self.dense(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y.view(*lead, self.out_features)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in `dtype`, made once and kept: the path without the quantized
+        kernel (CUDA, or no C++ build) then costs a dense layer's memory and speed, instead of
+        dequantizing every weight at every step (~6 s per token for the default model)."""
+        key = (dtype, self.packed.device, self.packed.data_ptr())  # a moved or replaced weight: redo
+        cached = getattr(self, "_dense", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.unpacked_weight().to(dtype))
+            self._dense = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, block={self.block}, "
