@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -76,6 +77,22 @@ inline void store_panel(const float* acc, int M, T* y, int64_t ldy, int nn, cons
 // re-reads the panel's weights from L1/L2, and each row's order stays the same for any M.
 constexpr int kChains = 4;
 constexpr int group_rows(int rem) { return rem <= 6 ? rem : rem <= 12 ? (rem + 1) / 2 : 6; }
+
+// Calls group(OFF, G) (as integral constants) for the row groups of an M-row chunk, in order.
+template <int M, int OFF = 0, typename F>
+inline void for_row_groups(const F& group) {
+  if constexpr (OFF < M) {
+    constexpr int G = group_rows(M - OFF);
+    group(std::integral_constant<int, OFF>{}, std::integral_constant<int, G>{});
+    for_row_groups<M, OFF + G>(group);
+  }
+}
+
+// The fixed combination of a row's chains (the order above).
+__attribute__((target("avx512f"))) inline __m512 sum_chains(const __m512* c0, const __m512* c1, const __m512* c2,
+                                                          const __m512* c3) {
+  return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(*c0, *c1), *c2), *c3);
+}
 
 // All kernels compute one panel for mc = M rows:  out[m][0..15] = sum_k x[m][k] W[16p+j][k].
 // Activations arrive pre-transposed as xt[k][m] (fp32) or xt[q][m] (bf16 pairs
@@ -146,18 +163,13 @@ void f32_group_avx512(const float* xt, const float* w, int64_t K, const Out& o) 
   }
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g) {
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][g], acc[1][g]), acc[2][g]), acc[3][g]);
-    epilogue_f32(s, OFF + g, o);
+    epilogue_f32(sum_chains(&acc[0][g], &acc[1][g], &acc[2][g], &acc[3][g]), OFF + g, o);
   }
 }
 
-template <int M, int OFF = 0>
+template <int M>
 void f32_panel_avx512(const float* xt, const float* w, int64_t K, const Out& o) {
-  if constexpr (OFF < M) {
-    constexpr int G = group_rows(M - OFF);
-    f32_group_avx512<M, OFF, G>(xt, w, K, o);
-    f32_panel_avx512<M, OFF + G>(xt, w, K, o);
-  }
+  for_row_groups<M>([&](auto off, auto g) { f32_group_avx512<M, off.value, g.value>(xt, w, K, o); });
 }
 
 template <int M, int OFF, int G>
@@ -192,18 +204,13 @@ void bf16_group_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, co
   }
 #pragma GCC unroll 8
   for (int g = 0; g < G; ++g) {
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0][g], acc[1][g]), acc[2][g]), acc[3][g]);
-    epilogue_bf16(s, OFF + g, o);
+    epilogue_bf16(sum_chains(&acc[0][g], &acc[1][g], &acc[2][g], &acc[3][g]), OFF + g, o);
   }
 }
 
-template <int M, int OFF = 0>
+template <int M>
 void bf16_panel_avx512bf16(const uint32_t* xt, const uint16_t* w, int64_t K2, const Out& o) {
-  if constexpr (OFF < M) {
-    constexpr int G = group_rows(M - OFF);
-    bf16_group_avx512bf16<M, OFF, G>(xt, w, K2, o);
-    bf16_panel_avx512bf16<M, OFF + G>(xt, w, K2, o);
-  }
+  for_row_groups<M>([&](auto off, auto g) { bf16_group_avx512bf16<M, off.value, g.value>(xt, w, K2, o); });
 }
 
 // ------------------------------------------------------------- AVX2 + FMA
