@@ -188,19 +188,31 @@ def test_lower_isa_kernels(isa, dtype):
 def test_row_result_does_not_depend_on_row_count(isa, dtype):
     """Lossless verification needs it: a row computed alongside 1..40 others (a verify step, a
     batch, a prefill chunk) is bit-identical to the same row computed alone (a decode step), on
-    every instruction-set path; odd K exercises the k tail. The wide layer gives bf16 outputs enough
-    elements that a changed fp32 summation order flips some bf16 roundings."""
+    every instruction-set path; odd K exercises the k tail; cancelling inputs make any change in a
+    row's summation order visible."""
     ext = K._ext()
     if ext is None:
         pytest.skip("C++ kernel not available")
     try:
         ext.force_isa(isa)
         for i, o in [(577, 40), (1536, 48), (1536, 1024)]:
-            layer = _make(i, o, True, dtype).pack()
-            rows = torch.randn(41, i, dtype=dtype)
-            alone = torch.cat([layer(rows[m : m + 1]) for m in range(41)])
-            for M in [*range(2, 18), 24, 33, 41]:
-                assert torch.equal(layer(rows[:M]), alone[:M]), (i, M)
+            for wide in (False, True):
+                layer = _make(i, o, True, dtype)
+                rows = torch.randn(41, i, dtype=dtype)
+                if wide:  # each row adds +2^27 and -2^27 (two of inputs 0..7, weights 1 there): the
+                    # small terms survive or vanish depending on when the two meet, so any change in
+                    # a row's summation order shows, even after rounding the outputs to bf16
+                    with torch.no_grad():
+                        layer.weight[:, :8] = 1.0
+                    g = torch.Generator().manual_seed(1)
+                    for m in range(41):
+                        a, b = torch.randperm(8, generator=g)[:2].tolist()
+                        rows[m, :8] = 0.0
+                        rows[m, a], rows[m, b] = 2.0**27, -(2.0**27)
+                layer.pack()
+                alone = torch.cat([layer(rows[m : m + 1]) for m in range(41)])
+                for M in [*range(2, 18), 24, 33, 41]:
+                    assert torch.equal(layer(rows[:M]), alone[:M]), (i, M, wide)
     finally:
         ext.force_isa("auto")
 
