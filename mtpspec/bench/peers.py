@@ -121,6 +121,11 @@ NO_BATCHED = ("llama.cpp crashed decoding {batch} sequences in one context on th
               "the batch-{batch} ratios compare against mtpspec's plain decoding at batch {batch} instead")
 
 
+def _ratio_key(baseline: str) -> str:
+    """The suffix of a record's ratio fields (`decode_vs_<key>`) for its baseline engine."""
+    return "llama_cpp" if baseline == "llama.cpp" else "mtpspec"
+
+
 def batched_works(gguf: Path, batch: int, extra_bufts: bool = True) -> bool:
     """Whether llama.cpp decodes `batch` sequences in one context (the batched runner) on this
     file without crashing. Tried in a child process, like `extra_bufts_work`: on a Xeon with AMX
@@ -361,7 +366,7 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
     could not run (its batched context crashed): `baseline` names it, and the rows then carry
     `decode_vs_mtpspec` / `wall_vs_mtpspec` and no agreement with llama.cpp."""
     baseline = "llama.cpp" if "llama.cpp" in results else "mtpspec"
-    key = "llama_cpp" if baseline == "llama.cpp" else "mtpspec"
+    key = _ratio_key(baseline)
     base = results[baseline]
     rows = []
     for name, res in results.items():
@@ -399,7 +404,7 @@ def _record(gguf, prompts, results: dict[str, EngineResult], new_tokens, repeats
 def table(record: dict) -> str:
     """A plain-text table of a peers record."""
     baseline = record.get("baseline", "llama.cpp")
-    key = "llama_cpp" if baseline == "llama.cpp" else "mtpspec"
+    key = _ratio_key(baseline)
     head = f"{'engine':<22}{'decode tok/s':>13}{'wall tok/s':>11}{'decode x':>10}{'wall x':>8}{'tok/fwd':>9}{'=llama':>8}"
     lines = [head]
     for r in record["results"]:
@@ -437,7 +442,7 @@ def plot(record: dict, path: str | Path) -> None:
     ax.set_title(f"{Path(record['gguf']).name}\nbatch {record.get('batch', 1)}, greedy, {record['new_tokens']} new tokens, "
                  f"{record['threads']} threads", fontsize=10)
     ax.set_ylim(0, 1.25 * max(max(r["decode_tokens_per_s"], r["wall_tokens_per_s"]) for r in rows))
-    key = "llama_cpp" if record.get("baseline", "llama.cpp") == "llama.cpp" else "mtpspec"
+    key = _ratio_key(record.get("baseline", "llama.cpp"))
     for i, r in zip(x, rows):
         ax.annotate(f"{r[f'decode_vs_{key}']:.2f}x", (i - 0.2, r["decode_tokens_per_s"]), ha="center",
                     va="bottom", fontsize=8)
