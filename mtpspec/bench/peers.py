@@ -5,7 +5,8 @@ same thread count, run interleaved (every repeat runs every prompt group on ever
 engine order rotating) so that a change in machine load hits all engines alike. Batch 1 (default)
 runs one prompt at a time; batch B runs groups of B prompts together: llama.cpp as one context
 holding B sequences (its low-level batch API: one `llama_decode` per step for all B, as its
-`llama-batched` example and server do), mtpspec as `generate(prompts, batch_size=B)`:
+`llama-batched` example and server do; where that crashes, checked in a child process, llama.cpp
+is left out and the ratios are to mtpspec plain), mtpspec as `generate(prompts, batch_size=B)`:
 
     llama.cpp         llama-cpp-python (`pip install mtpspec[peers]`), the GGUF as it is
     mtpspec           the GGUF kept quantized (`quantize="gguf"`), plain decoding
@@ -109,9 +110,13 @@ def extra_bufts_work(gguf: Path, extra_bufts: bool = True) -> bool:
             "from llama_cpp import Llama\n"
             "with _model_params(use_extra_bufts=sys.argv[2] == '1'):\n"
             "    Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False).eval([1, 2, 3])")
+    return _child_succeeds(code, str(gguf), "1" if extra_bufts else "0")
+
+
+def _child_succeeds(code: str, *args: str) -> bool:
+    """Whether `python -c code args...` exits 0 within 10 minutes (a crash stays in the child)."""
     try:
-        run = subprocess.run([sys.executable, "-c", code, str(gguf), "1" if extra_bufts else "0"], capture_output=True,
-                             timeout=600)
+        run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=600)
     except subprocess.TimeoutExpired:
         return False
     return run.returncode == 0
@@ -137,12 +142,7 @@ def batched_works(gguf: Path, batch: int, extra_bufts: bool = True) -> bool:
             "outs = run([[1, 2, 3 + i] for i in range(b)], 4)\n"
             "assert len(outs) == b and all(len(r.tokens) == 4 for r in outs)\n"
             "run.free()")
-    try:
-        run = subprocess.run([sys.executable, "-c", code, str(gguf), str(batch), "1" if extra_bufts else "0"],
-                             capture_output=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return False
-    return run.returncode == 0
+    return _child_succeeds(code, str(gguf), str(batch), "1" if extra_bufts else "0")
 
 
 @contextlib.contextmanager
