@@ -313,13 +313,14 @@ def test_recipes_never_emit_held_out_prompts():
     assert len(held["chat"]) >= 32 and len(held["code"]) >= 16
     tok = _RecordingTokenizer()
     b = DataBuilder(tok, max_len=100000)
-    for name in ("chitchat", "humaneval", "instructions"):
+    for name in ("chitchat", "humaneval", "instructions", "tasks"):
         samples = b.recipe(name, None)
         assert samples and all(s.needs_response for s in samples)
     texts = b.recipe("chitchat-text", None)  # whole conversations, as text
     assert len(texts) > 1000 and not any(s.needs_response for s in texts)
     seen = "\x00".join(tok.seen)
-    for p in held["chat"] + held["code"] + held["instructions"]:
+    assert len(held["tasks"]) >= 30
+    for p in held["chat"] + held["code"] + held["instructions"] + held["tasks"]:
         assert p not in seen, p[:60]
 
 

@@ -12,7 +12,7 @@ from ..errors import MtpspecError
 
 def train_drafter_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data (repeatable; default: self-instruct:2000, prompts the target writes itself, with held-out evaluation on a split of them): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data (repeatable; default: self-instruct:2000, prompts the target writes itself, with held-out evaluation on a split of them): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie), tasks[:N] (templated translate / summarize / extract / math / role-play / write / rewrite / reason / code requests).")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", "-k", help="K: drafting steps unrolled in training, written as num_assistant_tokens.")] = 4,

@@ -24,6 +24,10 @@ Data specs (the `--data` option, repeatable):
     python-stdlib[:N]   recipe: Python standard library source files, as text
     self-instruct[:N]   recipe: N prompts (default 1000) written by the target itself (Magpie, see
                         self_instruct.py), generated once per run and kept in its work dir
+    tasks[:N]           recipe: templated requests of ten kinds (translate, summarize or answer
+                        about a given text, extract, math, role-play, write, rewrite, reason, code),
+                        filled with chitchat sentences and conversations, standard-library
+                        docstrings and functions, and random numbers (tasks.py)
 Held-out prompts (drafters/heldout-*.jsonl) come from the same recipes' held-out split
 (`heldout_prompts`) and are never produced by them for training.
 """
@@ -43,7 +47,7 @@ from typing import Callable
 from ..errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib", "self-instruct")
+RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib", "self-instruct", "tasks")
 SELF_INSTRUCT_DEFAULT = 1000  # prompts of `self-instruct` without a limit
 
 
@@ -137,7 +141,7 @@ def _training_conversations() -> list[tuple[str, list[str]]]:
 
 
 def heldout_prompts() -> dict[str, list[str]]:
-    """The held-out prompt sets (chat, code, instructions) that recipes never emit for training.
+    """The held-out prompt sets (chat, code, instructions, tasks) that recipes never emit for training.
     Chat: first messages of held-out chitchat conversations (whole conversations are excluded
     from training) that also occur in no training conversation, not even as a substring."""
     convs = _chitchat_conversations()
@@ -146,7 +150,14 @@ def heldout_prompts() -> dict[str, list[str]]:
     chat = [c for c in cands if c not in train_text]
     code = [code_prompt(p["prompt"]) for p in _humaneval_problems() if _held_out("humaneval/" + p["task_id"], 0.2)]
     instr = [u for key, u in _instruction_prompts() if _held_out("instructions/" + key, 0.05)]
-    return {"chat": chat, "code": code[:24], "instructions": instr[:24]}
+    return {"chat": chat, "code": code[:24], "instructions": instr[:24], "tasks": heldout_tasks()}
+
+
+def heldout_tasks(per_category: int = 3) -> list[str]:
+    """The first `per_category` held-out prompts of every `tasks` category (drafters/heldout-tasks.jsonl)."""
+    from .tasks import task_prompts
+
+    return [msgs[-1]["content"] for _, msgs in task_prompts(held=True, per_category=per_category)]
 
 
 # ---- readers -----------------------------------------------------------------------------------
@@ -325,6 +336,13 @@ class DataBuilder:
             for i, text in enumerate(self.self_instruct(limit or SELF_INSTRUCT_DEFAULT)):
                 ids = self.render_prompt([{"role": "user", "content": text}])
                 out.append(Sample(ids, len(ids), True, f"self-instruct/{i}"))
+        elif name == "tasks":
+            from .tasks import task_prompts
+
+            for key, msgs in task_prompts(self.seed):
+                ids = self.render_prompt(msgs)
+                if len(ids) <= self.max_len - 64:  # room for an answer
+                    out.append(Sample(ids, len(ids), True, "tasks/" + key))
         else:
             raise InputError(f"unknown data recipe {name!r} ({', '.join(RECIPES)})")
         rng.shuffle(out)
