@@ -99,3 +99,72 @@ def test_decode_with_fewer_slots_than_requests_refills_slots(model, spec):
         decode(model, [], plan, slots=2)
     with pytest.raises(InputError, match="slots"):
         decode(model, [Request(prompts[0], 2)], slots=0)
+
+
+def test_prefill_pieces_cover_every_prompt_once_within_the_budget():
+    from mtpspec.decoding.loop import prefill_pieces
+
+    lengths = [5, 7, 7, 30, 31, 90, 3, 200, 8]
+    pieces = prefill_pieces(lengths, budget=64)
+    assert [i for a, b in pieces for i in range(a, b)] == list(range(len(lengths)))  # consecutive, in order
+    for a, b in pieces:
+        assert (b - a) * max(lengths[a:b]) <= 64 or b - a == 1  # a prompt over budget goes alone
+        if b < len(lengths):  # as many as fit: the next prompt would overflow the piece
+            assert (b - a + 1) * max(lengths[a : b + 1]) > 64
+    assert prefill_pieces([4] * 10, budget=1000) == [(0, 10)]
+    assert prefill_pieces([], budget=10) == []
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_prompts_of_very_different_lengths_prefill_in_pieces_and_equal_each_alone(model, spec, monkeypatch):
+    """`add` prefills contiguous slots in pieces of at most PREFILL_TOKENS padded tokens: every
+    forward of the prefill stays in the budget, requests keep their slot order, and every sequence
+    still equals its prompt decoded alone."""
+    from mtpspec.decoding import loop
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [40, 3, 5, 4, 33, 6, 2, 18]
+    prompts = [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lengths]
+    budgets = [6, 9, 4, 12, 7, 5, 10, 8]
+    alone = [decode(model, [Request(p, n)])[0].new_ids for p, n in zip(prompts, budgets)]
+    monkeypatch.setattr(loop, "PREFILL_TOKENS", 48)
+    forwards = []  # (first slot, prompt lengths) of each prefill forward
+    real = loop.DecodeBatch._prefill
+
+    def spy(self, requests, first, limit):
+        forwards.append((first, [len(r.prompt_ids) for r in requests]))
+        return real(self, requests, first, limit)
+
+    monkeypatch.setattr(loop.DecodeBatch, "_prefill", spy)
+    plan = DraftPlan(NgramProposer(), 3) if spec else None
+    got = decode(model, [Request(p, n) for p, n in zip(prompts, budgets)], plan, slots=6)
+    assert [s.new_ids for s in got] == alone
+    assert all(len(f) == 1 or len(f) * max(f) <= 48 for _, f in forwards), forwards
+    # the first six requests (40, 3, 5, 4, 33, 6 tokens) join slots 0-5 in request order, in four forwards
+    assert forwards[:4] == [(0, [40]), (1, [3, 5, 4]), (4, [33]), (5, [6])], forwards
+    assert sorted(x for _, f in forwards for x in f) == sorted(lengths)
+
+
+def test_distill_decodes_shortest_prompts_first_and_answers_in_prompt_order(model, monkeypatch):
+    """Self-distillation orders its requests by prompt length (prefill pieces of similar lengths pad
+    little) and returns each prompt's own greedy answer, in the order of the prompts."""
+    from types import SimpleNamespace
+
+    from mtpspec.decoding import loop
+    from mtpspec.train.harvest import distill
+
+    g = torch.Generator().manual_seed(6)
+    lengths = [30, 3, 17, 5, 9]
+    prompts = [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lengths]
+    alone = [decode(model, [Request(p, 6)])[0].new_ids for p in prompts]
+    seen = []
+    real = loop.decode
+
+    def spy(m, reqs, plan=None, slots=None):
+        seen.append([len(r.prompt_ids) for r in reqs])
+        return real(m, reqs, plan, slots)
+
+    monkeypatch.setattr(loop, "decode", spy)
+    got = distill(SimpleNamespace(model=model, eos_ids=frozenset()), prompts, 6, 64, slots=2)
+    assert seen == [sorted(lengths)]
+    assert got == alone

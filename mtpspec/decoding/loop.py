@@ -197,11 +197,31 @@ def check_requests(model: Decoder, requests: list[Request]) -> None:
             raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary (0..{model.cfg.vocab_size - 1})")
 
 
+PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (a longer prompt is prefilled alone)
+
+
+def prefill_pieces(lengths: list[int], budget: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
+    """Consecutive pieces [a, b) of prompts (their lengths, in slot order) prefilled in one forward
+    each: a forward pads every prompt to the piece's longest, so a piece holds as many prompts as
+    fit `budget` padded tokens (at least one): 128 prompts of 20-450 tokens would pad to 57k tokens
+    in one forward. Callers that order requests by prompt length (`train.harvest.distill`) waste
+    little on padding."""
+    pieces, a = [], 0
+    while a < len(lengths):
+        b, longest = a + 1, lengths[a]
+        while b < len(lengths) and (b - a + 1) * max(longest, lengths[b]) <= budget:
+            longest = max(longest, lengths[b])
+            b += 1
+        pieces.append((a, b))
+        a = b
+    return pieces
+
+
 class DecodeBatch:
     """A fixed number of slots that decode together; sequences join and leave between rounds.
 
-    `add` prefills new requests into free slots (several at once when the slots are contiguous)
-    and returns their first-token events; `step` runs one round for every active slot: plain
+    `add` prefills new requests into free slots (several at once when the slots are contiguous,
+    in pieces of at most PREFILL_TOKENS padded tokens) and returns their first-token events; `step` runs one round for every active slot: plain
     decoding (k = 0) or speculative (draft k tokens per row, verify all k+1 positions in one target
     forward, keep the accepted prefix plus the bonus token, roll each row's cache back over its
     rejected positions; or draft a tree of depth k per row, verify all its nodes in one forward
@@ -259,11 +279,12 @@ class DecodeBatch:
         limit = min(self.model.cfg.max_position, self.max_len)  # never run past the context
         events = []
         start = 0
-        while start < len(slots):  # prefill each run of contiguous slots in one forward
+        while start < len(slots):  # each run of contiguous slots, in forwards of at most PREFILL_TOKENS padded tokens
             end = start + 1
             while end < len(slots) and slots[end] == slots[end - 1] + 1:
                 end += 1
-            events += self._prefill(requests[start:end], slots[start], limit)
+            for a, b in prefill_pieces([len(r.prompt_ids) for r in requests[start:end]], PREFILL_TOKENS):
+                events += self._prefill(requests[start + a : start + b], slots[start + a], limit)
             start = end
         return events
 

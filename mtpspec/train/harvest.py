@@ -84,13 +84,19 @@ def response_budgets(engine, prompts: list[list[int]], max_new_tokens: int, max_
 
 def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int) -> list[list[int]]:
     """The target's greedy responses to `prompts` (our plain decoding loop, `slots` sequences at a
-    time, each slot refilled as soon as its response ends), each within max_len tokens in all."""
+    time, each slot refilled as soon as its response ends), each within max_len tokens in all.
+    Prompts are decoded shortest first, so the prompts that join together have similar lengths and
+    their prefill pads little; the responses come back in the order of `prompts`."""
     from ..decoding.loop import Request, decode
     from ..decoding.sampling import SamplingParams
 
-    reqs = [Request(p, n, SamplingParams(0.0, 0, 1.0, None), engine.eos_ids)
-            for p, n in zip(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))]
-    return [list(s.new_ids) for s in decode(engine.model, reqs, None, slots=slots)]
+    budgets = response_budgets(engine, prompts, max_new_tokens, max_len)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    reqs = [Request(prompts[i], budgets[i], SamplingParams(0.0, 0, 1.0, None), engine.eos_ids) for i in order]
+    out: list[list[int]] = [[] for _ in prompts]
+    for i, s in zip(order, decode(engine.model, reqs, None, slots=slots)):
+        out[i] = list(s.new_ids)
+    return out
 
 
 def training_sequences(samples: list[Sample], responses: list[list[int]], max_len: int) -> tuple[list, list]:
