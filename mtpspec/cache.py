@@ -104,6 +104,20 @@ class KVCache:
             kc[rows, :, positions] = k.transpose(1, 2)
             vc[rows, :, positions] = v.transpose(1, 2)
 
+    def snapshot_row(self, b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of row b's valid entries in every layer (for `restore_row`)."""
+        n = int(self.lengths[b])
+        return [(kg[:, b, :, :n].clone(), vg[:, b, :, :n].clone()) for kg, vg in self.groups]
+
+    def restore_row(self, b: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make row b hold what `snapshot_row` saved (entries and length)."""
+        n = 0
+        for (kg, vg), (ks, vs) in zip(self.groups, saved):
+            n = ks.shape[2]
+            kg[:, b, :, :n] = ks
+            vg[:, b, :, :n] = vs
+        self.lengths[b] = n
+
     # ---- lengths -----------------------------------------------------------------------------
     def advance(self, n: int | torch.Tensor) -> None:
         """Commit n new tokens per row (an int for all rows, or a [batch] tensor)."""

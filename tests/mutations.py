@@ -24,8 +24,8 @@ PY = REPO / ".venv" / "bin" / "python"
 # name: (file, original, buggy, tests, -k filter)
 BUGS = {
     "bonus-from-pK": ("mtpspec/decoding/verify.py",
-                      "emitted.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))",
-                      "emitted.append(int(torch.multinomial(target_probs[k - 1], 1, generator=generator)))",
+                      "emitted.append(sample(target_probs[k], generator))",
+                      "emitted.append(sample(target_probs[k - 1], generator))",
                       "tests/test_verify.py tests/test_sampling_exactness.py", ""),
     "residual-next-q": ("mtpspec/decoding/verify.py",
                         "q = draft_probs[n] if draft_probs is not None",

@@ -131,9 +131,9 @@ def test_prompts_of_very_different_lengths_prefill_in_pieces_and_equal_each_alon
     forwards = []  # (first slot, prompt lengths) of each prefill forward
     real = loop.DecodeBatch._prefill
 
-    def spy(self, requests, first, limit):
+    def spy(self, requests, first, limit, *keep):
         forwards.append((first, [len(r.prompt_ids) for r in requests]))
-        return real(self, requests, first, limit)
+        return real(self, requests, first, limit, *keep)
 
     monkeypatch.setattr(loop.DecodeBatch, "_prefill", spy)
     plan = DraftPlan(NgramProposer(), 3) if spec else None
@@ -143,6 +143,36 @@ def test_prompts_of_very_different_lengths_prefill_in_pieces_and_equal_each_alon
     # the first six requests (40, 3, 5, 4, 33, 6 tokens) join slots 0-5 in request order, in four forwards
     assert forwards[:4] == [(0, [40]), (1, [3, 5, 4]), (4, [33]), (5, [6])], forwards
     assert sorted(x for _, f in forwards for x in f) == sorted(lengths)
+
+
+@pytest.mark.parametrize("spec", [False, True])
+def test_a_repeated_prompt_is_prefilled_once_and_every_copy_equals_decoding_it_alone(model, spec, monkeypatch):
+    """Requests with the same prompt (the self-instruct recipe sends one prompt thousands of times,
+    a server `n` > 1) prefill it in one forward, within an add and across adds, and copy its K/V:
+    sampled rows with their own seeds and greedy rows equal decoding each alone, mixed with
+    other prompts."""
+    from mtpspec.decoding import loop
+    from mtpspec.decoding.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(8)
+    shared = torch.randint(3, VOCAB, (11,), generator=g).tolist()
+    other = torch.randint(3, VOCAB, (7,), generator=g).tolist()
+    reqs = [Request(shared, 8, SamplingParams(1.0, seed=i)) for i in range(5)] + [Request(other, 8), Request(shared, 8)]
+    reqs += [Request(shared, 6, SamplingParams(0.8, top_k=20, seed=40 + i)) for i in range(4)]
+    plan = DraftPlan(NgramProposer(), 3) if spec else None
+    alone = [decode(model, [r], plan)[0].new_ids for r in reqs]
+    prefilled = []
+    real = loop.DecodeBatch._prefill
+
+    def spy(self, requests, first, limit, *keep):
+        prefilled.extend(len(r.prompt_ids) for r in requests)
+        return real(self, requests, first, limit, *keep)
+
+    monkeypatch.setattr(loop.DecodeBatch, "_prefill", spy)
+    got = decode(model, reqs, plan, slots=4)
+    assert [s.new_ids for s in got] == alone
+    assert sorted(prefilled) == [7, 11], prefilled  # the shared prompt once, across three adds
+    assert len({tuple(s.new_ids) for s in got[:5]}) > 1  # the copies sample with their own seeds
 
 
 def test_distill_decodes_shortest_prompts_first_and_answers_in_prompt_order(model, monkeypatch):

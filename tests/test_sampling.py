@@ -38,3 +38,25 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_argmax():
     b = [next_token(logits, params, g) for g in [params.generator()] for _ in range(20)]
     assert a == b and len(set(a)) > 1
     assert next_token(logits, SamplingParams(), None) == int(logits.argmax())
+
+
+def test_sample_draws_each_token_in_proportion_to_its_weight_and_never_a_zero_weight():
+    from exact_fit import fit_pvalue
+
+    from mtpspec.decoding.sampling import sample
+
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 0.0])  # unnormalised, zeros inside and at the ends
+    g = torch.Generator().manual_seed(5)
+    draws = torch.tensor([sample(weights, g) for _ in range(20000)])
+    counts = torch.bincount(draws, minlength=len(weights))
+    assert counts[weights == 0].sum() == 0
+    pvalue, _ = fit_pvalue((weights / weights.sum()).expand(len(draws), -1), draws, by_rank=False)
+    assert pvalue > 1e-4, counts.tolist()
+
+
+def test_sample_never_returns_past_the_last_token_of_non_zero_weight(monkeypatch):
+    from mtpspec.decoding import sampling
+
+    weights = torch.tensor([0.2, 0.8, 0.0, 0.0])
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))  # u = total
+    assert sampling.sample(weights, None) == 1

@@ -88,7 +88,7 @@ def shift_top_mass(p: torch.Tensor, tv: float = 0.02) -> torch.Tensor:
 def test_every_emitted_token_follows_the_target(sharp_target, run, params):
     obs, k = _observe(sharp_target, run, params)
     counts = torch.bincount(obs.slots, minlength=k + 2)[1:].tolist()
-    assert min(counts) > 200, f"every round slot must be observed often: {counts}"
+    assert min(counts) > 150, f"every round slot must be observed often: {counts}"
     assert failed_fits(obs, k) == []
 
 

@@ -15,6 +15,7 @@ per-round events) and `DecodeBatch` (slots that requests join and leave: the ser
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -198,6 +199,7 @@ def check_requests(model: Decoder, requests: list[Request]) -> None:
 
 
 PREFILL_TOKENS = 2048  # padded prompt tokens per prefill forward (a longer prompt is prefilled alone)
+PROMPT_CACHE = 4  # repeated prompts whose prefill a batch keeps between adds to copy (e.g. the self-instruct recipe's one prompt)
 
 
 def prefill_pieces(lengths: list[int], budget: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
@@ -221,7 +223,9 @@ class DecodeBatch:
     """A fixed number of slots that decode together; sequences join and leave between rounds.
 
     `add` prefills new requests into free slots (several at once when the slots are contiguous,
-    in pieces of at most PREFILL_TOKENS padded tokens) and returns their first-token events; `step` runs one round for every active slot: plain
+    in pieces of at most PREFILL_TOKENS padded tokens; a prompt repeated within an add or kept from
+    an earlier one is prefilled once and its K/V copied) and returns their first-token events;
+    `step` runs one round for every active slot: plain
     decoding (k = 0) or speculative (draft k tokens per row, verify all k+1 positions in one target
     forward, keep the accepted prefix plus the bonus token, roll each row's cache back over its
     rejected positions; or draft a tree of depth k per row, verify all its nodes in one forward
@@ -244,6 +248,8 @@ class DecodeBatch:
         self.last_hidden = torch.zeros(slots, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
         self.decode_start = [0.0] * slots
         self._pending: tuple | None = None  # the last round's outcome, waiting for its whole time
+        # prefills of repeated prompts (K/V, last hidden state, logits), most recently used last
+        self._prompts: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
 
     @property
     def slots(self) -> int:
@@ -277,18 +283,36 @@ class DecodeBatch:
         if len(slots) < len(requests) or not set(slots) <= set(free):
             raise RuntimeError("not enough free slots")
         limit = min(self.model.cfg.max_position, self.max_len)  # never run past the context
-        events = []
+        # a prompt repeated within this add, or kept from an earlier one, is prefilled once and copied
+        fresh, repeated, seen = [], set(), set()
+        for i, r in enumerate(requests):
+            key = tuple(r.prompt_ids)
+            if (key in self._prompts or key in seen) and len(key) <= PREFILL_TOKENS:
+                repeated.add(key)
+            else:
+                seen.add(key)
+                fresh.append(i)
+        events: dict[int, Event] = {}
         start = 0
-        while start < len(slots):  # each run of contiguous slots, in forwards of at most PREFILL_TOKENS padded tokens
+        while start < len(fresh):  # each run of contiguous slots, in forwards of at most PREFILL_TOKENS padded tokens
             end = start + 1
-            while end < len(slots) and slots[end] == slots[end - 1] + 1:
+            while end < len(fresh) and slots[fresh[end]] == slots[fresh[end - 1]] + 1:
                 end += 1
-            for a, b in prefill_pieces([len(r.prompt_ids) for r in requests[start:end]], PREFILL_TOKENS):
-                events += self._prefill(requests[start + a : start + b], slots[start + a], limit)
+            run = [requests[i] for i in fresh[start:end]]
+            for a, b in prefill_pieces([len(r.prompt_ids) for r in run], PREFILL_TOKENS):
+                for ev in self._prefill(run[a:b], slots[fresh[start + a]], limit, repeated):
+                    events[ev.row] = ev
             start = end
-        return events
+        for i, r in enumerate(requests):
+            if slots[i] not in events:
+                events[slots[i]] = self._copy_prompt(r, slots[i], limit)
+        while len(self._prompts) > PROMPT_CACHE:  # the least recently used go once this add is done
+            self._prompts.popitem(last=False)
+        return [events[b] for b in slots]
 
-    def _prefill(self, requests: list[Request], first: int, limit: int) -> list[Event]:
+    def _prefill(self, requests: list[Request], first: int, limit: int, keep: set = frozenset()) -> list[Event]:
+        """Prefill `requests` into slots first, first + 1, ... in one forward; the prompts in `keep`
+        are kept for `_copy_prompt`."""
         model, dev = self.model, self.model.device
         n = len(requests)
         view = self.cache.rows(first, first + n)
@@ -303,24 +327,41 @@ class DecodeBatch:
         view.set_lengths(lengths)
         self.last_hidden[first : first + n] = out.hidden.gather(1, last[..., None].expand(-1, -1, out.hidden.shape[-1]))[:, 0]
         t_prefill = time.perf_counter() - t0
-        events = []
         for i, r in enumerate(requests):
-            b = first + i
-            s = SequenceState(r, r.params.generator(dev), min(r.max_new_tokens, limit - lengths[i]))
-            self.seqs[b] = s
-            s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = lengths[i], t_prefill, 1
-            self.decode_start[b] = time.perf_counter()
-            logits = out.logits[i, 0]
-            if r.suppresses_eos(0):
-                logits = logits.index_fill(-1, torch.tensor(sorted(r.eos_ids), device=dev), float("-inf"))
-            tok = next_token(logits, r.params, s.generator)
-            self.last_tokens[b] = tok
-            self.history[b] = list(r.prompt_ids) + [tok]
-            s.accept(tok)
-            if s.done:
-                s.stats.decode_time = time.perf_counter() - self.decode_start[b]
-            events.append(Event(b, s.new_ids, s.done))
-        return events
+            key = tuple(r.prompt_ids)
+            if key in keep and key not in self._prompts:
+                self._prompts[key] = (self.cache.snapshot_row(first + i), self.last_hidden[first + i].clone(),
+                                      out.logits[i, 0].clone())
+        return [self._start(first + i, r, out.logits[i, 0], t_prefill, limit) for i, r in enumerate(requests)]
+
+    def _copy_prompt(self, r: Request, b: int, limit: int) -> Event:
+        """Start `r` in slot b from the kept prefill of its prompt (copied K/V, hidden state, logits):
+        what prefilling it would give, without the forward."""
+        key = tuple(r.prompt_ids)
+        t0 = time.perf_counter()
+        kv, hidden, logits = self._prompts[key]
+        self._prompts.move_to_end(key)
+        self.cache.restore_row(b, kv)
+        self.last_hidden[b] = hidden
+        return self._start(b, r, logits, time.perf_counter() - t0, limit)
+
+    def _start(self, b: int, r: Request, logits: torch.Tensor, t_prefill: float, limit: int) -> Event:
+        """Slot b's sequence for `r`, its prompt prefilled: draw the first token from `logits`."""
+        dev = self.model.device
+        n_prompt = len(r.prompt_ids)
+        s = SequenceState(r, r.params.generator(dev), min(r.max_new_tokens, limit - n_prompt))
+        self.seqs[b] = s
+        s.stats.prompt_tokens, s.stats.prefill_time, s.stats.target_forwards = n_prompt, t_prefill, 1
+        self.decode_start[b] = time.perf_counter()
+        if r.suppresses_eos(0):
+            logits = logits.index_fill(-1, torch.tensor(sorted(r.eos_ids), device=dev), float("-inf"))
+        tok = next_token(logits, r.params, s.generator)
+        self.last_tokens[b] = tok
+        self.history[b] = list(r.prompt_ids) + [tok]
+        s.accept(tok)
+        if s.done:
+            s.stats.decode_time = time.perf_counter() - self.decode_start[b]
+        return Event(b, s.new_ids, s.done)
 
     # ---- one round ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -26,7 +26,7 @@ import torch
 
 from ..models.drafter import MTPDrafter
 from .proposers import DraftInput, Proposal
-from .sampling import probabilities
+from .sampling import probabilities, sample
 from .tree import TreeShape
 
 __all__ = ["MtpProposer", "TreeShape"]
@@ -74,7 +74,7 @@ class MtpProposer:
             for r in range(b):
                 if sampled[r]:
                     q = probabilities(logits[r], inp.params[r])
-                    nxt[r] = torch.multinomial(q, 1, generator=inp.generators[r])[0]
+                    nxt[r] = sample(q, inp.generators[r])
                     probs[r, i] = q
                 else:
                     probs[r, i, nxt[r]] = 1.0

@@ -34,6 +34,7 @@ import torch
 
 from ..errors import InputError
 from ..models.layers import TreeMask
+from .sampling import sample
 
 __all__ = ["TreeMask", "TreeShape", "verify_greedy_tree", "verify_sampled_tree_row"]
 
@@ -139,7 +140,7 @@ def verify_sampled_tree_row(
         children.setdefault((par, tok), j + 1)
     node, path = 0, []
     while True:
-        x = int(torch.multinomial(target_probs[node], 1, generator=generator))
+        x = sample(target_probs[node], generator)
         child = children.get((node, x))
         if child is None:
             return path, [tokens[i - 1] for i in path] + [x]

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import sample
+
 
 def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification for a batch.
@@ -80,7 +82,7 @@ def verify_sampled_row(
         total = residual.sum()
         # total == 0 only if p == q exactly, in which case rejection had probability 0; guard anyway
         dist = residual / total if total > 0 else p
-        emitted.append(int(torch.multinomial(dist, 1, generator=generator)))
+        emitted.append(sample(dist, generator))
     else:
-        emitted.append(int(torch.multinomial(target_probs[k], 1, generator=generator)))
+        emitted.append(sample(target_probs[k], generator))
     return n, emitted
