@@ -337,7 +337,9 @@ def test_cli_train_drafter_and_resume(tiny_with_tokenizer, data_files, tmp_path)
     assert r.exit_code == 0, r.output
     assert "held-out mean accepted length" in r.output
     assert json.loads((out / "generation_config.json").read_text())["num_assistant_tokens"] == 2
-    assert json.loads((out / "training.json").read_text())["steps"] == 3
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 3
+    assert info["config"]["eval_every"] == 600.0  # a held-out evaluation every 10 minutes unless told otherwise
     r = CliRunner().invoke(app, [a if a != "3" else "5" for a in args] + ["--resume"])  # --max-steps 5
     assert r.exit_code == 0, r.output
     assert torch.load(tmp_path / "d.work" / "checkpoint.pt", weights_only=False)["step"] == 5

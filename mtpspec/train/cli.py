@@ -41,7 +41,7 @@ def train_drafter_cmd(
     acceptance_verify: Annotated[str, typer.Option("--acceptance-verify", help="The acceptance objective's per-step acceptance: greedy (the drafter's probability of the target's argmax: greedy verification, default) or sampled (sum over tokens of min(p, q), p = the target's top-8 distribution: speculative sampling).")] = "greedy",
     eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept (default: --eval-limit prompts the target writes, held out of the self-instruct data).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Held-out prompts evaluated (the first N of --eval-prompts, or N generated prompts held out of the self-instruct data).")] = 16,
-    eval_every: Annotated[Optional[float], typer.Option("--eval-every", help="Minutes between evaluations (default: only at the end).")] = None,
+    eval_every: Annotated[float, typer.Option("--eval-every", help="Minutes between held-out evaluations (the curve in training.png, the best kept); 0 = only at the end.")] = 10.0,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the drafter's training steps (weights stay fp32).")] = False,

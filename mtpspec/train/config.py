@@ -48,7 +48,7 @@ class TrainConfig:
     feature_weight: float = 0.2
     train_head: bool | None = None  # None: frozen when copied from the target, else trained
     checkpoint_every: float = 300.0  # seconds
-    eval_every: float | None = None  # seconds (None: only at the end)
+    eval_every: float | None = 600.0  # seconds between held-out evaluations (None: only at the end)
     eval_prompts: str | None = None  # .jsonl ({"prompt"}) or .txt (one per line)
     eval_max_new_tokens: int = 64
     eval_limit: int = 16
