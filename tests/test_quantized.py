@@ -230,7 +230,7 @@ def test_activation_quantization_matches_its_definition():
 
 @pytest.mark.parametrize("bits,block", FORMATS)
 @pytest.mark.parametrize("n,k", [(16, 32), (37, 96), (100, 256)])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 70])  # 70: two chunks of rows (MC = 64)
 @pytest.mark.parametrize("scales", SCALE_MODES)
 def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n, k, m, scales):
     w = random_weight(bits, block, n, k, seed=n + m, scales=scales)
@@ -251,7 +251,7 @@ def test_all_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bit
         pytest.skip("needs a SIMD path")
     w = random_weight(bits, block, 53, 160, scales=scales)
     lin = QuantLinear(w, torch.randn(53))
-    x = torch.randn(19, 160)
+    x = torch.randn(137, 160)  # chunks of 64 + 64 + 9 rows, 4-row groups and single rows
     x[4, 32:64] = 0  # an all-zero activation block
     x[5] *= 1e3  # activations at the int8 extremes (+-127), weights at theirs (random_weight)
     y = lin(x)
