@@ -110,7 +110,7 @@ def test_training_shards_are_built_in_bulk_mode(tiny_with_tokenizer, monkeypatch
 
     monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
     seen = {}
-    real_distill, real_harvest = harvest_mod.distill, harvest_mod.harvest
+    real_distill, real_harvest = harvest_mod.distill_recorded, harvest_mod.harvest
 
     def spy_distill(*a, **k):
         seen["distill"] = bulk_active()
@@ -120,7 +120,7 @@ def test_training_shards_are_built_in_bulk_mode(tiny_with_tokenizer, monkeypatch
         seen["harvest"] = bulk_active()
         return real_harvest(*a, **k)
 
-    monkeypatch.setattr(harvest_mod, "distill", spy_distill)
+    monkeypatch.setattr(harvest_mod, "distill_recorded", spy_distill)
     monkeypatch.setattr(harvest_mod, "harvest", spy_harvest)
     eng = load(str(tiny_with_tokenizer), drafter=None, quantize="int8")
     samples = [Sample(ids=[5, 6, 7, 8], loss_from=1, needs_response=True), Sample(ids=list(range(3, 40)), loss_from=1)]

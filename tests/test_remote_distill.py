@@ -136,9 +136,17 @@ def _assert_same_shards(a: list, b: list) -> None:
 
 @pytest.fixture(scope="module")
 def local_shards(engine, data, tmp_path_factory):
-    """Local self-distillation's shards (the target's own greedy answers)."""
-    tr = Trainer(_cfg(data, tmp_path_factory.mktemp("local") / "d"), engine)
-    return _all_shards(tr), tr
+    """Local self-distillation's shards (the target's own greedy answers), harvested by a pass over
+    the answers as a server's answers are (not recorded while answering: test_train.py checks that
+    the two agree)."""
+    import functools
+
+    import mtpspec.train.trainer as trainer_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "build_shard", functools.partial(trainer_mod.build_shard, record=False))
+        tr = Trainer(_cfg(data, tmp_path_factory.mktemp("local") / "d"), engine)
+        return _all_shards(tr), tr
 
 
 def test_greedy_answers_through_the_server_give_the_local_shards(engine, server, data, local_shards, tmp_path):

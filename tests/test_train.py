@@ -101,6 +101,42 @@ def test_soft_labels_are_the_targets_top_k_distribution(engine):
     assert loss(old, True) == pytest.approx(hard, rel=1e-6)  # shards without logits: hard labels
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(family, tiny_checkpoints, tiny_gemma3_tok):
+    """build_shard records the answered prompts' activations in the decoding loop; they equal what
+    a separate pass over the finished sequences gives (minus its last position), text samples are
+    harvested as before, and a repeated prompt (prefilled once, copied) records the same."""
+    from mtpspec.train.data import Sample
+    from mtpspec.train.harvest import build_shard
+
+    eng = mtpspec.load(tiny_gemma3_tok if family == "gemma3" else tiny_checkpoints[family][0], drafter=None)
+    types = list(dict.fromkeys(t.attention_type for t in eng.model.cfg.layers))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 11, 3, 17, 8)]
+    samples = [Sample(p, len(p), True) for p in prompts] + [Sample(prompts[1], len(prompts[1]), True),
+                                                            Sample(list(range(3, 30)), 1)]
+    kw = dict(max_new_tokens=20, max_len=40, slots=3)
+    rec = build_shard(eng, samples, types, **kw)
+    ref = build_shard(eng, samples, types, record=False, **kw)
+    assert len(rec) == len(ref) == len(samples)
+    for i, (a, b) in enumerate(zip(rec, ref)):
+        if not samples[i].needs_response:  # harvested both ways
+            assert torch.equal(a.hidden, b.hidden) and torch.equal(a.labels, b.labels)
+            continue
+        n, start = len(b) - 1, len(samples[i].ids)
+        assert len(a) == n and torch.equal(a.ids, b.ids[:n]) and a.loss_from == b.loss_from == start
+        torch.testing.assert_close(a.hidden.float(), b.hidden[:n].float(), atol=2e-3, rtol=2e-3)
+        for t in types:
+            for x, y in zip(a.kv[t], b.kv[t]):
+                torch.testing.assert_close(x.float(), y[:, :n].float(), atol=2e-3, rtol=2e-3)
+        # from the prompt's last position on: the target's choice, its top-k and their logits
+        assert torch.equal(a.labels[start - 1 :], b.labels[start - 1 : n])
+        assert torch.equal(a.topk[start - 1 :], b.topk[start - 1 : n])
+        torch.testing.assert_close(a.topk_logits[start - 1 :].float(), b.topk_logits[start - 1 : n].float(),
+                                   atol=2e-2, rtol=2e-3)
+    assert torch.equal(rec[5].hidden, rec[1].hidden) and torch.equal(rec[5].kv[types[0]][0], rec[1].kv[types[0]][0])
+
+
 def _cfg(data_files, tmp_path, **kw):
     base = dict(data=[str(data_files / "chat.jsonl")], out=str(tmp_path / "drafter"), draft_tokens=3, num_layers=1,
                 hidden_size=32, distill_max_new_tokens=24, distill_batch=16, max_len=64, shard_size=16,

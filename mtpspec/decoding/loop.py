@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -31,6 +31,22 @@ from .verify import verify_greedy, verify_sampled_row
 
 StopCheck = Callable[[list[int]], int | None]
 """Given a row's new token ids, return how many to keep if a stop condition is met, else None."""
+
+
+class Recorder(Protocol):
+    """What a plain-decoding batch reports of the target's work, for whoever wants to keep it
+    (drafter training records its activations while the target answers: train/harvest.py).
+    Called with inference tensors that the batch reuses: copy what you keep."""
+
+    def prompt(self, slot: int, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Slot's prompt was prefilled: hidden [L, H] of its L positions, logits [V] of the last."""
+
+    def step(self, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """One token fed to each of `slots`: hidden [n, H] and logits [n, V] at its position."""
+
+    def finished(self, slot: int, seq: "SequenceState", cache) -> None:
+        """Slot's sequence is done; `cache` (a KVCache) holds the K/V of all its tokens but the
+        last, until the slot is reused."""
 
 
 @dataclass
@@ -233,12 +249,17 @@ class DecodeBatch:
     independently; a finished or cancelled slot is free for the next `add`. This is the one
     decoding loop: `decode_events` below and the server's scheduler both drive it.
 
-    plan: how to draft (plan.py); None = plain decoding.
+    plan: how to draft (plan.py); None = plain decoding. recorder: told of every prefill, step and
+    finished sequence (plain decoding only).
     """
 
-    def __init__(self, model: Decoder, slots: int, max_len: int, plan: DraftPlan | None = None) -> None:
+    def __init__(self, model: Decoder, slots: int, max_len: int, plan: DraftPlan | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.model = model
         self.plan = plan if plan is not None else DraftPlan()
+        if recorder is not None and self.plan.proposer is not None:
+            raise ValueError("a recorder needs plain decoding (no proposer)")
+        self.recorder = recorder
         self.max_len = max_len
         # room for the widest proposal the plan can ask for (a chain of its largest K, or a tree)
         self.cache = model.new_cache(slots, max_len + self.plan.max_tokens() + 1)
@@ -329,9 +350,12 @@ class DecodeBatch:
         t_prefill = time.perf_counter() - t0
         for i, r in enumerate(requests):
             key = tuple(r.prompt_ids)
+            if self.recorder is not None:
+                self.recorder.prompt(first + i, out.hidden[i, : lengths[i]], out.logits[i, 0])
             if key in keep and key not in self._prompts:
+                full = out.hidden[i, : lengths[i]].clone() if self.recorder is not None else None
                 self._prompts[key] = (self.cache.snapshot_row(first + i), self.last_hidden[first + i].clone(),
-                                      out.logits[i, 0].clone())
+                                      out.logits[i, 0].clone(), full)
         return [self._start(first + i, r, out.logits[i, 0], t_prefill, limit) for i, r in enumerate(requests)]
 
     def _copy_prompt(self, r: Request, b: int, limit: int) -> Event:
@@ -339,10 +363,12 @@ class DecodeBatch:
         what prefilling it would give, without the forward."""
         key = tuple(r.prompt_ids)
         t0 = time.perf_counter()
-        kv, hidden, logits = self._prompts[key]
+        kv, hidden, logits, full = self._prompts[key]
         self._prompts.move_to_end(key)
         self.cache.restore_row(b, kv)
         self.last_hidden[b] = hidden
+        if self.recorder is not None:
+            self.recorder.prompt(b, full, logits)
         return self._start(b, r, logits, time.perf_counter() - t0, limit)
 
     def _start(self, b: int, r: Request, logits: torch.Tensor, t_prefill: float, limit: int) -> Event:
@@ -361,6 +387,8 @@ class DecodeBatch:
         s.accept(tok)
         if s.done:
             s.stats.decode_time = time.perf_counter() - self.decode_start[b]
+            if self.recorder is not None:
+                self.recorder.finished(b, s, self.cache)
         return Event(b, s.new_ids, s.done)
 
     # ---- one round ---------------------------------------------------------------------------
@@ -419,6 +447,8 @@ class DecodeBatch:
                 # the row may have been cut (max_new_tokens, stop) inside its accepted run: keep only
                 # what it emitted, so the rounds it sits out until its slot is reused stay in the cache
                 view.lengths[b] = len(self.history[b]) - 1
+                if self.recorder is not None:
+                    self.recorder.finished(b, s, self.cache)
             events.append(Event(b, s.new_ids, s.done))
         self._pending = (rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a], t_drafted - t_round,
                          drafts.shape[1] + 1, t_drafted, time.perf_counter())
@@ -480,6 +510,10 @@ class DecodeBatch:
         keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
         view.rollback((k + 1) - keep)
         self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
+        if self.recorder is not None:  # plain decoding: one position per row
+            rows = [b for b in range(hi) if active[b]]
+            idx = torch.tensor(rows, device=dev)
+            self.recorder.step(rows, out.hidden[idx, 0], logits[idx, 0])
         return n_accepted, emitted
 
     def _verify_tree(self, view, seqs, active, last_tokens, drafts, parents):
@@ -509,6 +543,7 @@ def decode_events(
     requests: list[Request],
     plan: DraftPlan | None = None,
     slots: int | None = None,
+    recorder: Recorder | None = None,
 ) -> Iterator[Event]:
     """Decode a list of requests (plain with plan=None, else speculative as the plan says); yields
     an Event per request and round, its `row` being the request's index. slots=None decodes all
@@ -520,7 +555,7 @@ def decode_events(
         raise InputError(f"slots must be >= 1, got {slots}")
     limit = model.cfg.max_position
     max_len = max(min(limit, len(r.prompt_ids) + r.max_new_tokens) for r in requests)
-    batch = DecodeBatch(model, min(slots or len(requests), len(requests)), max_len, plan)
+    batch = DecodeBatch(model, min(slots or len(requests), len(requests)), max_len, plan, recorder)
     seqs: list[SequenceState | None] = [None] * len(requests)
     owner: dict[int, int] = {}  # slot -> request index
     nxt = 0
@@ -540,9 +575,9 @@ def decode_events(
 
 
 def decode(model: Decoder, requests: list[Request], plan: DraftPlan | None = None,
-           slots: int | None = None) -> list[SequenceState]:
+           slots: int | None = None, recorder: Recorder | None = None) -> list[SequenceState]:
     """Run `decode_events` to completion and return the finished sequences, in request order."""
-    it = decode_events(model, requests, plan, slots)
+    it = decode_events(model, requests, plan, slots, recorder)
     while True:
         try:
             next(it)

@@ -99,19 +99,99 @@ def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int,
     return out
 
 
+class ActivationRecorder:
+    """Keeps what `harvest` would compute while the target answers (a `decoding.loop.Recorder`):
+    the prompt's hidden states from its prefill, each answer token's hidden state and top-k logits
+    from the decode step that fed it, and the K/V of the attention types' last cache layers when the
+    sequence ends. A sequence of T tokens yields T - 1 positions (its last token is never fed), each
+    labelled with the token the target chose next; positions before the prompt's last have no label
+    (0) and no top-k (never trained: drafting starts after the prompt). The same quantities as a
+    separate pass over the finished sequence, minus that pass, and taken from the decode steps the
+    drafter reads at inference (a separate pass disagrees with ~2% of greedy answer tokens)."""
+
+    def __init__(self, target: Decoder, attention_types, store_dtype=torch.float16) -> None:
+        self.layers = {t: target.cfg.last_cache_layer(t) for t in attention_types}
+        self.store_dtype = store_dtype
+        self._rows: dict[int, tuple] = {}  # slot -> (hidden rows, topk rows, topk logit rows, prompt length)
+        self.done: dict[int, Activations] = {}  # id(request) -> its activations
+
+    def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, ids = logits.float().topk(TOPK_STORED, dim=-1)
+        return ids.to(torch.int32).cpu(), vals.to(torch.float16).cpu()
+
+    def prompt(self, slot: int, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        ids, vals = self._topk(logits)
+        self._rows[slot] = ([hidden.to(self.store_dtype).cpu().clone()], [ids[None]], [vals[None]], hidden.shape[0])
+
+    def step(self, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        ids, vals = self._topk(logits)
+        h = hidden.to(self.store_dtype).cpu()
+        for i, b in enumerate(slots):
+            rows = self._rows[b]
+            rows[0].append(h[i : i + 1].clone())
+            rows[1].append(ids[i : i + 1])
+            rows[2].append(vals[i : i + 1])
+
+    def finished(self, slot: int, seq, cache) -> None:
+        hidden, topk, topl, n_prompt = self._rows.pop(slot)
+        tokens = list(seq.request.prompt_ids) + list(seq.new_ids)
+        n = len(tokens) - 1  # positions fed to the target
+        hidden = torch.cat(hidden)
+        if hidden.shape[0] != n:
+            raise RuntimeError(f"recorded {hidden.shape[0]} positions of a {len(tokens)}-token sequence")
+        top = torch.zeros(n, TOPK_STORED, dtype=torch.int32)
+        top_logits = torch.zeros(n, TOPK_STORED, dtype=torch.float16)
+        top[n_prompt - 1 :] = torch.cat(topk)
+        top_logits[n_prompt - 1 :] = torch.cat(topl)
+        labels = torch.zeros(n, dtype=torch.long)
+        labels[n_prompt - 1 :] = torch.tensor(tokens[n_prompt:])
+        own = lambda x: x[slot, :, :n].to(self.store_dtype).clone().cpu()  # noqa: E731  (not a view of the cache)
+        kv = {t: (own(cache.k[l]), own(cache.v[l])) for t, l in self.layers.items()}
+        self.done[id(seq.request)] = Activations(torch.tensor(tokens[:n]), hidden, kv, labels, top, n_prompt, top_logits)
+
+
+def _cut(a: Activations, n: int) -> Activations:
+    """The first n positions of a (loss_from kept inside them)."""
+    if len(a) <= n:
+        return a
+    kv = {t: (k[:, :n], v[:, :n]) for t, (k, v) in a.kv.items()}
+    return Activations(a.ids[:n], a.hidden[:n], kv, a.labels[:n], a.topk[:n], min(a.loss_from, n - 1),
+                       None if a.topk_logits is None else a.topk_logits[:n])
+
+
+def distill_recorded(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int,
+                     attention_types) -> tuple[list[list[int]], list[Activations]]:
+    """`distill`, recording each prompt + response's activations while the target answers
+    (`ActivationRecorder`): (responses, activations) in the order of `prompts`."""
+    from ..decoding.loop import Request, decode
+    from ..decoding.sampling import SamplingParams
+
+    budgets = response_budgets(engine, prompts, max_new_tokens, max_len)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    reqs = [Request(prompts[i], budgets[i], SamplingParams(0.0, 0, 1.0, None), engine.eos_ids) for i in order]
+    rec = ActivationRecorder(engine.model, attention_types)
+    responses: list[list[int]] = [[] for _ in prompts]
+    acts: list[Activations | None] = [None] * len(prompts)
+    for i, r, s in zip(order, reqs, decode(engine.model, reqs, None, slots=slots, recorder=rec)):
+        responses[i] = list(s.new_ids)
+        acts[i] = _cut(rec.done[id(r)], max_len)
+    return responses, acts  # type: ignore[return-value]
+
+
 def training_sequences(samples: list[Sample], responses: list[list[int]], max_len: int) -> tuple[list, list]:
     """(token ids, first trained index) of each sample that has something to predict: prompts
     completed by their response (in order; a response under 2 tokens drops its prompt), cut to
     max_len tokens."""
     seqs = _sequences(samples, responses, max_len)
-    return [ids for ids, _, _ in seqs], [f for _, f, _ in seqs]
+    return [t[0] for t in seqs], [t[1] for t in seqs]
 
 
 def _sequences(samples: list[Sample], responses: list[list[int]], max_len: int) -> list[tuple]:
-    """`training_sequences` with, for a prompt + response, where the response starts (else None)."""
+    """`training_sequences` with, for a prompt + response, where the response starts (else None),
+    and the sample's index."""
     out = []
     resp = iter(responses)
-    for s in samples:
+    for i, s in enumerate(samples):
         ids = list(s.ids)
         if s.needs_response:
             ids = ids + next(resp)
@@ -119,7 +199,7 @@ def _sequences(samples: list[Sample], responses: list[list[int]], max_len: int) 
                 continue
         ids = ids[:max_len]
         if len(ids) >= 2:
-            out.append((ids, min(s.loss_from, len(ids) - 1), len(s.ids) if s.needs_response else None))
+            out.append((ids, min(s.loss_from, len(ids) - 1), len(s.ids) if s.needs_response else None, i))
     return out
 
 
@@ -138,33 +218,56 @@ def answer_agreement(acts: list[Activations], starts: list[int | None]) -> tuple
 
 def build_shard(engine, samples: list[Sample], attention_types, *, max_new_tokens: int, max_len: int, slots: int,
                 label: str | None = None, report: dict | None = None,
-                respond: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None) -> list[Activations]:
+                respond: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None,
+                record: bool = True) -> list[Activations]:
     """The activations of one shard of samples (prompts self-distilled first; the local target's
     passes in `kernels.bulk_matmuls` mode, bfloat16 GEMMs where the CPU has them); with a label, one
     line of progress on stderr. respond(prompts, max tokens of each): the responses (default: the
-    local target's greedy ones, `distill`). report: filled with the shard's responses, their tokens
-    and how many of those differ from the target's greedy choice (`answer_agreement`)."""
+    local target's greedy ones, `distill`; with `record`, their activations are recorded while the
+    target answers, `distill_recorded`, instead of a second pass over them). report: filled with
+    the shard's responses, their tokens and how many of those differ from the target's greedy
+    choice (`answer_agreement`)."""
     prompts = [s.ids for s in samples if s.needs_response]
+    recorded: list[Activations] = []
     with bulk_matmuls():  # one context: each weight's dense copy serves both the answers and the harvest
         t0 = time.time()
         if not prompts:
             responses = []
         elif respond is not None:
             responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
+        elif record:
+            responses, recorded = distill_recorded(engine, prompts, max_new_tokens, max_len, slots, attention_types)
         else:
             responses = distill(engine, prompts, max_new_tokens, max_len, slots)
         t1 = time.time()
         triples = _sequences(samples, responses, max_len)
         seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
-        acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
+        rest: list[int] = []
+        if recorded:  # the answered prompts' activations are already there; the rest is harvested
+            answered = {}
+            for i, s in enumerate(samples):
+                if s.needs_response:
+                    answered[i] = recorded[len(answered)]
+            rest = [j for j, t in enumerate(triples) if t[3] not in answered]
+            harvested = iter(harvest(engine.model, [seqs[j] for j in rest], [froms[j] for j in rest], attention_types)
+                             if rest else [])
+            acts = [answered[t[3]] if t[3] in answered else next(harvested) for t in triples]
+        else:
+            acts = harvest(engine.model, seqs, froms, attention_types) if seqs else []
     n_ans, differ = answer_agreement(acts, [t[2] for t in triples])
     if report is not None:
         report.update(responses=len(responses), answer_tokens=n_ans, differ=differ)
     if label is not None:
         n_gen = sum(len(x) for x in responses)
         how = "received" if respond is not None else "generated"
-        agree = f"; the target's greedy choice differs from {differ / n_ans:.1%} of the answer tokens" if n_ans else ""
+        what = f"activations in {time.time() - t1:.0f}s"
+        if recorded:
+            what = "answers' activations recorded while answering" + (f", the rest's in {time.time() - t1:.0f}s"
+                                                                      if rest else "")
+        # recorded labels are the answer tokens themselves: only a second pass can disagree with them
+        agree = (f"; the target's greedy choice differs from {differ / n_ans:.1%} of the answer tokens"
+                 if n_ans and not recorded else "")
         print(f"{label}: {len(seqs)} sequences, {sum(len(x) for x in seqs)} tokens ({n_gen} {how} in "
-              f"{t1 - t0:.0f}s, {n_gen / max(t1 - t0, 1e-9):.0f} tok/s; activations in {time.time() - t1:.0f}s{agree})",
+              f"{t1 - t0:.0f}s, {n_gen / max(t1 - t0, 1e-9):.0f} tok/s; {what}{agree})",
               file=sys.stderr, flush=True)
     return acts
