@@ -101,11 +101,14 @@ def test_soft_labels_are_the_targets_top_k_distribution(engine):
     assert loss(old, True) == pytest.approx(hard, rel=1e-6)  # shards without logits: hard labels
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(family, tiny_checkpoints, tiny_gemma3_tok):
+@pytest.mark.parametrize("family,eos", [("llama", False), ("gemma3", False), ("gemma3", True)])
+def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(family, eos, tiny_checkpoints,
+                                                                            tiny_gemma3_tok, monkeypatch):
     """build_shard records the answered prompts' activations in the decoding loop; they equal what
-    a separate pass over the finished sequences gives (minus its last position), text samples are
-    harvested as before, and a repeated prompt (prefilled once, copied) records the same."""
+    a separate pass over the finished sequences gives (minus its last position, unless EOS ended
+    the answer: then all of them, the last labelled EOS), text samples are harvested as before, and
+    a repeated prompt (prefilled once, copied) records the same."""
+    from mtpspec.decoding.loop import Request, decode
     from mtpspec.train.data import Sample
     from mtpspec.train.harvest import build_shard
 
@@ -113,18 +116,26 @@ def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(fami
     types = list(dict.fromkeys(t.attention_type for t in eng.model.cfg.layers))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 11, 3, 17, 8)]
+    if eos:  # a token the target says in the middle of an answer ends it
+        answer = decode(eng.model, [Request(prompts[0], 12)])[0].new_ids
+        eos_id = next(t for i, t in enumerate(answer) if i >= 2 and t not in answer[:i])
+        monkeypatch.setattr(type(eng), "eos_ids", property(lambda self: frozenset({eos_id})))
     samples = [Sample(p, len(p), True) for p in prompts] + [Sample(prompts[1], len(prompts[1]), True),
                                                             Sample(list(range(3, 30)), 1)]
     kw = dict(max_new_tokens=20, max_len=40, slots=3)
     rec = build_shard(eng, samples, types, **kw)
     ref = build_shard(eng, samples, types, record=False, **kw)
-    assert len(rec) == len(ref) == len(samples)
-    for i, (a, b) in enumerate(zip(rec, ref)):
-        if not samples[i].needs_response:  # harvested both ways
+    assert len(rec) == len(ref) >= len(samples) - 1  # (EOS may end an answer under 2 tokens: dropped)
+    for a, b in zip(rec, ref):
+        if b.loss_from == 1:  # the text sample: harvested both ways
             assert torch.equal(a.hidden, b.hidden) and torch.equal(a.labels, b.labels)
             continue
-        n, start = len(b) - 1, len(samples[i].ids)
-        assert len(a) == n and torch.equal(a.ids, b.ids[:n]) and a.loss_from == b.loss_from == start
+        n, start = len(a), b.loss_from
+        ended_by_eos = eos and n == len(b)
+        assert n == len(b) - 1 or ended_by_eos
+        assert torch.equal(a.ids, b.ids[:n]) and a.loss_from == start
+        if ended_by_eos:
+            assert int(a.labels[-1]) == eos_id
         torch.testing.assert_close(a.hidden.float(), b.hidden[:n].float(), atol=2e-3, rtol=2e-3)
         for t in types:
             for x, y in zip(a.kv[t], b.kv[t]):
@@ -134,7 +145,10 @@ def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(fami
         assert torch.equal(a.topk[start - 1 :], b.topk[start - 1 : n])
         torch.testing.assert_close(a.topk_logits[start - 1 :].float(), b.topk_logits[start - 1 : n].float(),
                                    atol=2e-2, rtol=2e-3)
-    assert torch.equal(rec[5].hidden, rec[1].hidden) and torch.equal(rec[5].kv[types[0]][0], rec[1].kv[types[0]][0])
+    twice = [a for a in rec if a.ids[: len(prompts[1])].tolist() == prompts[1]]  # the repeated prompt
+    assert len(twice) == 2 and torch.equal(twice[0].hidden, twice[1].hidden)
+    assert torch.equal(twice[0].kv[types[0]][0], twice[1].kv[types[0]][0])
+    assert not eos or any(len(a) == len(b) for a, b in zip(rec, ref) if b.loss_from > 1)  # EOS ended an answer
 
 
 def _cfg(data_files, tmp_path, **kw):

@@ -107,7 +107,9 @@ class ActivationRecorder:
     labelled with the token the target chose next; positions before the prompt's last have no label
     (0) and no top-k (never trained: drafting starts after the prompt). The same quantities as a
     separate pass over the finished sequence, minus that pass, and taken from the decode steps the
-    drafter reads at inference (a separate pass disagrees with ~2% of greedy answer tokens)."""
+    drafter reads at inference (a separate pass disagrees with ~2% of greedy answer tokens). A
+    sequence ended by EOS (not kept in its tokens) had all its tokens fed: all its positions, the
+    last labelled with the EOS the target chose (as a separate pass gives it)."""
 
     def __init__(self, target: Decoder, attention_types, store_dtype=torch.float16) -> None:
         self.layers = {t: target.cfg.last_cache_layer(t) for t in attention_types}
@@ -135,16 +137,17 @@ class ActivationRecorder:
     def finished(self, slot: int, seq, cache) -> None:
         hidden, topk, topl, n_prompt = self._rows.pop(slot)
         tokens = list(seq.request.prompt_ids) + list(seq.new_ids)
-        n = len(tokens) - 1  # positions fed to the target
         hidden = torch.cat(hidden)
-        if hidden.shape[0] != n:
-            raise RuntimeError(f"recorded {hidden.shape[0]} positions of a {len(tokens)}-token sequence")
+        n = hidden.shape[0]  # positions fed to the target: all tokens but the last, or all if EOS ended it
+        if n != len(tokens) - 1 and not (n == len(tokens) and seq.finish_reason == "stop"):
+            raise RuntimeError(f"recorded {n} positions of a {len(tokens)}-token sequence ({seq.finish_reason})")
         top = torch.zeros(n, TOPK_STORED, dtype=torch.int32)
         top_logits = torch.zeros(n, TOPK_STORED, dtype=torch.float16)
         top[n_prompt - 1 :] = torch.cat(topk)
         top_logits[n_prompt - 1 :] = torch.cat(topl)
         labels = torch.zeros(n, dtype=torch.long)
-        labels[n_prompt - 1 :] = torch.tensor(tokens[n_prompt:])
+        # the tokens the target chose; after the last kept one it chose EOS (dropped from the output)
+        labels[n_prompt - 1 :] = torch.tensor(tokens[n_prompt:] + ([int(top[-1, 0])] if n == len(tokens) else []))
         own = lambda x: x[slot, :, :n].to(self.store_dtype).clone().cpu()  # noqa: E731  (not a view of the cache)
         kv = {t: (own(cache.k[l]), own(cache.v[l])) for t, l in self.layers.items()}
         self.done[id(seq.request)] = Activations(torch.tensor(tokens[:n]), hidden, kv, labels, top, n_prompt, top_logits)
