@@ -190,9 +190,9 @@ def test_distill_decodes_shortest_prompts_first_and_answers_in_prompt_order(mode
     seen = []
     real = loop.decode
 
-    def spy(m, reqs, plan=None, slots=None):
+    def spy(m, reqs, plan=None, slots=None, recorder=None):
         seen.append([len(r.prompt_ids) for r in reqs])
-        return real(m, reqs, plan, slots)
+        return real(m, reqs, plan, slots, recorder)
 
     monkeypatch.setattr(loop, "decode", spy)
     got = distill(SimpleNamespace(model=model, eos_ids=frozenset()), prompts, 6, 64, slots=2)

@@ -82,11 +82,13 @@ def response_budgets(engine, prompts: list[list[int]], max_new_tokens: int, max_
     return [max(1, min(max_new_tokens, limit - len(p))) for p in prompts]
 
 
-def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int) -> list[list[int]]:
+def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int,
+            recorder=None) -> list[list[int]]:
     """The target's greedy responses to `prompts` (our plain decoding loop, `slots` sequences at a
     time, each slot refilled as soon as its response ends), each within max_len tokens in all.
     Prompts are decoded shortest first, so the prompts that join together have similar lengths and
-    their prefill pads little; the responses come back in the order of `prompts`."""
+    their prefill pads little; the responses come back in the order of `prompts`. recorder: a
+    `decoding.loop.Recorder` the loop reports its work to (`ActivationRecorder`)."""
     from ..decoding.loop import Request, decode
     from ..decoding.sampling import SamplingParams
 
@@ -94,7 +96,7 @@ def distill(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int,
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     reqs = [Request(prompts[i], budgets[i], SamplingParams(0.0, 0, 1.0, None), engine.eos_ids) for i in order]
     out: list[list[int]] = [[] for _ in prompts]
-    for i, s in zip(order, decode(engine.model, reqs, None, slots=slots)):
+    for i, s in zip(order, decode(engine.model, reqs, None, slots=slots, recorder=recorder)):
         out[i] = list(s.new_ids)
     return out
 
@@ -115,7 +117,7 @@ class ActivationRecorder:
         self.layers = {t: target.cfg.last_cache_layer(t) for t in attention_types}
         self.store_dtype = store_dtype
         self._rows: dict[int, tuple] = {}  # slot -> (hidden rows, topk rows, topk logit rows, prompt length)
-        self.done: dict[int, Activations] = {}  # id(request) -> its activations
+        self.done: dict[tuple, Activations] = {}  # prompt ids -> its answer's activations (greedy: one per prompt)
 
     def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vals, ids = logits.float().topk(TOPK_STORED, dim=-1)
@@ -150,7 +152,7 @@ class ActivationRecorder:
         labels[n_prompt - 1 :] = torch.tensor(tokens[n_prompt:] + ([int(top[-1, 0])] if n == len(tokens) else []))
         own = lambda x: x[slot, :, :n].to(self.store_dtype).clone().cpu()  # noqa: E731  (not a view of the cache)
         kv = {t: (own(cache.k[l]), own(cache.v[l])) for t, l in self.layers.items()}
-        self.done[id(seq.request)] = Activations(torch.tensor(tokens[:n]), hidden, kv, labels, top, n_prompt, top_logits)
+        self.done[tuple(seq.request.prompt_ids)] = Activations(torch.tensor(tokens[:n]), hidden, kv, labels, top, n_prompt, top_logits)
 
 
 def _cut(a: Activations, n: int) -> Activations:
@@ -166,19 +168,9 @@ def distill_recorded(engine, prompts: list[list[int]], max_new_tokens: int, max_
                      attention_types) -> tuple[list[list[int]], list[Activations]]:
     """`distill`, recording each prompt + response's activations while the target answers
     (`ActivationRecorder`): (responses, activations) in the order of `prompts`."""
-    from ..decoding.loop import Request, decode
-    from ..decoding.sampling import SamplingParams
-
-    budgets = response_budgets(engine, prompts, max_new_tokens, max_len)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    reqs = [Request(prompts[i], budgets[i], SamplingParams(0.0, 0, 1.0, None), engine.eos_ids) for i in order]
     rec = ActivationRecorder(engine.model, attention_types)
-    responses: list[list[int]] = [[] for _ in prompts]
-    acts: list[Activations | None] = [None] * len(prompts)
-    for i, r, s in zip(order, reqs, decode(engine.model, reqs, None, slots=slots, recorder=rec)):
-        responses[i] = list(s.new_ids)
-        acts[i] = _cut(rec.done[id(r)], max_len)
-    return responses, acts  # type: ignore[return-value]
+    responses = distill(engine, prompts, max_new_tokens, max_len, slots, rec)
+    return responses, [_cut(rec.done[tuple(p)], max_len) for p in prompts]
 
 
 def training_sequences(samples: list[Sample], responses: list[list[int]], max_len: int) -> tuple[list, list]:
