@@ -239,10 +239,7 @@ def build_shard(engine, samples: list[Sample], attention_types, *, max_new_token
         seqs, froms = [t[0] for t in triples], [t[1] for t in triples]
         rest: list[int] = []
         if recorded:  # the answered prompts' activations are already there; the rest is harvested
-            answered = {}
-            for i, s in enumerate(samples):
-                if s.needs_response:
-                    answered[i] = recorded[len(answered)]
+            answered = dict(zip((i for i, s in enumerate(samples) if s.needs_response), recorded))
             rest = [j for j, t in enumerate(triples) if t[3] not in answered]
             harvested = iter(harvest(engine.model, [seqs[j] for j in rest], [froms[j] for j in rest], attention_types)
                              if rest else [])
