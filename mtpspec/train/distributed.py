@@ -74,8 +74,8 @@ class Group:
         if error is not None:
             raise error
 
-    def close(self) -> None:
-        pass
+    def close(self, finished: bool = True) -> None:
+        """Leave the group; `finished`: every rank got here without an error."""
 
     def device(self, device: str) -> str:
         """The torch device this rank trains on."""
@@ -149,8 +149,14 @@ class TorchGroup(Group):
                 cls = InputError if m[0] == "InputError" else MtpspecError
                 raise cls(f"rank {r}: {m[1]}")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        # After a normal end the ranks first wait for each other (rank 0 still writes the output):
+        # tearing gloo's connections down while the peer still uses them aborted a rank at exit now
+        # and then ("terminate called without an active exception"). After an error a barrier could
+        # wait for a rank stuck in another collective, so the group is torn down at once.
         if self.dist.is_initialized():
+            if finished:
+                self.dist.barrier()
             self.dist.destroy_process_group()
 
 

@@ -324,12 +324,15 @@ def train_drafter(cfg: TrainConfig | None = None, *, resume: bool = False, engin
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     group = distributed.from_env(cfg.device)
+    finished = False
     try:
         if group.world > 1:
             cfg = replace(cfg, device=group.device(cfg.device))
-        return Trainer(cfg, engine, group).run(resume=resume)
+        result = Trainer(cfg, engine, group).run(resume=resume)
+        finished = True
+        return result
     finally:
-        group.close()
+        group.close(finished)
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train_drafter"]
