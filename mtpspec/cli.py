@@ -148,7 +148,7 @@ def bench(
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes to measure (plain suite; spec/gemma4 use the first).")] = "float32,bfloat16",
     batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: plain 1,8; spec 1,4,8; gemma4 1,8); serve: concurrent clients (default 1,4,8,16); peers: one size (default 1), llama.cpp decoding that many sequences in one context.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens per row (default: plain 128, spec 64, gemma4 32, serve 32).")] = None,
-    repeats: Annotated[int, typer.Option(help="Interleaved repeats (medians are reported).")] = 3,
+    repeats: Annotated[Optional[int], typer.Option(help="Interleaved repeats, medians reported (default: peers 2, the other suites 3).")] = None,
     drafter: Annotated[str, typer.Option("--drafter", help="spec/serve suites: MTP drafter checkpoint folder, 'ngram', or 'auto' (the drafter shipped for the default model; without one the spec suite drafts with ngram).")] = "auto",
     draft_tokens: Annotated[str, typer.Option("--draft-tokens", "-k", help="spec suite: draft lengths, e.g. 1,2,4,8,adaptive.")] = "1,2,4,8,adaptive",
     trees: Annotated[Optional[str], typer.Option("--trees", help="spec suite, MTP drafter: also run each K drafting trees of these shapes, e.g. 5:1:2,8:2:3 (NODES:BEAM:BRANCH).")] = None,
@@ -175,6 +175,8 @@ def bench(
     suites = ["plain", "spec", "gemma4", "serve"] if suite == "all" else [suite]
     command = " ".join(["mtpspec"] + sys.argv[1:])
     try:
+        if repeats is not None and repeats < 1:
+            raise MtpspecError(f"--repeats must be >= 1, got {repeats}")
         if any(s not in ("plain", "spec", "gemma4", "serve", "peers") for s in suites):
             raise MtpspecError(f"--suite must be plain, spec, gemma4, serve, peers or all, got {suite!r}")
         if out is not None and len(suites) > 1:
@@ -189,7 +191,7 @@ def bench(
                 from .bench.plain import run_plain_bench
 
                 run_plain_bench(model=model, dtypes=dts, batch_sizes=bs or [1, 8], max_new_tokens=max_new_tokens or 128,
-                                repeats=repeats, out=target, device=device, cache_dir=cache_dir, command=command,
+                                repeats=repeats or 3, out=target, device=device, cache_dir=cache_dir, command=command,
                                 prompts=prompts)
             elif s == "spec":
                 from .bench.spec import run_spec_bench
@@ -198,7 +200,7 @@ def bench(
                                batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
                                trees=[t.strip() for t in (trees or "").split(",") if t.strip()],
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
-                               seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats,
+                               seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats or 3,
                                transformers_assisted=not no_transformers, out=target, prompts=spec_prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command, prompt_lookup=prompt_lookup)
@@ -212,7 +214,7 @@ def bench(
             elif s == "peers":
                 if bs and len(bs) > 1:
                     raise MtpspecError(f"--suite peers runs one batch size at a time, got --batch-sizes {batch_sizes}")
-                _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, repeats if repeats != 3 else 2,
+                _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, repeats or 2,
                        threads, dense, target, plot if plot is not None else out_dir / "peers.png", command,
                        batch=bs[0] if bs else 1)
             else:
@@ -221,7 +223,7 @@ def bench(
                 if model is not None:
                     typer.echo("mtpspec: note: the gemma4 suite builds its own random models; --model is ignored", err=True)
                 run_gemma4_bench(dtype=dts[0] if dts else "float32", batch_sizes=bs or [1, 8],
-                                 max_new_tokens=max_new_tokens or 32, repeats=repeats, out=target, command=command)
+                                 max_new_tokens=max_new_tokens or 32, repeats=repeats or 3, out=target, command=command)
     except MtpspecError as e:
         _err(str(e))
         raise typer.Exit(2) from None

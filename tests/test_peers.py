@@ -181,3 +181,26 @@ def test_a_short_real_run_on_a_tiny_quantized_gguf(tmp_path, batch):
     alone = [peers.llama_cpp_runner(path, 1, 64, extra_bufts=extra)([p], 12)[0] for p in prompts]
     assert [r.tokens for r in together] == [r.tokens for r in alone]
     assert all(len(r.tokens) == 12 for r in together)
+
+
+@pytest.mark.parametrize("args, expected", [([], 2), (["--repeats", "3"], 3), (["--repeats", "1"], 1)])
+def test_the_cli_gives_the_suite_the_repeats_asked_for(monkeypatch, args, expected):
+    """`--repeats 3` used to be read as "not given" (3 was the CLI default) and ran the peers suite's 2."""
+    from typer.testing import CliRunner
+
+    from mtpspec import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_peers", lambda model, drafter, n, new, repeats, *a, **k: seen.append(repeats))
+    r = CliRunner().invoke(cli.app, ["bench", "--suite", "peers", *args])
+    assert r.exit_code == 0, r.output
+    assert seen == [expected]
+
+
+def test_the_cli_rejects_zero_repeats():
+    from typer.testing import CliRunner
+
+    from mtpspec import cli
+
+    r = CliRunner().invoke(cli.app, ["bench", "--suite", "peers", "--repeats", "0"])
+    assert r.exit_code == 2 and "--repeats must be >= 1" in r.output
