@@ -42,10 +42,10 @@ namespace {
 
 constexpr int PW = 16;  // output features per panel
 constexpr int64_t MC = 64;  // rows per chunk (run)
-// AVX2, int8 weights: each block's bytes are prefetched this many blocks ahead (~2 KB). Int8 blocks
-// take few instructions per byte, so the hardware prefetcher alone leaves the loads waiting: a
-// Q8_0 decode step measured 1.09x faster (4 of 4 interleaved pairs). 4-bit blocks do twice the
-// arithmetic per byte and measured slower with it (0.8-0.9x), so they go without.
+// AVX2: a block's bytes are prefetched this many blocks ahead (~1.3-2 KB) when the stream, not the
+// arithmetic, is the limit: int8 weights (few instructions per byte; a Q8_0 decode step measured
+// 1.09x faster) and 4-bit weights at 1-2 rows (decode 1.05x, 2-row verify 1.02-1.04x, interleaved
+// in one process). From 4 rows on, 4-bit blocks are arithmetic-bound and gain nothing (0.97-1.00x).
 constexpr int64_t kPrefetchBlocks = 4;
 
 enum QIsa { Q_SCALAR = 0, Q_AVX2 = 1, Q_VNNI = 2 };
@@ -275,7 +275,7 @@ __attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int6
   const int64_t bbytes = qbytes + scale_bytes(SM);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = wp + b * bbytes;
-    if (fmt == 8) {  // int8 weights: the stream, not the arithmetic, is the limit (see kPrefetchBlocks)
+    if (fmt == 8 || M <= 2) {  // see kPrefetchBlocks
       const char* f = reinterpret_cast<const char*>(w + kPrefetchBlocks * bbytes);
       for (int64_t o = 0; o < bbytes; o += 64) _mm_prefetch(f + o, _MM_HINT_T0);
     }
