@@ -187,11 +187,12 @@ def bench(
         spec_prompts = _heldout_selection(heldout, categories, per_category, prompts_file, suites) or prompts
         for s in suites:
             target = out if out is not None else out_dir / f"{s}.json"
+            reps = repeats or (2 if s == "peers" else 3)
             if s == "plain":
                 from .bench.plain import run_plain_bench
 
                 run_plain_bench(model=model, dtypes=dts, batch_sizes=bs or [1, 8], max_new_tokens=max_new_tokens or 128,
-                                repeats=repeats or 3, out=target, device=device, cache_dir=cache_dir, command=command,
+                                repeats=reps, out=target, device=device, cache_dir=cache_dir, command=command,
                                 prompts=prompts)
             elif s == "spec":
                 from .bench.spec import run_spec_bench
@@ -200,7 +201,7 @@ def bench(
                                batch_sizes=bs or [1, 4, 8], draft_tokens=draft_tokens,
                                trees=[t.strip() for t in (trees or "").split(",") if t.strip()],
                                modes=[m.strip() for m in modes.split(",") if m.strip()], temperature=temperature,
-                               seed=seed, max_new_tokens=max_new_tokens or 64, repeats=repeats or 3,
+                               seed=seed, max_new_tokens=max_new_tokens or 64, repeats=reps,
                                transformers_assisted=not no_transformers, out=target, prompts=spec_prompts, num_prompts=num_prompts,
                                plot=plot if plot is not None else out_dir / "spec.png", device=device,
                                cache_dir=cache_dir, command=command, prompt_lookup=prompt_lookup)
@@ -214,7 +215,7 @@ def bench(
             elif s == "peers":
                 if bs and len(bs) > 1:
                     raise MtpspecError(f"--suite peers runs one batch size at a time, got --batch-sizes {batch_sizes}")
-                _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, repeats or 2,
+                _peers(model, drafter, num_prompts or 8, max_new_tokens or 128, reps,
                        threads, dense, target, plot if plot is not None else out_dir / "peers.png", command,
                        batch=bs[0] if bs else 1)
             else:
@@ -223,7 +224,7 @@ def bench(
                 if model is not None:
                     typer.echo("mtpspec: note: the gemma4 suite builds its own random models; --model is ignored", err=True)
                 run_gemma4_bench(dtype=dts[0] if dts else "float32", batch_sizes=bs or [1, 8],
-                                 max_new_tokens=max_new_tokens or 32, repeats=repeats or 3, out=target, command=command)
+                                 max_new_tokens=max_new_tokens or 32, repeats=reps, out=target, command=command)
     except MtpspecError as e:
         _err(str(e))
         raise typer.Exit(2) from None
