@@ -351,3 +351,69 @@ def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
     (tmp_path / "mix").mkdir()
     t = Trainer(_cfg(tmp_path / "mix", data=["self-instruct:5", "instructions:3"], eval_limit=2, max_steps=1), eng)
     assert calls == [7] and len(t.generated_heldout) == 2 and t.heldout.prompts == t.generated_heldout
+
+
+# ---- self-text: a target without a chat template writes openings of documents --------------------
+@pytest.fixture(scope="module")
+def base_engines(tmp_path_factory):
+    """family -> a tiny target whose tokenizer has no chat template (a base model)."""
+    out = {}
+    for fam in ("llama", "gemma3"):
+        folder = tmp_path_factory.mktemp(f"base-{fam}")
+        tiny_hf_model(fam).save_pretrained(folder)
+        save_family_tokenizer(folder, fam, template=False)
+        out[fam] = mtpspec.load(folder)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_self_text_documents_for_a_target_without_chat_template(family, base_engines):
+    eng = base_engines[family]
+    turn = si.document_turn(eng.tokenizer, eng.eos_ids)
+    assert turn.prefix_ids == [eng.tokenizer.bos_token_id] and turn.document
+    assert eng.tokenizer.eos_token_id in turn.stop_ids
+    # 12 tokens: a random model almost never ends a document that soon; the length limit ends the
+    # opening, which is kept (as a user message it would be dropped as truncated)
+    written = _generate(eng, 6, max_tokens=12, documents=True)
+    assert len(written) == 6 and len({normalize(p) for p in written}) == 6
+    assert all(p.strip() == p and len(p) >= 8 for p in written)
+    with pytest.raises(InputError, match="no chat template.*self-text"):
+        _generate(eng, 6, max_tokens=12)
+    samples = build_samples(eng.tokenizer, ["self-text:6"], self_distill=True, max_len=64,
+                            self_instruct=lambda n, documents=False: written[:n] if documents else pytest.fail("not documents"))
+    assert sorted(s.source for s in samples) == sorted(f"self-text/{i}" for i in range(6))
+    # plain text, encoded as a raw prompt is for generation (special tokens as the tokenizer adds them)
+    assert {tuple(s.ids) for s in samples} == {tuple(eng.encode(p)) for p in written}
+    assert all(s.needs_response and s.loss_from == len(s.ids) for s in samples)
+    with pytest.raises(InputError, match="have no answers"):
+        build_samples(eng.tokenizer, ["self-text:6"], self_distill=False, max_len=64)
+
+
+def test_document_turn_without_bos_starts_from_eos():
+    class Tok:
+        bos_token_id, eos_token_id = None, 5
+
+    assert si.document_turn(Tok()).prefix_ids == [5]
+    Tok.eos_token_id = None
+    with pytest.raises(InputError, match="no beginning- or end-of-sequence token"):
+        si.document_turn(Tok())
+
+
+def test_one_command_recipe_on_a_base_model_writes_documents(base_engines, tmp_path, monkeypatch):
+    """No data and no chat template: the one command trains on openings the target writes
+    (`self-text`), held out and evaluated as with self-instruct."""
+    calls = []
+    real = si.generate_prompts
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append((a[2], k.get("documents"))) or real(*a, **k))
+    eng = base_engines["llama"]
+    t = Trainer(_cfg(tmp_path, data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2,
+                     self_instruct_max_tokens=16), eng)
+    assert calls == [(9, True)]
+    assert [p.name for p in (tmp_path / "drafter.work").glob("self-*.jsonl")] == ["self-text-n9-seed0-t1-p1-len16.jsonl"]
+    held = t.generated_heldout
+    assert len(held) == 3 and t.heldout.prompts == held
+    trained = {tuple(s.ids) for s in t.shards.samples}
+    assert len(trained) == 6 and not trained & {tuple(eng.encode(p)) for p in held}
+    assert t.run().evals[-1]["step"] == 2
+    assert TrainConfig(data=[], out="x").data_specs(chat=False) == ["self-text:2000"]
+    assert TrainConfig(data=["chitchat"], out="x").data_specs(chat=False) == ["chitchat"]

@@ -72,10 +72,12 @@ class TrainConfig:
     # this many sequences, spread over the ranks; None = batch_size / world size (one per rank)
     micro_batch_size: int | None = None
 
-    def data_specs(self) -> list[str]:
-        """The data to train on: `data`, or without it `self-instruct:N` (the one-command recipe:
-        prompts the target writes itself, answered by it; held-out evaluation on a split of them)."""
-        return list(self.data) or [f"self-instruct:{self.self_instruct_prompts}"]
+    def data_specs(self, chat: bool = True) -> list[str]:
+        """The data to train on: `data`, or without it the one-command recipe: prompts the target
+        writes itself, answered by it, held-out evaluation on a split of them; `self-instruct:N`
+        (user messages) for a chat target, `self-text:N` (openings of documents) for a target
+        without a chat template (`chat=False`)."""
+        return list(self.data) or [f"{'self-instruct' if chat else 'self-text'}:{self.self_instruct_prompts}"]
 
     def clustered_for(self, vocab_size: int) -> bool:
         """Whether the drafter gets a clustered head: `clustered`, or for None a large vocabulary."""

@@ -24,6 +24,9 @@ Data specs (the `--data` option, repeatable):
     python-stdlib[:N]   recipe: Python standard library source files, as text
     self-instruct[:N]   recipe: N prompts (default 1000) written by the target itself (Magpie, see
                         self_instruct.py), generated once per run and kept in its work dir
+    self-text[:N]       recipe: N openings of documents (default 1000) the target writes from its
+                        beginning-of-sequence token, continued as plain text: self-instruct for
+                        targets without a chat template (base models)
     tasks[:N]           recipe: templated requests of ten kinds (translate, summarize or answer
                         about a given text, extract, math, role-play, write, rewrite, reason, code),
                         filled with chitchat sentences and conversations, standard-library
@@ -47,7 +50,9 @@ from typing import Callable
 from ..errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib", "self-instruct", "tasks")
+RECIPES = ("chitchat", "chitchat-text", "humaneval", "instructions", "python-stdlib", "self-instruct", "self-text",
+           "tasks")
+SELF_WRITTEN = ("self-instruct", "self-text")  # recipes whose prompts the target writes
 SELF_INSTRUCT_DEFAULT = 1000  # prompts of `self-instruct` without a limit
 
 
@@ -163,11 +168,13 @@ def heldout_tasks(per_category: int = 3) -> list[str]:
 # ---- readers -----------------------------------------------------------------------------------
 class DataBuilder:
     """Turns data specs into `Sample`s with the target's tokenizer (chat template for chats).
-    `self_instruct(n)`: n prompts written by the target (the `self-instruct` recipe; the trainer
-    provides it, as it holds the target model)."""
+    `self_instruct(n[, documents])`: n prompts written by the target, user messages (the
+    `self-instruct` recipe, called with n alone) or openings of documents (`self-text`, called
+    with documents=True); the trainer
+    provides it, as it holds the target model."""
 
     def __init__(self, tokenizer, max_len: int = 384, seed: int = 0,
-                 self_instruct: Callable[[int], list[str]] | None = None) -> None:
+                 self_instruct: Callable[[int, bool], list[str]] | None = None) -> None:
         if tokenizer is None:
             raise InputError("the target has no tokenizer: drafter training needs one to read text data")
         self.tok = tokenizer
@@ -329,13 +336,16 @@ class DataBuilder:
                     continue
                 if limit and len(out) >= limit:
                     break
-        elif name == "self-instruct":
+        elif name in SELF_WRITTEN:
             if self.self_instruct is None:
-                raise InputError("the self-instruct recipe needs the target model: use it through train-drafter "
+                raise InputError(f"the {name} recipe needs the target model: use it through train-drafter "
                                  "(or build_samples(..., self_instruct=...))")
-            for i, text in enumerate(self.self_instruct(limit or SELF_INSTRUCT_DEFAULT)):
-                ids = self.render_prompt([{"role": "user", "content": text}])
-                out.append(Sample(ids, len(ids), True, f"self-instruct/{i}"))
+            documents = name == "self-text"
+            n = limit or SELF_INSTRUCT_DEFAULT
+            for i, text in enumerate(self.self_instruct(n, True) if documents else self.self_instruct(n)):
+                ids = (self.tok.encode(text, add_special_tokens=True) if documents
+                       else self.render_prompt([{"role": "user", "content": text}]))
+                out.append(Sample(ids, len(ids), True, f"{name}/{i}"))
         elif name == "tasks":
             from .tasks import task_prompts
 
@@ -370,13 +380,13 @@ class DataBuilder:
 
 
 def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0,
-                  self_instruct: Callable[[int], list[str]] | None = None) -> list[Sample]:
+                  self_instruct: Callable[[int, bool], list[str]] | None = None) -> list[Sample]:
     """All samples of the data specs, interleaved in a seeded order (deterministic).
     `self_instruct`: see `DataBuilder`."""
     if not specs:
         raise InputError("no training data given (--data)")
     for spec in specs:
-        if not self_distill and spec.partition(":")[0] == "self-instruct" and not Path(spec).expanduser().exists():
+        if not self_distill and spec.partition(":")[0] in SELF_WRITTEN and not Path(spec).expanduser().exists():
             raise InputError(f"{spec}: the target's own prompts have no answers: use self-distillation (--self-distill)")
     b = DataBuilder(tokenizer, max_len, seed, self_instruct)
     per_source = [b.read(s) for s in specs]

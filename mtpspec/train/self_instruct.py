@@ -22,6 +22,13 @@ like any other prompt (harvest.py).
    repetitive, or duplicate a kept one after normalisation (case, punctuation, spacing).
 Rounds of requests continue until `n` are kept or `max_attempts` were sampled; each round is
 journaled (`load_or_generate`), so a generation killed part way resumes where it stopped.
+
+A target without a chat template (a base model) has no user turn to write; its traffic is text
+to continue. `generate_prompts(..., documents=True)` (the `self-text` recipe) makes it write the
+openings of documents instead: sampled from the beginning-of-sequence token alone
+(`document_turn`), up to `max_tokens` tokens, an opening cut by the length limit kept (it is a
+prompt to continue, not a message to end), filtered as above. The self-distillation then
+continues them as plain text.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ class UserTurn:
     prefix_ids: list[int]  # the template's tokens before a user message's content
     stop_ids: frozenset[int]  # tokens that end the user's turn: the template's turn markup and EOS
     stop_text: str | None  # a plain-text turn boundary, for templates that mark turns without special tokens
+    document: bool = False  # a document opening (`document_turn`): the length limit ends it, not a turn marker
 
 
 def _render(tokenizer, messages: list[dict]) -> str:
@@ -75,12 +83,18 @@ def special_tokens(tokenizer) -> dict[int, str]:
     return {i: t for i, t in out.items() if t}
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether a target can write user messages (`self-instruct`); without, it writes documents (`self-text`)."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def user_turn(tokenizer, eos_ids=()) -> UserTurn:
     """The pre-query template of a chat target and what ends a user turn (see the module doc).
     InputError if the target has no tokenizer or no chat template."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise InputError("self-instruct: the target's tokenizer has no chat template; the target can write its own "
-                         "prompts only if it is a chat model (use other --data for this target)")
+                         "user prompts only if it is a chat model (for a base model use --data self-text: "
+                         "openings of documents it writes, or other --data)")
     one = _render(tokenizer, [{"role": "user", "content": SENTINEL}])
     prefix = tokenizer.encode(one[: one.index(SENTINEL)], add_special_tokens=False)
     if not prefix:
@@ -93,6 +107,20 @@ def user_turn(tokenizer, eos_ids=()) -> UserTurn:
     stop_text = None if markup else (between.strip() or None)
     eos = set(eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     return UserTurn(list(prefix), frozenset(markup | eos), stop_text)
+
+
+def document_turn(tokenizer, eos_ids=()) -> UserTurn:
+    """What a target writes from the start of a sequence: prefix = its beginning-of-sequence token
+    (or, without one, its end-of-sequence token, the document separator of GPT-2-style
+    vocabularies), ended by EOS or the length limit. InputError if the tokenizer has neither."""
+    if tokenizer is None:
+        raise InputError("self-text: the target has no tokenizer")
+    eos = set(eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise InputError("self-text: the tokenizer has no beginning- or end-of-sequence token to start a document "
+                         "from (use other --data for this target)")
+    return UserTurn([int(start)], frozenset(eos), None, document=True)
 
 
 # ---- filtering ---------------------------------------------------------------------------------
@@ -180,7 +208,7 @@ def _sample(model, tokenizer, turn: UserTurn, indices: range, *, temperature: fl
     out = []
     for s in decode(model, reqs, None, slots=batch_size):
         text = tokenizer.decode(s.new_ids, skip_special_tokens=False)
-        ended = s.finish_reason == "stop"
+        ended = s.finish_reason == "stop" or turn.document
         if turn.stop_text and turn.stop_text in text:
             text, ended = text[: text.index(turn.stop_text)], True
         out.append((text, ended, len(s.new_ids)))
@@ -208,7 +236,7 @@ def _read_journal(journal: Path | None) -> list[dict]:
 def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      max_tokens: int = 128, batch_size: int = 32, eos_ids=(), max_attempts: int | None = None,
                      min_chars: int = 8, log: Callable[[str], None] | None = _stderr,
-                     journal: Path | None = None, chunk: int | None = None) -> list[str]:
+                     journal: Path | None = None, chunk: int | None = None, documents: bool = False) -> list[str]:
     """Up to `n` distinct user prompts written by the target (`model`: a Decoder, with its
     tokenizer) with the Magpie method (see the module doc): `temperature`/`top_p` sampling, one
     seed per request derived from `seed`, at most `max_tokens` tokens per message, `batch_size`
@@ -218,12 +246,14 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
     messages are appended to `journal` if given: a generation killed part way restarts after its
     last complete chunk, with the same result as an uninterrupted one. A last line gives the counts
     generated / kept / dropped by reason and the rate. InputError without a chat template, or if
-    no message was usable."""
+    no message was usable. `documents=True`: openings of documents instead of user messages, for
+    any target (the `self-text` recipe; see the module doc)."""
+    what = "self-text" if documents else "self-instruct"
     if n < 1:
-        raise InputError(f"self-instruct: the number of prompts must be >= 1, got {n}")
+        raise InputError(f"{what}: the number of prompts must be >= 1, got {n}")
     if max_tokens < 1 or batch_size < 1:
-        raise InputError("self-instruct: max_tokens and batch_size must be >= 1")
-    turn = user_turn(tokenizer, eos_ids)
+        raise InputError(f"{what}: max_tokens and batch_size must be >= 1")
+    turn = document_turn(tokenizer, eos_ids) if documents else user_turn(tokenizer, eos_ids)
     keep = PromptFilter(special_tokens(tokenizer).values(), min_chars)
     budget = max_attempts if max_attempts is not None else max(8 * n, 4 * batch_size)
     chunk = chunk or 8 * batch_size
@@ -245,7 +275,7 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
         journal.parent.mkdir(parents=True, exist_ok=True)
         journal.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         if records and log is not None:
-            log(f"self-instruct: resumed after {tried} sampled prompts ({len(kept)} kept) from {journal}")
+            log(f"{what}: resumed after {tried} sampled prompts ({len(kept)} kept) from {journal}")
     t0, resumed_tokens = time.perf_counter(), tokens
     while len(kept) < n and tried < budget:
         rate = max(len(kept) / tried, 0.05) if tried else 1.0
@@ -259,23 +289,25 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
                 f.write(json.dumps({"rows": [list(r) for r in rows]}, ensure_ascii=False) + "\n")
         if log is not None:
             secs = max(time.perf_counter() - t0, 1e-9)
-            log(f"self-instruct: {min(len(kept), n)}/{n} prompts kept of {tried} sampled "
+            log(f"{what}: {min(len(kept), n)}/{n} prompts kept of {tried} sampled "
                 f"({(tokens - resumed_tokens) / secs:.0f} tok/s)")
     secs = max(time.perf_counter() - t0, 1e-9)
     dropped = ", ".join(f"{r} {keep.dropped[r]}" for r in DROP_REASONS if keep.dropped[r]) or "none"
     if log is not None:
-        log(f"self-instruct: {tried} prompts generated, {len(kept)} kept, dropped: {dropped}; {min(n, len(kept))} used "
+        log(f"{what}: {tried} prompts generated, {len(kept)} kept, dropped: {dropped}; {min(n, len(kept))} used "
             f"({n} asked); {secs:.1f}s, {tried / secs:.1f} prompts/s ({(tokens - resumed_tokens) / secs:.0f} tok/s)")
     if not kept:
-        raise InputError(f"self-instruct: none of the {tried} user messages the target wrote was usable "
+        raise InputError(f"{what}: none of the {tried} prompts the target wrote was usable "
                          f"(dropped: {dropped}); try a higher max_tokens or another temperature")
     return kept[:n]
 
 
 # ---- storage -----------------------------------------------------------------------------------
-def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, seed: int, max_tokens: int) -> Path:
-    """Where a run keeps its generated prompts (the options that shape them are in the name)."""
-    return Path(work_dir) / f"self-instruct-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
+def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, seed: int, max_tokens: int,
+                 documents: bool = False) -> Path:
+    """Where a run keeps its generated prompts (the recipe and the options that shape them are in the name)."""
+    recipe = "self-text" if documents else "self-instruct"
+    return Path(work_dir) / f"{recipe}-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
 
 
 def load_or_generate(path: Path, generate: Callable[[Path], list[str]],
@@ -288,7 +320,7 @@ def load_or_generate(path: Path, generate: Callable[[Path], list[str]],
     if path.is_file():
         prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if log is not None:
-            log(f"self-instruct: {len(prompts)} prompts read from {path}")
+            log(f"{path.name.split('-n')[0]}: {len(prompts)} prompts read from {path}")
         return prompts
     journal = path.with_suffix(".partial")
     prompts = generate(journal)

@@ -92,11 +92,12 @@ class Trainer:
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
                                    cfg.bf16, cfg.device, acceptance_weight=cfg.acceptance_weight,
                                    acceptance_verify=cfg.acceptance_verify)
-        # self-instruct data (the one-command recipe's default) and no --eval-prompts: evaluate on a split of
-        # the prompts the target writes (taken when the first self-instruct spec is read)
+        # prompts the target writes (self-instruct / self-text, the one-command recipe's default) and no
+        # --eval-prompts: evaluate on a split of them (taken when the first such spec is read)
         self.split = cfg.eval_limit if cfg.eval_prompts is None and g.is_main else 0
         self.generated_heldout: list[str] = []
-        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data_specs(), self_distill=cfg.self_distill,
+        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data_specs(chat=self_instruct.has_chat_template(engine.tokenizer)),
+                                                    self_distill=cfg.self_distill,
                                                     max_len=cfg.max_len, seed=cfg.seed,
                                                     self_instruct=self._self_instruct))
         store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
@@ -117,14 +118,15 @@ class Trainer:
         self.state = RunState()
         self.stop = StopRequest()
 
-    def _self_instruct(self, n: int) -> list[str]:
-        """n prompts written by the target (the `self-instruct` recipe), generated once and kept in
-        the work dir: a resumed or repeated run reads them. Without --eval-prompts, `split` more are
-        written and held out for evaluation (`generated_heldout`), never trained on."""
+    def _self_instruct(self, n: int, documents: bool = False) -> list[str]:
+        """n prompts written by the target, user messages (the `self-instruct` recipe) or openings
+        of documents (`self-text`, documents=True), generated once and kept in the work dir: a
+        resumed or repeated run reads them. Without --eval-prompts, `split` more are written and
+        held out for evaluation (`generated_heldout`), never trained on."""
         cfg, eng = self.cfg, self.engine
-        split, self.split = self.split, 0  # one split, for the first self-instruct spec
+        split, self.split = self.split, 0  # one split, for the first self-written spec
         if split:
-            prompts = self._self_instruct(n + split)
+            prompts = self._self_instruct(n + split, documents)
             if len(prompts) > split:
                 self.generated_heldout = prompts[-split:]
                 return prompts[:-split]
@@ -136,9 +138,11 @@ class Trainer:
         def generate(journal):
             with bulk_matmuls():  # sampled prompts for training: bfloat16 GEMMs where the CPU has them
                 return self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
+                                                      documents=documents,
                                                       eos_ids=eng.eos_ids, log=log, journal=journal)
 
-        return self_instruct.load_or_generate(self_instruct.prompts_path(self.work, n, **opts), generate, log)
+        path = self_instruct.prompts_path(self.work, n, **opts, documents=documents)
+        return self_instruct.load_or_generate(path, generate, log)
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
