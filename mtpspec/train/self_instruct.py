@@ -311,7 +311,7 @@ def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, se
 
 
 def load_or_generate(path: Path, generate: Callable[[Path], list[str]],
-                     log: Callable[[str], None] | None = _stderr) -> list[str]:
+                     log: Callable[[str], None] | None = _stderr, what: str = "self-instruct") -> list[str]:
     """The prompts stored at `path` ({"prompt": ...} per line, usable as --data), or
     `generate(journal)`'s, then stored (atomically: a resumed or repeated run reads them instead of
     generating again). `journal` (beside `path`, removed once `path` is written) is where the
@@ -320,7 +320,7 @@ def load_or_generate(path: Path, generate: Callable[[Path], list[str]],
     if path.is_file():
         prompts = [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if log is not None:
-            log(f"{path.name.split('-n')[0]}: {len(prompts)} prompts read from {path}")
+            log(f"{what}: {len(prompts)} prompts read from {path}")
         return prompts
     journal = path.with_suffix(".partial")
     prompts = generate(journal)

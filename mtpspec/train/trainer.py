@@ -142,7 +142,7 @@ class Trainer:
                                                       eos_ids=eng.eos_ids, log=log, journal=journal)
 
         path = self_instruct.prompts_path(self.work, n, **opts, documents=documents)
-        return self_instruct.load_or_generate(path, generate, log)
+        return self_instruct.load_or_generate(path, generate, log, "self-text" if documents else "self-instruct")
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
