@@ -170,11 +170,10 @@ class DataBuilder:
     """Turns data specs into `Sample`s with the target's tokenizer (chat template for chats).
     `self_instruct(n[, documents])`: n prompts written by the target, user messages (the
     `self-instruct` recipe, called with n alone) or openings of documents (`self-text`, called
-    with documents=True); the trainer
-    provides it, as it holds the target model."""
+    with documents=True); the trainer provides it, as it holds the target model."""
 
     def __init__(self, tokenizer, max_len: int = 384, seed: int = 0,
-                 self_instruct: Callable[[int, bool], list[str]] | None = None) -> None:
+                 self_instruct: Callable[..., list[str]] | None = None) -> None:
         if tokenizer is None:
             raise InputError("the target has no tokenizer: drafter training needs one to read text data")
         self.tok = tokenizer
@@ -380,7 +379,7 @@ class DataBuilder:
 
 
 def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: int, seed: int = 0,
-                  self_instruct: Callable[[int, bool], list[str]] | None = None) -> list[Sample]:
+                  self_instruct: Callable[..., list[str]] | None = None) -> list[Sample]:
     """All samples of the data specs, interleaved in a seeded order (deterministic).
     `self_instruct`: see `DataBuilder`."""
     if not specs:
