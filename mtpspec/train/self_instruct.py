@@ -83,6 +83,11 @@ def special_tokens(tokenizer) -> dict[int, str]:
     return {i: t for i, t in out.items() if t}
 
 
+def recipe(documents: bool) -> str:
+    """The data recipe's name: `self-text` for openings of documents, `self-instruct` for user messages."""
+    return "self-text" if documents else "self-instruct"
+
+
 def has_chat_template(tokenizer) -> bool:
     """Whether a target can write user messages (`self-instruct`); without, it writes documents (`self-text`)."""
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
@@ -248,7 +253,7 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
     generated / kept / dropped by reason and the rate. InputError without a chat template, or if
     no message was usable. `documents=True`: openings of documents instead of user messages, for
     any target (the `self-text` recipe; see the module doc)."""
-    what = "self-text" if documents else "self-instruct"
+    what = recipe(documents)
     if n < 1:
         raise InputError(f"{what}: the number of prompts must be >= 1, got {n}")
     if max_tokens < 1 or batch_size < 1:
@@ -306,8 +311,7 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
 def prompts_path(work_dir: Path, n: int, *, temperature: float, top_p: float, seed: int, max_tokens: int,
                  documents: bool = False) -> Path:
     """Where a run keeps its generated prompts (the recipe and the options that shape them are in the name)."""
-    recipe = "self-text" if documents else "self-instruct"
-    return Path(work_dir) / f"{recipe}-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
+    return Path(work_dir) / f"{recipe(documents)}-n{n}-seed{seed}-t{temperature:g}-p{top_p:g}-len{max_tokens}.jsonl"
 
 
 def load_or_generate(path: Path, generate: Callable[[Path], list[str]],

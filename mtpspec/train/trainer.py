@@ -96,8 +96,8 @@ class Trainer:
         # --eval-prompts: evaluate on a split of them (taken when the first such spec is read)
         self.split = cfg.eval_limit if cfg.eval_prompts is None and g.is_main else 0
         self.generated_heldout: list[str] = []
-        samples = g.from_main(lambda: build_samples(engine.tokenizer, cfg.data_specs(chat=self_instruct.has_chat_template(engine.tokenizer)),
-                                                    self_distill=cfg.self_distill,
+        specs = cfg.data_specs(chat=self_instruct.has_chat_template(engine.tokenizer))
+        samples = g.from_main(lambda: build_samples(engine.tokenizer, specs, self_distill=cfg.self_distill,
                                                     max_len=cfg.max_len, seed=cfg.seed,
                                                     self_instruct=self._self_instruct))
         store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
@@ -142,7 +142,7 @@ class Trainer:
                                                       eos_ids=eng.eos_ids, log=log, journal=journal)
 
         path = self_instruct.prompts_path(self.work, n, **opts, documents=documents)
-        return self_instruct.load_or_generate(path, generate, log, "self-text" if documents else "self-instruct")
+        return self_instruct.load_or_generate(path, generate, log, self_instruct.recipe(documents))
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
