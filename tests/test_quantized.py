@@ -230,7 +230,7 @@ def test_activation_quantization_matches_its_definition():
 
 @pytest.mark.parametrize("bits,block", FORMATS)
 @pytest.mark.parametrize("n,k", [(16, 32), (37, 96), (100, 256)])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 70])  # 70: two chunks of rows (MC = 64)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 70])  # 1-16: rows streamed 1-3 at a time; 70: two chunks (MC = 64)
 @pytest.mark.parametrize("scales", SCALE_MODES)
 def test_kernel_matches_its_reference_and_dequantized_matmul(isa, bits, block, n, k, m, scales):
     w = random_weight(bits, block, n, k, seed=n + m, scales=scales)
