@@ -108,6 +108,20 @@ def resolve_quantize(model: str | Path | None, quantize: str) -> tuple[str, Path
     return quantize, gguf_file
 
 
+DRAFTER_QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+
+
+def resolve_drafter_quantize(drafter_quantize: str, device: torch.device) -> str:
+    """"none", "int8" or "int4" for `load(..., drafter_quantize=...)` on `device`."""
+    from . import kernels
+
+    if drafter_quantize not in DRAFTER_QUANTIZE_CHOICES:
+        raise InputError(f"unknown drafter quantization {drafter_quantize!r}; valid: {', '.join(DRAFTER_QUANTIZE_CHOICES)}")
+    if drafter_quantize == "auto":
+        return "int8" if device.type == "cpu" and kernels.kernel_info()["path"] == "cpp" else "none"
+    return drafter_quantize
+
+
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer (with its chat template), or None if the folder has none."""
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -398,6 +412,7 @@ def load(
     cache_dir: str | Path | None = None,
     quantize: str = "auto",
     prompt_lookup: bool = True,
+    drafter_quantize: str = "auto",
 ) -> Engine:
     """Load a model and, optionally, a drafter for speculative decoding.
 
@@ -421,6 +436,11 @@ def load(
         quantized matrices; "int8" / "int4" = quantized at load time (any checkpoint); "none" =
         dense in `dtype` (a GGUF is dequantized). Quantized layers use int8 activations
         (kernels/quant.py); norms, attention and the KV cache stay in `dtype`.
+    drafter_quantize: the MTP drafter's projections (pre/post projection, its layers' q, o and
+        MLP). "auto" (default) = "int8" on CPU with the compiled kernels (a drafting step reads
+        every weight: int8 cuts the default drafter's step by ~15% with the same acceptance),
+        else "none"; "int8" / "int4" (round-to-nearest per block of 32, as `quantize`); "none" =
+        dense in `drafter_dtype`. The LM head and norms stay in `drafter_dtype`.
     prompt_lookup: with an MTP drafter, rows whose last 2+ tokens occurred earlier in their
         prompt or output draft the tokens that followed there instead of the drafter's
         (`decoding.lookup.PromptLookupProposer`; free, and accepted far more often on text that
@@ -429,6 +449,7 @@ def load(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
     mode, gguf_file = resolve_quantize(model, quantize)
+    drafter_mode = resolve_drafter_quantize(drafter_quantize, dev)
     folder = resolve_model_path(model, cache_dir)
     if draft_tree not in (None, "none", "auto"):
         from .decoding.tree import TreeShape
@@ -449,7 +470,10 @@ def load(
     from .decoding.mtp import MtpProposer
     from .drafter_checkpoint import load_drafter
 
-    proposer = MtpProposer(load_drafter(Path(chosen), decoder, device=dev, dtype=ddt))
+    mtp = load_drafter(Path(chosen), decoder, device=dev, dtype=ddt)
+    if drafter_mode != "none":
+        mtp.quantize(drafter_mode)
+    proposer = MtpProposer(mtp)
     if prompt_lookup:
         from .decoding.lookup import PromptLookupProposer
 

@@ -21,6 +21,7 @@ DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, .
 DtypeOpt = Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")]
 TreeOpt = Annotated[str, typer.Option("--tree", help="MTP drafter: draft a tree of K levels instead of a chain, NODES:BEAM:BRANCH (e.g. 5:1:2: 5 tokens verified per round; the 1 best node of each level expanded into its 2 best children); 'auto' (default) = 6:1:3 while one sampled sequence decodes, chains for greedy sequences and batches (what measured fastest on CPU; see mtpspec.decoding.plan.AUTO_TREE); 'none' = chains.")]
 DrafterDtypeOpt = Annotated[str, typer.Option("--drafter-dtype", help="MTP drafter dtype: 'auto' = bfloat16 on CPU (cheaper drafting, same acceptance), the model's dtype elsewhere; or float32 / bfloat16 / float16.")]
+DrafterQuantizeOpt = Annotated[str, typer.Option("--drafter-quantize", help="MTP drafter projections: 'auto' = int8 on CPU (cheaper drafting, same acceptance), else none; or none / int8 / int4.")]
 QuantizeOpt = Annotated[str, typer.Option("--quantize", help="Target weights: 'auto' = as in the file for a GGUF (the default model's Q4_1 stays 4-bit), dense otherwise; 'gguf' = the GGUF's own quantized matrices; 'int8' / 'int4' = quantized at load time; 'none' = dense in --dtype.")]
 LookupOpt = Annotated[bool, typer.Option("--prompt-lookup/--no-prompt-lookup", help="MTP drafter: rows whose last 2+ tokens occurred earlier in the prompt or output draft what followed there instead (free; accepted far more often on text that copies from its context). --no-prompt-lookup = the drafter alone.")]
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where converted models are cached (default: $MTPSPEC_CACHE or ~/.cache/mtpspec).")]
@@ -87,6 +88,7 @@ def generate(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
+    drafter_quantize: DrafterQuantizeOpt = "auto",
     quantize: QuantizeOpt = "auto",
     prompt_lookup: LookupOpt = True,
     cache_dir: CacheOpt = None,
@@ -104,7 +106,7 @@ def generate(
         chosen = None if no_drafter else ("ngram" if ngram else (drafter or "auto"))
         engine = load(model, drafter=chosen, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
                       drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize,
-                      prompt_lookup=prompt_lookup)
+                      prompt_lookup=prompt_lookup, drafter_quantize=drafter_quantize)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                       seed=seed, stop=stop, chat=not raw, ignore_eos=ignore_eos, min_tokens=min_tokens)
         if compare and engine.plan.proposer is None:
@@ -288,6 +290,7 @@ def serve(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     drafter_dtype: DrafterDtypeOpt = "auto",
+    drafter_quantize: DrafterQuantizeOpt = "auto",
     quantize: QuantizeOpt = "auto",
     prompt_lookup: LookupOpt = True,
     cache_dir: CacheOpt = None,
@@ -298,7 +301,7 @@ def serve(
     try:
         engine = load(model, drafter=drafter, draft_tokens=draft_tokens, draft_tree=tree, device=device, dtype=dtype,
                       drafter_dtype=drafter_dtype, cache_dir=cache_dir, quantize=quantize,
-                      prompt_lookup=prompt_lookup)
+                      prompt_lookup=prompt_lookup, drafter_quantize=drafter_quantize)
         from .serve.server import serve as run_server
 
         typer.echo(f"mtpspec: serving {served_model_name or engine.name} (drafter: {engine.drafter_name or 'none'}) "

@@ -254,7 +254,11 @@ def load_drafter(
 def save_drafter(drafter: MTPDrafter, folder: str | Path, draft_tokens: int | None = None,
                  target_model_type: str | None = None) -> Path:
     """Write `drafter` as a gemma4_assistant folder (config.json, model.safetensors,
-    generation_config.json with num_assistant_tokens = draft_tokens if given)."""
+    generation_config.json with num_assistant_tokens = draft_tokens if given). A drafter
+    quantized for inference (`MTPDrafter.quantize`) is refused: save the dense one."""
+    if drafter.quantization is not None:
+        raise ValueError(f"this drafter was quantized ({drafter.quantization}) for inference and would be saved "
+                         "without its exact weights; save the dense drafter (load it with drafter_quantize='none')")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     raw = config_to_dict(drafter.cfg, target_model_type)

@@ -143,6 +143,36 @@ def test_clustered_drafter_is_lossless(targets):
     assert [s.new_ids for s in decode(target, [Request(p, 16) for p in ps], plan)] == ref
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_quantized_drafter_is_lossless_and_cannot_be_saved(targets, name, quant, tmp_path):
+    """A drafter quantized for inference (`MTPDrafter.quantize`, what `load` does on CPU) drafts
+    through the quantized kernels; greedy output stays plain decoding's, chains and trees, batch 1
+    and 3. Its full-head copy is quantized the same way; saving it is refused (its exact weights
+    are gone), and an unknown scheme names the valid ones."""
+    from mtpspec.decoding.tree import TreeShape
+    from mtpspec.kernels.quant import QuantLinear
+
+    _, target = targets(name)
+    drafter = random_drafter(target, seed=7, clustered=True, num_centroids=20, centroid_top_k=4).quantize(quant)
+    quantized = [m for m in drafter.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 + 5 * drafter.cfg.n_layers and {m.bits for m in quantized} == {int(quant[3:])}
+    for batch in (1, 3):
+        ps = _prompts(batch)
+        ref = [s.new_ids for s in decode(target, [Request(p, 20) for p in ps])]
+        for k, tree in ((3, None), (3, TreeShape.parse("5:1:2"))):
+            seqs = decode(target, [Request(p, 20) for p in ps], DraftPlan(MtpProposer(drafter), k, draft_tree=tree))
+            assert [s.new_ids for s in seqs] == ref, (batch, k, tree)
+    full = drafter.full_head_copy()
+    assert full.quantization == quant and not full.cfg.clustered
+    torch.testing.assert_close(full.pre_projection.unpacked_weight(), drafter.pre_projection.unpacked_weight())
+    with pytest.raises(ValueError, match="quantized"):
+        save_drafter(drafter, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="int8, int4"):
+        random_drafter(target).quantize("int3")
+
+
 def test_sampled_mtp_run_is_reproducible(targets):
     _, target = targets("llama")
     drafter = random_drafter(target, seed=9)
@@ -216,15 +246,16 @@ def test_fused_attention_path_equals_the_masked_path(targets):
         assert not any(t.all_visible for t in drafter.context(target.cfg, ragged.cache).types.values())
 
 
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("isa", ["auto", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["llama", "gemma3", "e2b"])
-def test_one_call_cpp_layer_matches_the_torch_modules(targets, name, dtype, isa, monkeypatch):
+def test_one_call_cpp_layer_matches_the_torch_modules(targets, name, dtype, isa, quant, monkeypatch):
     """Rows that see all of their K/V run each drafter layer as one C++ call (kernels.drafter_layer,
-    the drafting hot path at batch 1). It must give the torch modules' result to the dtype's
-    rounding, for one draft per row and for a tree level's several drafts per row (GQA heads,
-    sliding and full layers, partial RoPE), and follow in-place weight updates (cached fp32 norm
-    weights must not go stale)."""
+    the drafting hot path at batch 1), with dense or quantized (`MTPDrafter.quantize`) weights. It
+    must give the torch modules' result to the dtype's rounding, for one draft per row and for a
+    tree level's several drafts per row (GQA heads, sliding and full layers, partial RoPE), and
+    follow in-place weight updates (cached fp32 norm weights must not go stale)."""
     from mtpspec import kernels
     from mtpspec.models.drafter import DrafterLayer
 
@@ -232,6 +263,8 @@ def test_one_call_cpp_layer_matches_the_torch_modules(targets, name, dtype, isa,
         pytest.skip("C++ kernels not available")
     _, target = targets(name)
     drafter = random_drafter(target, seed=21).to(dtype).prepare()
+    if quant:
+        drafter.quantize(quant)
     _, inp = our_drafts(target, drafter, [_prompt(19, 4)], 1)
     ctx = drafter.context(target.cfg, inp.cache)
     assert all(t.all_visible for t in ctx.types.values())
@@ -268,6 +301,8 @@ def test_one_call_cpp_layer_matches_the_torch_modules(targets, name, dtype, isa,
             drafter = MTPDrafter(drafter.cfg)
             drafter.load_state_dict(random_drafter(target, seed=22).to(dtype).state_dict())
             drafter = drafter.to(dtype).prepare()
+            if quant:
+                drafter.quantize(quant)
             both(target.embed_tokens(tokens), hidden)
     finally:
         kernels._ext().force_isa("auto")

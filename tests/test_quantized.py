@@ -430,6 +430,9 @@ def test_cli_quantize_option(tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["generate", "hi", "-m", str(path), "--quantize", "int3", "--cache-dir", str(tmp_path / "c")])
     assert bad.exit_code == 2 and "valid: auto, none, gguf, int8, int4" in bad.output
+    bad = runner.invoke(app, ["generate", "hi", "-m", str(path), "--drafter-quantize", "int3", "--cache-dir",
+                              str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "unknown drafter quantization 'int3'; valid: auto, none, int8, int4" in bad.output
     ok = runner.invoke(app, ["generate", "the", "-m", str(path), "--quantize", "int4", "-n", "4", "--no-drafter",
                              "--json", "--cache-dir", str(tmp_path / "c")])
     assert ok.exit_code == 0, ok.output

@@ -409,14 +409,16 @@ def test_shipped_drafter_loads_and_keeps_generation_lossless():
 
     folder = Path(mtpspec.__file__).resolve().parent / "drafters" / "smollm2-135m-instruct"
     plain = mtpspec.load()
-    spec = mtpspec.load(drafter=folder)
-    assert spec.proposer.drafter.draft_tokens == 4
     heldout = Path(__file__).resolve().parents[1] / "drafters" / "heldout-chat.jsonl"
     prompts = [json.loads(ln)["prompt"] for ln in heldout.read_text().splitlines()[:3]]
     a = plain.generate(prompts, max_new_tokens=32)
-    b = spec.generate(prompts, max_new_tokens=32, draft_tokens=4)
-    assert [r.token_ids for r in b] == [r.token_ids for r in a]
-    assert sum(r.stats["mean_accepted_length"] for r in b) / len(b) > 1.3
+    for quant in ("auto", "int4", "none"):  # auto = int8 on CPU
+        spec = mtpspec.load(drafter=folder, drafter_quantize=quant)
+        assert spec.proposer.drafter.draft_tokens == 4
+        assert spec.proposer.drafter.quantization == {"auto": "int8", "none": None}.get(quant, quant)
+        b = spec.generate(prompts, max_new_tokens=32, draft_tokens=4)
+        assert [r.token_ids for r in b] == [r.token_ids for r in a], quant
+        assert sum(r.stats["mean_accepted_length"] for r in b) / len(b) > 1.3, quant
 
 
 def test_cli_eval_drafter_compares_heads(engine, tiny_with_tokenizer, data_files, tmp_path):

@@ -474,7 +474,8 @@ def _notes(cfg: SpecConfig) -> dict:
 
 def _results_header(cfg: SpecConfig, engine, folder: Path, prompt_kind: str, command: str | None) -> dict:
     mtp = getattr(engine.proposer, "drafter", None)
-    arguments = {**cfg.arguments(), "drafter_dtype": None if mtp is None else str(mtp.dtype).removeprefix("torch.")}
+    arguments = {**cfg.arguments(), "drafter_dtype": None if mtp is None else str(mtp.dtype).removeprefix("torch."),
+                 "drafter_quantize": None if mtp is None else (mtp.quantization or "none")}
     return {
         "benchmark": "spec",
         "model": {"name": engine.name if cfg.model is not None else "SmolLM2-135M-Instruct", "folder": str(folder),

@@ -358,17 +358,19 @@ def cluster_scores(weight: torch.Tensor, s: torch.Tensor, top: torch.Tensor) -> 
 
 def drafter_layer(h: torch.Tensor, packed: list[torch.Tensor], norm_weights: list[torch.Tensor], eps: float,
                   k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
-                  layer_scalar: float, gelu: bool) -> torch.Tensor | None:
+                  layer_scalar: float, gelu: bool, qmeta: list[list[int]] | None = None) -> torch.Tensor | None:
     """One MTP-drafter layer in one C++ call (skinny_gemm.cpp, `drafter_layer`): h [N, H] (fp32 or
     bf16, weights packed in that dtype: q, o, gate, up, down), fp32 norm weights (input, q,
     post-attention, pre-feedforward, post-feedforward), the target's fp32 K/V [R, KVH, L, HD] that
-    every row sees in full, and fp32 RoPE tables [R, rotary_dim] at the rows' positions. None when
-    the extension cannot run it (the caller then runs the torch modules)."""
+    every row sees in full, and fp32 RoPE tables [R, rotary_dim] at the rows' positions. With
+    `qmeta` ([out, in, bits, block, scale mode] per weight) the five weights are quantized
+    (`QuantLinear.packed`, kernels/quant.py) instead. None when the extension cannot run it (the
+    caller then runs the torch modules)."""
     ext = _state["ext"]
     if ext is None or h.device.type != "cpu" or not _no_grad_needed(h):
         return None
     return ext.drafter_layer(h.contiguous(), packed, norm_weights, float(eps), k, v, cos, sin, int(n_heads),
-                             float(layer_scalar), bool(gelu))
+                             float(layer_scalar), bool(gelu), qmeta or [])
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:

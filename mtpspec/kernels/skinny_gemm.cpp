@@ -566,6 +566,12 @@ torch::Tensor panel_rows(const torch::Tensor& packed, const torch::Tensor& ids, 
 // the maths but the ~60 torch calls per layer it replaces (~0.2 ms per drafting step, as much as
 // the weights' streaming). Row r of the K/V (k: [R, KVH, L, HD], last dim contiguous) serves
 // query rows r*W .. r*W+W-1 (W = N / R drafts per row).
+void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
+                    int sm, float* y, const float* bias);  // quant_gemm.cpp
+void quant_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
+                     int sm, uint16_t* y, const float* bias);
+int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm);
+
 namespace {
 template <typename T> inline float ldf(const T* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) return p[i]; else return bf16_to_f32(p[i]);
@@ -588,9 +594,26 @@ void norm_rows(const T* x, const float* w, float eps, int64_t rows, int64_t H, T
   }
 }
 
-// y [M, N] = x [M, K] @ W^T for a packed weight, through the skinny GEMM above
+// A drafter layer's weight: packed for the skinny GEMM above (in the activations' dtype), or
+// quantized (uint8, kernels/quant.py's layout: `fmt` bits, blocks of B inputs, scale mode sm).
+struct LayerWeight {
+  const torch::Tensor* packed;
+  bool quant;
+  int fmt, B, sm;
+};
+
+// y [M, N] = x [M, K] @ W^T, through the skinny GEMM above or the quantized one (quant_gemm.cpp)
 template <typename T>
-void gemm(const T* x, int64_t M, int64_t K, const torch::Tensor& packed, int64_t N, T* y) {
+void gemm(const T* x, int64_t M, int64_t K, const LayerWeight& lw, int64_t N, T* y) {
+  const torch::Tensor& packed = *lw.packed;
+  if (lw.quant) {
+    const uint8_t* w = packed.data_ptr<uint8_t>();
+    if constexpr (std::is_same_v<T, float>)
+      quant_gemm_f32(x, K, M, w, N, K, lw.fmt, lw.B, lw.sm, y, nullptr);
+    else
+      quant_gemm_bf16(x, K, M, w, N, K, lw.fmt, lw.B, lw.sm, y, nullptr);
+    return;
+  }
   if constexpr (std::is_same_v<T, float>) {
     const bool a512 = g_isa >= AVX512;
     run<float, float>(x, K, M, packed.data_ptr<float>(), K, K * PW, N, y, N, nullptr,
@@ -646,13 +669,12 @@ inline float gelu_tanh(float x) {
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 template <typename T>
-torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<torch::Tensor>& w,
+torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<LayerWeight>& w, int64_t INTER,
                                  const std::vector<torch::Tensor>& nw, double eps_d, const torch::Tensor& k,
                                  const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
                                  int64_t NH, double layer_scalar, bool gelu) {
   const int64_t N = h.size(0), H = h.size(1), R = k.size(0), KVH = k.size(1), L = k.size(2), HD = k.size(3);
   const int64_t QS = NH * HD;
-  const int64_t INTER = w[2].numel() / H;  // packed numel = (out features, a multiple of 16) * in features
   const int64_t W = N / R, G = NH / KVH, ROT = cos.size(1);
   const float eps = float(eps_d);
   const T* hp = reinterpret_cast<const T*>(h.data_ptr());
@@ -722,15 +744,20 @@ torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<torch
 torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Tensor>& packed,
                             const std::vector<torch::Tensor>& norm_weights, double eps, const torch::Tensor& k,
                             const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
-                            int64_t n_heads, double layer_scalar, bool gelu) {
+                            int64_t n_heads, double layer_scalar, bool gelu,
+                            const std::vector<std::vector<int64_t>>& qmeta) {
   TORCH_CHECK(g_isa >= AVX2, "drafter_layer needs AVX2+FMA");
   TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "drafter_layer: h must be contiguous [N, H]");
   const bool bf = h.scalar_type() == torch::kBFloat16;
   TORCH_CHECK(bf || h.scalar_type() == torch::kFloat32, "drafter_layer: h must be fp32 or bf16");
   TORCH_CHECK(packed.size() == 5 && norm_weights.size() == 5, "drafter_layer: 5 packed weights (q, o, gate, up, "
               "down) and 5 norm weights (input, q, post-attention, pre-feedforward, post-feedforward)");
+  const bool quant = !qmeta.empty();
+  TORCH_CHECK(!quant || qmeta.size() == 5, "drafter_layer: qmeta must be empty or 5 [out, in, bits, block, scale mode]");
   for (const auto& p : packed)
-    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == h.scalar_type(), "drafter_layer: weights must be packed in h's dtype");
+    TORCH_CHECK(p.is_contiguous() && p.scalar_type() == (quant ? torch::kUInt8 : h.scalar_type()),
+                quant ? "drafter_layer: quantized weights must be contiguous uint8"
+                      : "drafter_layer: weights must be packed in h's dtype");
   for (const auto& n : norm_weights)
     TORCH_CHECK(n.is_contiguous() && n.scalar_type() == torch::kFloat32, "drafter_layer: norm weights must be fp32");
   TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes() && k.scalar_type() == torch::kFloat32 &&
@@ -744,15 +771,36 @@ torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Ten
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == R && sin.sizes() == cos.sizes() && cos.size(1) <= HD &&
               cos.size(1) % 2 == 0 && cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 &&
               cos.is_contiguous() && sin.is_contiguous(), "drafter_layer: cos/sin must be fp32 [R, rotary_dim]");
-  const int64_t QS = n_heads * HD;  // packed numel = out features padded to 16 * in features (even here)
+  const int64_t QS = n_heads * HD;
   TORCH_CHECK(H % 2 == 0 && QS % 2 == 0, "drafter_layer: even widths only");
-  TORCH_CHECK(packed[0].numel() == (QS + PW - 1) / PW * PW * H && packed[1].numel() == (H + PW - 1) / PW * PW * QS,
-              "drafter_layer: q/o weight shapes");
-  TORCH_CHECK(packed[2].numel() == packed[3].numel() && packed[2].numel() % (PW * H) == 0 &&
-              packed[4].numel() == (H + PW - 1) / PW * PW * (packed[2].numel() / H),
-              "drafter_layer: MLP weight shapes (intermediate size must be a multiple of 16)");
-  if (bf) return drafter_layer_impl<uint16_t>(h, packed, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
-  return drafter_layer_impl<float>(h, packed, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
+  std::vector<LayerWeight> w(5);
+  int64_t INTER;
+  if (quant) {
+    INTER = qmeta[2][0];
+    const int64_t want[5][2] = {{QS, H}, {H, QS}, {INTER, H}, {INTER, H}, {H, INTER}};
+    for (int i = 0; i < 5; ++i) {
+      const auto& q = qmeta[i];
+      TORCH_CHECK(q.size() == 5 && q[0] == want[i][0] && q[1] == want[i][1],
+                  "drafter_layer: quantized weight ", i, " must be [", want[i][0], ", ", want[i][1], "]");
+      const int fmt = int(q[2]), B = int(q[3]), sm = int(q[4]);
+      TORCH_CHECK(((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32))) && sm >= 0 && sm <= 2 && q[1] % B == 0,
+                  "drafter_layer: unsupported quantized format of weight ", i);
+      TORCH_CHECK(packed[i].numel() == quant_packed_bytes(q[0], q[1], fmt, B, sm),
+                  "drafter_layer: packed size of quantized weight ", i, " does not match its shape");
+      w[i] = {&packed[i], true, fmt, B, sm};
+    }
+  } else {
+    // packed numel = out features padded to 16 * in features (even here)
+    TORCH_CHECK(packed[0].numel() == (QS + PW - 1) / PW * PW * H && packed[1].numel() == (H + PW - 1) / PW * PW * QS,
+                "drafter_layer: q/o weight shapes");
+    TORCH_CHECK(packed[2].numel() == packed[3].numel() && packed[2].numel() % (PW * H) == 0 &&
+                packed[4].numel() == (H + PW - 1) / PW * PW * (packed[2].numel() / H),
+                "drafter_layer: MLP weight shapes (intermediate size must be a multiple of 16)");
+    INTER = packed[2].numel() / H;
+    for (int i = 0; i < 5; ++i) w[i] = {&packed[i], false, 0, 0, 0};
+  }
+  if (bf) return drafter_layer_impl<uint16_t>(h, w, INTER, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
+  return drafter_layer_impl<float>(h, w, INTER, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
 }
 
 std::string isa_name() {
@@ -776,7 +824,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "instruction set selected at runtime");
   m.def("rms_norm", &rms_norm, "fp32-computed RMS norm of fp32/bf16 rows");
   m.def("panel_rows", &panel_rows, "unpacked rows of a packed weight (tied embeddings)");
-  m.def("drafter_layer", &drafter_layer, "one MTP drafter layer for rows that see all their K/V (models/drafter.py)");
+  m.def("drafter_layer", &drafter_layer, "one MTP drafter layer for rows that see all their K/V (models/drafter.py)",
+        py::arg("h"), py::arg("packed"), py::arg("norm_weights"), py::arg("eps"), py::arg("k"), py::arg("v"),
+        py::arg("cos"), py::arg("sin"), py::arg("n_heads"), py::arg("layer_scalar"), py::arg("gelu"),
+        py::arg("qmeta") = std::vector<std::vector<int64_t>>{});
   m.def("cluster_scores", &cluster_scores, "logits of the chosen clusters' tokens (clustered LM head)");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;

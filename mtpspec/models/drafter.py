@@ -40,6 +40,7 @@ from torch import nn
 from ..cache import CacheLayout, KVCache
 from .. import kernels
 from ..kernels import Linear, hugepages
+from ..kernels.quant import SCHEMES as QUANT_SCHEMES, QuantLinear
 from .config import LayerSpec, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 
@@ -253,12 +254,20 @@ class DrafterLayer(nn.Module):
 
     def _fused_args(self, dtype: torch.dtype) -> tuple | None:
         """What the one-call C++ layer (`kernels.drafter_layer`) needs, or None if it cannot run this
-        layer: packed bias-free projections in `dtype`, Gemma-style x * w norms, head_dim % 8 == 0,
-        intermediate % 16 == 0. The fp32 norm weights are cached while the weights stay the same
-        tensors at the same version (training updates and reloads invalidate the cache)."""
+        layer: bias-free projections all packed in `dtype` or all quantized (`MTPDrafter.quantize`),
+        Gemma-style x * w norms, head_dim % 8 == 0, intermediate % 16 == 0. Returns (weights, fp32
+        norm weights, layer scalar, quantized formats or None). The norm weights are cached while
+        they stay the same tensors at the same version (training updates and reloads invalidate
+        the cache)."""
         attn, mlp = self.self_attn, self.mlp
         lins = (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(l.is_packed and l.weight.numel() == 0 and l.bias is None and l._packed.dtype == dtype for l in lins):
+        if all(isinstance(l, QuantLinear) and l.bias is None for l in lins):
+            weights = [l.packed for l in lins]
+            qmeta = [[l.out_features, l.in_features, l.bits, l.block, l.scale_mode] for l in lins]
+        elif all(isinstance(l, Linear) and l.is_packed and l.weight.numel() == 0 and l.bias is None
+                 and l._packed.dtype == dtype for l in lins):
+            weights, qmeta = [l._packed for l in lins], None
+        else:
             return None
         norms = (self.input_layernorm, attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
                  self.post_feedforward_layernorm)
@@ -275,7 +284,7 @@ class DrafterLayer(nn.Module):
             cached = self._fused_cache = (key, norm_w, float(self.layer_scalar.float()))
         if cached[1] is None:
             return None
-        return [l._packed for l in lins], cached[1], cached[2]
+        return weights, cached[1], cached[2], qmeta
 
     def forward(self, h: torch.Tensor, ctx: "DraftContext") -> torch.Tensor:
         kv = ctx.types[self.attention_type]
@@ -283,7 +292,7 @@ class DrafterLayer(nn.Module):
             args = self._fused_args(h.dtype)
             if args is not None:
                 out = kernels.drafter_layer(h, args[0], args[1], self.input_layernorm.eps, kv.k_head, kv.v_head,
-                                            *kv.rope_f32, self.self_attn.n_heads, args[2], self.mlp.gelu)
+                                            *kv.rope_f32, self.self_attn.n_heads, args[2], self.mlp.gelu, args[3])
                 if out is not None:
                     return out
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), kv))
@@ -404,7 +413,7 @@ class MTPDrafter(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.pre_projection.weight.device if self.pre_projection.weight.numel() else self.model.norm.weight.device
+        return self.model.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -437,15 +446,46 @@ class MTPDrafter(nn.Module):
         hugepages.move_packed_weights(self)
         return self.eval().requires_grad_(False)
 
+    def quantize(self, scheme: str) -> "MTPDrafter":
+        """Hold the projections (pre/post projection, every layer's q, o, gate, up, down) as
+        `scheme` ("int8" or "int4": round-to-nearest per block of 32 inputs, kernels/quant.py)
+        for inference; after `prepare()`, on CPU with the compiled kernels. Drafting reads every
+        weight at every step, so fewer bytes make each step cheaper; the LM head (the target's
+        embedding), centroids and norms keep the drafter's dtype. Layers whose input width is not
+        a multiple of 32 stay dense. Drafts may differ slightly from the dense drafter's; output
+        tokens never do (the target verifies). The result cannot be saved (`dense_state_dict()`
+        gives its dequantized weights)."""
+        if scheme not in QUANT_SCHEMES:
+            raise ValueError(f"unknown drafter quantization {scheme!r}; valid: {', '.join(QUANT_SCHEMES)}")
+        owners = [self, *(l.self_attn for l in self.model.layers), *(l.mlp for l in self.model.layers)]
+        for owner in owners:
+            for name, child in list(owner.named_children()):
+                if isinstance(child, Linear) and child.in_features % 32 == 0 and child.bias is None:
+                    setattr(owner, name, QuantLinear.from_linear(child, scheme))
+        self.quantization = scheme
+        hugepages.move_packed_weights(self)
+        return self
+
+    quantization: str | None = None  # set by quantize()
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict() with the quantized projections' weights dequantized (in the drafter's dtype)."""
+        sd = self.state_dict()
+        for name, mod in self.named_modules():
+            if isinstance(mod, QuantLinear):
+                sd[f"{name}.weight"] = mod.unpacked_weight().to(self.dtype)
+        return sd
+
     def full_head_copy(self) -> "MTPDrafter":
         """The same weights with the full LM head instead of the clustered one (unprepared): what
         the clustered head is compared against."""
         import dataclasses
 
         full = MTPDrafter(dataclasses.replace(self.cfg, clustered=False, num_centroids=0, centroid_top_k=0))
-        full.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("masked_embedding.")})
+        full.load_state_dict({k: v for k, v in self.dense_state_dict().items() if not k.startswith("masked_embedding.")})
         full.draft_tokens = self.draft_tokens
-        return full.to(self.dtype)
+        full = full.to(self.dtype)
+        return full if self.quantization is None else full.quantize(self.quantization)
 
     @staticmethod
     def _standard_order_hook(module, state_dict, prefix, local_metadata):

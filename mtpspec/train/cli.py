@@ -116,6 +116,7 @@ def eval_drafter_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text (held-out: each evaluation's \"heldout\" holds \"categories\" {name: prompts, rounds, mean_accepted_length, acceptance_per_position} and \"mean_over_categories\").")] = False,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, ...")] = "cpu",
     drafter_dtype: Annotated[str, typer.Option("--drafter-dtype", help="'auto' = bfloat16 on CPU (as generate/serve), or float32 / bfloat16 / float16.")] = "auto",
+    drafter_quantize: Annotated[str, typer.Option("--drafter-quantize", help="'auto' = int8 on CPU (as generate/serve), or none / int8 / int4.")] = "auto",
     prompt_lookup: Annotated[bool, typer.Option("--prompt-lookup", help="Evaluate the drafter with prompt lookup in front of it (as generate/serve run it by default) instead of alone.")] = False,
 ) -> None:
     """Held-out mean accepted length and per-position acceptance of a drafter (greedy, fixed K), on
@@ -139,11 +140,12 @@ def eval_drafter_cmd(
         _, k_ckpt = read_drafter_config(drafter)
         k = draft_tokens or k_ckpt or 4
         eng = mtpspec.load(target, drafter=str(drafter), draft_tokens=k, draft_tree=tree or None, device=device,
-                           drafter_dtype=drafter_dtype, prompt_lookup=prompt_lookup)
+                           drafter_dtype=drafter_dtype, prompt_lookup=prompt_lookup, drafter_quantize=drafter_quantize)
         clustered = eng.proposer.drafter.cfg.clustered
         heads = [False, True] if compare_heads and clustered else [False]
         res = {"drafter": str(drafter), "draft_tokens": k, "tree": tree and str(eng.plan.tree), "prompt_lookup": prompt_lookup,
-               "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."), "evaluations": []}
+               "drafter_dtype": str(eng.proposer.drafter.dtype).removeprefix("torch."),
+               "drafter_quantize": eng.proposer.drafter.quantization or "none", "evaluations": []}
         for path in prompts_file or []:
             for full in heads:
                 res["evaluations"].append(evaluate_drafter(drafter, path, k=k, max_new_tokens=max_new_tokens, limit=limit,
