@@ -47,10 +47,10 @@ constexpr int64_t MC = 64;  // rows per chunk (run)
 // 1.09x faster) and 4-bit weights at 1-2 rows (decode 1.05x, 2-row verify 1.02-1.04x, interleaved
 // in one process). From 4 rows on, 4-bit blocks are arithmetic-bound and gain nothing (0.97-1.00x).
 constexpr int64_t kPrefetchBlocks = 4;
-// AVX2: up to this many rows stream each block straight from memory (block_rows4_stream,
-// block_rows8_stream) instead of unpacking it once for all rows. Measured against unpacking, one
-// thread, interleaved: 4-bit 1.4-1.5x at 1 row, 1.2-1.3x at 2, 1.1-1.2x at 3-4, 1.03x at 5-6,
-// 0.8x at 8; int8 1.4-1.5x at 1-2 rows, 1.1-1.2x at 4-8, 1.05x at 16, 0.98x at 64.
+// AVX2: up to this many rows stream each block straight from memory (dot_block_stream_avx2)
+// instead of unpacking it once for all rows. Measured against unpacking, one thread, interleaved:
+// 4-bit 1.4-1.5x at 1 row, 1.2-1.3x at 2, 1.1-1.2x at 3-4, 1.03x at 5-6, 0.8x at 8; int8 1.4-1.5x
+// at 1-2 rows, 1.1-1.2x at 4-8, 1.05x at 16, 0.98x at 64.
 constexpr int64_t kStreamRows4 = 6;
 constexpr int64_t kStreamRows8 = 16;
 
@@ -246,15 +246,12 @@ __attribute__((target("avx2,fma,f16c"))) inline void dot_block_avx2(const Avx2Bl
   }
 }
 
-// Rows m .. m + R - 1 of one block: acc[m][16] += d * dx * sums (+ m * xs), per row as for one row.
+// Rows m .. m + R - 1 of one block, from their int32 sums (features 0-7 in s0[r], 8-15 in s1[r]):
+// acc[m][16] += d * dx * sums (+ m * xs), per row as for one row.
 template <int SM, int R>
-__attribute__((target("avx2,fma,f16c"))) inline void block_rows_avx2(const Avx2Block& blk, const QView& xr, int64_t m,
-                                                            int64_t b, int64_t nb, int fmt, int B, __m256 d0,
-                                                            __m256 d1, __m256 m0, __m256 m1, float* acc) {
-  const int8_t* qx[R];
-  for (int r = 0; r < R; ++r) qx[r] = xr.q + (m + r) * xr.K + b * B;
-  __m256i s0[R], s1[R];
-  dot_block_avx2<R>(blk, qx, fmt, B, s0, s1);
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void finish_rows_avx2(const __m256i* s0, const __m256i* s1,
+                                                             const QView& xr, int64_t m, int64_t b, int64_t nb,
+                                                             __m256 d0, __m256 d1, __m256 m0, __m256 m1, float* acc) {
   for (int r = 0; r < R; ++r) {
     const __m256 dx = _mm256_set1_ps(xr.d[(m + r) * nb + b]);
     const __m256 xs = _mm256_set1_ps(xr.s[(m + r) * nb + b]);
@@ -271,60 +268,54 @@ __attribute__((target("avx2,fma,f16c"))) inline void block_rows_avx2(const Avx2B
   }
 }
 
-// 4-bit blocks for R <= 3 rows, streamed: each 32-byte load is split into its nibbles and fed
-// straight to maddubs, with nothing unpacked to the stack (Avx2Block's 16 registers spill: at
-// 1-3 rows the spills cost more than the arithmetic). Same integer sums, same fp32 finish as
-// block_rows_avx2, so the results are bit-identical.
+// Rows m .. m + R - 1 of one unpacked block.
 template <int SM, int R>
-__attribute__((target("avx2,fma,f16c"))) inline void block_rows4_stream(const uint8_t* w, const QView& xr, int64_t m,
-                                                               int64_t b, int64_t nb, __m256 d0, __m256 d1,
-                                                               __m256 m0, __m256 m1, float* acc) {
-  const __m256i lo = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int8_t* qx[R];
-  for (int r = 0; r < R; ++r) qx[r] = xr.q + (m + r) * xr.K + b * 32;
-  __m256i a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_si256();
-  for (int g = 0; g < 4; ++g) {  // 64 bytes: inputs 8g + 0..3 (low nibbles) and 8g + 4..7 (high), features 0-7 | 8-15
-    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64));
-    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + 32));
-    const __m256i l0 = _mm256_and_si256(v0, lo), l1 = _mm256_and_si256(v1, lo);
-    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
-    for (int r = 0; r < R; ++r) {
-      int32_t xl, xh;
-      std::memcpy(&xl, qx[r] + 8 * g, 4);
-      std::memcpy(&xh, qx[r] + 8 * g + 4, 4);
-      const __m256i bl = _mm256_set1_epi32(xl), bh = _mm256_set1_epi32(xh);
-      a0[r] = _mm256_add_epi16(a0[r], _mm256_add_epi16(_mm256_maddubs_epi16(l0, bl), _mm256_maddubs_epi16(h0, bh)));
-      a1[r] = _mm256_add_epi16(a1[r], _mm256_add_epi16(_mm256_maddubs_epi16(l1, bl), _mm256_maddubs_epi16(h1, bh)));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m256 dx = _mm256_set1_ps(xr.d[(m + r) * nb + b]);
-    const __m256 xs = _mm256_set1_ps(xr.s[(m + r) * nb + b]);
-    float* a = acc + (m + r) * PW;
-    __m256 f0 = _mm256_loadu_ps(a), f1 = _mm256_loadu_ps(a + 8);
-    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0[r], ones)), _mm256_mul_ps(d0, dx), f0);
-    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1[r], ones)), _mm256_mul_ps(d1, dx), f1);
-    if (SM != 2) {
-      f0 = _mm256_fmadd_ps(m0, xs, f0);
-      f1 = _mm256_fmadd_ps(m1, xs, f1);
-    }
-    _mm256_storeu_ps(a, f0);
-    _mm256_storeu_ps(a + 8, f1);
-  }
-}
-
-// int8 blocks (B = 16 or 32) for R <= 3 rows, streamed as block_rows4_stream does.
-template <int SM, int R>
-__attribute__((target("avx2,fma,f16c"))) inline void block_rows8_stream(const uint8_t* w, int B, const QView& xr,
-                                                               int64_t m, int64_t b, int64_t nb, __m256 d0,
-                                                               __m256 d1, __m256 m0, __m256 m1, float* acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
+__attribute__((target("avx2,fma,f16c"))) inline void block_rows_avx2(const Avx2Block& blk, const QView& xr, int64_t m,
+                                                            int64_t b, int64_t nb, int fmt, int B, __m256 d0,
+                                                            __m256 d1, __m256 m0, __m256 m1, float* acc) {
   const int8_t* qx[R];
   for (int r = 0; r < R; ++r) qx[r] = xr.q + (m + r) * xr.K + b * B;
   __m256i s0[R], s1[R];
+  dot_block_avx2<R>(blk, qx, fmt, B, s0, s1);
+  finish_rows_avx2<SM, R>(s0, s1, xr, m, b, nb, d0, d1, m0, m1, acc);
+}
+
+// Few rows, streamed: R <= 3 rows' int32 sums of one block (as dot_block_avx2 gives them), each
+// 32-byte load of weights fed straight to maddubs (4-bit: split into its nibbles on the way) with
+// nothing unpacked to the stack (Avx2Block's 16 registers spill: at 1-3 rows the spills cost more
+// than the arithmetic). The same exact integer sums, so the results are bit-identical. These
+// helpers must inline into panel_avx2 (always_inline): called out of line, passing the __m256
+// scales cost 1.2x at one row.
+template <int FMT, int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void dot_block_stream_avx2(const uint8_t* w, const int8_t* const* qx,
+                                                                  int B, __m256i* s0, __m256i* s1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (FMT == 4) {  // B = 32; int16 sums as in dot_block_avx2
+    const __m256i lo = _mm256_set1_epi8(15);
+    __m256i a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_si256();
+    for (int g = 0; g < 4; ++g) {  // 64 bytes: inputs 8g + 0..3 (low nibbles), 8g + 4..7 (high); features 0-7 | 8-15
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + 32));
+      const __m256i l0 = _mm256_and_si256(v0, lo), l1 = _mm256_and_si256(v1, lo);
+      const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo);
+      for (int r = 0; r < R; ++r) {
+        int32_t xl, xh;
+        std::memcpy(&xl, qx[r] + 8 * g, 4);
+        std::memcpy(&xh, qx[r] + 8 * g + 4, 4);
+        const __m256i bl = _mm256_set1_epi32(xl), bh = _mm256_set1_epi32(xh);
+        a0[r] = _mm256_add_epi16(a0[r], _mm256_add_epi16(_mm256_maddubs_epi16(l0, bl), _mm256_maddubs_epi16(h0, bh)));
+        a1[r] = _mm256_add_epi16(a1[r], _mm256_add_epi16(_mm256_maddubs_epi16(l1, bl), _mm256_maddubs_epi16(h1, bh)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      s0[r] = _mm256_madd_epi16(a0[r], ones);
+      s1[r] = _mm256_madd_epi16(a1[r], ones);
+    }
+    return;
+  }
   for (int r = 0; r < R; ++r) s0[r] = s1[r] = _mm256_setzero_si256();
-  for (int g = 0; g < B / 4; ++g) {  // 64 bytes: [16 features][4 inputs 4g + 0..3], features 0-7 | 8-15
+  for (int g = 0; g < B / 4; ++g) {  // int8, 64 bytes: [16 features][inputs 4g + 0..3]; features 0-7 | 8-15
     const __m256i g0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64));
     const __m256i g1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + 32));
     const __m256i u0 = _mm256_sign_epi8(g0, g0), u1 = _mm256_sign_epi8(g1, g1);  // |w| (see unpack_block_avx2)
@@ -336,20 +327,29 @@ __attribute__((target("avx2,fma,f16c"))) inline void block_rows8_stream(const ui
       s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, g1)), ones));
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m256 dx = _mm256_set1_ps(xr.d[(m + r) * nb + b]);
-    const __m256 xs = _mm256_set1_ps(xr.s[(m + r) * nb + b]);
-    float* a = acc + (m + r) * PW;
-    __m256 f0 = _mm256_loadu_ps(a), f1 = _mm256_loadu_ps(a + 8);
-    f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[r]), _mm256_mul_ps(d0, dx), f0);
-    f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[r]), _mm256_mul_ps(d1, dx), f1);
-    if (SM != 2) {
-      f0 = _mm256_fmadd_ps(m0, xs, f0);
-      f1 = _mm256_fmadd_ps(m1, xs, f1);
-    }
-    _mm256_storeu_ps(a, f0);
-    _mm256_storeu_ps(a + 8, f1);
-  }
+}
+
+// Rows m .. m + R - 1 of one streamed block.
+template <int SM, int FMT, int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void block_rows_stream_avx2(const uint8_t* w, const QView& xr,
+                                                                   int64_t m, int64_t b, int64_t nb, int B, __m256 d0,
+                                                                   __m256 d1, __m256 m0, __m256 m1, float* acc) {
+  const int8_t* qx[R];
+  for (int r = 0; r < R; ++r) qx[r] = xr.q + (m + r) * xr.K + b * B;
+  __m256i s0[R], s1[R];
+  dot_block_stream_avx2<FMT, R>(w, qx, B, s0, s1);
+  finish_rows_avx2<SM, R>(s0, s1, xr, m, b, nb, d0, d1, m0, m1, acc);
+}
+
+// All M rows of one streamed block: 3 rows at a time, then 2 (4 rows = 2 + 2), then 1.
+template <int SM, int FMT>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void block_stream_avx2(const uint8_t* w, const QView& xr, int64_t M,
+                                                              int64_t b, int64_t nb, int B, __m256 d0, __m256 d1,
+                                                              __m256 m0, __m256 m1, float* acc) {
+  int64_t m = 0;
+  for (; M - m >= 3 && M - m != 4; m += 3) block_rows_stream_avx2<SM, FMT, 3>(w, xr, m, b, nb, B, d0, d1, m0, m1, acc);
+  for (; M - m >= 2; m += 2) block_rows_stream_avx2<SM, FMT, 2>(w, xr, m, b, nb, B, d0, d1, m0, m1, acc);
+  if (m < M) block_rows_stream_avx2<SM, FMT, 1>(w, xr, m, b, nb, B, d0, d1, m0, m1, acc);
 }
 
 // One panel for all M rows: acc [M][16] fp32. Few rows stream each block (kStreamRows4/8, up to
@@ -379,17 +379,11 @@ __attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int6
       if (SM == 1) m0 = _mm256_cvtph_ps(_mm_loadu_si128(h + 2)), m1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 3));
     }
     if (fmt == 4 && M <= kStreamRows4) {
-      int64_t m = 0;
-      for (; M - m >= 3 && M - m != 4; m += 3) block_rows4_stream<SM, 3>(w, xr, m, b, nb, d0, d1, m0, m1, acc);
-      for (; M - m >= 2; m += 2) block_rows4_stream<SM, 2>(w, xr, m, b, nb, d0, d1, m0, m1, acc);
-      if (m < M) block_rows4_stream<SM, 1>(w, xr, m, b, nb, d0, d1, m0, m1, acc);
+      block_stream_avx2<SM, 4>(w, xr, M, b, nb, B, d0, d1, m0, m1, acc);
       continue;
     }
     if (fmt == 8 && M <= kStreamRows8) {
-      int64_t m = 0;
-      for (; M - m >= 3 && M - m != 4; m += 3) block_rows8_stream<SM, 3>(w, B, xr, m, b, nb, d0, d1, m0, m1, acc);
-      for (; M - m >= 2; m += 2) block_rows8_stream<SM, 2>(w, B, xr, m, b, nb, d0, d1, m0, m1, acc);
-      if (m < M) block_rows8_stream<SM, 1>(w, B, xr, m, b, nb, d0, d1, m0, m1, acc);
+      block_stream_avx2<SM, 8>(w, xr, M, b, nb, B, d0, d1, m0, m1, acc);
       continue;
     }
     unpack_block_avx2(w, fmt, B, blk);

@@ -408,6 +408,7 @@ class MTPDrafter(nn.Module):
         self.post_projection = Linear(cfg.hidden_size, cfg.backbone_hidden_size, bias=False)
         self.masked_embedding = MaskedEmbedding(cfg) if cfg.clustered else None
         self.draft_tokens: int | None = None  # the checkpoint's num_assistant_tokens (set by load_drafter)
+        self.quantization: str | None = None  # "int8" / "int4" after quantize()
         self._register_state_dict_hook(MTPDrafter._standard_order_hook)
         self._register_load_state_dict_pre_hook(MTPDrafter._load_pre_hook, with_module=True)
 
@@ -449,7 +450,8 @@ class MTPDrafter(nn.Module):
     def quantize(self, scheme: str) -> "MTPDrafter":
         """Hold the projections (pre/post projection, every layer's q, o, gate, up, down) as
         `scheme` ("int8" or "int4": round-to-nearest per block of 32 inputs, kernels/quant.py)
-        for inference; after `prepare()`, on CPU with the compiled kernels. Drafting reads every
+        for inference (before or after `prepare()`; fast on CPU with the compiled kernels, on other
+        devices each layer keeps a dequantized copy, as a quantized target does). Drafting reads every
         weight at every step, so fewer bytes make each step cheaper; the LM head (the target's
         embedding), centroids and norms keep the drafter's dtype. Layers whose input width is not
         a multiple of 32 stay dense. Drafts may differ slightly from the dense drafter's; output
@@ -465,8 +467,6 @@ class MTPDrafter(nn.Module):
         self.quantization = scheme
         hugepages.move_packed_weights(self)
         return self
-
-    quantization: str | None = None  # set by quantize()
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """state_dict() with the quantized projections' weights dequantized (in the drafter's dtype)."""
