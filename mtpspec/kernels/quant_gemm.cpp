@@ -204,6 +204,21 @@ __attribute__((target("avx2,fma,f16c"))) inline void unpack_block_avx2(const uin
   }
 }
 
+// One group of 4 inputs of int8 weights (|w| in u0 / u1, w in g0 / g1; features 0-7 / 8-15) for R
+// rows: s0[r], s1[r] += the group's int32 dot products, via |w| x sign(x, w).
+template <int R>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline void int8_group_rows(
+    __m256i u0, __m256i u1, __m256i g0, __m256i g1, const int8_t* const* qx, int g, __m256i* s0, __m256i* s1) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r) {
+    int32_t x4;
+    std::memcpy(&x4, qx[r] + 4 * g, 4);
+    const __m256i xb = _mm256_set1_epi32(x4);
+    s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, g0)), ones));
+    s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, g1)), ones));
+  }
+}
+
 // int32 sums of the block for features 0..7 (s0[r]) and 8..15 (s1[r]) of R rows at once (qx[r]: B
 // int8 of row r): each unpacked weight register is loaded once for the R rows. The sums are exact,
 // so R never changes a result.
@@ -235,13 +250,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void dot_block_avx2(const Avx2Bl
     for (int r = 0; r < R; ++r) s0[r] = s1[r] = _mm256_setzero_si256();
     for (int g = 0; g < G; ++g) {
       const __m256i u0 = blk.u[g * 2], u1 = blk.u[g * 2 + 1], g0 = blk.sg[g * 2], g1 = blk.sg[g * 2 + 1];
-      for (int r = 0; r < R; ++r) {
-        int32_t x4;
-        std::memcpy(&x4, qx[r] + 4 * g, 4);
-        const __m256i xb = _mm256_set1_epi32(x4);
-        s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, g0)), ones));
-        s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, g1)), ones));
-      }
+      int8_group_rows<R>(u0, u1, g0, g1, qx, g, s0, s1);
     }
   }
 }
@@ -319,13 +328,7 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline void dot_block_st
     const __m256i g0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64));
     const __m256i g1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 64 + 32));
     const __m256i u0 = _mm256_sign_epi8(g0, g0), u1 = _mm256_sign_epi8(g1, g1);  // |w| (see unpack_block_avx2)
-    for (int r = 0; r < R; ++r) {
-      int32_t x4;
-      std::memcpy(&x4, qx[r] + 4 * g, 4);
-      const __m256i xb = _mm256_set1_epi32(x4);
-      s0[r] = _mm256_add_epi32(s0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, g0)), ones));
-      s1[r] = _mm256_add_epi32(s1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, g1)), ones));
-    }
+    int8_group_rows<R>(u0, u1, g0, g1, qx, g, s0, s1);
   }
 }
 
