@@ -69,6 +69,8 @@ QIsa q_isa = q_detected;
 
 // Bytes of a block's scales in mode sm (see the header).
 inline int64_t scale_bytes(int sm) { return sm == 0 ? 2 * PW * 4 : sm == 1 ? 2 * PW * 2 : PW * 2; }
+// Bytes of a block's integers (16 features x B inputs of `fmt` bits).
+inline int64_t int_bytes(int fmt, int64_t B) { return fmt == 8 ? B * PW : B * PW / 2; }
 
 inline float half_to_f32(uint16_t h) { return float(c10::Half(h, c10::Half::from_bits())); }
 
@@ -479,7 +481,7 @@ void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_
          T* y, const float* bias) {
   const QRows xr = quantize_rows<T>(x, ldx, M, K, B);
   const int64_t nb = K / B;
-  const int64_t qbytes = fmt == 8 ? int64_t(B) * PW : int64_t(B) * PW / 2;
+  const int64_t qbytes = int_bytes(fmt, B);
   const int64_t panel_bytes = nb * (qbytes + scale_bytes(sm));
   const int64_t P = (N + PW - 1) / PW;
   const int64_t grain = std::max<int64_t>(1, (32 * 1024) / panel_bytes);  // >= ~32 KB of weights per task
@@ -526,8 +528,7 @@ void quant_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w
 
 // Bytes of a packed quantized weight [N, K] (fmt bits, blocks of B inputs, scale mode sm).
 int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm) {
-  const int64_t qbytes = fmt == 8 ? int64_t(B) * PW : int64_t(B) * PW / 2;
-  return (N + PW - 1) / PW * (K / B) * (qbytes + scale_bytes(sm));
+  return (N + PW - 1) / PW * (K / B) * (int_bytes(fmt, B) + scale_bytes(sm));
 }
 
 // x [M, K] fp32 or bf16 (unit inner stride); packed: uint8, see header; bias: fp32 [N] or None.
@@ -539,9 +540,7 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_linear: unsupported block size");
   TORCH_CHECK(K % B == 0, "quant_linear: K must be a multiple of the block size");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_linear: packed must be contiguous uint8");
-  const int64_t P = (N + PW - 1) / PW;
-  const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
-  TORCH_CHECK(packed.numel() == P * (K / B) * (qbytes + scale_bytes(int(sm))),
+  TORCH_CHECK(packed.numel() == quant_packed_bytes(N, K, int(fmt), int(B), int(sm)),
               "quant_linear: packed size does not match N, K");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
@@ -571,9 +570,10 @@ torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, 
   TORCH_CHECK(ids.scalar_type() == torch::kLong, "quant_rows: ids must be int64");
   TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_rows: unsupported format");
   const int64_t nb = K / B;
-  const int64_t qbytes = fmt == 8 ? B * PW : B * PW / 2;
+  const int64_t qbytes = int_bytes(int(fmt), B);
   const int64_t block_bytes = qbytes + scale_bytes(int(sm));
-  TORCH_CHECK(packed.numel() == (N + PW - 1) / PW * nb * block_bytes, "quant_rows: packed size does not match N, K");
+  TORCH_CHECK(packed.numel() == quant_packed_bytes(N, K, int(fmt), int(B), int(sm)),
+              "quant_rows: packed size does not match N, K");
   const auto flat = ids.contiguous().view(-1);
   const int64_t R = flat.numel();
   const int64_t* ip = flat.data_ptr<int64_t>();
