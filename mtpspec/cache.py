@@ -59,9 +59,14 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def rows(self, start: int, end: int) -> "KVCache":
-        """A view of rows start..end-1: same storage, so writes and length changes show through."""
+        """A view of rows start..end-1: same storage, so writes and length changes show through.
+        Views are kept (the decoding loop asks for rows 0..n-1 every round); a view knows its `base`
+        cache and first row `row0`."""
         if start == 0 and end == self.batch_size:
             return self
+        views = self.__dict__.setdefault("_views", {})
+        if (view := views.get((start, end))) is not None:
+            return view
         view = object.__new__(KVCache)
         view.batch_size = end - start
         view.capacity = self.capacity
@@ -69,6 +74,8 @@ class KVCache:
         view.v = {i: t[start:end] for i, t in self.v.items()}
         view.groups = [(kg[:, start:end], vg[:, start:end]) for kg, vg in self.groups]
         view.lengths = self.lengths[start:end]
+        view.base, view.row0 = getattr(self, "base", None) or self, getattr(self, "row0", 0) + start
+        views[(start, end)] = view
         return view
 
     # ---- positions ---------------------------------------------------------------------------

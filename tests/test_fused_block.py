@@ -46,10 +46,11 @@ def _steps(model, prompt, new):
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_fused_blocks_compute_the_per_op_block(ext, tiny_checkpoints, family, scheme, monkeypatch):
     model = _model(tiny_checkpoints, family, scheme)
-    assert isinstance(model.fused, FusedStack)
+    assert isinstance(model.fused, FusedStack) and model.fused.io
     calls = []
-    real = FusedStack.__call__
-    monkeypatch.setattr(FusedStack, "__call__", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    real_call, real_step = FusedStack.__call__, FusedStack.step
+    monkeypatch.setattr(FusedStack, "__call__", lambda self, *a: calls.append(real_call(self, *a)) or calls[-1])
+    monkeypatch.setattr(FusedStack, "step", lambda self, *a, **k: calls.append(real_step(self, *a, **k)) or calls[-1])
     g = torch.Generator().manual_seed(2)
     # 13 + 7 positions cross gemma3's sliding window of 8; rows differ only in content
     prompt, new = torch.randint(3, VOCAB, (3, 13), generator=g), torch.randint(3, VOCAB, (3, 7), generator=g)
@@ -64,6 +65,73 @@ def test_fused_blocks_compute_the_per_op_block(ext, tiny_checkpoints, family, sc
     for layer in c1.k:  # the K/V written into the cache (RoPE'd keys at the right slots)
         for a, b in ((c1.k[layer], c2.k[layer]), (c1.v[layer], c2.v[layer])):
             assert ((a - b).norm() / b.norm()).item() < 5e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_whole_steps_equal_block_steps(ext, tiny_checkpoints, family):
+    """FusedStack.step (embedding, blocks, final norm and head in one call; RoPE from tables, the
+    causal / sliding-window mask worked out in C++) against the blocks alone (FusedStack.__call__)
+    with torch's embedding, RoPE, mask, final norm and head: the same K/V bit for bit (so the same
+    embeddings, positions, RoPE and masks), the same logits up to the final norm's rounding. Rows
+    of different lengths (a ragged batch) cross gemma3's sliding window of 8."""
+    model = _model(tiny_checkpoints, family, "int4")
+    g = torch.Generator().manual_seed(3)
+    prompt, new = torch.randint(3, VOCAB, (3, 13), generator=g), torch.randint(3, VOCAB, (3, 7), generator=g)
+
+    def run(io):
+        model.fused.io = io
+        cache = model.new_cache(3, 64)
+        out = [model(prompt, cache).logits]
+        cache.rollback(torch.tensor([0, 4, 9]))  # ragged rows: lengths 13, 9, 4
+        out += [model(new[:, :4], cache).logits]
+        out += [model(new[:, i : i + 1], cache).logits for i in range(4, 7)]
+        return torch.cat(out, dim=1), cache
+
+    try:
+        whole, c1 = run(True)
+        blocks, c2 = run(False)
+    finally:
+        model.fused.io = True
+    assert torch.equal(c1.lengths, c2.lengths)
+    for layer in c1.k:
+        assert torch.equal(c1.k[layer], c2.k[layer]) and torch.equal(c1.v[layer], c2.v[layer])
+    assert ((whole - blocks).norm() / blocks.norm()).item() < 2e-3
+    assert (whole.argmax(-1) == blocks.argmax(-1)).float().mean().item() > 0.95
+
+
+def test_whole_steps_bind_each_cache_once_and_release_it(ext, tiny_checkpoints):
+    """The C++ stack keeps the cache it last ran on (rows 0..B-1 views included) and lets it go
+    when the cache is collected; alternating caches and views of other rows give what each cache
+    alone gives."""
+    import gc
+
+    model = _model(tiny_checkpoints, "llama", "int8")
+    fs = model.fused
+    g = torch.Generator().manual_seed(5)
+    toks = torch.randint(3, VOCAB, (2, 6), generator=g)
+
+    def alone(rows):
+        cache = model.new_cache(len(rows), 32)
+        return torch.cat([model(toks[rows, i : i + 1], cache).logits for i in range(6)], dim=1)
+
+    ref_both, ref_second = alone([0, 1]), alone([1])
+    a, b, c = model.new_cache(2, 32), model.new_cache(2, 32), model.new_cache(2, 32)
+    outs_a, outs_b, outs_view = [], [], []
+    for i in range(6):  # a, b, then row 1 of c (a view not starting at row 0: not bound)
+        outs_a.append(model(toks[:, i : i + 1], a).logits)
+        outs_b.append(model(toks[:, i : i + 1], b).logits)
+        outs_view.append(model(toks[1:, i : i + 1], c.rows(1, 2)).logits)
+        assert c.rows(1, 2) is c.rows(1, 2)  # views are kept
+    assert torch.equal(torch.cat(outs_a, dim=1), ref_both)
+    assert torch.equal(torch.cat(outs_b, dim=1), ref_both)
+    assert torch.equal(torch.cat(outs_view, dim=1), ref_second)
+    assert fs._bound is not None and fs._bound[1]() is b
+    del b
+    gc.collect()
+    assert fs._bound is None  # released with its cache
+    c = model.new_cache(1, 32)
+    first = model(toks[:1, :1], c.rows(0, 1)).logits
+    assert fs._bound[1]() is c and torch.equal(first, ref_both[:1, :1])
 
 
 def test_the_portable_kernels_give_the_same_bits(ext, tiny_checkpoints):

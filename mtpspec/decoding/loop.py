@@ -27,7 +27,7 @@ from .plan import DraftPlan
 from .proposers import DraftInput, Proposal
 from .sampling import SamplingParams, next_token, probabilities
 from .tree import TreeMask, verify_greedy_tree, verify_sampled_tree_row
-from .verify import verify_greedy, verify_sampled_row
+from .verify import verify_greedy_rows, verify_sampled_row
 
 StopCheck = Callable[[list[int]], int | None]
 """Given a row's new token ids, return how many to keep if a stop condition is met, else None."""
@@ -429,6 +429,7 @@ class DecodeBatch:
             n_accepted, emitted = self._verify_tree(view, seqs, active, last_tokens, drafts, proposal.parents)
         now = time.perf_counter()
         events = []
+        updated = []  # rows whose last token changed, set in one torch call below
         for b, s in enumerate(seqs):
             if not emitted[b]:
                 continue
@@ -441,7 +442,7 @@ class DecodeBatch:
                 self.history[b].append(tok)
                 if s.done:
                     break
-            self.last_tokens[b] = self.history[b][-1]  # the last token kept (a stop may cut the round)
+            updated.append(b)  # its last token: the last one kept (a stop may cut the round)
             if s.done:
                 st.decode_time = now - self.decode_start[b]
                 # the row may have been cut (max_new_tokens, stop) inside its accepted run: keep only
@@ -450,6 +451,8 @@ class DecodeBatch:
                 if self.recorder is not None:
                     self.recorder.finished(b, s, self.cache)
             events.append(Event(b, s.new_ids, s.done))
+        if updated:
+            self.last_tokens[updated] = torch.tensor([self.history[b][-1] for b in updated])
         self._pending = (rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a], t_drafted - t_round,
                          drafts.shape[1] + 1, t_drafted, time.perf_counter())
         return events
@@ -489,27 +492,32 @@ class DecodeBatch:
 
     def _verify_chain(self, view, seqs, active, last_tokens, drafts, proposal, k):
         """Verify k drafts per row in one forward over [last, d_1..d_k] (verify.py); keep each row's
-        last token + accepted drafts in the cache. Returns (n_accepted, emitted) per row."""
+        last token + accepted drafts in the cache. Returns (n_accepted, emitted) per row. Few torch
+        calls: each costs tens of microseconds after the forward's weight stream (see verify_greedy_rows)."""
         dev = self.model.device
         hi = len(seqs)
-        out = self.model(torch.cat([last_tokens[:, None], drafts], dim=1), view)
+        tokens = last_tokens[:, None] if k == 0 else torch.cat([last_tokens[:, None], drafts], dim=1)
+        out = self.model(tokens, view)
         logits = self._suppress_eos(out.logits, seqs, active, None)
-        greedy_n, greedy_tokens = verify_greedy(drafts, logits)
-        n_accepted = greedy_n.tolist()
+        n_accepted, greedy_rows = verify_greedy_rows(drafts.tolist() if k else [[]] * hi, logits)
         emitted: list[list[int]] = []
         for b, s in enumerate(seqs):
             if not active[b]:
                 emitted.append([])
             elif s.request.params.greedy:
-                emitted.append(greedy_tokens[b, : n_accepted[b] + 1].tolist())
+                emitted.append(greedy_rows[b])
             else:
                 q = proposal.probs[b] if proposal.probs is not None else None
                 target_p = probabilities(logits[b], s.request.params)
                 n_accepted[b], row = verify_sampled_row(drafts[b], q, target_p, s.generator)
                 emitted.append(row)
-        keep = torch.tensor([n + 1 if e else 0 for n, e in zip(n_accepted, emitted)], device=dev)
-        view.rollback((k + 1) - keep)
-        self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
+        back = [k - n if e else k + 1 for n, e in zip(n_accepted, emitted)]  # (k + 1) - kept
+        if any(back):
+            view.rollback(torch.tensor(back, device=dev))
+        if all(n == n_accepted[0] for n in n_accepted):
+            self.last_hidden[:hi] = out.hidden[:, n_accepted[0]]
+        else:
+            self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
         if self.recorder is not None:  # plain decoding: one position per row
             rows = [b for b in range(hi) if active[b]]
             idx = torch.tensor(rows, device=dev)

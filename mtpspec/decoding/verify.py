@@ -49,10 +49,26 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[tor
     later positions, meaningless, and must be ignored).
     """
     target = target_logits.argmax(dim=-1)  # [B, K+1]
-    k = draft.shape[1]
-    match = (draft == target[:, :k]).to(torch.long)  # [B, K]
-    n_accepted = match.cumprod(dim=1).sum(dim=1)  # length of the all-match prefix
-    return n_accepted, target
+    n, _ = verify_greedy_rows(draft.tolist(), target)
+    return torch.tensor(n, dtype=torch.long, device=draft.device), target
+
+
+def verify_greedy_rows(draft: list[list[int]], target: torch.Tensor) -> tuple[list[int], list[list[int]]]:
+    """`verify_greedy` in Python lists, as the decoding loop uses it (two torch calls in all: each
+    costs tens of microseconds right after a target forward, whose weight stream flushed the
+    caches). draft: B rows of K ids; target: the target's logits [B, K+1, V] or their argmax
+    [B, K+1]. Returns (n_accepted per row, the tokens each row emits: accepted drafts + bonus)."""
+    if target.dim() == 3:
+        target = target.argmax(dim=-1)
+    rows = target.tolist()
+    n_accepted, emitted = [], []
+    for d, t in zip(draft, rows):
+        n = 0
+        while n < len(d) and d[n] == t[n]:
+            n += 1
+        n_accepted.append(n)
+        emitted.append(t[: n + 1])
+    return n_accepted, emitted
 
 
 def verify_sampled_row(

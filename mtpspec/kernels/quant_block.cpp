@@ -24,10 +24,13 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
                     int sm, float* y, const float* bias);
+void quant_row_f32(const uint8_t* wp, int64_t K, int fmt, int B, int sm, int64_t n, float* out);
+int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm);
 void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
                      int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
                      const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
@@ -241,60 +244,254 @@ class QuantStack {
                 "QuantStack.run: slots [B, T] int64");
     const int64_t B = slots.size(0), T = slots.size(1), M = h.size(0);
     TORCH_CHECK(M == B * T, "QuantStack.run: h must hold B * T rows");
-    TORCH_CHECK(k.size() == blocks_.size() && v.size() == blocks_.size(), "QuantStack.run: one cache k, v per block");
     const size_t nt = cos.size();
     TORCH_CHECK(sin.size() == nt && lo.size() == nt && hi.size() == nt && mask.size() == nt,
                 "QuantStack.run: per attention type cos, sin, lo, hi, mask");
     std::vector<TypeStep> ts(nt);
     for (size_t i = 0; i < nt; ++i) {
-      const auto &c = cos[i], &s = sin[i], &m = mask[i];
+      const auto &c = cos[i], &s = sin[i];
       TORCH_CHECK(c.dim() == 3 && c.size(0) == B && c.size(1) == T && s.sizes() == c.sizes() && c.stride(2) == 1 &&
                   s.stride(2) == 1 && c.scalar_type() == torch::kFloat32 && s.scalar_type() == torch::kFloat32 &&
                   c.size(2) % 2 == 0, "QuantStack.run: cos / sin fp32 [B, T, rotary dims]");
-      const int64_t L = hi[i] - lo[i];
-      TORCH_CHECK(lo[i] >= 0 && L > 0, "QuantStack.run: empty key range");
-      const bool has_mask = m.defined() && m.numel() > 0;
-      if (has_mask)
-        TORCH_CHECK(m.scalar_type() == torch::kFloat32 && m.dim() == 4 && m.size(0) == B && m.size(2) == T &&
-                    m.size(3) == L, "QuantStack.run: mask fp32 [B, 1, T, hi - lo]");
-      ts[i] = TypeStep{c.data_ptr<float>(), s.data_ptr<float>(), has_mask ? m.data_ptr<float>() : nullptr,
-                       c.stride(0), c.stride(1), s.stride(0), s.stride(1), has_mask ? m.stride(0) : 0,
-                       has_mask ? m.stride(2) : 0, has_mask ? m.stride(3) : 0, c.size(2), lo[i], hi[i]};
+      ts[i] = type_step(c.data_ptr<float>(), s.data_ptr<float>(), c.stride(0), c.stride(1), s.stride(0), s.stride(1),
+                        c.size(2), lo[i], hi[i], mask[i], B, T);
     }
-    const int64_t* sp = slots.data_ptr<int64_t>();
+    auto a = torch::empty_like(h), b = torch::empty_like(h);
+    forward_blocks(h.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), B, T, ts, k, v,
+                   slots.data_ptr<int64_t>());
+    return blocks_.size() % 2 ? a : b;
+  }
+
+  // What step() needs besides the blocks: the token embedding (a packed quantized table, `embed_meta`
+  // = its N, K, bits, block, scale mode, as the tied LM head; or a dense fp32 [V, hidden] table,
+  // embed_meta empty) and its scale, the final norm's weight (the blocks' eps and offset), the
+  // packed LM head (head_meta as embed_meta) and each attention type's sliding window (0 = none).
+  void set_io(const torch::Tensor& embed, const std::vector<int64_t>& embed_meta, double embed_scale,
+              const torch::Tensor& final_norm, const torch::Tensor& head, const std::vector<int64_t>& head_meta,
+              const std::vector<int64_t>& windows) {
+    const int64_t D = blocks_[0].D;
+    auto packed_ok = [&](const torch::Tensor& p, const std::vector<int64_t>& m) {
+      return m.size() == 5 && m[1] == D && p.scalar_type() == torch::kUInt8 && p.is_contiguous() && p.device().is_cpu() &&
+             ((m[2] == 4 && m[3] == 32) || (m[2] == 8 && (m[3] == 16 || m[3] == 32))) && m[4] >= 0 && m[4] <= 2 &&
+             p.numel() == quant_packed_bytes(m[0], m[1], int(m[2]), int(m[3]), int(m[4]));
+    };
+    if (embed_meta.empty()) {
+      TORCH_CHECK(embed.dim() == 2 && embed.size(1) == D && embed.is_contiguous() &&
+                  embed.scalar_type() == torch::kFloat32, "QuantStack.set_io: dense embedding must be fp32 [V, hidden]");
+    } else {
+      TORCH_CHECK(packed_ok(embed, embed_meta), "QuantStack.set_io: packed embedding does not match its shape");
+    }
+    TORCH_CHECK(packed_ok(head, head_meta), "QuantStack.set_io: packed LM head does not match its shape");
+    TORCH_CHECK(final_norm.numel() == D && final_norm.is_contiguous() && final_norm.scalar_type() == torch::kFloat32,
+                "QuantStack.set_io: final norm weight fp32 [hidden]");
+    int max_type = 0;
+    for (const Block& bl : blocks_) max_type = std::max(max_type, bl.type);
+    TORCH_CHECK(int64_t(windows.size()) > max_type, "QuantStack.set_io: one window per attention type");
+    io_ = true;
+    embed_ = embed, embed_meta_ = embed_meta, embed_scale_ = float(embed_scale);
+    final_norm_ = final_norm, head_ = head, head_meta_ = head_meta, windows_ = windows;
+  }
+
+  // The cache step() writes to and reads from when it is given none: every block's k / v [rows,
+  // KVH, capacity, HD] (steps use its first B rows). Passing the same 2 x blocks tensors to every
+  // step costs more than the step's other Python work.
+  // Empty lists unbind (the stack then holds no reference to the cache).
+  void bind_cache(const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v) {
+    TORCH_CHECK((k.empty() && v.empty()) || (k.size() == blocks_.size() && v.size() == blocks_.size()),
+                "QuantStack.bind_cache: one k, v per block");
+    bound_k_ = k, bound_v_ = v;
+  }
+
+  // A whole decode / verify step of B rows x T new tokens in one call: embeddings, every block, the
+  // final norm and the LM head; then lengths += T. tokens [B, T]; lengths [B] (each row's cached
+  // tokens: new token t of row b goes to cache slot lengths[b] + t); depth [B, T] (a draft tree:
+  // position lengths[b] + depth[b, t]) or empty (position = slot). Per attention type: RoPE tables
+  // cos / sin [N, rotary dims] indexed by position, and either lo / hi / mask (a tree: as run()
+  // takes them) or all empty, for the key range and causal (sliding-window) mask step() then works
+  // out. k / v: the caches, or empty for the bound ones (bind_cache). logits_rows: the rows (b * T +
+  // t) to compute logits for, or empty for all. Returns {logits [R, V], final hidden [B * T, hidden]}.
+  std::vector<torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& lengths, const torch::Tensor& depth,
+                                  const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                                  const std::vector<int64_t>& lo_in, const std::vector<int64_t>& hi_in,
+                                  const std::vector<torch::Tensor>& mask_in, const std::vector<torch::Tensor>& k,
+                                  const std::vector<torch::Tensor>& v, const torch::Tensor& logits_rows) const {
+    TORCH_CHECK(io_, "QuantStack.step: set_io first");
+    TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kLong && tokens.is_contiguous(),
+                "QuantStack.step: tokens [B, T] int64");
+    const int64_t B = tokens.size(0), T = tokens.size(1), M = B * T, D = blocks_[0].D;
+    TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.scalar_type() == torch::kLong &&
+                lengths.is_contiguous(), "QuantStack.step: lengths [B] int64");
+    const bool tree = depth.defined() && depth.numel() > 0;
+    if (tree)  // NOLINT
+      TORCH_CHECK(depth.sizes() == tokens.sizes() && depth.scalar_type() == torch::kLong && depth.is_contiguous(),
+                  "QuantStack.step: depth [B, T] int64");
+    const size_t nt = cos.size();
+    TORCH_CHECK(sin.size() == nt && int64_t(nt) <= int64_t(windows_.size()), "QuantStack.step: per attention type cos, sin");
+    const bool given = !mask_in.empty();
+    TORCH_CHECK(!given || (lo_in.size() == nt && hi_in.size() == nt && mask_in.size() == nt),
+                "QuantStack.step: lo, hi and mask for every attention type, or none");
+    const int64_t* tp = tokens.data_ptr<int64_t>();
+    const int64_t* lp = lengths.data_ptr<int64_t>();
+    const int64_t* dp = tree ? depth.data_ptr<int64_t>() : nullptr;
+    std::vector<int64_t> pos(M), slots(M);
+    int64_t min_len = lp[0], max_len = lp[0];
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(lp[b] >= 0, "QuantStack.step: negative length");
+      min_len = std::min(min_len, lp[b]), max_len = std::max(max_len, lp[b]);
+      for (int64_t t = 0; t < T; ++t) {
+        slots[b * T + t] = lp[b] + t;
+        pos[b * T + t] = lp[b] + (tree ? dp[b * T + t] : t);
+      }
+    }
+    // embeddings
+    auto h = torch::empty({M, D}, torch::kFloat32);
+    float* hp = h.data_ptr<float>();
+    const int64_t V = embed_meta_.empty() ? embed_.size(0) : embed_meta_[0];
+    for (int64_t r = 0; r < M; ++r) {
+      TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "QuantStack.step: token id ", tp[r], " outside the vocabulary (", V, ")");
+      float* row = hp + r * D;
+      if (embed_meta_.empty())
+        std::memcpy(row, embed_.data_ptr<float>() + tp[r] * D, D * sizeof(float));
+      else
+        quant_row_f32(embed_.data_ptr<uint8_t>(), D, int(embed_meta_[2]), int(embed_meta_[3]), int(embed_meta_[4]),
+                      tp[r], row);
+      for (int64_t i = 0; i < D; ++i) row[i] *= embed_scale_;
+    }
+    // per attention type: RoPE rows at the positions, key range and mask
+    std::vector<std::vector<float>> cbuf(nt), sbuf(nt), mbuf(nt);
+    std::vector<TypeStep> ts(nt);
+    for (size_t i = 0; i < nt; ++i) {
+      const auto &c = cos[i], &s = sin[i];
+      TORCH_CHECK(c.dim() == 2 && s.sizes() == c.sizes() && c.is_contiguous() && s.is_contiguous() &&
+                  c.scalar_type() == torch::kFloat32 && s.scalar_type() == torch::kFloat32 && c.size(1) % 2 == 0,
+                  "QuantStack.step: RoPE tables fp32 [positions, rotary dims]");
+      const int64_t rot = c.size(1);
+      cbuf[i].resize(M * rot), sbuf[i].resize(M * rot);
+      for (int64_t r = 0; r < M; ++r) {
+        TORCH_CHECK(pos[r] < c.size(0), "QuantStack.step: position ", pos[r], " beyond the RoPE table");
+        std::memcpy(cbuf[i].data() + r * rot, c.data_ptr<float>() + pos[r] * rot, rot * sizeof(float));
+        std::memcpy(sbuf[i].data() + r * rot, s.data_ptr<float>() + pos[r] * rot, rot * sizeof(float));
+      }
+      int64_t lo, hi;
+      torch::Tensor m;
+      if (given) {
+        lo = lo_in[i], hi = hi_in[i], m = mask_in[i];
+      } else {  // key j is visible from position p iff j <= p and (no window or j > p - window)
+        const int64_t w = windows_[i];
+        hi = max_len + T;
+        lo = w ? std::max<int64_t>(0, min_len - w + 1) : 0;
+        const int64_t L = hi - lo;
+        bool all = true;
+        std::vector<float>& mb = mbuf[i];
+        for (int64_t r = 0; r < M && all; ++r)
+          all = pos[r] >= hi - 1 && (!w || lo > pos[r] - w);
+        if (!all) {
+          mb.assign(M * L, 0.f);
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t j = 0; j < L; ++j) {
+              const int64_t key = lo + j;
+              if (key > pos[r] || (w && key <= pos[r] - w)) mb[r * L + j] = -INFINITY;
+            }
+        }
+      }
+      ts[i] = type_step(cbuf[i].data(), sbuf[i].data(), T * rot, rot, T * rot, rot, rot, lo, hi, m, B, T);
+      if (!given && !mbuf[i].empty()) {
+        ts[i].mask = mbuf[i].data();
+        ts[i].ms0 = T * (hi - lo), ts[i].ms2 = hi - lo, ts[i].ms3 = 1;
+      }
+    }
+    // blocks, final norm, LM head
+    auto a = torch::empty_like(h), b = torch::empty_like(h);
+    const bool bound = k.empty() && v.empty();
+    TORCH_CHECK(!bound || !bound_k_.empty(), "QuantStack.step: no cache given or bound");
+    forward_blocks(hp, a.data_ptr<float>(), b.data_ptr<float>(), B, T, ts, bound ? bound_k_ : k, bound ? bound_v_ : v,
+                   slots.data(), bound);
+    auto hidden = blocks_.size() % 2 ? a : b;
+    float* xp = hidden.data_ptr<float>();
+    for_rows(M, D, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) norm(xp + r * D, final_norm_.data_ptr<float>(), eps_, offset_, D, xp + r * D);
+    });
+    const float* x = xp;
+    int64_t R = M;
+    std::vector<float> picked;
+    if (logits_rows.defined() && logits_rows.numel() > 0) {
+      TORCH_CHECK(logits_rows.dim() == 1 && logits_rows.scalar_type() == torch::kLong && logits_rows.is_contiguous(),
+                  "QuantStack.step: logits_rows [R] int64");
+      R = logits_rows.size(0);
+      picked.resize(R * D);
+      const int64_t* rp = logits_rows.data_ptr<int64_t>();
+      for (int64_t r = 0; r < R; ++r) {
+        TORCH_CHECK(rp[r] >= 0 && rp[r] < M, "QuantStack.step: logits row outside the step");
+        std::memcpy(picked.data() + r * D, xp + rp[r] * D, D * sizeof(float));
+      }
+      x = picked.data();
+    }
+    const int64_t NV = head_meta_[0];
+    auto logits = torch::empty({R, NV}, torch::kFloat32);
+    quant_gemm_f32(x, D, R, head_.data_ptr<uint8_t>(), NV, D, int(head_meta_[2]), int(head_meta_[3]),
+                   int(head_meta_[4]), logits.data_ptr<float>(), nullptr);
+    int64_t* lw = lengths.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r) lw[r] += T;
+    return {logits, hidden};
+  }
+
+ private:
+  // One attention type's step tables; the mask is checked against the key range.
+  static TypeStep type_step(const float* c, const float* s, int64_t cs0, int64_t cs1, int64_t ss0, int64_t ss1,
+                            int64_t rot, int64_t lo, int64_t hi, const torch::Tensor& m, int64_t B, int64_t T) {
+    const int64_t L = hi - lo;
+    TORCH_CHECK(lo >= 0 && L > 0, "QuantStack: empty key range");
+    const bool has_mask = m.defined() && m.numel() > 0;
+    if (has_mask)
+      TORCH_CHECK(m.scalar_type() == torch::kFloat32 && m.dim() == 4 && m.size(0) == B && m.size(2) == T &&
+                  m.size(3) == L, "QuantStack: mask fp32 [B, 1, T, hi - lo]");
+    return TypeStep{c, s, has_mask ? m.data_ptr<float>() : nullptr, cs0, cs1, ss0, ss1,
+                    has_mask ? m.stride(0) : 0, has_mask ? m.stride(2) : 0, has_mask ? m.stride(3) : 0, rot, lo, hi};
+  }
+
+  // Every block on M = B * T rows from h (a and b: two [M, hidden] buffers the blocks alternate
+  // between; the result is in a for an odd number of blocks, else b), after checking the caches.
+  void forward_blocks(const float* h, float* a, float* b, int64_t B, int64_t T, const std::vector<TypeStep>& ts,
+                      const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v, const int64_t* sp,
+                      bool more_rows = false) const {
+    const int64_t M = B * T, D = blocks_[0].D;
+    TORCH_CHECK(k.size() == blocks_.size() && v.size() == blocks_.size(), "QuantStack: one cache k, v per block");
     int64_t maxq = 0, maxn = 0, maxi = 0;
     for (size_t li = 0; li < blocks_.size(); ++li) {
       const Block& bl = blocks_[li];
-      TORCH_CHECK(bl.type < int(nt), "QuantStack.run: no tables for attention type ", bl.type);
+      TORCH_CHECK(bl.type < int(ts.size()), "QuantStack: no tables for attention type ", bl.type);
       const auto &kc = k[li], &vc = v[li];
-      TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.size(0) == B && kc.size(1) == bl.KVH &&
+      TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && (more_rows ? kc.size(0) >= B : kc.size(0) == B) &&
+                  kc.size(1) == bl.KVH &&
                   kc.size(3) == bl.HD && kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32 &&
-                  kc.stride(3) == 1 && vc.stride(3) == 1, "QuantStack.run: cache k, v fp32 [B, KVH, capacity, HD]");
-      TORCH_CHECK(ts[bl.type].hi <= kc.size(2) && ts[bl.type].rot <= bl.HD, "QuantStack.run: key range outside the cache");
+                  kc.stride(3) == 1 && vc.stride(3) == 1, "QuantStack: cache k, v fp32 [B, KVH, capacity, HD]");
+      TORCH_CHECK(ts[bl.type].hi <= kc.size(2) && ts[bl.type].rot <= bl.HD, "QuantStack: key range outside the cache");
       if (li == 0)
         for (int64_t i = 0; i < M; ++i)
-          TORCH_CHECK(sp[i] >= 0 && sp[i] < kc.size(2), "QuantStack.run: slot outside the cache");
+          TORCH_CHECK(sp[i] >= 0 && sp[i] < kc.size(2), "QuantStack: slot outside the cache");
       maxq = std::max(maxq, bl.QS), maxn = std::max(maxn, bl.w[0].N), maxi = std::max(maxi, bl.I);
     }
     Scratch sc;
     sc.x.resize(M * std::max(D, maxq)), sc.qkv.resize(M * maxn), sc.att.resize(M * maxq), sc.o.resize(M * D);
     sc.gu.resize(M * 2 * maxi), sc.act.resize(M * maxi);
-    auto a = torch::empty_like(h), b = torch::empty_like(h);
-    const float* cur = h.data_ptr<float>();
+    const float* cur = h;
     for (size_t li = 0; li < blocks_.size(); ++li) {
-      float* nxt = (li % 2 ? b : a).data_ptr<float>();
+      float* nxt = li % 2 ? b : a;
       block_forward(blocks_[li], cur, nxt, B, T, ts[blocks_[li].type], k[li], v[li], sp, eps_, offset_, scale_, gelu_,
                     sc);
       cur = nxt;
     }
-    return blocks_.size() % 2 ? a : b;
   }
 
- private:
   std::vector<Block> blocks_;
   std::vector<torch::Tensor> keep_;  // the tensors the blocks point into
   float eps_, offset_, scale_;
   bool gelu_;
+  bool io_ = false;  // set_io called
+  torch::Tensor embed_, final_norm_, head_;
+  std::vector<int64_t> embed_meta_, head_meta_, windows_;
+  float embed_scale_ = 1.f;
+  std::vector<torch::Tensor> bound_k_, bound_v_;
 };
 
 void register_quant_block(pybind11::module& m) {
@@ -303,5 +500,8 @@ void register_quant_block(pybind11::module& m) {
                           const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<torch::Tensor>>&,
                           const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&, int64_t,
                           double, double, double, bool>())
-      .def("run", &QuantStack::run, "apply every block to a step's rows (models/fused.py)");
+      .def("run", &QuantStack::run, "apply every block to a step's rows (models/fused.py)")
+      .def("set_io", &QuantStack::set_io, "the embedding, final norm and LM head step() uses")
+      .def("bind_cache", &QuantStack::bind_cache, "the cache step() uses when given none")
+      .def("step", &QuantStack::step, "a whole decode / verify step: embeddings, blocks, final norm, logits");
 }

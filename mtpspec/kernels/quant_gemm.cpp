@@ -562,16 +562,41 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   return y;
 }
 
-// Rows `ids` of a packed weight, dequantized (d * q + m, fp32): a tied or quantized embedding's lookup.
+// Row n of a packed weight [N, K], dequantized (d * q + m, fp32) into out[K]: a tied or quantized
+// embedding's lookup (quant_rows below, and QuantStack.step in quant_block.cpp).
+void quant_row_f32(const uint8_t* wp, int64_t K, int fmt, int B, int sm, int64_t n, float* out) {
+  const int64_t nb = K / B;
+  const int64_t qbytes = int_bytes(fmt, B);
+  const int64_t block_bytes = qbytes + scale_bytes(sm);
+  const int64_t p = n / PW, j = n % PW;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = wp + (p * nb + b) * block_bytes;
+    float ds[PW], ms[PW];
+    scales_scalar(w + qbytes, sm, ds, ms);
+    const float d = ds[j], m = ms[j];
+    float* o = out + b * B;
+    if (fmt == 8) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(w);
+      for (int64_t g = 0; g < B / 4; ++g)
+        for (int i = 0; i < 4; ++i) o[4 * g + i] = d * float(q[(g * PW + j) * 4 + i]) + m;
+    } else {
+      for (int64_t g = 0; g < B / 8; ++g)
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t v = w[(g * PW + j) * 4 + i];
+          o[8 * g + i] = d * float(v & 15) + m;
+          o[8 * g + 4 + i] = d * float(v >> 4) + m;
+        }
+    }
+  }
+}
+
+// Rows `ids` of a packed weight, dequantized (quant_row_f32).
 torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t N, int64_t K, int64_t fmt,
                          int64_t B, int64_t sm) {
   TORCH_CHECK(sm >= 0 && sm <= 2, "quant_rows: scale mode must be 0, 1 or 2");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "quant_rows: packed must be contiguous uint8");
   TORCH_CHECK(ids.scalar_type() == torch::kLong, "quant_rows: ids must be int64");
   TORCH_CHECK((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32)), "quant_rows: unsupported format");
-  const int64_t nb = K / B;
-  const int64_t qbytes = int_bytes(int(fmt), B);
-  const int64_t block_bytes = qbytes + scale_bytes(int(sm));
   TORCH_CHECK(packed.numel() == quant_packed_bytes(N, K, int(fmt), int(B), int(sm)),
               "quant_rows: packed size does not match N, K");
   const auto flat = ids.contiguous().view(-1);
@@ -581,28 +606,7 @@ torch::Tensor quant_rows(const torch::Tensor& packed, const torch::Tensor& ids, 
   auto out = torch::empty({R, K}, torch::kFloat32);
   float* op = out.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t p = ip[r] / PW, j = ip[r] % PW;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* w = wp + (p * nb + b) * block_bytes;
-      float ds[PW], ms[PW];
-      scales_scalar(w + qbytes, int(sm), ds, ms);
-      const float d = ds[j], m = ms[j];
-      float* o = op + r * K + b * B;
-      if (fmt == 8) {
-        const int8_t* q = reinterpret_cast<const int8_t*>(w);
-        for (int64_t g = 0; g < B / 4; ++g)
-          for (int i = 0; i < 4; ++i) o[4 * g + i] = d * float(q[(g * PW + j) * 4 + i]) + m;
-      } else {
-        for (int64_t g = 0; g < B / 8; ++g)
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t v = w[(g * PW + j) * 4 + i];
-            o[8 * g + i] = d * float(v & 15) + m;
-            o[8 * g + 4 + i] = d * float(v >> 4) + m;
-          }
-      }
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) quant_row_f32(wp, K, int(fmt), int(B), int(sm), ip[r], op + r * K);
   return out;
 }
 

@@ -132,6 +132,8 @@ class Decoder(nn.Module):
         first (kernels/hugepages.py): the fused stack keeps raw pointers to them."""
         hugepages.move_packed_weights(self)
         self.fused = FusedStack.build(self.layers)
+        if self.fused is not None:
+            self.fused.attach_io(self)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         layouts = {
@@ -217,7 +219,14 @@ class Decoder(nn.Module):
         """
         b, t = tokens.shape
         cache.check_room(t)
+        whole = (self.fused is not None and self.fused.io and moe_stats is None and t <= ROW_ATTENTION_MAX_T
+                 and not bulk_active())
+        if whole and tree is None:  # the whole step in one C++ call (models/fused.py)
+            if (out := self.fused.step(tokens, cache, logits_at)) is not None:
+                return ForwardOutput(*out)
         ctx = self.step_context(cache, t, tree)
+        if whole and (out := self.fused.step(tokens, cache, logits_at, tree, ctx)) is not None:
+            return ForwardOutput(*out)
         if moe_stats is not None:
             ctx.moe_stats = moe_stats
             moe_stats.tokens = b * t
