@@ -185,7 +185,7 @@ class DrafterAttention(nn.Module):
         rows = kv.mask.shape[0]
         q = self.q_norm(self.q_proj(x).view(rows, -1, self.n_heads, self.head_dim)).transpose(1, 2)
         w = q.shape[2]
-        q = apply_rope(q, kv.cos, kv.sin)  # [rows, H, W, hd]
+        q = apply_rope(q, *kv.rope())  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
         kv_dtype = (kv.k_head if kv.k_head is not None else kv.k_tail).dtype
         if kv.anchors:  # training: one fused op under the [T, L] mask (its backward too), GQA in SDPA
@@ -317,6 +317,13 @@ class TypeContext:
     all_visible: bool = False  # no ragged tail and the mask is all True (attention needs no mask)
     rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [B, rotary_dim] fp32, when all_visible
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
+    rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
+
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query RoPE tables (cos, sin) [B, 1, Q, rotary_dim]."""
+        if self.cos is None:
+            self.cos, self.sin = (t[:, None, None].to(self.rope_dtype) for t in self.rope_f32)
+        return self.cos, self.sin
 
 
 @dataclass
@@ -506,12 +513,29 @@ class MTPDrafter(nn.Module):
         check_compatible(self.cfg, target_cfg)
 
     # ---- drafting ------------------------------------------------------------------------------
+    def _rope_rows(self, spec: LayerSpec, pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin [B, rotary_dim] at positions pos [B] (< n), `rope_cos_sin`'s values in the
+        drafter's dtype held as fp32: rows of tables made once and grown by doubling, one index op
+        each per round."""
+        tabs = self.__dict__.setdefault("_rope_tables", {})
+        key = (spec.attention_type, self.dtype, pos.device)
+        size, spec_seen, cos, sin = tabs.get(key, (0, None, None, None))
+        if size < n or spec_seen is not spec:
+            size = max(256, n, 2 * size)
+            pos_all = torch.arange(size, device=pos.device)[None]
+            cos, sin = (t[0, 0].float() for t in rope_cos_sin(spec, pos_all, self.dtype))
+            tabs[key] = (size, spec, cos, sin)
+        return cos[pos], sin[pos]
+
     def context(self, target_cfg: ModelConfig, cache: KVCache, positions: torch.Tensor | None = None) -> DraftContext:
-        """Per-round attention context over the target cache (rows at positions = cache.lengths)."""
+        """Per-round attention context over the target cache (rows at positions = cache.lengths).
+        Few torch calls when every row is at the same position (batch 1 always is): each costs
+        tens of microseconds right after a target step."""
         pos = cache.lengths if positions is None else positions
         dtype = self.dtype
         types = {}
-        p_min, p_max = int(pos.min()), int(pos.max())
+        lens = pos.tolist()
+        p_min, p_max = min(lens), max(lens)
         for t in dict.fromkeys(self.cfg.layer_types):
             layer = target_cfg.last_cache_layer(t)
             spec: LayerSpec = target_cfg.layers[layer]
@@ -519,8 +543,15 @@ class MTPDrafter(nn.Module):
             lo = max(0, p_min - window + 1) if window else 0
             hi = max(p_max, lo)
             mid = min(max(p_min, lo), hi)
-            visible = _visible(torch.arange(lo, hi, device=pos.device), pos, window)  # [B, hi - lo]
             k, v = cache.k[layer], cache.v[layer]
+            if p_min == p_max and hi > lo:  # every row sees all of [lo, hi): no mask, no tail
+                rope = self._rope_rows(spec, pos, p_max + 1)
+                ones = _TRUE if pos.device.type == "cpu" else _TRUE.to(pos.device)
+                visible = ones.expand(len(lens), 1, 1, 1, hi - lo)
+                types[t] = TypeContext(k[:, :, lo:hi], v[:, :, lo:hi], None, None, visible, None, None, True, rope,
+                                       rope_dtype=dtype)
+                continue
+            visible = _visible(torch.arange(lo, hi, device=pos.device), pos, window)  # [B, hi - lo]
             k_head = k[:, :, lo:mid] if mid > lo else None
             v_head = v[:, :, lo:mid] if mid > lo else None
             k_tail = v_tail = None
@@ -533,14 +564,14 @@ class MTPDrafter(nn.Module):
                 k_tail = torch.zeros(b, spec.n_kv_heads, 1, spec.head_dim, dtype=k.dtype, device=k.device)
                 v_tail = k_tail
                 visible = torch.zeros(b, 1, dtype=torch.bool, device=pos.device)
-            cos, sin = rope_cos_sin(spec, pos[:, None], dtype)
+            rope_f32 = self._rope_rows(spec, pos, p_max + 1)
             all_visible = k_tail is None and bool(visible.all())
-            rope_f32 = None
-            if all_visible:  # for the one-call C++ layer (DrafterLayer.fuse)
-                rope_f32 = (cos.reshape(cos.shape[0], -1).float().contiguous(),
-                            sin.reshape(sin.shape[0], -1).float().contiguous())
-            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], cos, sin,
-                                   all_visible, rope_f32)
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], None, None,
+                                   all_visible, rope_f32 if all_visible else None, rope_dtype=dtype)
+            if not all_visible:
+                types[t].rope_f32 = rope_f32
+                types[t].rope()  # (the one-call C++ layer takes rope_f32 only when all_visible)
+                types[t].rope_f32 = None
         return DraftContext(pos, types)
 
     def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -602,6 +633,9 @@ class MTPDrafter(nn.Module):
             ids, vals = self.masked_embedding.candidates(s, self.model.embed_tokens.weight)
         logp, top = torch.log_softmax(vals.float(), dim=-1).topk(k, dim=-1)
         return (top if ids is None else ids.gather(1, top)), logp
+
+
+_TRUE = torch.ones(1, 1, 1, 1, 1, dtype=torch.bool)
 
 
 def _window(spec: LayerSpec, attention_type: str) -> int | None:
