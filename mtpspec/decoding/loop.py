@@ -266,6 +266,7 @@ class DecodeBatch:
         self.seqs: list[SequenceState | None] = [None] * slots
         self.history: list[list[int]] = [[] for _ in range(slots)]
         self.last_tokens = torch.zeros(slots, dtype=torch.long)
+        self._no_drafts: dict[int, torch.Tensor] = {}  # rounds without drafts: [rows, 0] per row count
         self.last_hidden = torch.zeros(slots, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
         self.decode_start = [0.0] * slots
         self._pending: tuple | None = None  # the last round's outcome, waiting for its whole time
@@ -410,7 +411,9 @@ class DecodeBatch:
                                [s.max_new_tokens - len(s.new_ids) for s in running],
                                self.plan.round_kind(self.history[:hi], active))
         k = rnd.k
-        last_tokens = self.last_tokens[:hi].to(dev)
+        last_tokens = self.last_tokens[:hi]  # (each torch call costs tens of us after a step: few of them)
+        if last_tokens.device != dev:
+            last_tokens = last_tokens.to(dev)
         if k > 0:
             inp = DraftInput(model, view, last_tokens, self.last_hidden[:hi], self.history[:hi],
                              [s.request.params if s else SamplingParams() for s in seqs],
@@ -419,7 +422,8 @@ class DecodeBatch:
             proposal = propose(inp, k) if rnd.tree is None else propose(inp, k, rnd.tree)
             drafts = proposal.tokens.to(dev)
         else:
-            drafts = torch.zeros(hi, 0, dtype=torch.long, device=dev)
+            if (drafts := self._no_drafts.get(hi)) is None:
+                drafts = self._no_drafts[hi] = torch.zeros(hi, 0, dtype=torch.long, device=dev)
             proposal = Proposal(drafts)
         t_drafted = time.perf_counter()
 
@@ -451,7 +455,9 @@ class DecodeBatch:
                 if self.recorder is not None:
                     self.recorder.finished(b, s, self.cache)
             events.append(Event(b, s.new_ids, s.done))
-        if updated:
+        if len(updated) == 1:
+            self.last_tokens[updated[0]] = self.history[updated[0]][-1]
+        elif updated:
             self.last_tokens[updated] = torch.tensor([self.history[b][-1] for b in updated])
         self._pending = (rnd, len(active_slots), [n for n, a in zip(n_accepted, active) if a], t_drafted - t_round,
                          drafts.shape[1] + 1, t_drafted, time.perf_counter())
@@ -499,7 +505,8 @@ class DecodeBatch:
         tokens = last_tokens[:, None] if k == 0 else torch.cat([last_tokens[:, None], drafts], dim=1)
         out = self.model(tokens, view)
         logits = self._suppress_eos(out.logits, seqs, active, None)
-        n_accepted, greedy_rows = verify_greedy_rows(drafts.tolist() if k else [[]] * hi, logits)
+        target = out.argmax if out.argmax is not None and logits is out.logits else logits
+        n_accepted, greedy_rows = verify_greedy_rows(drafts.tolist() if k else [[]] * hi, target)
         emitted: list[list[int]] = []
         for b, s in enumerate(seqs):
             if not active[b]:

@@ -309,7 +309,8 @@ class QuantStack {
   // cos / sin [N, rotary dims] indexed by position, and either lo / hi / mask (a tree: as run()
   // takes them) or all empty, for the key range and causal (sliding-window) mask step() then works
   // out. k / v: the caches, or empty for the bound ones (bind_cache). logits_rows: the rows (b * T +
-  // t) to compute logits for, or empty for all. Returns {logits [R, V], final hidden [B * T, hidden]}.
+  // t) to compute logits for, or empty for all. Returns {logits [R, V], final hidden [B * T, hidden],
+  // argmax of each logits row [R]}.
   std::vector<torch::Tensor> step(const torch::Tensor& tokens, const torch::Tensor& lengths, const torch::Tensor& depth,
                                   const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
                                   const std::vector<int64_t>& lo_in, const std::vector<int64_t>& hi_in,
@@ -432,7 +433,20 @@ class QuantStack {
                    int(head_meta_[4]), logits.data_ptr<float>(), nullptr);
     int64_t* lw = lengths.data_ptr<int64_t>();
     for (int64_t r = 0; r < B; ++r) lw[r] += T;
-    return {logits, hidden};
+    // each row's argmax (the first largest logit, as torch.argmax), read while the logits are in
+    // cache: greedy verification needs nothing else (NaN logits: the row's first NaN, as torch)
+    auto best = torch::empty({R}, torch::kLong);
+    int64_t* bp = best.data_ptr<int64_t>();
+    const float* lp2 = logits.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = lp2 + r * NV;
+      int64_t arg = 0;
+      float mx = row[0];
+      for (int64_t j = 1; j < NV && !std::isnan(mx); ++j)
+        if (row[j] > mx || std::isnan(row[j])) mx = row[j], arg = j;
+      bp[r] = arg;
+    }
+    return {logits, hidden, best};
   }
 
  private:

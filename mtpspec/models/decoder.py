@@ -37,10 +37,12 @@ from .moe import MoE, MoEStats
 
 @dataclass
 class ForwardOutput:
-    """logits: [B, T', vocab] (T' = T, or the number of positions asked for); hidden: [B, T, hidden]."""
+    """logits: [B, T', vocab] (T' = T, or the number of positions asked for); hidden: [B, T, hidden];
+    argmax: the logits' argmax [B, T'] when the step computed it anyway (whole C++ steps), else None."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
+    argmax: torch.Tensor | None = None
 
 
 class Block(nn.Module):

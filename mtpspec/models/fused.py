@@ -147,8 +147,9 @@ class FusedStack:
             self._bound = None
 
     def step(self, tokens: torch.Tensor, cache, logits_at: torch.Tensor | None = None, tree=None,
-             ctx=None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits [B, T', V], final hidden [B, T, hidden]) of a whole step of tokens [B, T] (logits
+             ctx=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(logits [B, T', V], final hidden [B, T, hidden], argmax of the logits [B, T'] or None
+        with a final softcap) of a whole step of tokens [B, T] (logits
         at logits_at [B, n] or every position), writing the K/V to `cache` and advancing its lengths
         by T, or None when this step cannot run here. A tree step passes its `StepContext`
         (ctx: the tree's masks and key ranges)."""
@@ -169,11 +170,13 @@ class FusedStack:
         if logits_at is not None:
             rows = (logits_at + torch.arange(b)[:, None] * t).reshape(-1)
         k, v = ([], []) if self._bind(cache) else ([cache.k[i] for i in self.layers], [cache.v[i] for i in self.layers])
-        logits, hidden = self.stack.step(tokens.contiguous(), cache.lengths, depth, cos, sin, lo, hi, masks, k, v, rows)
-        if self.softcap is not None:  # as Decoder.logits
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits, hidden, best = self.stack.step(tokens.contiguous(), cache.lengths, depth, cos, sin, lo, hi, masks, k,
+                                               v, rows)
         n = t if logits_at is None else logits_at.shape[1]
-        return logits.view(b, n, -1), hidden.view(b, t, -1)
+        if self.softcap is not None:  # as Decoder.logits; rounding may tie capped logits: no argmax
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits.view(b, n, -1), hidden.view(b, t, -1), None
+        return logits.view(b, n, -1), hidden.view(b, t, -1), best.view(b, n)
 
     @staticmethod
     def build(blocks) -> "FusedStack | None":
