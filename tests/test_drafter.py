@@ -468,3 +468,55 @@ def test_for_target_covers_every_family(targets):
     assert cfg.kv("full_attention").n_kv_heads == full.n_kv_heads == 1 and cfg.kv("full_attention").head_dim == 32
     with pytest.raises(ValueError, match="num_centroids"):
         DrafterConfig.for_target(b31.cfg, 1, clustered=True, num_centroids=7)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("target_quant", [None, "int4"])
+def test_one_call_greedy_chain_equals_the_torch_path(targets, name, dtype, quant, target_quant, tmp_path):
+    """`MTPDrafter.greedy_chain` (skinny_gemm.cpp `drafter_chain`: every drafting step of a greedy
+    chain in one call) drafts exactly the tokens of `step_state` + `argmax` repeated, for fp32 and
+    bf16 drafters, dense and quantized, reading the embedding of a quantized target (tied, packed)
+    or of an untied dense one, at batch 1 and 3 (rows at one length); MtpProposer takes it for
+    all-greedy rounds. It declines (None) rows of different lengths and a full head."""
+    from mtpspec import kernels
+    from mtpspec.decoding.mtp import MtpProposer
+    from mtpspec.models.quantize import quantize_model
+
+    if kernels.kernel_info()["path"] != "cpp":
+        pytest.skip("C++ kernels not available")
+    _, target = targets(name) if not target_quant else tiny_target(name, tmp_path)  # quantize_model works in place
+    if target_quant:
+        target = quantize_model(target, target_quant)
+    drafter = random_drafter(target, seed=5, clustered=True, num_centroids=20, centroid_top_k=4).to(dtype).prepare()
+    if quant:
+        drafter.quantize(quant)
+    ran = 0
+    for batch in (1, 3):
+        _, inp = our_drafts(target, drafter, [_prompt(11, s) for s in range(batch)], 1)
+        with torch.inference_mode():
+            ctx = drafter.context(target.cfg, inp.cache)
+            chain = drafter.greedy_chain(target, inp.last_tokens, inp.last_hidden, ctx, 4)
+            if chain is None:  # a dense tied target keeps its embedding only packed for its head
+                assert target_quant is None and target.cfg.tie_embeddings
+                continue
+            tok, hid, ref = inp.last_tokens, inp.last_hidden, []
+            for _ in range(4):
+                s, hid = drafter.step_state(target.embed_tokens(tok), hid, ctx)
+                tok = drafter.argmax(s)
+                ref.append(tok)
+            assert torch.equal(chain, torch.stack(ref, 1)), (batch, chain, torch.stack(ref, 1))
+            proposal = MtpProposer(drafter).propose(inp, 4)
+            assert torch.equal(proposal.tokens, chain)
+        ran += 1
+    assert ran == 2 or (target_quant is None and target.cfg.tie_embeddings)
+    if target_quant:
+        _, inp = our_drafts(target, drafter, [_prompt(11, 0), _prompt(6, 1)], 1)  # ragged rows: masked
+        with torch.inference_mode():
+            assert drafter.greedy_chain(target, inp.last_tokens, inp.last_hidden,
+                                        drafter.context(target.cfg, inp.cache), 2) is None
+            full = drafter.full_head_copy()
+            _, inp = our_drafts(target, full, [_prompt(11, 0)], 1)
+            assert full.greedy_chain(target, inp.last_tokens, inp.last_hidden,
+                                     full.context(target.cfg, inp.cache), 2) is None

@@ -57,8 +57,13 @@ class MtpProposer:
         d, target = self.drafter, inp.target
         b = inp.last_tokens.shape[0]
         dev = inp.last_tokens.device
-        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
         sampled = [not p.greedy and a for p, a in zip(inp.params, inp.active)]
+        if k > 0 and not any(sampled):  # all greedy: the whole chain in one C++ call when it can run
+            ctx = d.context(target.cfg, inp.cache)
+            chain = d.greedy_chain(target, inp.last_tokens, inp.last_hidden, ctx, k)
+            if chain is not None:
+                return Proposal(chain.to(dev), None)
+        tokens = torch.zeros(b, k, dtype=torch.long, device=dev)
         probs = torch.zeros(b, k, d.cfg.vocab_size, device=dev) if any(sampled) else None
         if k == 0:
             return Proposal(tokens, probs)

@@ -385,6 +385,20 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return y;
 }
 
+// One row of rms_norm below, in place: row = row * rsqrt(mean(row^2) + eps) * (w + off) (w null: * 1);
+// the sum of squares in double (8 partial sums), so the mean is correctly rounded to fp32.
+static void norm_row_inplace(float* row, const float* w, float off, float e, int64_t H) {
+  double part[8] = {0};
+  int64_t k = 0;
+  for (; k + 8 <= H; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += double(row[k + j] * row[k + j]);
+  double ss = 0;
+  for (int j = 0; j < 8; ++j) ss += part[j];
+  for (; k < H; ++k) ss += double(row[k] * row[k]);
+  const float inv = 1.0f / std::sqrt(float(ss / double(H)) + e);
+  for (int64_t k2 = 0; k2 < H; ++k2) row[k2] = row[k2] * inv * (w ? w[k2] + off : 1.0f);
+}
+
 // RMS norm of the rows of x [*, H] (fp32 or bf16, contiguous), computed in fp32:
 // y = x * rsqrt(mean(x^2) + eps) * (w + offset)  (no weight: * 1). One pass per row, no
 // temporaries: torch's CPU rms_norm costs ~10 us per decode-step row (fp32) and ~25 us for bf16
@@ -408,16 +422,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor
     } else {
       std::memcpy(row.data(), x.data_ptr<float>() + r * H, H * sizeof(float));
     }
-    // sum of squares in double: the mean is correctly rounded to fp32
-    double part[8] = {0};
-    int64_t k = 0;
-    for (; k + 8 <= H; k += 8)
-      for (int j = 0; j < 8; ++j) part[j] += double(row[k + j] * row[k + j]);
-    double ss = 0;
-    for (int j = 0; j < 8; ++j) ss += part[j];
-    for (; k < H; ++k) ss += double(row[k] * row[k]);
-    const float inv = 1.0f / std::sqrt(float(ss / double(H)) + e);
-    for (int64_t k2 = 0; k2 < H; ++k2) row[k2] = row[k2] * inv * (w ? w[k2] + off : 1.0f);
+    norm_row_inplace(row.data(), w, off, e, H);
     if (bf) {
       uint16_t* yr = reinterpret_cast<uint16_t*>(y.data_ptr()) + r * H;
       for (int64_t k2 = 0; k2 < H; ++k2) yr[k2] = f32_to_bf16(row[k2]);
@@ -739,6 +744,38 @@ torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<Layer
   for (int64_t i = 0; i < N * H; ++i) stf(yp, i, rnd<T>(ldf(h1.data(), i) + ldf(tmp.data(), i)) * ls);
   return y;
 }
+// The five weights of a drafter layer (q, o, gate, up, down) checked against its widths: quantized
+// (qmeta: [out, in, bits, block, scale mode] each) or packed for the skinny GEMM. Sets INTER.
+std::vector<LayerWeight> layer_weights(const std::vector<torch::Tensor>& packed,
+                                       const std::vector<std::vector<int64_t>>& qmeta, int64_t H, int64_t QS,
+                                       int64_t& INTER) {
+  std::vector<LayerWeight> w(5);
+  if (!qmeta.empty()) {
+    INTER = qmeta[2][0];
+    const int64_t want[5][2] = {{QS, H}, {H, QS}, {INTER, H}, {INTER, H}, {H, INTER}};
+    for (int i = 0; i < 5; ++i) {
+      const auto& q = qmeta[i];
+      TORCH_CHECK(q.size() == 5 && q[0] == want[i][0] && q[1] == want[i][1],
+                  "drafter_layer: quantized weight ", i, " must be [", want[i][0], ", ", want[i][1], "]");
+      const int fmt = int(q[2]), B = int(q[3]), sm = int(q[4]);
+      TORCH_CHECK(((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32))) && sm >= 0 && sm <= 2 && q[1] % B == 0,
+                  "drafter_layer: unsupported quantized format of weight ", i);
+      TORCH_CHECK(packed[i].numel() == quant_packed_bytes(q[0], q[1], fmt, B, sm),
+                  "drafter_layer: packed size of quantized weight ", i, " does not match its shape");
+      w[i] = {&packed[i], true, fmt, B, sm};
+    }
+  } else {
+    // packed numel = out features padded to 16 * in features (even here)
+    TORCH_CHECK(packed[0].numel() == (QS + PW - 1) / PW * PW * H && packed[1].numel() == (H + PW - 1) / PW * PW * QS,
+                "drafter_layer: q/o weight shapes");
+    TORCH_CHECK(packed[2].numel() == packed[3].numel() && packed[2].numel() % (PW * H) == 0 &&
+                packed[4].numel() == (H + PW - 1) / PW * PW * (packed[2].numel() / H),
+                "drafter_layer: MLP weight shapes (intermediate size must be a multiple of 16)");
+    INTER = packed[2].numel() / H;
+    for (int i = 0; i < 5; ++i) w[i] = {&packed[i], false, 0, 0, 0};
+  }
+  return w;
+}
 }  // namespace
 
 torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Tensor>& packed,
@@ -773,34 +810,189 @@ torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Ten
               cos.is_contiguous() && sin.is_contiguous(), "drafter_layer: cos/sin must be fp32 [R, rotary_dim]");
   const int64_t QS = n_heads * HD;
   TORCH_CHECK(H % 2 == 0 && QS % 2 == 0, "drafter_layer: even widths only");
-  std::vector<LayerWeight> w(5);
   int64_t INTER;
-  if (quant) {
-    INTER = qmeta[2][0];
-    const int64_t want[5][2] = {{QS, H}, {H, QS}, {INTER, H}, {INTER, H}, {H, INTER}};
-    for (int i = 0; i < 5; ++i) {
-      const auto& q = qmeta[i];
-      TORCH_CHECK(q.size() == 5 && q[0] == want[i][0] && q[1] == want[i][1],
-                  "drafter_layer: quantized weight ", i, " must be [", want[i][0], ", ", want[i][1], "]");
-      const int fmt = int(q[2]), B = int(q[3]), sm = int(q[4]);
-      TORCH_CHECK(((fmt == 4 && B == 32) || (fmt == 8 && (B == 16 || B == 32))) && sm >= 0 && sm <= 2 && q[1] % B == 0,
-                  "drafter_layer: unsupported quantized format of weight ", i);
-      TORCH_CHECK(packed[i].numel() == quant_packed_bytes(q[0], q[1], fmt, B, sm),
-                  "drafter_layer: packed size of quantized weight ", i, " does not match its shape");
-      w[i] = {&packed[i], true, fmt, B, sm};
-    }
-  } else {
-    // packed numel = out features padded to 16 * in features (even here)
-    TORCH_CHECK(packed[0].numel() == (QS + PW - 1) / PW * PW * H && packed[1].numel() == (H + PW - 1) / PW * PW * QS,
-                "drafter_layer: q/o weight shapes");
-    TORCH_CHECK(packed[2].numel() == packed[3].numel() && packed[2].numel() % (PW * H) == 0 &&
-                packed[4].numel() == (H + PW - 1) / PW * PW * (packed[2].numel() / H),
-                "drafter_layer: MLP weight shapes (intermediate size must be a multiple of 16)");
-    INTER = packed[2].numel() / H;
-    for (int i = 0; i < 5; ++i) w[i] = {&packed[i], false, 0, 0, 0};
-  }
+  const std::vector<LayerWeight> w = layer_weights(packed, qmeta, H, QS, INTER);
   if (bf) return drafter_layer_impl<uint16_t>(h, w, INTER, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
   return drafter_layer_impl<float>(h, w, INTER, norm_weights, eps, k, v, cos, sin, n_heads, layer_scalar, gelu);
+}
+
+// ------------------------------------------------------------------ MTP drafting chain
+// `steps` greedy drafts per row in one call (MtpProposer, rows that see all their K/V): per step
+//   x = [embed(tok) * embed_scale, hidden] (rounded to T);  h = pre_projection(x)
+//   h = layer_i(h) for every layer (drafter_layer_impl);  s = norm(h)  (rms_norm's row maths)
+//   hidden = post_projection(s);  top_k clusters by centroid score (ties: lower cluster first)
+//   tok = argmax over the chosen clusters' tokens of <lm row, s> (rounded to T; first maximum)
+// exactly the operations and roundings of the torch path (models/drafter.py), ~50 torch calls per
+// step that each run cold right after a target step. embed: the target's embedding rows, a packed
+// quantized table (embed_meta = N, K, bits, block, scale mode) or dense fp32 [V, Ht]; proj: pre,
+// post, centroids, each packed in T (meta empty) or quantized; per layer: the drafter_layer
+// arguments, with its K/V slice and fp32 RoPE rows [B, rot]; lm: the cluster-major LM weight [V, H]
+// in T; ordering [V]: the token of each of its rows. Returns the drafts [B, steps] (int64).
+void quant_row_f32(const uint8_t* wp, int64_t K, int fmt, int B, int sm, int64_t n, float* out);  // quant_gemm.cpp
+
+namespace {
+template <typename T>
+torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& hidden, const torch::Tensor& embed,
+                                 const std::vector<int64_t>& embed_meta, float embed_scale,
+                                 const std::vector<LayerWeight>& proj, const std::vector<int64_t>& proj_n,
+                                 const std::vector<std::vector<LayerWeight>>& lw, const std::vector<int64_t>& inter,
+                                 const std::vector<std::vector<torch::Tensor>>& norms, const std::vector<double>& scalars,
+                                 const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
+                                 const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                                 const float* final_norm, float eps, int64_t NH, bool gelu, const T* lm,
+                                 const int64_t* ordering, int64_t C, int64_t P, int64_t top_k, int64_t steps) {
+  const int64_t B = tok.size(0), Ht = hidden.size(1), H = proj_n[0], V = C * P;
+  const auto dt = std::is_same_v<T, float> ? torch::kFloat32 : torch::kBFloat16;
+  auto out = torch::empty({B, steps}, torch::kLong);
+  int64_t* op = out.data_ptr<int64_t>();
+  std::vector<float> emb(Ht), hid(B * Ht), row(H), sf(B * H), dots(P);
+  const float* h0 = hidden.data_ptr<float>();
+  std::copy(h0, h0 + B * Ht, hid.begin());
+  std::vector<int64_t> cur(tok.data_ptr<int64_t>(), tok.data_ptr<int64_t>() + B);
+  const int64_t EV = embed_meta.empty() ? embed.size(0) : embed_meta[0];
+  std::vector<T> x(B * 2 * Ht), s(B * H), post(B * Ht), cs(B * C);
+  for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(cur[b] >= 0 && cur[b] < EV, "drafter_chain: token id ", cur[b], " outside the vocabulary");
+      if (embed_meta.empty())
+        std::copy(embed.data_ptr<float>() + cur[b] * Ht, embed.data_ptr<float>() + (cur[b] + 1) * Ht, emb.begin());
+      else
+        quant_row_f32(embed.data_ptr<uint8_t>(), Ht, int(embed_meta[2]), int(embed_meta[3]), int(embed_meta[4]),
+                      cur[b], emb.data());
+      for (int64_t i = 0; i < Ht; ++i) {
+        stf(x.data(), b * 2 * Ht + i, emb[i] * embed_scale);
+        stf(x.data(), b * 2 * Ht + Ht + i, hid[b * Ht + i]);
+      }
+    }
+    auto h = torch::empty({B, H}, torch::TensorOptions().dtype(dt));
+    gemm(x.data(), B, 2 * Ht, proj[0], H, reinterpret_cast<T*>(h.data_ptr()));
+    for (size_t l = 0; l < lw.size(); ++l)
+      h = drafter_layer_impl<T>(h, lw[l], inter[l], norms[l], eps, k[l], v[l], cos[l], sin[l], NH, scalars[l], gelu);
+    const T* hp = reinterpret_cast<const T*>(h.data_ptr());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < H; ++i) row[i] = ldf(hp, b * H + i);
+      norm_row_inplace(row.data(), final_norm, 0.f, eps, H);
+      for (int64_t i = 0; i < H; ++i) stf(s.data(), b * H + i, row[i]);
+      for (int64_t i = 0; i < H; ++i) sf[b * H + i] = ldf(s.data(), b * H + i);
+    }
+    gemm(s.data(), B, H, proj[1], Ht, post.data());
+    gemm(s.data(), B, H, proj[2], C, cs.data());
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < Ht; ++i) hid[b * Ht + i] = ldf(post.data(), b * Ht + i);
+      std::vector<int64_t> order(C);
+      for (int64_t c = 0; c < C; ++c) order[c] = c;
+      const T* sc = cs.data() + b * C;
+      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t c) {
+        const float fa = ldf(sc, a), fc = ldf(sc, c);
+        return fa > fc || (fa == fc && a < c);
+      });
+      float best = -INFINITY;
+      int64_t arg = -1;
+      for (int64_t j = 0; j < top_k; ++j) {
+        const int64_t c = order[j];
+        cluster_dots(lm + c * P * H, sf.data() + b * H, P, H, dots.data());
+        for (int64_t p = 0; p < P; ++p) {
+          const float val = rnd<T>(dots[p]);
+          if (arg < 0 || val > best) best = val, arg = c * P + p;
+        }
+      }
+      TORCH_CHECK(arg >= 0 && arg < V, "drafter_chain: no candidate token");
+      cur[b] = ordering[arg];
+      op[b * steps + step] = cur[b];
+    }
+  }
+  return out;
+}
+}  // namespace
+
+torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidden, const torch::Tensor& embed,
+                            const std::vector<int64_t>& embed_meta, double embed_scale,
+                            const std::vector<torch::Tensor>& proj, const std::vector<std::vector<int64_t>>& proj_meta,
+                            const std::vector<std::vector<torch::Tensor>>& layer_packed,
+                            const std::vector<std::vector<torch::Tensor>>& layer_norms,
+                            const std::vector<std::vector<std::vector<int64_t>>>& layer_qmeta,
+                            const std::vector<double>& layer_scalars, const std::vector<torch::Tensor>& k,
+                            const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& cos,
+                            const std::vector<torch::Tensor>& sin, const torch::Tensor& final_norm, double eps,
+                            int64_t n_heads, bool gelu, const torch::Tensor& lm, const torch::Tensor& ordering,
+                            int64_t num_clusters, int64_t top_k, int64_t steps) {
+  TORCH_CHECK(g_isa >= AVX2, "drafter_chain needs AVX2+FMA");
+  TORCH_CHECK(tok.dim() == 1 && tok.scalar_type() == torch::kLong && tok.is_contiguous(), "drafter_chain: tok [B] int64");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == tok.size(0) && hidden.scalar_type() == torch::kFloat32 &&
+              hidden.is_contiguous(), "drafter_chain: hidden [B, target hidden] fp32");
+  const int64_t Ht = hidden.size(1);
+  if (embed_meta.empty()) {
+    TORCH_CHECK(embed.dim() == 2 && embed.size(1) == Ht && embed.scalar_type() == torch::kFloat32 &&
+                embed.is_contiguous(), "drafter_chain: dense embedding fp32 [V, target hidden]");
+  } else {
+    TORCH_CHECK(embed_meta.size() == 5 && embed_meta[1] == Ht && embed.scalar_type() == torch::kUInt8 &&
+                embed.is_contiguous() && ((embed_meta[2] == 4 && embed_meta[3] == 32) ||
+                (embed_meta[2] == 8 && (embed_meta[3] == 16 || embed_meta[3] == 32))) &&
+                embed.numel() == quant_packed_bytes(embed_meta[0], Ht, int(embed_meta[2]), int(embed_meta[3]),
+                                                    int(embed_meta[4])), "drafter_chain: packed embedding");
+  }
+  TORCH_CHECK(lm.dim() == 2 && lm.is_contiguous() && num_clusters > 0 && lm.size(0) % num_clusters == 0,
+              "drafter_chain: cluster-major LM weight [V, H]");
+  const bool bf = lm.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(bf || lm.scalar_type() == torch::kFloat32, "drafter_chain: fp32 or bf16 drafter");
+  const int64_t H = lm.size(1), C = num_clusters, P = lm.size(0) / C;
+  TORCH_CHECK(ordering.dim() == 1 && ordering.numel() == lm.size(0) && ordering.scalar_type() == torch::kLong &&
+              ordering.is_contiguous(), "drafter_chain: token ordering [V] int64");
+  TORCH_CHECK(top_k > 0 && top_k <= C && steps > 0, "drafter_chain: top_k in 1..clusters, steps > 0");
+  TORCH_CHECK(final_norm.numel() == H && final_norm.scalar_type() == torch::kFloat32 && final_norm.is_contiguous(),
+              "drafter_chain: final norm fp32 [H]");
+  TORCH_CHECK(proj.size() == 3 && proj_meta.size() == 3, "drafter_chain: pre, post and centroid weights");
+  const int64_t pn[3] = {H, Ht, C}, pk[3] = {2 * Ht, H, H};
+  std::vector<LayerWeight> pw(3);
+  for (int i = 0; i < 3; ++i) {
+    const auto& m = proj_meta[i];
+    if (m.empty()) {
+      TORCH_CHECK(proj[i].is_contiguous() && proj[i].scalar_type() == lm.scalar_type() &&
+                  proj[i].numel() == (pn[i] + PW - 1) / PW * PW * pk[i], "drafter_chain: packed projection ", i);
+      pw[i] = {&proj[i], false, 0, 0, 0};
+    } else {
+      TORCH_CHECK(m.size() == 5 && m[0] == pn[i] && m[1] == pk[i] && proj[i].scalar_type() == torch::kUInt8 &&
+                  ((m[2] == 4 && m[3] == 32) || (m[2] == 8 && (m[3] == 16 || m[3] == 32))) && m[4] >= 0 && m[4] <= 2 &&
+                  proj[i].numel() == quant_packed_bytes(m[0], m[1], int(m[2]), int(m[3]), int(m[4])),
+                  "drafter_chain: quantized projection ", i);
+      pw[i] = {&proj[i], true, int(m[2]), int(m[3]), int(m[4])};
+    }
+  }
+  const size_t L = layer_packed.size();
+  TORCH_CHECK(L > 0 && layer_norms.size() == L && layer_qmeta.size() == L && layer_scalars.size() == L &&
+              k.size() == L && v.size() == L && cos.size() == L && sin.size() == L, "drafter_chain: per-layer lists");
+  std::vector<std::vector<LayerWeight>> lw(L);
+  std::vector<int64_t> inter(L);
+  for (size_t l = 0; l < L; ++l) {
+    TORCH_CHECK(layer_packed[l].size() == 5 && layer_norms[l].size() == 5, "drafter_chain: 5 weights, 5 norms per layer");
+    const auto& kc = k[l];
+    TORCH_CHECK(kc.dim() == 4 && v[l].sizes() == kc.sizes() && kc.size(0) == tok.size(0) && kc.size(2) > 0 &&
+                kc.scalar_type() == torch::kFloat32 && v[l].scalar_type() == torch::kFloat32 && kc.stride(3) == 1 &&
+                v[l].stride(3) == 1, "drafter_chain: k, v fp32 [B, KVH, L, HD]");
+    const int64_t HD = kc.size(3);
+    TORCH_CHECK(n_heads % kc.size(1) == 0 && HD % 8 == 0 && HD <= 512, "drafter_chain: heads / head_dim");
+    TORCH_CHECK(cos[l].dim() == 2 && cos[l].size(0) == tok.size(0) && sin[l].sizes() == cos[l].sizes() &&
+                cos[l].size(1) <= HD && cos[l].size(1) % 2 == 0 && cos[l].scalar_type() == torch::kFloat32 &&
+                sin[l].scalar_type() == torch::kFloat32 && cos[l].is_contiguous() && sin[l].is_contiguous(),
+                "drafter_chain: cos/sin fp32 [B, rotary dims]");
+    for (const auto& n : layer_norms[l])
+      TORCH_CHECK(n.is_contiguous() && n.scalar_type() == torch::kFloat32, "drafter_chain: norm weights fp32");
+    TORCH_CHECK(layer_norms[l][0].numel() == H && layer_norms[l][1].numel() == HD, "drafter_chain: norm sizes");
+    if (layer_qmeta[l].empty())
+      for (const auto& p : layer_packed[l])
+        TORCH_CHECK(p.is_contiguous() && p.scalar_type() == lm.scalar_type(), "drafter_chain: packed layer weights");
+    lw[l] = layer_weights(layer_packed[l], layer_qmeta[l], H, n_heads * HD, inter[l]);
+  }
+  const int64_t* ord = ordering.data_ptr<int64_t>();
+  if (bf)
+    return drafter_chain_impl<uint16_t>(tok, hidden, embed, embed_meta, float(embed_scale), pw,
+                                        std::vector<int64_t>(pn, pn + 3), lw, inter, layer_norms, layer_scalars, k, v,
+                                        cos, sin, final_norm.data_ptr<float>(), float(eps), n_heads, gelu,
+                                        reinterpret_cast<const uint16_t*>(lm.data_ptr()), ord, C, P, top_k, steps);
+  return drafter_chain_impl<float>(tok, hidden, embed, embed_meta, float(embed_scale), pw,
+                                   std::vector<int64_t>(pn, pn + 3), lw, inter, layer_norms, layer_scalars, k, v, cos,
+                                   sin, final_norm.data_ptr<float>(), float(eps), n_heads, gelu, lm.data_ptr<float>(),
+                                   ord, C, P, top_k, steps);
 }
 
 std::string isa_name() {
@@ -828,6 +1020,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h"), py::arg("packed"), py::arg("norm_weights"), py::arg("eps"), py::arg("k"), py::arg("v"),
         py::arg("cos"), py::arg("sin"), py::arg("n_heads"), py::arg("layer_scalar"), py::arg("gelu"),
         py::arg("qmeta") = std::vector<std::vector<int64_t>>{});
+  m.def("drafter_chain", &drafter_chain, "greedy MTP drafts of rows that see all their K/V, in one call");
   m.def("cluster_scores", &cluster_scores, "logits of the chosen clusters' tokens (clustered LM head)");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;

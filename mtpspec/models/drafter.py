@@ -605,6 +605,56 @@ class MTPDrafter(nn.Module):
         s = self.model.norm(x)
         return s, self.post_projection(s)
 
+    def greedy_chain(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext,
+                     steps: int) -> torch.Tensor | None:
+        """`steps` greedy drafts [B, steps] of rows that see all their K/V, in one C++ call
+        (skinny_gemm.cpp `drafter_chain`): `step_state` + `argmax` repeated, with the same operations
+        and roundings, without ~50 torch calls per step that each run cold right after a target step.
+        None when it cannot run (no extension, not CPU, autograd, a full head, a layer or projection
+        the one-call layer does not take, masked rows, an embedding it cannot read): the caller then
+        takes the torch path. tokens: [B] last tokens; hidden: [B, target hidden]."""
+        ext = kernels._ext()
+        me = self.masked_embedding
+        if (ext is None or not hasattr(ext, "drafter_chain") or hidden.device.type != "cpu" or me is None
+                or not me.cluster_major or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return None
+        kvs = [ctx.types[layer.attention_type] for layer in self.model.layers]
+        if not all(kv.all_visible and kv.rope_f32 is not None and kv.k_head is not None
+                   and kv.k_head.dtype == torch.float32 for kv in kvs):
+            return None
+        args = [layer._fused_args(self.dtype) for layer in self.model.layers]
+        norm = self.model.norm
+        if (any(a is None for a in args) or norm.weight is None or norm.offset
+                or any(layer.input_layernorm.eps != norm.eps for layer in self.model.layers)):
+            return None
+        proj, proj_meta = [], []
+        for lin in (self.pre_projection, self.post_projection, me.centroids):
+            if isinstance(lin, QuantLinear) and lin.bias is None:
+                proj.append(lin.packed)
+                proj_meta.append([lin.out_features, lin.in_features, lin.bits, lin.block, lin.scale_mode])
+            elif isinstance(lin, Linear) and lin.is_packed and lin.bias is None and lin._packed.dtype == self.dtype:
+                proj.append(lin._packed)
+                proj_meta.append([])
+            else:
+                return None
+        head, table = target.lm_head, getattr(target.embed, "table", None)
+        if target.cfg.tie_embeddings and isinstance(head, QuantLinear):
+            embed, embed_meta = head.packed, [head.out_features, head.in_features, head.bits, head.block, head.scale_mode]
+        elif isinstance(table, QuantLinear):
+            embed, embed_meta = table.packed, [table.out_features, table.in_features, table.bits, table.block,
+                                               table.scale_mode]
+        elif target.embed.weight.dtype == torch.float32 and target.embed.weight.numel():
+            embed, embed_meta = target.embed.weight.detach(), []
+        else:
+            return None
+        return ext.drafter_chain(
+            tokens.contiguous(), hidden.float().contiguous(), embed, embed_meta, float(target.cfg.embed_scale or 1.0),
+            proj, proj_meta, [a[0] for a in args], [a[1] for a in args], [a[3] or [] for a in args],
+            [a[2] for a in args], [kv.k_head for kv in kvs], [kv.v_head for kv in kvs],
+            [kv.rope_f32[0] for kv in kvs], [kv.rope_f32[1] for kv in kvs], norm.weight.detach().float().contiguous(),
+            norm.eps, self.model.layers[0].self_attn.n_heads, self.model.layers[0].mlp.gelu,
+            self.model.embed_tokens.weight.detach(), me.token_ordering, me.num_centroids, me.top_k, steps)
+
     def logits(self, s: torch.Tensor) -> torch.Tensor:
         if self.masked_embedding is not None:
             return self.masked_embedding(s, self.model.embed_tokens.weight)
