@@ -58,8 +58,8 @@ class MtpProposer:
         b = inp.last_tokens.shape[0]
         dev = inp.last_tokens.device
         sampled = [not p.greedy and a for p, a in zip(inp.params, inp.active)]
+        ctx = d.context(target.cfg, inp.cache) if k > 0 else None
         if k > 0 and not any(sampled):  # all greedy: the whole chain in one C++ call when it can run
-            ctx = d.context(target.cfg, inp.cache)
             chain = d.greedy_chain(target, inp.last_tokens, inp.last_hidden, ctx, k)
             if chain is not None:
                 return Proposal(chain.to(dev), None)
@@ -67,7 +67,6 @@ class MtpProposer:
         probs = torch.zeros(b, k, d.cfg.vocab_size, device=dev) if any(sampled) else None
         if k == 0:
             return Proposal(tokens, probs)
-        ctx = d.context(target.cfg, inp.cache)
         tok, hidden = inp.last_tokens, inp.last_hidden
         for i in range(k):
             s, hidden = d.step_state(target.embed_tokens(tok), hidden, ctx)

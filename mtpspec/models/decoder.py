@@ -227,7 +227,7 @@ class Decoder(nn.Module):
             if (out := self.fused.step(tokens, cache, logits_at)) is not None:
                 return ForwardOutput(*out)
         ctx = self.step_context(cache, t, tree)
-        if whole and (out := self.fused.step(tokens, cache, logits_at, tree, ctx)) is not None:
+        if whole and tree is not None and (out := self.fused.step(tokens, cache, logits_at, tree, ctx)) is not None:
             return ForwardOutput(*out)
         if moe_stats is not None:
             ctx.moe_stats = moe_stats

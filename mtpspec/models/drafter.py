@@ -565,13 +565,10 @@ class MTPDrafter(nn.Module):
                 v_tail = k_tail
                 visible = torch.zeros(b, 1, dtype=torch.bool, device=pos.device)
             rope_f32 = self._rope_rows(spec, pos, p_max + 1)
-            all_visible = k_tail is None and bool(visible.all())
-            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], None, None,
-                                   all_visible, rope_f32 if all_visible else None, rope_dtype=dtype)
-            if not all_visible:
-                types[t].rope_f32 = rope_f32
-                types[t].rope()  # (the one-call C++ layer takes rope_f32 only when all_visible)
-                types[t].rope_f32 = None
+            cos, sin = (r[:, None, None].to(dtype) for r in rope_f32)
+            all_visible = k_tail is None and bool(visible.all())  # (the one-call C++ layer's condition)
+            types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], cos, sin,
+                                   all_visible, rope_f32 if all_visible else None)
         return DraftContext(pos, types)
 
     def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
