@@ -334,3 +334,28 @@ def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(tar
     plan = DraftPlan(check, 3, draft_tree=TreeShape(6, 2, 2) if kind == "mtp-tree" else None)
     seqs = decode(target, [Request(p, 20, q) for p, q in zip(ps, params)], plan)
     assert check.rounds >= 5 and any(s.stats.mean_accepted_length > 1 for s in seqs)
+
+
+def test_adaptive_policy_explores_less_while_drafting_stays_off_and_recovers():
+    """Exploring rounds (k = 1 while the policy would not draft) come every `explore_every` rounds
+    at first, then at doubling intervals up to 8x while drafting keeps losing; once the drafter is
+    accepted again the policy drafts and explores every `explore_every` rounds again."""
+    pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
+    drafted = []
+    for r in range(1, 601):
+        k = pol.choose(1)
+        if k:
+            drafted.append(r)
+        pol.observe(1, k, [0], 0.012 + 0.004 * k, 0.004 * k)  # a drafter that is always rejected
+    late = [r for r in drafted if r >= 16]  # after the warm-up (a drafting round, then min_observations)
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert gaps[:4] == [32, 64, 128, 128] and set(gaps[3:]) == {128}, gaps
+    assert len(drafted) < 20  # every 16th round would have drafted ~37 times
+    first = None
+    for r in range(400):  # the drafter starts to be accepted: exploring finds it, then it drafts
+        k = pol.choose(1)
+        pol.observe(1, k, [k], 0.012 + 0.0004 * k, 0.0005 * k)
+        if k and first is None:
+            first = r
+    assert first is not None and first <= 128 and pol.explore_gap == 16
+    assert pol.choose(1) >= 1  # drafting pays again and is on

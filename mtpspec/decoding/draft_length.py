@@ -12,7 +12,10 @@ position not observed yet takes the mean of the observed ones), measures
 draft time per drafted token and the verify time per number of tokens verified (both per
 batch-size bucket, since batching changes both), and picks the k in [0, max_k] that maximises
 E(k) / T(k). k = 0 is plain decoding, chosen when the drafter does not pay; an exploration round
-now and then keeps the estimates fresh.
+now and then keeps the estimates fresh: every `explore_every` rounds while drafting pays, and at
+doubling intervals (up to 8x) while it stays off, since each exploring round costs the whole batch a
+verify pass (at batches 4 and 8 of the default model every 16th round exploring cost ~4%); an
+exploring round with an accepted draft brings the interval back to `explore_every`.
 
 The verify cost is keyed by the tokens a round verifies, not by k: a chain of k drafts verifies
 k + 1 tokens, a draft tree of depth k its node count + 1, which is the same for every k past the
@@ -99,6 +102,9 @@ class AdaptiveDraftLength:
         self.timed: dict[tuple, int] = {}  # (table, key) -> measurements behind that cost estimate
         self.rounds = 0
         self.last_k = min(4, max_k)
+        self.explore_gap = explore_every  # rounds until the next exploration (doubles while drafting stays off)
+        self.next_explore = explore_every
+        self.exploring = False  # the last round chosen was an exploration
 
     def expected_tokens(self, k: int) -> float:
         return self._expected_all(k)[k]
@@ -156,7 +162,14 @@ class AdaptiveDraftLength:
         if self.seen[0] < self.min_observations:
             scores.pop(0)  # too few rounds to write the drafter off
         best = max(scores, key=scores.get)
-        if self.explore_every and self.rounds % self.explore_every == 0:
+        self.exploring = bool(self.explore_every) and self.rounds >= self.next_explore
+        if self.exploring:
+            # while drafting stays off, each exploration waits twice as long for the next (up to
+            # 8x): an exploring round costs the whole batch a verify pass. An exploring round whose
+            # draft is accepted brings the next one back to explore_every (observe)
+            cap = 8 * self.explore_every
+            self.explore_gap = min(2 * self.explore_gap, cap) if best == 0 else self.explore_every
+            self.next_explore = self.rounds + self.explore_gap
             best = min(self.max_k, best + 1) if best < self.max_k else best - 1
         self.last_k = best
         return best
@@ -175,6 +188,9 @@ class AdaptiveDraftLength:
         """One round's outcome: k drafted per row (0 = plain), each active row's accepted count,
         the verify and draft times, and the tokens each row verified (default k + 1)."""
         bucket, d = _bucket(batch_size), self.decay
+        if self.exploring and k > 0 and any(accepted):
+            self.explore_gap = self.explore_every
+            self.next_explore = min(self.next_explore, self.rounds + self.explore_every)
         n = k + 1 if verified_tokens is None else verified_tokens
         self.tokens[(bucket, k)] = n
         self._timed("verify", (bucket, n), verify_time)
