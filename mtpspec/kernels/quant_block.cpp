@@ -31,6 +31,7 @@ void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, in
                     int sm, float* y, const float* bias);
 void quant_row_f32(const uint8_t* wp, int64_t K, int fmt, int B, int sm, int64_t n, float* out);
 int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm);
+bool quant_weight_ok(const torch::Tensor& packed, const std::vector<int64_t>& meta, int64_t want_n, int64_t want_k);
 void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
                      int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
                      const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
@@ -270,18 +271,13 @@ class QuantStack {
               const torch::Tensor& final_norm, const torch::Tensor& head, const std::vector<int64_t>& head_meta,
               const std::vector<int64_t>& windows) {
     const int64_t D = blocks_[0].D;
-    auto packed_ok = [&](const torch::Tensor& p, const std::vector<int64_t>& m) {
-      return m.size() == 5 && m[1] == D && p.scalar_type() == torch::kUInt8 && p.is_contiguous() && p.device().is_cpu() &&
-             ((m[2] == 4 && m[3] == 32) || (m[2] == 8 && (m[3] == 16 || m[3] == 32))) && m[4] >= 0 && m[4] <= 2 &&
-             p.numel() == quant_packed_bytes(m[0], m[1], int(m[2]), int(m[3]), int(m[4]));
-    };
     if (embed_meta.empty()) {
       TORCH_CHECK(embed.dim() == 2 && embed.size(1) == D && embed.is_contiguous() &&
                   embed.scalar_type() == torch::kFloat32, "QuantStack.set_io: dense embedding must be fp32 [V, hidden]");
     } else {
-      TORCH_CHECK(packed_ok(embed, embed_meta), "QuantStack.set_io: packed embedding does not match its shape");
+      TORCH_CHECK(quant_weight_ok(embed, embed_meta, -1, D), "QuantStack.set_io: packed embedding does not match its shape");
     }
-    TORCH_CHECK(packed_ok(head, head_meta), "QuantStack.set_io: packed LM head does not match its shape");
+    TORCH_CHECK(quant_weight_ok(head, head_meta, -1, D), "QuantStack.set_io: packed LM head does not match its shape");
     TORCH_CHECK(final_norm.numel() == D && final_norm.is_contiguous() && final_norm.scalar_type() == torch::kFloat32,
                 "QuantStack.set_io: final norm weight fp32 [hidden]");
     int max_type = 0;

@@ -531,6 +531,16 @@ int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm) {
   return (N + PW - 1) / PW * (K / B) * (int_bytes(fmt, B) + scale_bytes(sm));
 }
 
+// Whether `packed` is a quantized weight the kernel runs, described by meta = [N, K, bits, block,
+// scale mode]: a supported format, a contiguous uint8 CPU tensor of the packed size, and N / K as
+// wanted (-1: any). The one-call kernels (quant_block.cpp, skinny_gemm.cpp) check their inputs with it.
+bool quant_weight_ok(const torch::Tensor& packed, const std::vector<int64_t>& m, int64_t want_n, int64_t want_k) {
+  return m.size() == 5 && (want_n < 0 || m[0] == want_n) && (want_k < 0 || m[1] == want_k) &&
+         ((m[2] == 4 && m[3] == 32) || (m[2] == 8 && (m[3] == 16 || m[3] == 32))) && m[4] >= 0 && m[4] <= 2 &&
+         m[1] % m[3] == 0 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.device().is_cpu() &&
+         packed.numel() == quant_packed_bytes(m[0], m[1], int(m[2]), int(m[3]), int(m[4]));
+}
+
 // x [M, K] fp32 or bf16 (unit inner stride); packed: uint8, see header; bias: fp32 [N] or None.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& bias,
                            int64_t N, int64_t K, int64_t fmt, int64_t B, int64_t sm) {

@@ -576,6 +576,7 @@ void quant_gemm_f32(const float* x, int64_t ldx, int64_t M, const uint8_t* w, in
 void quant_gemm_bf16(const uint16_t* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B,
                      int sm, uint16_t* y, const float* bias);
 int64_t quant_packed_bytes(int64_t N, int64_t K, int fmt, int B, int sm);
+bool quant_weight_ok(const torch::Tensor& packed, const std::vector<int64_t>& meta, int64_t want_n, int64_t want_k);
 
 namespace {
 template <typename T> inline float ldf(const T* p, int64_t i) {
@@ -925,11 +926,7 @@ torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidde
     TORCH_CHECK(embed.dim() == 2 && embed.size(1) == Ht && embed.scalar_type() == torch::kFloat32 &&
                 embed.is_contiguous(), "drafter_chain: dense embedding fp32 [V, target hidden]");
   } else {
-    TORCH_CHECK(embed_meta.size() == 5 && embed_meta[1] == Ht && embed.scalar_type() == torch::kUInt8 &&
-                embed.is_contiguous() && ((embed_meta[2] == 4 && embed_meta[3] == 32) ||
-                (embed_meta[2] == 8 && (embed_meta[3] == 16 || embed_meta[3] == 32))) &&
-                embed.numel() == quant_packed_bytes(embed_meta[0], Ht, int(embed_meta[2]), int(embed_meta[3]),
-                                                    int(embed_meta[4])), "drafter_chain: packed embedding");
+    TORCH_CHECK(quant_weight_ok(embed, embed_meta, -1, Ht), "drafter_chain: packed embedding");
   }
   TORCH_CHECK(lm.dim() == 2 && lm.is_contiguous() && num_clusters > 0 && lm.size(0) % num_clusters == 0,
               "drafter_chain: cluster-major LM weight [V, H]");
@@ -951,10 +948,7 @@ torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidde
                   proj[i].numel() == (pn[i] + PW - 1) / PW * PW * pk[i], "drafter_chain: packed projection ", i);
       pw[i] = {&proj[i], false, 0, 0, 0};
     } else {
-      TORCH_CHECK(m.size() == 5 && m[0] == pn[i] && m[1] == pk[i] && proj[i].scalar_type() == torch::kUInt8 &&
-                  ((m[2] == 4 && m[3] == 32) || (m[2] == 8 && (m[3] == 16 || m[3] == 32))) && m[4] >= 0 && m[4] <= 2 &&
-                  proj[i].numel() == quant_packed_bytes(m[0], m[1], int(m[2]), int(m[3]), int(m[4])),
-                  "drafter_chain: quantized projection ", i);
+      TORCH_CHECK(quant_weight_ok(proj[i], m, pn[i], pk[i]), "drafter_chain: quantized projection ", i);
       pw[i] = {&proj[i], true, int(m[2]), int(m[3]), int(m[4])};
     }
   }

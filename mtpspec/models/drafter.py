@@ -42,7 +42,7 @@ from .. import kernels
 from ..kernels import Linear, hugepages
 from ..kernels.quant import SCHEMES as QUANT_SCHEMES, QuantLinear
 from .config import LayerSpec, ModelConfig
-from .layers import RMSNorm, apply_rope, rope_cos_sin
+from .layers import RMSNorm, RopeTables, apply_rope, rope_cos_sin
 
 ATTENTION_TYPES = ("sliding_attention", "full_attention")
 
@@ -515,16 +515,12 @@ class MTPDrafter(nn.Module):
     # ---- drafting ------------------------------------------------------------------------------
     def _rope_rows(self, spec: LayerSpec, pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin [B, rotary_dim] at positions pos [B] (< n), `rope_cos_sin`'s values in the
-        drafter's dtype held as fp32: rows of tables made once and grown by doubling, one index op
-        each per round."""
+        drafter's dtype held as fp32: rows of tables made once (RopeTables), one index op each."""
         tabs = self.__dict__.setdefault("_rope_tables", {})
         key = (spec.attention_type, self.dtype, pos.device)
-        size, spec_seen, cos, sin = tabs.get(key, (0, None, None, None))
-        if size < n or spec_seen is not spec:
-            size = max(256, n, 2 * size)
-            pos_all = torch.arange(size, device=pos.device)[None]
-            cos, sin = (t[0, 0].float() for t in rope_cos_sin(spec, pos_all, self.dtype))
-            tabs[key] = (size, spec, cos, sin)
+        if (tab := tabs.get(key)) is None or tab.spec is not spec:
+            tab = tabs[key] = RopeTables(spec, self.dtype, pos.device)
+        cos, sin = tab.upto(n)
         return cos[pos], sin[pos]
 
     def context(self, target_cfg: ModelConfig, cache: KVCache, positions: torch.Tensor | None = None) -> DraftContext:

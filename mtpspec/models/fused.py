@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..kernels import quant
 from ..kernels.quant import QuantLinear
-from .layers import rope_cos_sin
+from .layers import RopeTables
 
 _NONE = torch.empty(0)
 _LONG = torch.empty(0, dtype=torch.long)
@@ -77,8 +77,7 @@ class FusedStack:
             first.attn.spec.head_dim, first.attn_norm.eps, first.attn_norm.offset, float(first.attn.scale),
             first.mlp.act is not F.silu)
         self.io = False  # attach_io: step() can run
-        self.rope_specs: list = []  # per attention type, the LayerSpec its RoPE tables come from
-        self.rope_tables: tuple[int, list[torch.Tensor], list[torch.Tensor]] = (0, [], [])
+        self.rope_tables: list[RopeTables] = []  # per attention type (attach_io)
         self._bound: tuple[int, weakref.ref] | None = None  # (token, cache) the C++ stack holds
         self._tokens = itertools.count()
         self.norm_eps, self.norm_offset = first.attn_norm.eps, first.attn_norm.offset
@@ -105,26 +104,18 @@ class FusedStack:
         else:
             return False
         self.softcap = cfg.final_softcap
-        self.rope_specs = [next(s for s in cfg.layers if s.attention_type == t) for t in self.types]
-        windows = [spec.sliding_window or 0 for spec in self.rope_specs]
+        specs = [next(s for s in cfg.layers if s.attention_type == t) for t in self.types]
+        windows = [spec.sliding_window or 0 for spec in specs]
         self.stack.set_io(embed, embed_meta, float(cfg.embed_scale or 1.0), norm.weight.detach().float().contiguous(),
                           head.packed, meta(head), windows)
-        self.rope_tables = (0, [], [])
+        self.rope_tables = [RopeTables(spec) for spec in specs]
         self.io = True
         return True
 
     def _rope(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """cos / sin tables [>= n positions, rotary dims] per attention type (rope_cos_sin's values),
-        grown by doubling."""
-        size, cos, sin = self.rope_tables
-        if size < n:
-            size = max(256, n, 2 * size)
-            pos = torch.arange(size)[None]
-            tables = [rope_cos_sin(spec, pos, torch.float32) for spec in self.rope_specs]
-            cos = [c[0, 0].contiguous() for c, _ in tables]
-            sin = [s[0, 0].contiguous() for _, s in tables]
-            self.rope_tables = (size, cos, sin)
-        return cos, sin
+        """cos / sin tables [>= n positions, rotary dims] per attention type (rope_cos_sin's values)."""
+        tables = [t.upto(n) for t in self.rope_tables]
+        return [c for c, _ in tables], [s for _, s in tables]
 
     def _bind(self, cache) -> bool:
         """Bind the cache `cache` views (its rows 0..B-1) in the C++ stack, once per cache: handing it

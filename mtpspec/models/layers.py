@@ -58,6 +58,25 @@ def rope_cos_sin(spec: LayerSpec, positions: torch.Tensor, dtype: torch.dtype) -
     return (emb.cos() * spec.rope_scale).to(dtype), (emb.sin() * spec.rope_scale).to(dtype)
 
 
+class RopeTables:
+    """`rope_cos_sin`'s cos / sin of one layer spec at positions 0..n-1, [n, rotary_dim], computed in
+    `dtype` and held as contiguous fp32, made once and grown by doubling: a step then takes its rows
+    with one index op instead of recomputing them (models/fused.py, the drafter's context)."""
+
+    def __init__(self, spec: LayerSpec, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.size = 0
+        self.cos = self.sin = None
+
+    def upto(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables, covering at least positions 0..n-1."""
+        if self.size < n:
+            self.size = max(256, n, 2 * self.size)
+            pos = torch.arange(self.size, device=self.device)[None]
+            self.cos, self.sin = (t[0, 0].float().contiguous() for t in rope_cos_sin(self.spec, pos, self.dtype))
+        return self.cos, self.sin
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x [batch, heads, T, head_dim] (rotate-half convention)."""
     rot = cos.shape[-1]
