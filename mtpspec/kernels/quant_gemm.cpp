@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -115,40 +116,94 @@ inline float to_f32(T v);
 template <> inline float to_f32<float>(float v) { return v; }
 template <> inline float to_f32<uint16_t>(uint16_t v) { return float(c10::BFloat16(v, c10::BFloat16::from_bits())); }
 
+// One block of B activations (fp32) quantized as the header defines it: dst = round(x / dx) (ties to
+// even, as nearbyint), dx = max|x| / 127; returns sum(dst) and sets dx. The AVX2 form gives the same
+// bits (IEEE division and rounding, the max is exact in any order).
+inline int32_t quantize_block_scalar(const float* src, int64_t B, int8_t* dst, float* dx_out) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(src[i]));
+  const float dx = amax / 127.0f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int32_t v = dx == 0.f ? 0 : int32_t(std::nearbyint(src[i] / dx));
+    dst[i] = int8_t(std::max(-127, std::min(127, v)));
+    sum += dst[i];
+  }
+  *dx_out = dx;
+  return sum;
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline int32_t quantize_block_avx2(const float* src, int64_t B, int8_t* dst,
+                                                                         float* dx_out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t i = 0; i < B; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float dx = _mm_cvtss_f32(m4) / 127.0f;
+  *dx_out = dx;
+  if (dx == 0.f) {
+    std::memset(dst, 0, size_t(B));
+    return 0;
+  }
+  const __m256 dv = _mm256_set1_ps(dx);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < B; i += 8) {
+    const __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(src + i), dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(q), lo), hi);
+    sum = _mm256_add_epi32(sum, v);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    const int64_t b8 = _mm_cvtsi128_si64(_mm_packs_epi16(w16, w16));
+    std::memcpy(dst + i, &b8, 8);
+  }
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+  return _mm_cvtsi128_si32(s4);
+}
+
+// Quantized activations of M rows into r (its buffers are reused: a decode step quantizes ~120
+// activations, and allocating them cost more than the quantization).
 template <typename T>
-QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
-  QRows r;
+void quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B, QRows& r) {
+  TORCH_CHECK(B > 0 && B <= 64 && K % B == 0, "quantize_rows: blocks of 1..64 inputs dividing K");
   r.K = K;
   r.nb = K / B;
   r.q.resize(size_t(M * K));
   r.d.resize(size_t(M * r.nb));
   r.s.resize(size_t(M * r.nb));
   r.is.resize(size_t(M * r.nb));
+  const bool simd = q_isa != Q_SCALAR && B % 8 == 0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // rows: ~16K values per task
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-  std::vector<float> buf(static_cast<size_t>(B));
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t b = 0; b < r.nb; ++b) {
-      const T* src = x + m * ldx + b * B;
-      float amax = 0.f;
-      for (int64_t i = 0; i < B; ++i) {
-        buf[i] = to_f32<T>(src[i]);
-        amax = std::max(amax, std::fabs(buf[i]));
+    float buf[64];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < r.nb; ++b) {
+        const T* src = x + m * ldx + b * B;
+        const float* f;
+        if constexpr (std::is_same_v<T, float>) {
+          f = src;
+        } else {
+          for (int64_t i = 0; i < B; ++i) buf[i] = to_f32<T>(src[i]);
+          f = buf;
+        }
+        int8_t* dst = r.q.data() + m * K + b * B;
+        float dx;
+        const int32_t sum = simd ? quantize_block_avx2(f, B, dst, &dx) : quantize_block_scalar(f, B, dst, &dx);
+        r.d[m * r.nb + b] = dx;
+        r.s[m * r.nb + b] = dx * float(sum);
+        r.is[m * r.nb + b] = sum;
       }
-      const float dx = amax / 127.0f;
-      int32_t sum = 0;
-      int8_t* dst = r.q.data() + m * K + b * B;
-      for (int64_t i = 0; i < B; ++i) {
-        const int32_t v = dx == 0.f ? 0 : int32_t(std::nearbyint(buf[i] / dx));
-        dst[i] = int8_t(std::max(-127, std::min(127, v)));
-        sum += dst[i];
-      }
-      r.d[m * r.nb + b] = dx;
-      r.s[m * r.nb + b] = dx * float(sum);
-      r.is[m * r.nb + b] = sum;
     }
-  }
   });
+}
+
+template <typename T>
+QRows quantize_rows(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t B) {
+  QRows r;
+  quantize_rows<T>(x, ldx, M, K, B, r);
   return r;
 }
 
@@ -479,7 +534,11 @@ void store<uint16_t>(const float* acc, int64_t M, uint16_t* y, int64_t N, int64_
 template <typename T>
 void run(const T* x, int64_t ldx, int64_t M, const uint8_t* w, int64_t N, int64_t K, int fmt, int B, int sm,
          T* y, const float* bias) {
-  const QRows xr = quantize_rows<T>(x, ldx, M, K, B);
+  // The calling thread's buffers, reused; the tasks below must read them through this reference
+  // (naming the thread_local inside a task would give that worker thread's own).
+  thread_local QRows buffers;
+  QRows& xr = buffers;
+  quantize_rows<T>(x, ldx, M, K, B, xr);
   const int64_t nb = K / B;
   const int64_t qbytes = int_bytes(fmt, B);
   const int64_t panel_bytes = nb * (qbytes + scale_bytes(sm));
