@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.loop import Request, decode
@@ -180,3 +181,19 @@ def test_speculative_decoding_through_fused_blocks_equals_plain(ext, tiny_checkp
 def test_unsupported_blocks_keep_the_per_op_path(tiny_checkpoints):
     dense = load_decoder(tiny_checkpoints["llama"][0])
     assert dense.fused is None  # dense weights: no quantized block
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_blocks_mlp_activation_is_silu_or_gelu_tanh_in_every_path(ext, gelu):
+    # gu = [g | u]: g over the range activations take (and beyond: exp underflows past -87)
+    g = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(999) * 3, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    u = torch.randn(g.numel())
+    gu = torch.cat([g, u])[None]
+    out = ext.glu_rows(gu, gelu)
+    ref = (F.gelu(g.double(), approximate="tanh") if gelu else F.silu(g.double())) * u.double()
+    assert torch.allclose(out[0].double(), ref, rtol=2e-6, atol=1e-5)  # fp32 exp: ~1e-7 relative; gelu loses its relative precision where 1 + tanh cancels (as in fp32 torch)
+    ext.attend_force_portable(True)  # the vectorized exp and its portable form give the same bits
+    try:
+        assert torch.equal(ext.glu_rows(gu, gelu), out)
+    finally:
+        ext.attend_force_portable(False)

@@ -167,6 +167,10 @@ void exp_lanes(float* s, int64_t L, bool avx2) {
 
 }  // namespace
 
+// s[i] = exp(s[i]) for n values <= 0 (exp_lanes: the same bits in the AVX2 and portable paths),
+// for other kernels of the extension (quant_block.cpp's activations).
+void exp_nonpositive_raw(float* s, int64_t n) { exp_lanes(s, n, attn_avx2() && !g_attn_portable); }
+
 // The raw form, for other kernels of the extension (quant_block.cpp): element strides of q, k, v
 // (per row b, head h, query t / key j; unit stride in D), of the mask (nullptr: none) and of out.
 void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
@@ -244,5 +248,5 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
 
 void register_attention(pybind11::module& m) {
   m.def("attend_rows", &attend_rows, "batch-invariant fp32 attention for decode/verify steps (models/layers.py)");
-  m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable path");
+  m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable path (attention, exp)");
 }
