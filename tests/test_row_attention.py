@@ -40,12 +40,16 @@ def test_matches_torch_attention(ext, window):
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_a_query_gets_the_same_bits_alone_and_in_a_padded_batch(ext):
+@pytest.mark.parametrize("window", [None, 7])
+def test_a_query_gets_the_same_bits_alone_and_in_a_padded_batch(ext, window):
+    """The kernel skips the masked keys at either end of a query's row (a shorter row's padding, a
+    sliding window's start): the visible keys alone, without a mask, give the same bits."""
     q, k, v = _inputs()
     positions = torch.tensor([[30, 31, 32, 33, 34], [10, 11, 12, 13, 14], [35, 36, 37, 38, 39]])
-    full = attend_rows(q, k, v, visibility(positions, 0, 40, None), 0.25)
-    # row 1, query 2 alone, with only the keys it sees: the same bits
-    alone = attend_rows(q[1:2, :, 2:3], k[1:2, :, :13], v[1:2, :, :13], None, 0.25)
+    full = attend_rows(q, k, v, visibility(positions, 0, 40, window), 0.25)
+    # row 1, query 2 (position 12) alone, with only the keys it sees: the same bits
+    first = 0 if window is None else 12 - window + 1
+    alone = attend_rows(q[1:2, :, 2:3], k[1:2, :, first:13], v[1:2, :, first:13], None, 0.25)
     assert torch.equal(alone, full[1:2, :, 2:3])
 
 

@@ -190,12 +190,23 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
         const float* qr = qp + b * qsb + h * qsh + t * qst;
         const float* mr = mp ? mp + b * msb + t * mst : nullptr;
         constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+        // Only keys j0..j1-1 can be visible: the masked keys at either end are skipped (a batch's
+        // shorter rows, a sliding window's start). Same bits: each key's dot is computed alone,
+        // and a masked key's weight is exactly 0, which the sum and the values already skip.
+        int64_t j0 = 0, j1 = L;
+        if (mr) {
+          while (j1 > 0 && mr[(j1 - 1) * msl] == kNegInf) --j1;
+          while (j0 < j1 && mr[j0 * msl] == kNegInf) ++j0;
+        }
+        const int64_t n = j1 - j0;
+        const float* kr = kb + j0 * ksl;
+        if (mr) mr += j0 * msl;
         if (avx2)
-          dots_avx2(qr, kb, ksl, L, D, score.data());
+          dots_avx2(qr, kr, ksl, n, D, score.data());
         else
-          for (int64_t j = 0; j < L; ++j) score[j] = dot_portable(qr, kb + j * ksl, D);
+          for (int64_t j = 0; j < n; ++j) score[j] = dot_portable(qr, kr + j * ksl, D);
         float mx = kNegInf;
-        for (int64_t j = 0; j < L; ++j) {
+        for (int64_t j = 0; j < n; ++j) {
           const float m = mr ? mr[j * msl] : 0.f;
           score[j] = m == kNegInf ? m : score[j] * sc + m;  // a masked key: -inf whatever its dot
           mx = std::max(mx, score[j]);
@@ -203,14 +214,15 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
         std::fill(acc.begin(), acc.end(), 0.f);
         double sum = 0.0;
         if (mx != kNegInf) {
-          for (int64_t j = 0; j < L; ++j) score[j] -= mx;  // -inf stays -inf: exp gives 0
-          exp_lanes(score.data(), L, avx2);
-          for (int64_t j = 0; j < L; ++j) sum += double(score[j]);
+          const float* vr = vb + j0 * vsl;
+          for (int64_t j = 0; j < n; ++j) score[j] -= mx;  // -inf stays -inf: exp gives 0
+          exp_lanes(score.data(), n, avx2);
+          for (int64_t j = 0; j < n; ++j) sum += double(score[j]);
           if (avx2) {
-            values_avx2(score.data(), vb, vsl, L, D, acc.data());
+            values_avx2(score.data(), vr, vsl, n, D, acc.data());
           } else {
-            for (int64_t j = 0; j < L; ++j)
-              if (score[j] != 0.f) axpy_portable(score[j], vb + j * vsl, acc.data(), D);
+            for (int64_t j = 0; j < n; ++j)
+              if (score[j] != 0.f) axpy_portable(score[j], vr + j * vsl, acc.data(), D);
           }
         }
         float* orow = op + b * osb + h * osh + t * ost;
