@@ -149,15 +149,30 @@ class TorchGroup(Group):
                 cls = InputError if m[0] == "InputError" else MtpspecError
                 raise cls(f"rank {r}: {m[1]}")
 
-    def close(self, finished: bool = True) -> None:
+    def close(self, finished: bool = True, timeout: float = 60.0) -> None:
         # After a normal end the ranks first wait for each other (rank 0 still writes the output):
         # tearing gloo's connections down while the peer still uses them aborted a rank at exit now
-        # and then ("terminate called without an active exception"). After an error a barrier could
-        # wait for a rank stuck in another collective, so the group is torn down at once.
+        # and then ("terminate called without an active exception"). A barrier alone still let a
+        # rank that left it first close its connections while the other was finishing it (1 clean
+        # clone in ~5), so each rank then also reports through the rendezvous store, outside gloo,
+        # and none tears down before all have left the barrier. After an error a barrier could wait
+        # for a rank stuck in another collective, so the group is torn down at once.
         if self.dist.is_initialized():
             if finished:
                 self.dist.barrier()
+                self._all_left_barrier(timeout)
             self.dist.destroy_process_group()
+
+    def _all_left_barrier(self, timeout: float) -> None:
+        """Wait (at most timeout seconds) until every rank has counted itself in the store."""
+        import time
+
+        store = self.dist.distributed_c10d._get_default_store()
+        key = "mtpspec/left-final-barrier"
+        store.add(key, 1)
+        end = time.monotonic() + timeout
+        while store.add(key, 0) < self.world and time.monotonic() < end:
+            time.sleep(0.01)
 
 
 def from_env(device: str) -> Group:
