@@ -80,16 +80,18 @@ void glu(const float* gu, int64_t I, bool gelu, float* e, float* a) {
   const float* u = gu + I;
   constexpr float c = 0.7978845608028654f;  // sqrt(2 / pi)
   if (gelu) {
-    for (int64_t i = 0; i < I; ++i) e[i] = -2.0f * std::fabs(c * (g[i] + 0.044715f * g[i] * g[i] * g[i]));
+    for (int64_t i = 0; i < I; ++i) {  // y is kept in a until the second pass
+      a[i] = c * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+      e[i] = -2.0f * std::fabs(a[i]);
+    }
   } else {
     for (int64_t i = 0; i < I; ++i) e[i] = -std::fabs(g[i]);
   }
   exp_nonpositive_raw(e, I);
   if (gelu) {
     for (int64_t i = 0; i < I; ++i) {
-      const float y = c * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
       const float t = (1.0f - e[i]) / (1.0f + e[i]);
-      a[i] = 0.5f * g[i] * (1.0f + (y < 0.f ? -t : t)) * u[i];
+      a[i] = 0.5f * g[i] * (1.0f + (a[i] < 0.f ? -t : t)) * u[i];
     }
   } else {
     for (int64_t i = 0; i < I; ++i) {  // f = 1 (x >= 0) or e (x < 0), as a max (e <= 1): no branch

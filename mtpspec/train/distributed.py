@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 from typing import Callable
 
 import torch
@@ -165,8 +166,6 @@ class TorchGroup(Group):
 
     def _all_left_barrier(self, timeout: float) -> None:
         """Wait (at most timeout seconds) until every rank has counted itself in the store."""
-        import time
-
         store = self.dist.distributed_c10d._get_default_store()
         key = "mtpspec/left-final-barrier"
         store.add(key, 1)
