@@ -846,7 +846,7 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
   const auto dt = std::is_same_v<T, float> ? torch::kFloat32 : torch::kBFloat16;
   auto out = torch::empty({B, steps}, torch::kLong);
   int64_t* op = out.data_ptr<int64_t>();
-  std::vector<float> emb(Ht), hid(B * Ht), row(H), sf(B * H), dots(P);
+  std::vector<float> emb(Ht), hid(B * Ht), row(H), sf(B * H), dots(top_k * P);
   const float* h0 = hidden.data_ptr<float>();
   std::copy(h0, h0 + B * Ht, hid.begin());
   std::vector<int64_t> cur(tok.data_ptr<int64_t>(), tok.data_ptr<int64_t>() + B);
@@ -887,13 +887,17 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
         const float fa = ldf(sc, a), fc = ldf(sc, c);
         return fa > fc || (fa == fc && a < c);
       });
+      // the chosen clusters' token scores, split over the threads (each cluster's rows are one
+      // contiguous block read from memory), then the argmax in cluster order as before
+      at::parallel_for(0, top_k, 1, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) cluster_dots(lm + order[j] * P * H, sf.data() + b * H, P, H, dots.data() + j * P);
+      });
       float best = -INFINITY;
       int64_t arg = -1;
       for (int64_t j = 0; j < top_k; ++j) {
         const int64_t c = order[j];
-        cluster_dots(lm + c * P * H, sf.data() + b * H, P, H, dots.data());
         for (int64_t p = 0; p < P; ++p) {
-          const float val = rnd<T>(dots[p]);
+          const float val = rnd<T>(dots[j * P + p]);
           if (arg < 0 || val > best) best = val, arg = c * P + p;
         }
       }
