@@ -846,7 +846,8 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
   const auto dt = std::is_same_v<T, float> ? torch::kFloat32 : torch::kBFloat16;
   auto out = torch::empty({B, steps}, torch::kLong);
   int64_t* op = out.data_ptr<int64_t>();
-  std::vector<float> emb(Ht), hid(B * Ht), row(H), sf(B * H), dots(top_k * P);
+  std::vector<float> emb(Ht), hid(B * Ht), row(H), sf(B * H), dots(B * top_k * P);
+  std::vector<int64_t> order(B * C);
   const float* h0 = hidden.data_ptr<float>();
   std::copy(h0, h0 + B * Ht, hid.begin());
   std::vector<int64_t> cur(tok.data_ptr<int64_t>(), tok.data_ptr<int64_t>() + B);
@@ -880,24 +881,31 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
     gemm(s.data(), B, H, proj[2], C, cs.data());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t i = 0; i < Ht; ++i) hid[b * Ht + i] = ldf(post.data(), b * Ht + i);
-      std::vector<int64_t> order(C);
-      for (int64_t c = 0; c < C; ++c) order[c] = c;
+      int64_t* ob = order.data() + b * C;
+      for (int64_t c = 0; c < C; ++c) ob[c] = c;
       const T* sc = cs.data() + b * C;
-      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t c) {
+      std::partial_sort(ob, ob + top_k, ob + C, [&](int64_t a, int64_t c) {
         const float fa = ldf(sc, a), fc = ldf(sc, c);
         return fa > fc || (fa == fc && a < c);
       });
-      // the chosen clusters' token scores, split over the threads (each cluster's rows are one
-      // contiguous block read from memory), then the argmax in cluster order as before
-      at::parallel_for(0, top_k, 1, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) cluster_dots(lm + order[j] * P * H, sf.data() + b * H, P, H, dots.data() + j * P);
-      });
+    }
+    // every row's chosen clusters' token scores in one parallel region (as cluster_scores: each
+    // cluster's rows are one contiguous block read from memory), then each row's argmax in
+    // cluster order
+    at::parallel_for(0, B * top_k, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / top_k, j = i % top_k;
+        cluster_dots(lm + order[b * C + j] * P * H, sf.data() + b * H, P, H, dots.data() + i * P);
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
       float best = -INFINITY;
       int64_t arg = -1;
       for (int64_t j = 0; j < top_k; ++j) {
-        const int64_t c = order[j];
+        const int64_t c = order[b * C + j];
+        const float* d = dots.data() + (b * top_k + j) * P;
         for (int64_t p = 0; p < P; ++p) {
-          const float val = rnd<T>(dots[j * P + p]);
+          const float val = rnd<T>(d[p]);
           if (arg < 0 || val > best) best = val, arg = c * P + p;
         }
       }
