@@ -257,6 +257,9 @@ def test_all_paths_give_identical_bits_and_rows_do_not_depend_on_their_batch(bit
     y = lin(x)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(len(x))])
     assert torch.equal(y, alone)
+    for m in (2, 3, 4, 5, 7, 8, 9, 12):  # VNNI: 8 rows a pass, their sums in registers
+        for start in (0, 3):
+            assert torch.equal(lin(x[start : start + m]), y[start : start + m]), (m, start)
     try:
         for other in ("avx2", "portable"):
             ext.quant_force_isa(other)

@@ -43,11 +43,12 @@ namespace {
 
 constexpr int PW = 16;  // output features per panel
 constexpr int64_t MC = 64;  // rows per chunk (run)
-// AVX2: a block's bytes are prefetched this many blocks ahead (~1.3-2 KB) when the stream, not the
-// arithmetic, is the limit: int8 weights (few instructions per byte; a Q8_0 decode step measured
-// 1.09x faster) and 4-bit weights at 1-2 rows (decode 1.05x, 2-row verify 1.02-1.04x, interleaved
-// in one process). From 4 rows on, 4-bit blocks are arithmetic-bound and gain nothing (0.97-1.00x).
-constexpr int64_t kPrefetchBlocks = 4;
+// AVX2: the weight stream is prefetched this many bytes ahead (whole blocks), at every row count.
+// At 4 blocks (~1.3-2 KB) only int8 weights and 4-bit weights at 1-2 rows gained (an AMD EPYC: Q8_0
+// decode 1.09x, 4-bit decode 1.05x, 2-row verify 1.02-1.04x). On a Xeon with this path forced, the
+// default model's matmuls (every weight in turn, 2 threads, interleaved) then ran 1.2x faster at 1
+// row, 1.07x at 2-3 and 1.01-1.02x at 5-8 with ~4 KB (12 blocks) than with 4 blocks at 1-2 rows.
+constexpr int64_t kPrefetchBytes = 4096;
 // AVX2: up to this many rows stream each block straight from memory (dot_block_stream_avx2)
 // instead of unpacking it once for all rows. Measured against unpacking, one thread, interleaved:
 // 4-bit 1.4-1.5x at 1 row, 1.2-1.3x at 2, 1.1-1.2x at 3-4, 1.03x at 5-6, 0.8x at 8; int8 1.4-1.5x
@@ -421,12 +422,11 @@ __attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int6
                                                 const QView& xr, int64_t M, float* acc) {
   Avx2Block blk;
   const int64_t bbytes = qbytes + scale_bytes(SM);
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / bbytes) * bbytes;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = wp + b * bbytes;
-    if (fmt == 8 || M <= 2) {  // see kPrefetchBlocks
-      const char* f = reinterpret_cast<const char*>(w + kPrefetchBlocks * bbytes);
-      for (int64_t o = 0; o < bbytes; o += 64) _mm_prefetch(f + o, _MM_HINT_T0);
-    }
+    const char* f = reinterpret_cast<const char*>(w + ahead);  // see kPrefetchBytes
+    for (int64_t o = 0; o < bbytes; o += 64) _mm_prefetch(f + o, _MM_HINT_T0);
     __m256 d0, d1, m0, m1;
     if (SM == 0) {
       const float* dm = reinterpret_cast<const float*>(w + qbytes);
@@ -454,25 +454,41 @@ __attribute__((target("avx2,fma,f16c"))) void panel_avx2(const uint8_t* wp, int6
   }
 }
 
-// AVX-512 VNNI: one panel for all M rows. A block's groups are loaded once as u8 operands (the
+// AVX-512 VNNI: one panel for R <= 8 rows. A block's groups are loaded once as u8 operands (the
 // nibbles, or the int8 weights + 128) and reused by every row; u[g] pairs with qx[4g .. 4g + 3].
-template <int SM>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void panel_vnni(
-    const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, const QView& xr, int64_t M, float* acc) {
-  __m512i u[8];  // B / 4 groups (B <= 32)
-  const int G = B / 4;
+// The rows' fp32 accumulators stay in registers for the whole panel, and each block's dot product
+// runs as two independent vpdpbusd chains (the int32 sums are exact: their order changes nothing).
+// The weight stream is prefetched ~kVnniPrefetchBytes ahead: at 1-8 rows, the default model's
+// matmuls ran 1.3x faster with registers and split chains than with accumulators in memory and
+// one chain (4 blocks ahead), and another 1.4-1.5x from 4 to 24 blocks (~8 KB) ahead (2 threads,
+// every weight of the model in turn, interleaved); 12-64 blocks were within noise.
+constexpr int64_t kVnniPrefetchBytes = 8192;
+// GCC 12 flags the undefined pass-through operand of its own _mm512_cvtepi32_ps / _mm512_cvtph_ps
+// (_mm512_undefined_ps) as maybe uninitialized once these are inlined into the templates below.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int SM, int FMT, int G, int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void panel_vnni_r(
+    const uint8_t* wp, int64_t nb, int64_t qbytes, const QView& xr, float* acc) {
+  constexpr int B = 4 * G;
   const int64_t bbytes = qbytes + scale_bytes(SM);
+  const int64_t ahead = std::max<int64_t>(1, kVnniPrefetchBytes / bbytes) * bbytes;
   const __m512i lo = _mm512_set1_epi8(15), offset = _mm512_set1_epi8(char(0x80));
+  __m512 av[R];
+  for (int r = 0; r < R; ++r) av[r] = _mm512_loadu_ps(acc + r * PW);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = wp + b * bbytes;
-    if (fmt == 4) {
-      for (int g = 0; g < G / 2; ++g) {  // 64 bytes hold inputs 8g + 0..3 (low nibbles) and 8g + 4..7 (high)
+    const char* f = reinterpret_cast<const char*>(w + ahead);
+    for (int64_t o = 0; o < bbytes; o += 64) _mm_prefetch(f + o, _MM_HINT_T0);
+    __m512i u[G];
+    if (FMT == 4) {
+      for (int g = 0; g < G / 2; ++g) {
         const __m512i v = _mm512_loadu_si512(w + g * 64);
         u[2 * g] = _mm512_and_si512(v, lo);
         u[2 * g + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
       }
     } else {
-      for (int g = 0; g < G; ++g) u[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), offset);  // w + 128 as u8
+      for (int g = 0; g < G; ++g) u[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), offset);
     }
     __m512 d, mv = _mm512_setzero_ps();
     if (SM == 0) {
@@ -484,23 +500,55 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void panel_
       d = _mm512_cvtph_ps(_mm256_loadu_si256(h));
       if (SM == 1) mv = _mm512_cvtph_ps(_mm256_loadu_si256(h + 1));
     }
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* qx = xr.q + m * xr.K + b * B;
-      __m512i s = _mm512_setzero_si512();
-      for (int g = 0; g < G; ++g) {
-        int32_t x4;
-        std::memcpy(&x4, qx + 4 * g, 4);
-        s = _mm512_dpbusd_epi32(s, u[g], _mm512_set1_epi32(x4));
+    for (int r = 0; r < R; ++r) {
+      const int8_t* qx = xr.q + r * xr.K + b * B;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int g = 0; g < G; g += 2) {
+        int32_t x0, x1;
+        std::memcpy(&x0, qx + 4 * g, 4);
+        std::memcpy(&x1, qx + 4 * g + 4, 4);
+        s0 = _mm512_dpbusd_epi32(s0, u[g], _mm512_set1_epi32(x0));
+        s1 = _mm512_dpbusd_epi32(s1, u[g + 1], _mm512_set1_epi32(x1));
       }
-      if (fmt == 8) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * xr.is[m * nb + b]));
-      float* a = acc + m * PW;
-      __m512 av = _mm512_loadu_ps(a);
-      av = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xr.d[m * nb + b])), av);
-      if (SM != 2) av = _mm512_fmadd_ps(mv, _mm512_set1_ps(xr.s[m * nb + b]), av);
-      _mm512_storeu_ps(a, av);
+      __m512i s = _mm512_add_epi32(s0, s1);
+      if (FMT == 8) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * xr.is[r * nb + b]));
+      av[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(xr.d[r * nb + b])), av[r]);
+      if (SM != 2) av[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xr.s[r * nb + b]), av[r]);
     }
   }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * PW, av[r]);
 }
+
+template <int SM, int FMT, int G>
+void panel_vnni_rows(const uint8_t* wp, int64_t nb, int64_t qbytes, const QView& xr, int64_t R, float* acc) {
+  switch (R) {
+    case 1: panel_vnni_r<SM, FMT, G, 1>(wp, nb, qbytes, xr, acc); break;
+    case 2: panel_vnni_r<SM, FMT, G, 2>(wp, nb, qbytes, xr, acc); break;
+    case 3: panel_vnni_r<SM, FMT, G, 3>(wp, nb, qbytes, xr, acc); break;
+    case 4: panel_vnni_r<SM, FMT, G, 4>(wp, nb, qbytes, xr, acc); break;
+    case 5: panel_vnni_r<SM, FMT, G, 5>(wp, nb, qbytes, xr, acc); break;
+    case 6: panel_vnni_r<SM, FMT, G, 6>(wp, nb, qbytes, xr, acc); break;
+    case 7: panel_vnni_r<SM, FMT, G, 7>(wp, nb, qbytes, xr, acc); break;
+    default: panel_vnni_r<SM, FMT, G, 8>(wp, nb, qbytes, xr, acc); break;
+  }
+}
+
+// All M rows of one panel, 8 at a time (the panel's later passes read it from L1 / L2).
+template <int SM>
+void panel_vnni(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, const QView& xr, int64_t M,
+                float* acc) {
+  for (int64_t m = 0; m < M; m += 8) {
+    const QView v = {xr.q + m * xr.K, xr.d + m * nb, xr.s + m * nb, xr.is + m * nb, xr.K};
+    const int64_t R = std::min<int64_t>(8, M - m);
+    if (fmt == 4)
+      panel_vnni_rows<SM, 4, 8>(wp, nb, qbytes, v, R, acc + m * PW);
+    else if (B == 32)
+      panel_vnni_rows<SM, 8, 8>(wp, nb, qbytes, v, R, acc + m * PW);
+    else
+      panel_vnni_rows<SM, 8, 4>(wp, nb, qbytes, v, R, acc + m * PW);
+  }
+}
+#pragma GCC diagnostic pop
 
 void panel_scalar(const uint8_t* wp, int64_t nb, int64_t qbytes, int fmt, int B, int sm, const QView& xr, int64_t M,
                   float* acc) {
