@@ -130,6 +130,29 @@ def test_adaptive_policy_keys_verify_cost_by_tokens_verified():
     assert pol._verify_time(1, 5) == pytest.approx(0.020 + (0.022 - 0.020) * 4 / 6, rel=0.02)  # interpolated
 
 
+def test_adaptive_policy_counts_a_fixed_cost_per_drafting_round():
+    """Drafting costs per round, not only per token (the default model's drafter: 1.17 / 1.62 / 2.24
+    ms for k = 1 / 2 / 4 against a 3.8 ms target step). Here drafting k tokens costs 3 + 0.5 k ms,
+    a verify pass 10 + 0.5 (tokens - 1) ms, and each draft is accepted with probability 0.7: k = 4
+    pays best (2.77 tokens in 17 ms), k = 1 barely (1.7 in 14). Rounds of k = 1 and k = 4 have
+    been seen (explorations, rounds capped near the end of a sequence); priced per drafted token
+    (a mean of 3.5 and 1.25 ms), k = 4 looked dear and the policy chose k = 2."""
+    import random
+
+    rnd = random.Random(0)
+    pol = AdaptiveDraftLength(4, explore_every=0)
+    for i in range(200):
+        k = 1 if i % 2 else 4
+        n = 0
+        while n < k and rnd.random() < 0.7:
+            n += 1
+        pol.observe(1, k, [n], (10 + 0.5 * k) / 1000, (3 + 0.5 * k) / 1000)
+    pol.observe(1, 0, [0], 0.010, 0.0)
+    assert pol._draft_time(1, 4) == pytest.approx(0.005) and pol._draft_time(1, 1) == pytest.approx(0.0035)
+    assert pol._draft_time(1, 2) == pytest.approx(0.004)  # interpolated between the measured k
+    assert pol.choose(1) == 4
+
+
 def test_adaptive_policy_does_not_switch_drafting_off_on_its_first_rounds():
     """Regression (CI, the wheel test): the first round's draft was rejected and its verify, the
     first 5-token step, was slow (one-time costs); the policy chose plain decoding from round 3 on

@@ -9,13 +9,19 @@ adaptive policy estimates a_i from the rounds it has seen (running means in whic
 as `prior_weight` observations, turning into exponential moving averages after 1 / (1 - decay)
 observations: a few rounds replace the prior, one unlucky round does not switch drafting off; a
 position not observed yet takes the mean of the observed ones), measures
-draft time per drafted token and the verify time per number of tokens verified (both per
-batch-size bucket, since batching changes both), and picks the k in [0, max_k] that maximises
+the drafting time per k and the verify time per number of tokens verified (both per
+batch-size bucket, since batching changes both; a cost not measured yet is interpolated linearly
+between the nearest measured ones, extrapolated past them), and picks the k in [0, max_k] that maximises
 E(k) / T(k). k = 0 is plain decoding, chosen when the drafter does not pay; an exploration round
 now and then keeps the estimates fresh: every `explore_every` rounds while drafting pays, and at
 doubling intervals (up to 8x) while it stays off, since each exploring round costs the whole batch a
 verify pass (at batches 4 and 8 of the default model every 16th round exploring cost ~4%); an
 exploring round with an accepted draft brings the interval back to `explore_every`.
+
+Drafting has a fixed cost per round besides its cost per token (the default model's drafter on a
+2-core Xeon: 1.17 / 1.62 / 2.24 ms for k = 1 / 2 / 4, against a 3.8 ms target step): priced per
+drafted token, as a running mean over rounds of different k, short drafts looked cheap after long
+ones and long drafts dear after short ones.
 
 The verify cost is keyed by the tokens a round verifies, not by k: a chain of k drafts verifies
 k + 1 tokens, a draft tree of depth k its node count + 1, which is the same for every k past the
@@ -81,6 +87,23 @@ def _bucket(batch_size: int) -> int:
     return max(1, batch_size - 1).bit_length()
 
 
+def _interpolate(known: list[tuple[int, float]], n: int, one_point) -> float | None:
+    """The cost at n from sorted measured (n_i, seconds) pairs: the measurement at n, else linear
+    through the two nearest (extrapolated past the ends), else one_point(n0, t0) from a single
+    measurement; None without any."""
+    if not known:
+        return None
+    for nn, t in known:
+        if nn == n:
+            return t
+    if len(known) == 1:
+        return one_point(*known[0])
+    below = [p for p in known if p[0] < n]
+    above = [p for p in known if p[0] > n]
+    (n0, t0), (n1, t1) = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
+    return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
+
+
 class AdaptiveDraftLength:
     """Pick k from measured acceptance and costs (see module docstring)."""
 
@@ -98,7 +121,7 @@ class AdaptiveDraftLength:
         self.seen = [0] * max_k  # observations of each a_i
         self.verify: dict[tuple[int, int], float] = {}  # (bucket, tokens verified) -> seconds
         self.tokens: dict[tuple[int, int], int] = {}  # (bucket, k) -> tokens a round of k verified
-        self.draft_per_token: dict[int, float] = {}  # bucket -> seconds per drafted token
+        self.draft: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds drafting k tokens
         self.timed: dict[tuple, int] = {}  # (table, key) -> measurements behind that cost estimate
         self.rounds = 0
         self.last_k = min(4, max_k)
@@ -129,24 +152,24 @@ class AdaptiveDraftLength:
         known: this bucket's sorted (tokens, seconds) pairs, if the caller has them already."""
         if known is None:
             known = sorted((nn, t) for (b, nn), t in self.verify.items() if b == bucket)
-        if not known:
-            return None
-        for nn, t in known:
-            if nn == n:
-                return t
-        if len(known) == 1:  # one point: assume a verify pass grows 5% per extra token
-            n0, t0 = known[0]
-            return t0 * (1 + 0.05 * (n - n0))
-        below = [p for p in known if p[0] < n]
-        above = [p for p in known if p[0] > n]
-        (n0, t0), (n1, t1) = (below[-1], above[0]) if below and above else (known[-2], known[-1]) if below else (known[0], known[1])
-        return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 1e-9)
+        # one point: assume a verify pass grows 5% per extra token
+        return _interpolate(known, n, lambda n0, t0: t0 * (1 + 0.05 * (n - n0)))
+
+    def _draft_time(self, bucket: int, k: int, known: list | None = None) -> float | None:
+        """Drafting time of k tokens: measured, else interpolated (extrapolated) from the nearest k.
+        known: this bucket's sorted (k, seconds) pairs."""
+        if k == 0:
+            return 0.0
+        if known is None:
+            known = sorted((kk, t) for (b, kk), t in self.draft.items() if b == bucket)
+        return _interpolate(known, k, lambda k0, t0: t0 * k / k0)  # one point: proportional to k
 
     def choose(self, batch_size: int) -> int:
         self.rounds += 1
         bucket = _bucket(batch_size)
         seen = {nn for (b, nn) in self.verify if b == bucket}
-        if bucket not in self.draft_per_token:
+        drafted = sorted((kk, t) for (b, kk), t in self.draft.items() if b == bucket)
+        if not drafted:
             # warm-up for this batch size: a drafting round first (the loop may cap k, even to 0,
             # near the end of a sequence; we ask again until a drafting round was measured) ...
             return max(1, self.last_k)
@@ -158,7 +181,7 @@ class AdaptiveDraftLength:
         expected = self._expected_all(self.max_k)
         for k in range(self.max_k + 1):
             t_verify = self._verify_time(bucket, self.verified_tokens(bucket, k), known)
-            scores[k] = expected[k] / (t_verify + k * self.draft_per_token[bucket])
+            scores[k] = expected[k] / (t_verify + self._draft_time(bucket, k, drafted))
         if self.seen[0] < self.min_observations:
             scores.pop(0)  # too few rounds to write the drafter off
         best = max(scores, key=scores.get)
@@ -195,7 +218,7 @@ class AdaptiveDraftLength:
         self.tokens[(bucket, k)] = n
         self._timed("verify", (bucket, n), verify_time)
         if k > 0:
-            self._timed("draft_per_token", bucket, draft_time / k)
+            self._timed("draft", (bucket, k), draft_time)
         for i in range(k):  # rows that reached draft i (all earlier drafts accepted)
             reached = [n for n in accepted if n >= i]
             if reached:
