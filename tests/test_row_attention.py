@@ -53,17 +53,22 @@ def test_a_query_gets_the_same_bits_alone_and_in_a_padded_batch(ext, window):
     assert torch.equal(alone, full[1:2, :, 2:3])
 
 
-@pytest.mark.parametrize("d,length", [(16, 40), (72, 43), (128, 21)])  # head dims: under 64, 64 + 8, 2 x 64
-def test_portable_path_gives_the_same_bits(ext, d, length):
+# head dims under 64, 64 + 8, 2 x 64; windows of 9 keys, and 300 / 298 keys without a window (the
+# vectorised scale, mask, max and fp64 sums over many 8-key blocks and a ragged tail)
+@pytest.mark.parametrize("d,length,window", [(16, 40, 9), (72, 43, 9), (128, 21, 9), (64, 300, None), (64, 298, None)])
+def test_portable_path_gives_the_same_bits(ext, d, length, window):
     q, k, v = _inputs(seed=3, d=d, length=length)
-    mask = visibility(torch.arange(length - 5, length).expand(3, 5), 0, length, 9)
+    q = q * 3  # peaked softmaxes: weights spanning many orders of magnitude
+    mask = visibility(torch.arange(length - 5, length).expand(3, 5), 0, length, window)
     a = attend_rows(q, k, v, mask, 0.3)
+    a2 = attend_rows(q, k, v, None, 0.3)  # no mask: every key visible to every query
     ext.attend_force_portable(True)
     try:
         b = attend_rows(q, k, v, mask, 0.3)
+        b2 = attend_rows(q, k, v, None, 0.3)
     finally:
         ext.attend_force_portable(False)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and torch.equal(a2, b2)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     assert torch.allclose(a, ref, atol=1e-5, rtol=1e-5)
 
