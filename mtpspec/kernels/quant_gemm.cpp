@@ -482,13 +482,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c"))) void panel_
     for (int64_t o = 0; o < bbytes; o += 64) _mm_prefetch(f + o, _MM_HINT_T0);
     __m512i u[G];
     if (FMT == 4) {
-      for (int g = 0; g < G / 2; ++g) {
+      for (int g = 0; g < G / 2; ++g) {  // 64 bytes hold inputs 8g + 0..3 (low nibbles) and 8g + 4..7 (high)
         const __m512i v = _mm512_loadu_si512(w + g * 64);
         u[2 * g] = _mm512_and_si512(v, lo);
         u[2 * g + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
       }
     } else {
-      for (int g = 0; g < G; ++g) u[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), offset);
+      for (int g = 0; g < G; ++g) u[g] = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), offset);  // w + 128 as u8
     }
     __m512 d, mv = _mm512_setzero_ps();
     if (SM == 0) {
