@@ -470,6 +470,50 @@ def test_for_target_covers_every_family(targets):
         DrafterConfig.for_target(b31.cfg, 1, clustered=True, num_centroids=7)
 
 
+def test_one_call_chain_arguments_are_kept_until_the_drafter_changes(tmp_path):
+    """greedy_chain keeps its per-drafter arguments between rounds (building them cost ~0.19 ms a
+    round); an in-place change to a norm it copies, quantize() and a new target each rebuild them,
+    so the chain keeps drafting what the torch path drafts."""
+    from mtpspec import kernels
+    from mtpspec.models.quantize import quantize_model
+
+    if kernels.kernel_info()["path"] != "cpp":
+        pytest.skip("C++ kernels not available")
+    target = quantize_model(tiny_target("llama", tmp_path)[1], "int4")
+    # bf16: the chain takes fp32 copies of the norm weights (an fp32 drafter's would be the same tensors)
+    drafter = random_drafter(target, seed=5, clustered=True, num_centroids=20, centroid_top_k=4)
+    drafter = drafter.to(torch.bfloat16).prepare()
+    _, inp = our_drafts(target, drafter, [_prompt(11, 0), _prompt(11, 1)], 1)
+
+    def chain_and_reference(tgt=target):
+        with torch.inference_mode():
+            ctx = drafter.context(tgt.cfg, inp.cache)
+            chain = drafter.greedy_chain(tgt, inp.last_tokens, inp.last_hidden, ctx, 4)
+            tok, hid, ref = inp.last_tokens, inp.last_hidden, []
+            for _ in range(4):
+                s, hid = drafter.step_state(tgt.embed_tokens(tok), hid, ctx)
+                tok = drafter.argmax(s)
+                ref.append(tok)
+        return chain, torch.stack(ref, 1)
+
+    chain, before = chain_and_reference()
+    assert torch.equal(chain, before)
+    static = drafter.__dict__["_chain_cache"][2]
+    assert torch.equal(chain_and_reference()[0], before) and drafter.__dict__["_chain_cache"][2] is static  # kept
+    with torch.no_grad():  # an in-place update of copied weights (as an optimizer step makes)
+        for layer in drafter.model.layers:
+            layer.post_feedforward_layernorm.weight.mul_(-3.0)
+    chain, after = chain_and_reference()
+    assert not torch.equal(after, before)  # the change matters ...
+    assert torch.equal(chain, after)  # ... and the chain sees it
+    drafter.quantize("int8")
+    chain, ref = chain_and_reference()
+    assert torch.equal(chain, ref) and drafter.__dict__["_chain_cache"][2] is not static
+    other = quantize_model(tiny_target("llama", tmp_path / "other")[1], "int8")  # another target, int8 weights
+    chain, ref = chain_and_reference(other)
+    assert torch.equal(chain, ref) and drafter.__dict__["_chain_cache"][0]() is other
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma3", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
