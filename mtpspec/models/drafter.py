@@ -253,6 +253,12 @@ class DrafterLayer(nn.Module):
         self.post_feedforward_layernorm = norm()
         self.register_buffer("layer_scalar", torch.ones(1))
 
+    def norms(self) -> tuple:
+        """The layer's norms in the one-call C++ layer's order: input, q, post-attention,
+        pre-feedforward, post-feedforward."""
+        return (self.input_layernorm, self.self_attn.q_norm, self.post_attention_layernorm,
+                self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
+
     def _fused_args(self, dtype: torch.dtype) -> tuple | None:
         """What the one-call C++ layer (`kernels.drafter_layer`) needs, or None if it cannot run this
         layer: bias-free projections all packed in `dtype` or all quantized (`MTPDrafter.quantize`),
@@ -270,8 +276,7 @@ class DrafterLayer(nn.Module):
             weights, qmeta = [l._packed for l in lins], None
         else:
             return None
-        norms = (self.input_layernorm, attn.q_norm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
-                 self.post_feedforward_layernorm)
+        norms = self.norms()
         try:
             key = tuple((n.weight.data_ptr(), n.weight._version) for n in norms if n.weight is not None)
             key += ((self.layer_scalar.data_ptr(), self.layer_scalar._version),)
@@ -687,8 +692,7 @@ class MTPDrafter(nn.Module):
         else:
             return None
         layers = self.model.layers
-        norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.self_attn.q_norm,
-                 layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)]
+        norms = [n.weight for layer in layers for n in layer.norms()]
         return {
             "layer_types": [layer.attention_type for layer in layers],
             "head": (embed, embed_meta, float(target.cfg.embed_scale or 1.0), proj, proj_meta, [a[0] for a in args],
