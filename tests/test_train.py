@@ -187,6 +187,21 @@ def test_training_lowers_loss_and_raises_acceptance(engine, data_files, tmp_path
     assert json.loads((res.out / "generation_config.json").read_text())["num_assistant_tokens"] == 3
 
 
+def test_bf16_defaults_to_what_the_cpu_computes_natively(engine, data_files, tmp_path, monkeypatch, capsys):
+    """No --bf16 / --no-bf16: bfloat16 autocast where the CPU has bfloat16 instructions (~2.8x faster
+    steps on a 2-core Xeon with AMX), float32 elsewhere; the choice is printed and recorded in the
+    run's config (a resumed run keeps it); an explicit choice wins."""
+    monkeypatch.setattr("mtpspec.train.trainer.cpu_has_bf16", lambda: True)
+    tr = Trainer(_cfg(data_files, tmp_path / "a", max_steps=1, bf16=None), engine)
+    assert tr.cfg.bf16 is True and tr.objective.bf16 and tr.checkpoint.config["bf16"] is True
+    assert "bfloat16 autocast training steps" in capsys.readouterr().err
+    assert not Trainer(_cfg(data_files, tmp_path / "b", max_steps=1, bf16=False), engine).objective.bf16
+    monkeypatch.setattr("mtpspec.train.trainer.cpu_has_bf16", lambda: False)
+    tr = Trainer(_cfg(data_files, tmp_path / "c", max_steps=1, bf16=None), engine)
+    assert tr.cfg.bf16 is False and not tr.objective.bf16
+    assert "float32 training steps" in capsys.readouterr().err
+
+
 def test_bf16_is_ignored_with_a_warning_on_a_cpu_without_bf16(engine, data_files, tmp_path, monkeypatch, capsys):
     """bfloat16 autocast trained ~18x slower than float32 on an AVX2-only CPU: --bf16 is dropped
     there, with one line saying so, and the run records what it did."""

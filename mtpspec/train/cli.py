@@ -44,7 +44,7 @@ def train_drafter_cmd(
     eval_every: Annotated[float, typer.Option("--eval-every", help="Minutes between held-out evaluations (the curve in training.png, the best kept); 0 = only at the end.")] = 10.0,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the drafter's training steps (weights stay fp32).")] = False,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the drafter's training steps (weights stay fp32). Default: on where the device computes bfloat16 natively (CPUs with AVX512_BF16 or AMX: ~2.8x faster steps than fp32 on a 2-core Xeon; CUDA GPUs with bf16), fp32 elsewhere.")] = None,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this drafter's weights (fine-tune it on new data) instead of a fresh init; same shape options required.")] = None,
     replay_from: Annotated[Optional[list[Path]], typer.Option("--replay-from", help="Another run's work dir (or its shards/ folder) whose activation shards are replayed with this run's (repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,

@@ -53,7 +53,9 @@ class TrainConfig:
     eval_max_new_tokens: int = 64
     eval_limit: int = 16
     save_dtype: str = "float16"
-    bf16: bool = False  # bfloat16 autocast for the drafter's forward/backward (weights stay fp32)
+    # bfloat16 autocast for the drafter's forward/backward (weights stay fp32); None: where the device
+    # computes bfloat16 natively (`bf16_auto`)
+    bf16: bool | None = None
     init_from: str | None = None  # a drafter folder to start from (fine-tuning) instead of a fresh init
     replay_from: list[str] = field(default_factory=list)  # other runs' work dirs (or shards/ folders) to replay
     seed: int = 0
