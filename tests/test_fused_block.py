@@ -197,3 +197,55 @@ def test_the_blocks_mlp_activation_is_silu_or_gelu_tanh_in_every_path(ext, gelu)
         assert torch.equal(ext.glu_rows(gu, gelu), out)
     finally:
         ext.attend_force_portable(False)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 576, 583])
+def test_the_blocks_rms_norm_sums_squares_in_a_fixed_order_in_every_path(ext, n):
+    """fp64 sum of squares (lane i % 8, then a fixed tree) and fp32 scaling: close to the fp64
+    reference, and the vectorized and portable paths give the same bits, also for n not a multiple of 8."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g) * torch.logspace(-3, 3, 5)[:, None]
+    w = torch.randn(n, generator=g)
+    out = ext.rms_norm_rows(x, w, 1e-6, 1.0)
+    xd = x.double()
+    ref = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.double() + 1.0)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-6)
+    ext.attend_force_portable(True)
+    try:
+        assert torch.equal(ext.rms_norm_rows(x, w, 1e-6, 1.0), out)
+    finally:
+        ext.attend_force_portable(False)
+
+
+def test_the_steps_argmax_is_torchs_in_every_path(ext):
+    """The first largest value, the first NaN if any (torch.argmax), ties and +-0 included, at lengths
+    around the vector widths."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in [1, 5, 15, 16, 17, 31, 49152, 49157]:
+        base = torch.randn(n, generator=g)
+        rows.append(base)
+        tie = base.clone()
+        tie[torch.randint(n, (3,), generator=g)] = base.max() + 1  # the first of equal maxima
+        rows.append(tie)
+        rows.append(torch.zeros(n))
+        signed = torch.zeros(n)
+        signed[: n // 2] = -0.0
+        rows.append(signed)
+        for at in {0, n // 3, n - 1}:
+            nan = base.clone()
+            nan[at] = float("nan")
+            nan[-1] = float("nan")
+            rows.append(nan)
+        inf = base.clone()
+        inf[n // 2] = float("inf")
+        rows.append(inf)
+        rows.append(torch.full((n,), -float("inf")))
+    for r in rows:
+        want = int(torch.argmax(r))
+        assert int(ext.argmax_rows(r[None].contiguous())[0]) == want
+        ext.attend_force_portable(True)
+        try:
+            assert int(ext.argmax_rows(r[None].contiguous())[0]) == want
+        finally:
+            ext.attend_force_portable(False)

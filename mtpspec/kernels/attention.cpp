@@ -29,6 +29,8 @@
 #include <limits>
 #include <vector>
 
+bool g_attn_portable = false;  // tests: force the portable paths (attention, exp, quant_block.cpp's norms and argmax)
+
 namespace {
 
 bool attn_avx2() {
@@ -38,7 +40,6 @@ bool attn_avx2() {
   }();
   return ok;
 }
-bool g_attn_portable = false;  // tests: force the portable path
 
 // Keys and values are prefetched ~kPrefetchBytes ahead of the one being read (in whole keys, at least
 // 8): the default model's decode step at 300 / 1000 cached tokens ran 1.15x / 1.13x faster with
@@ -336,5 +337,5 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
 
 void register_attention(pybind11::module& m) {
   m.def("attend_rows", &attend_rows, "batch-invariant fp32 attention for decode/verify steps (models/layers.py)");
-  m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable path (attention, exp)");
+  m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable paths (attention, exp, the fused blocks' norms and argmax)");
 }

@@ -22,6 +22,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +39,8 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
                      const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
                      int64_t D, int64_t KVH, int64_t L, float sc, float* op, int64_t osb, int64_t osh, int64_t ost);
 
+extern bool g_attn_portable;  // attention.cpp: tests force the portable paths
+
 namespace {
 
 struct QW {  // one packed quantized weight (kernels/quant.py's QuantLinear)
@@ -53,21 +56,97 @@ void gemm(const QW& q, const float* x, int64_t M, float* y) {
   quant_gemm_f32(x, q.K, M, q.w, q.N, q.K, q.fmt, q.block, q.sm, y, q.bias);
 }
 
+bool use_avx2() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok && !g_attn_portable;
+}
+
+// sum of x[i]^2 in fp64 in a fixed order, the same bits in both paths: value i goes to lane i % 8
+// (in order of i), then ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). A float's square is exact
+// in fp64, so fused multiply-adds change nothing. (One running sum was a 4-cycle chain per value:
+// ~1 us per 576-value norm, ~60 us of a decode step's 2 x 30 norms per row.)
+inline double sum_squares_portable(const float* x, int64_t n) {
+  double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) l[i % 8] += double(x[i]) * double(x[i]);
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+__attribute__((target("avx2,fma"))) double sum_squares_avx2(const float* x, int64_t n) {
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // lanes 0-3, 4-7
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), b = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
+    lo = _mm256_add_pd(lo, _mm256_mul_pd(a, a));
+    hi = _mm256_add_pd(hi, _mm256_mul_pd(b, b));
+  }
+  alignas(32) double l[8];
+  _mm256_store_pd(l, lo);
+  _mm256_store_pd(l + 4, hi);
+  for (; i < n; ++i) l[i % 8] += double(x[i]) * double(x[i]);
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
 // y = x * (1 / sqrt(mean(x^2) + eps)) * (w + offset) over n values (in place allowed)
 inline void norm(const float* x, const float* w, float eps, float offset, int64_t n, float* y) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * double(x[i]);
+  const double ss = use_avx2() ? sum_squares_avx2(x, n) : sum_squares_portable(x, n);
   const float inv = 1.0f / std::sqrt(float(ss / double(n)) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * (w[i] + offset);
 }
 
-// rotate-half RoPE of one head vector (first rot dims), in place
+// rotate-half RoPE of one head vector (first rot dims), in place (two branch-free loops, which the
+// compiler vectorizes)
 inline void rope(float* x, const float* c, const float* s, int64_t rot) {
   const int64_t half = rot / 2;
   float tmp[1024];
   for (int64_t d = 0; d < rot; ++d) tmp[d] = x[d];
-  for (int64_t d = 0; d < rot; ++d) x[d] = tmp[d] * c[d] + (d < half ? -tmp[d + half] : tmp[d - half]) * s[d];
+  for (int64_t d = 0; d < half; ++d) x[d] = tmp[d] * c[d] + -tmp[d + half] * s[d];
+  for (int64_t d = half; d < rot; ++d) x[d] = tmp[d] * c[d] + tmp[d - half] * s[d];
 }
+
+// The first index of the largest of n values (torch.argmax's choice: the first NaN if there is one)
+int64_t argmax_portable(const float* row, int64_t n) {
+  int64_t arg = 0;
+  float mx = row[0];
+  for (int64_t j = 1; j < n && !std::isnan(mx); ++j)
+    if (row[j] > mx || std::isnan(row[j])) mx = row[j], arg = j;
+  return arg;
+}
+
+// The same, vectorized: the largest value (no NaN seen), then its first index. max_ps may keep
+// either of +0 / -0, which compare equal, so the index is the first of them either way, as above.
+__attribute__((target("avx2,fma"))) int64_t argmax_avx2(const float* row, int64_t n) {
+  if (n < 16) return argmax_portable(row, n);
+  __m256 m0 = _mm256_loadu_ps(row), m1 = m0, nan = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 a = _mm256_loadu_ps(row + j), b = _mm256_loadu_ps(row + j + 8);
+    nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), _mm256_cmp_ps(b, b, _CMP_UNORD_Q)));
+    m0 = _mm256_max_ps(m0, a), m1 = _mm256_max_ps(m1, b);
+  }
+  if (_mm256_movemask_ps(nan)) return argmax_portable(row, n);
+  alignas(32) float l[16];
+  _mm256_store_ps(l, m0);
+  _mm256_store_ps(l + 8, m1);
+  float mx = l[0];
+  for (int i = 1; i < 16; ++i) mx = l[i] > mx ? l[i] : mx;
+  for (int64_t t = j; t < n; ++t) {
+    if (std::isnan(row[t])) return t;  // no NaN before j
+    mx = row[t] > mx ? row[t] : mx;
+  }
+  const __m256 want = _mm256_set1_ps(mx);
+  for (int64_t t = 0; t + 8 <= n; t += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + t), want, _CMP_EQ_OQ));
+    if (hit) return t + __builtin_ctz(hit);
+  }
+  for (int64_t t = n / 8 * 8; t < n; ++t)
+    if (row[t] == mx) return t;
+  return 0;  // not reached
+}
+
+int64_t argmax(const float* row, int64_t n) { return use_avx2() ? argmax_avx2(row, n) : argmax_portable(row, n); }
 
 // a[i] = act(g[i]) * u[i] for the gated MLP (gu = [g | u], I values each), with exp of values <= 0
 // only (exp_nonpositive_raw: vectorized, the same bits in every path; std::exp per value cost
@@ -459,14 +538,7 @@ class QuantStack {
     auto best = torch::empty({R}, torch::kLong);
     int64_t* bp = best.data_ptr<int64_t>();
     const float* lp2 = logits.data_ptr<float>();
-    for (int64_t r = 0; r < R; ++r) {
-      const float* row = lp2 + r * NV;
-      int64_t arg = 0;
-      float mx = row[0];
-      for (int64_t j = 1; j < NV && !std::isnan(mx); ++j)
-        if (row[j] > mx || std::isnan(row[j])) mx = row[j], arg = j;
-      bp[r] = arg;
-    }
+    for (int64_t r = 0; r < R; ++r) bp[r] = argmax(lp2 + r * NV, NV);
     return {logits, hidden, best};
   }
 
@@ -530,6 +602,25 @@ class QuantStack {
 };
 
 // The MLP activation of the blocks (glu), for tests: gu [M, 2I] fp32 -> act(g) * u [M, I].
+torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, double offset) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.dim() == 1 &&
+              w.numel() == x.size(1) && w.scalar_type() == torch::kFloat32 && w.is_contiguous(),
+              "rms_norm_rows: x contiguous fp32 [M, n], w fp32 [n]");
+  auto out = torch::empty_like(x);
+  const int64_t M = x.size(0), n = x.size(1);
+  for (int64_t r = 0; r < M; ++r)
+    norm(x.data_ptr<float>() + r * n, w.data_ptr<float>(), float(eps), float(offset), n, out.data_ptr<float>() + r * n);
+  return out;
+}
+
+torch::Tensor argmax_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "argmax_rows: x contiguous fp32 [M, n > 0]");
+  auto out = torch::empty({x.size(0)}, torch::kLong);
+  for (int64_t r = 0; r < x.size(0); ++r) out[r] = argmax(x.data_ptr<float>() + r * x.size(1), x.size(1));
+  return out;
+}
+
 torch::Tensor glu_rows(const torch::Tensor& gu, bool gelu) {
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.scalar_type() == torch::kFloat32 && gu.is_contiguous(),
               "glu_rows: gu must be contiguous fp32 [M, 2I]");
@@ -542,6 +633,8 @@ torch::Tensor glu_rows(const torch::Tensor& gu, bool gelu) {
 
 void register_quant_block(pybind11::module& m) {
   m.def("glu_rows", &glu_rows, "the fused blocks' MLP activation act(g) * u (tests)");
+  m.def("rms_norm_rows", &rms_norm_rows, "the fused blocks' RMS norm of each row (tests)");
+  m.def("argmax_rows", &argmax_rows, "the fused step's argmax of each row (tests)");
   pybind11::class_<QuantStack>(m, "QuantStack", "a quantized target's decoder blocks for decode / verify steps")
       .def(pybind11::init<const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<int64_t>>&,
                           const std::vector<std::vector<torch::Tensor>>&, const std::vector<std::vector<torch::Tensor>>&,
