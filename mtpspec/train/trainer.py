@@ -33,6 +33,7 @@ from .distributed import Group, SharedShardStore
 from .drafter_init import starting_drafter
 from .harvest import Activations, build_shard
 from .heldout import HeldOut
+from .memory import release_freed_memory
 from .objective import Objective
 from .optim import Optimiser
 from .progress import Progress
@@ -283,6 +284,8 @@ class Trainer:
         loss_sum, stats = distributed.reduce_record(g, loss_sum, stats)
         distributed.reduce_gradients(g, self.opt.params)
         self.opt.update(st.step, st.elapsed)
+        if torch.device(self.cfg.device).type == "cpu":
+            release_freed_memory()
         return _step_record(st.step, torch.tensor(loss_sum), stats, self.drafter.cfg.clustered)
 
     def _save_checkpoint(self) -> None:
