@@ -46,6 +46,14 @@ else:
             if self.editable_mode or self.inplace:
                 self.build_temp = os.path.join("build", "temp-inplace")
 
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            """Replace an existing library (a new file) instead of writing over it: a running process
+            (a training run) has the old one mapped, and rewriting it in place swaps the code and
+            constants under that process."""
+            if os.path.isfile(outfile) and not os.path.isdir(outfile) and outfile.endswith((".so", ".pyd")):
+                os.unlink(outfile)
+            return super().copy_file(infile, outfile, *args, **kwargs)
+
     # keep in sync with mtpspec/kernels/__init__.py: CXX_FLAGS / LD_FLAGS (the JIT fallback)
     # -g0: Python's own CFLAGS add -g (debug info the JIT build does not have; a slower build)
     setup(

@@ -674,11 +674,14 @@ inline float gelu_tanh(float x) {
 }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
+// spans: nullptr (every K/V row reads all L keys) or [R][2] (start, end): K/V row r reads keys
+// start .. end-1 only (rows of a ragged batch: shorter rows hold other data past their length, and
+// a sliding window starts later for longer rows); 0 <= start < end <= L (checked by the callers).
 template <typename T>
 torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<LayerWeight>& w, int64_t INTER,
                                  const std::vector<torch::Tensor>& nw, double eps_d, const torch::Tensor& k,
                                  const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 int64_t NH, double layer_scalar, bool gelu) {
+                                 int64_t NH, double layer_scalar, bool gelu, const int64_t* spans = nullptr) {
   const int64_t N = h.size(0), H = h.size(1), R = k.size(0), KVH = k.size(1), L = k.size(2), HD = k.size(3);
   const int64_t QS = NH * HD;
   const int64_t W = N / R, G = NH / KVH, ROT = cos.size(1);
@@ -717,10 +720,11 @@ torch::Tensor drafter_layer_impl(const torch::Tensor& h, const std::vector<Layer
     std::vector<float> scores(G * L), out(G * HD), qg(G * HD);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / (KVH * W), kh = (t / W) % KVH, wi = t % W, n = r * W + wi;
+      const int64_t s0 = spans ? spans[2 * r] : 0, Lr = spans ? spans[2 * r + 1] - s0 : L;
       for (int64_t g = 0; g < G; ++g)
         std::memcpy(qg.data() + g * HD, qf.data() + n * QS + (kh * G + g) * HD, HD * sizeof(float));
-      attend_group(qg.data(), int(G), kp + r * ks0 + kh * ks1, ks2, vp + r * vs0 + kh * vs1, vs2, L, HD,
-                   scores.data(), out.data());
+      attend_group(qg.data(), int(G), kp + r * ks0 + kh * ks1 + s0 * ks2, ks2, vp + r * vs0 + kh * vs1 + s0 * vs2,
+                   vs2, Lr, HD, scores.data(), out.data());
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < HD; ++d) stf(att.data(), n * QS + (kh * G + g) * HD + d, out[g * HD + d]);
     }
@@ -818,7 +822,7 @@ torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Ten
 }
 
 // ------------------------------------------------------------------ MTP drafting chain
-// `steps` greedy drafts per row in one call (MtpProposer, rows that see all their K/V): per step
+// `steps` greedy drafts per row in one call (MtpProposer): per step
 //   x = [embed(tok) * embed_scale, hidden] (rounded to T);  h = pre_projection(x)
 //   h = layer_i(h) for every layer (drafter_layer_impl);  s = norm(h)  (rms_norm's row maths)
 //   hidden = post_projection(s);  top_k clusters by centroid score (ties: lower cluster first)
@@ -827,7 +831,8 @@ torch::Tensor drafter_layer(const torch::Tensor& h, const std::vector<torch::Ten
 // step that each run cold right after a target step. embed: the target's embedding rows, a packed
 // quantized table (embed_meta = N, K, bits, block, scale mode) or dense fp32 [V, Ht]; proj: pre,
 // post, centroids, each packed in T (meta empty) or quantized; per layer: the drafter_layer
-// arguments, with its K/V slice and fp32 RoPE rows [B, rot]; lm: the cluster-major LM weight [V, H]
+// arguments, with its K/V slice, fp32 RoPE rows [B, rot] and the rows' key spans (empty: every row
+// reads all of the slice; else [B, 2] start, end: a ragged batch); lm: the cluster-major LM weight [V, H]
 // in T; ordering [V]: the token of each of its rows. Returns the drafts [B, steps] (int64).
 void quant_row_f32(const uint8_t* wp, int64_t K, int fmt, int B, int sm, int64_t n, float* out);  // quant_gemm.cpp
 
@@ -840,6 +845,7 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
                                  const std::vector<std::vector<torch::Tensor>>& norms, const std::vector<double>& scalars,
                                  const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
                                  const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                                 const std::vector<const int64_t*>& spans,
                                  const float* final_norm, float eps, int64_t NH, bool gelu, const T* lm,
                                  const int64_t* ordering, int64_t C, int64_t P, int64_t top_k, int64_t steps) {
   const int64_t B = tok.size(0), Ht = hidden.size(1), H = proj_n[0], V = C * P;
@@ -869,7 +875,8 @@ torch::Tensor drafter_chain_impl(const torch::Tensor& tok, const torch::Tensor& 
     auto h = torch::empty({B, H}, torch::TensorOptions().dtype(dt));
     gemm(x.data(), B, 2 * Ht, proj[0], H, reinterpret_cast<T*>(h.data_ptr()));
     for (size_t l = 0; l < lw.size(); ++l)
-      h = drafter_layer_impl<T>(h, lw[l], inter[l], norms[l], eps, k[l], v[l], cos[l], sin[l], NH, scalars[l], gelu);
+      h = drafter_layer_impl<T>(h, lw[l], inter[l], norms[l], eps, k[l], v[l], cos[l], sin[l], NH, scalars[l], gelu,
+                                spans[l]);
     const T* hp = reinterpret_cast<const T*>(h.data_ptr());
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t i = 0; i < H; ++i) row[i] = ldf(hp, b * H + i);
@@ -926,7 +933,8 @@ torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidde
                             const std::vector<std::vector<std::vector<int64_t>>>& layer_qmeta,
                             const std::vector<double>& layer_scalars, const std::vector<torch::Tensor>& k,
                             const std::vector<torch::Tensor>& v, const std::vector<torch::Tensor>& cos,
-                            const std::vector<torch::Tensor>& sin, const torch::Tensor& final_norm, double eps,
+                            const std::vector<torch::Tensor>& sin, const std::vector<torch::Tensor>& spans,
+                            const torch::Tensor& final_norm, double eps,
                             int64_t n_heads, bool gelu, const torch::Tensor& lm, const torch::Tensor& ordering,
                             int64_t num_clusters, int64_t top_k, int64_t steps) {
   TORCH_CHECK(g_isa >= AVX2, "drafter_chain needs AVX2+FMA");
@@ -966,7 +974,9 @@ torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidde
   }
   const size_t L = layer_packed.size();
   TORCH_CHECK(L > 0 && layer_norms.size() == L && layer_qmeta.size() == L && layer_scalars.size() == L &&
-              k.size() == L && v.size() == L && cos.size() == L && sin.size() == L, "drafter_chain: per-layer lists");
+              k.size() == L && v.size() == L && cos.size() == L && sin.size() == L && spans.size() == L,
+              "drafter_chain: per-layer lists");
+  std::vector<const int64_t*> span_ptr(L, nullptr);
   std::vector<std::vector<LayerWeight>> lw(L);
   std::vector<int64_t> inter(L);
   for (size_t l = 0; l < L; ++l) {
@@ -988,16 +998,27 @@ torch::Tensor drafter_chain(const torch::Tensor& tok, const torch::Tensor& hidde
       for (const auto& p : layer_packed[l])
         TORCH_CHECK(p.is_contiguous() && p.scalar_type() == lm.scalar_type(), "drafter_chain: packed layer weights");
     lw[l] = layer_weights(layer_packed[l], layer_qmeta[l], H, n_heads * HD, inter[l]);
+    const auto& sp = spans[l];  // empty: every row reads all its keys; else [B, 2] key ranges
+    if (sp.numel() > 0) {
+      TORCH_CHECK(sp.dim() == 2 && sp.size(0) == tok.size(0) && sp.size(1) == 2 && sp.scalar_type() == torch::kLong &&
+                  sp.is_contiguous(), "drafter_chain: spans int64 [B, 2]");
+      const int64_t* p = sp.data_ptr<int64_t>();
+      for (int64_t b = 0; b < tok.size(0); ++b)
+        TORCH_CHECK(0 <= p[2 * b] && p[2 * b] < p[2 * b + 1] && p[2 * b + 1] <= kc.size(2),
+                    "drafter_chain: row ", b, " key span [", p[2 * b], ", ", p[2 * b + 1], ") outside 1..", kc.size(2));
+      span_ptr[l] = p;
+    }
   }
   const int64_t* ord = ordering.data_ptr<int64_t>();
   if (bf)
     return drafter_chain_impl<uint16_t>(tok, hidden, embed, embed_meta, float(embed_scale), pw,
                                         std::vector<int64_t>(pn, pn + 3), lw, inter, layer_norms, layer_scalars, k, v,
-                                        cos, sin, final_norm.data_ptr<float>(), float(eps), n_heads, gelu,
+                                        cos, sin, span_ptr, final_norm.data_ptr<float>(), float(eps), n_heads, gelu,
                                         reinterpret_cast<const uint16_t*>(lm.data_ptr()), ord, C, P, top_k, steps);
   return drafter_chain_impl<float>(tok, hidden, embed, embed_meta, float(embed_scale), pw,
                                    std::vector<int64_t>(pn, pn + 3), lw, inter, layer_norms, layer_scalars, k, v, cos,
-                                   sin, final_norm.data_ptr<float>(), float(eps), n_heads, gelu, lm.data_ptr<float>(),
+                                   sin, span_ptr, final_norm.data_ptr<float>(), float(eps), n_heads, gelu,
+                                   lm.data_ptr<float>(),
                                    ord, C, P, top_k, steps);
 }
 
@@ -1026,7 +1047,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h"), py::arg("packed"), py::arg("norm_weights"), py::arg("eps"), py::arg("k"), py::arg("v"),
         py::arg("cos"), py::arg("sin"), py::arg("n_heads"), py::arg("layer_scalar"), py::arg("gelu"),
         py::arg("qmeta") = std::vector<std::vector<int64_t>>{});
-  m.def("drafter_chain", &drafter_chain, "greedy MTP drafts of rows that see all their K/V, in one call");
+  m.def("drafter_chain", &drafter_chain, "greedy MTP drafts in one call (each row reads all its K/V or its key span)");
   m.def("cluster_scores", &cluster_scores, "logits of the chosen clusters' tokens (clustered LM head)");
   m.def("force_isa", [](const std::string& name) {
     const Isa want = name == "avx2" ? AVX2 : name == "avx512" ? AVX512 : g_detected;

@@ -321,7 +321,13 @@ class TypeContext:
     cos: torch.Tensor
     sin: torch.Tensor
     all_visible: bool = False  # no ragged tail and the mask is all True (attention needs no mask)
-    rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [B, rotary_dim] fp32, when all_visible
+    rope_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [B, rotary_dim] fp32 (drafting rounds)
+    # a drafting round's ragged rows, for the one-call C++ chain: the keys [lo, hi) of every row
+    # (past a shorter row's length: other data) and spans [B, 2] (start, end) in them, the keys
+    # each row reads (its mask's True entries, contiguous); None when all_visible or a row sees none
+    k_rows: torch.Tensor | None = None
+    v_rows: torch.Tensor | None = None
+    spans: torch.Tensor | None = None
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
     rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
 
@@ -576,8 +582,14 @@ class MTPDrafter(nn.Module):
             rope_f32 = self._rope_rows(spec, pos, p_max + 1)
             cos, sin = (r[:, None, None].to(dtype) for r in rope_f32)
             all_visible = k_tail is None and bool(visible.all())  # (the one-call C++ layer's condition)
+            # each row's visible keys are one run [max(lo, p - window + 1), p) of [lo, hi)
+            starts = [max(lo, p - window + 1) - lo if window else 0 for p in lens]
+            ends = [p - lo for p in lens]
+            spans = (torch.tensor([starts, ends], dtype=torch.long).t().contiguous()
+                     if hi > lo and all(s < e for s, e in zip(starts, ends)) else None)
             types[t] = TypeContext(k_head, v_head, k_tail, v_tail, visible[:, None, None, None, :], cos, sin,
-                                   all_visible, rope_f32 if all_visible else None)
+                                   all_visible, rope_f32, k_rows=k[:, :, lo:hi] if spans is not None else None,
+                                   v_rows=v[:, :, lo:hi] if spans is not None else None, spans=spans)
         return DraftContext(pos, types)
 
     def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -613,12 +625,13 @@ class MTPDrafter(nn.Module):
 
     def greedy_chain(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext,
                      steps: int) -> torch.Tensor | None:
-        """`steps` greedy drafts [B, steps] of rows that see all their K/V, in one C++ call
-        (skinny_gemm.cpp `drafter_chain`): `step_state` + `argmax` repeated, with the same operations
-        and roundings, without ~50 torch calls per step that each run cold right after a target step.
-        None when it cannot run (no extension, not CPU, autograd, a full head, a layer or projection
-        the one-call layer does not take, masked rows, an embedding it cannot read): the caller then
-        takes the torch path. tokens: [B] last tokens; hidden: [B, target hidden]."""
+        """`steps` greedy drafts [B, steps] in one C++ call (skinny_gemm.cpp `drafter_chain`):
+        `step_state` + `argmax` repeated, with the same operations and roundings, without ~50 torch
+        calls per step that each run cold right after a target step. Rows at different lengths (a
+        ragged batch) each read their own span of keys. None when it cannot run (no extension, not
+        CPU, autograd, a full head, a layer or projection the one-call layer does not take, a row
+        that sees no key, an embedding it cannot read): the caller then takes the torch path.
+        tokens: [B] last tokens; hidden: [B, target hidden]."""
         ext = kernels._ext()
         if (ext is None or not hasattr(ext, "drafter_chain") or hidden.device.type != "cpu"
                 or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
@@ -627,13 +640,17 @@ class MTPDrafter(nn.Module):
         if static is None:
             return None
         kvs = [ctx.types[t] for t in static["layer_types"]]
-        if not all(kv.all_visible and kv.rope_f32 is not None and kv.k_head is not None
-                   and kv.k_head.dtype == torch.float32 for kv in kvs):
+        # per layer: (keys, values, spans) of rows that read all of them, or of a ragged batch's rows
+        # that each read their span; the chain cannot run a row that sees no key (the torch path masks it)
+        kv_args = [(kv.k_head, kv.v_head, _NO_SPANS) if kv.all_visible else (kv.k_rows, kv.v_rows, kv.spans)
+                   for kv in kvs]
+        if not all(kv.rope_f32 is not None and k is not None and k.dtype == torch.float32
+                   for kv, (k, _, _) in zip(kvs, kv_args)):
             return None
         return ext.drafter_chain(
-            tokens.contiguous(), hidden.float().contiguous(), *static["head"], [kv.k_head for kv in kvs],
-            [kv.v_head for kv in kvs], [kv.rope_f32[0] for kv in kvs], [kv.rope_f32[1] for kv in kvs],
-            *static["tail"], steps)
+            tokens.contiguous(), hidden.float().contiguous(), *static["head"], [a[0] for a in kv_args],
+            [a[1] for a in kv_args], [kv.rope_f32[0] for kv in kvs], [kv.rope_f32[1] for kv in kvs],
+            [a[2] for a in kv_args], *static["tail"], steps)
 
     def _chain_static(self, target) -> dict | None:
         """`greedy_chain`'s arguments that stay the same from round to round (weights, norms, the
@@ -735,6 +752,7 @@ class MTPDrafter(nn.Module):
 
 
 _TRUE = torch.ones(1, 1, 1, 1, 1, dtype=torch.bool)
+_NO_SPANS = torch.empty(0, dtype=torch.long)  # drafter_chain: every row reads all of its keys
 
 
 def _window(spec: LayerSpec, attention_type: str) -> int | None:
