@@ -359,6 +359,33 @@ def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(tar
     assert check.rounds >= 5 and any(s.stats.mean_accepted_length > 1 for s in seqs)
 
 
+def test_an_exploring_round_that_does_not_pay_keeps_exploration_rare_in_a_batch():
+    """At batch 4 one row of four accepting its draft is not a sign that drafting pays: a round
+    costing twice a plain one for 1.25 tokens per row must let the exploring interval keep doubling
+    (counting any accepted draft as success explored every 16th round, ~2.5% of a batch's time);
+    a round that pays for itself brings exploration back to every 16 rounds."""
+    pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
+    drafted = []
+    for r in range(1, 601):
+        k = pol.choose(4)
+        if k:
+            drafted.append(r)
+        pol.observe(4, k, [1, 0, 0, 0] if k else [0] * 4, 0.008 + 0.005 * k, 0.003 * k)
+    late = [r for r in drafted if r >= 16]
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert gaps[:4] == [32, 64, 128, 128] and set(gaps[3:]) == {128}, gaps
+    pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
+    for r in range(40):
+        k = pol.choose(4)
+        pol.observe(4, k, [0] * 4, 0.008 + 0.005 * k, 0.003 * k)  # drafting off, exploring
+    while not pol.exploring:
+        pol.observe(4, 0, [0] * 4, 0.008, 0.0)
+        k = pol.choose(4)
+    assert pol.explore_gap > 16
+    pol.observe(4, k, [k] * 4, 0.008 + 0.001 * k, 0.0005 * k)  # every row accepted, a cheap round: it paid
+    assert pol.explore_gap == 16
+
+
 def test_adaptive_policy_explores_less_while_drafting_stays_off_and_recovers():
     """Exploring rounds (k = 1 while the policy would not draft) come every `explore_every` rounds
     at first, then at doubling intervals up to 8x while drafting keeps losing; once the drafter is

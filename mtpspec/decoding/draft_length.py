@@ -16,7 +16,10 @@ E(k) / T(k). k = 0 is plain decoding, chosen when the drafter does not pay; an e
 now and then keeps the estimates fresh: every `explore_every` rounds while drafting pays, and at
 doubling intervals (up to 8x) while it stays off, since each exploring round costs the whole batch a
 verify pass (at batches 4 and 8 of the default model every 16th round exploring cost ~4%); an
-exploring round with an accepted draft brings the interval back to `explore_every`.
+exploring round that paid for itself (as many tokens per row as plain decoding would have made in
+its time) brings the interval back to `explore_every`. (Counting any accepted draft as success,
+at batch 4 one row of four accepting kept exploring every 16th round, each such round costing 2x
+a plain one for 1.6 tokens per row.)
 
 Drafting has a fixed cost per round besides its cost per token (the default model's drafter on a
 2-core Xeon: 1.17 / 1.62 / 2.24 ms for k = 1 / 2 / 4, against a 3.8 ms target step): priced per
@@ -206,12 +209,21 @@ class AdaptiveDraftLength:
         self.timed[(name, key)] = n + 1
         table[key] = seconds if n == 0 else table[key] + max(1 - self.decay, 1 / n) * (seconds - table[key])
 
+    def _paid(self, bucket: int, accepted: list[int], seconds: float) -> bool:
+        """Whether a drafting round emitted at least as many tokens per row as plain decoding would
+        have in its time (`seconds`), by this bucket's measured one-token step; without that
+        measurement, whether any draft was accepted."""
+        plain = self.verify.get((bucket, 1))
+        if plain is None:
+            return any(accepted)
+        return 1 + sum(accepted) / len(accepted) >= seconds / plain
+
     def observe(self, batch_size: int, k: int, accepted: list[int], verify_time: float, draft_time: float,
                 verified_tokens: int | None = None) -> None:
         """One round's outcome: k drafted per row (0 = plain), each active row's accepted count,
         the verify and draft times, and the tokens each row verified (default k + 1)."""
         bucket, d = _bucket(batch_size), self.decay
-        if self.exploring and k > 0 and any(accepted):
+        if self.exploring and k > 0 and accepted and self._paid(bucket, accepted, verify_time + draft_time):
             self.explore_gap = self.explore_every
             self.next_explore = min(self.next_explore, self.rounds + self.explore_every)
         n = k + 1 if verified_tokens is None else verified_tokens
