@@ -13,7 +13,7 @@ import torch
 from drafter_helpers import random_drafter
 from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.loop import Request, decode
-from mtpspec.decoding.lookup import PromptLookupProposer
+from mtpspec.decoding.lookup import NgramIndex, PromptLookupProposer
 from mtpspec.decoding.mtp import MtpProposer
 from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import DraftInput, NgramProposer, Proposal
@@ -40,6 +40,27 @@ def test_match_equals_the_plain_scan_on_random_histories():
         k = rng.randint(1, 6)
         got = NgramProposer(max_n, min_n).match(history, k)
         assert got == reference_match(history, k, max_n, min_n), (history, k, max_n, min_n)
+
+
+def test_the_incremental_index_equals_the_plain_scan_as_a_history_grows():
+    """Prompt lookup keeps one `NgramIndex` per row, extended by the tokens appended since the last
+    round; at every length (grown one token or several at a time, as accepted drafts arrive) it must
+    find what a scan of the whole history finds, and index a replaced (shorter) history anew."""
+    rng = random.Random(1)
+    for _ in range(300):
+        vocab = rng.choice([2, 3, 5, 40])
+        max_n = rng.randint(1, 5)
+        min_n = rng.randint(1, max_n)
+        history = [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
+        index = NgramIndex(history, min_n, max_n)
+        while len(history) < 60:
+            start, n = index.find()
+            want = reference_match(history, 1_000, max_n, min_n)
+            assert (history[start:] if n else [], n) == want, (history, max_n, min_n)
+            history.extend(rng.randrange(vocab) for _ in range(rng.choice([1, 1, 2, 5])))
+        del history[10:]  # the loop never shortens a history, but a shorter one must not go stale
+        start, n = index.find()
+        assert (history[start:] if n else [], n) == reference_match(history, 1_000, max_n, min_n)
 
 
 def test_match_prefers_the_longest_suffix_then_the_latest_occurrence():

@@ -32,6 +32,36 @@ if TYPE_CHECKING:
 __all__ = ["PromptLookupProposer"]
 
 
+class NgramIndex:
+    """`NgramProposer.find` for one growing history, in O(1) per round: for each n in
+    min_ngram..max_ngram, where each n-gram of the history last ended, extended by the tokens
+    appended since the previous call (a scan of the whole history each round cost ~50 us per row
+    after a target step: 0.2 ms of a batch-4 round). Histories only grow (the decoding loop
+    appends); a shorter one is indexed anew."""
+
+    def __init__(self, history: list[int], min_ngram: int, max_ngram: int) -> None:
+        self.history = history
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.done = 0  # n-grams ending at positions < done are indexed
+        self.last: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+
+    def find(self) -> tuple[int, int]:
+        h = self.history
+        L = len(h)
+        if L - 1 < self.done:
+            self.__init__(h, self.min_ngram, self.max_ngram)
+        for e in range(self.done, L - 1):  # every position but the last (the suffix itself)
+            for n, table in self.last.items():
+                if e >= n - 1:
+                    table[tuple(h[e - n + 1 : e + 1])] = e
+        self.done = max(self.done, L - 1)
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            e = self.last[n].get(tuple(h[L - n :]))
+            if e is not None:
+                return e + 1, n
+        return 0, 0
+
+
 class PromptLookupProposer:
     """`drafter`'s drafts, replaced per row by prompt lookup where the history's last `min_match`
     or more tokens (up to `max_match`) occurred before (module docstring)."""
@@ -43,6 +73,7 @@ class PromptLookupProposer:
         self.rounds = 0  # chain rounds proposed, and rows drafted by lookup in them (statistics)
         self.lookup_rows = 0
         self._found: dict[int, tuple[int, int, int, int]] = {}  # this round: row -> (id, len of history, start, n)
+        self._index: dict[int, NgramIndex] = {}  # row -> its history's n-gram index
 
     @property
     def drafter(self):
@@ -65,7 +96,10 @@ class PromptLookupProposer:
         memo = self._found.get(b)
         if memo is not None and memo[0] == id(history) and memo[1] == len(history):
             return memo[2], memo[3]
-        start, n = self.lookup.find(history)
+        index = self._index.get(b)
+        if index is None or index.history is not history:  # a new sequence in this row
+            index = self._index[b] = NgramIndex(history, self.lookup.min_ngram, self.lookup.max_ngram)
+        start, n = index.find()
         self._found[b] = (id(history), len(history), start, n)
         return start, n
 
