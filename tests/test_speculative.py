@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtpspec.checkpoint import load_decoder
-from mtpspec.decoding.draft_length import AdaptiveDraftLength
+from mtpspec.decoding.draft_length import AdaptiveDraftLength, _bucket
 from mtpspec.decoding.loop import Request, decode
 from mtpspec.decoding.plan import DraftPlan
 from mtpspec.decoding.proposers import NgramProposer
@@ -18,6 +18,8 @@ from proposers_for_tests import RandomSamplingProposer, ReferenceProposer, propo
 from tiny_models import VOCAB
 
 NEW = 40  # > 8, the Gemma 3 tiny model's sliding window, together with the prompt
+
+B1 = _bucket(1)  # the cost-estimate bucket of batch 1
 
 
 def prompts(batch: int, seed: int = 0) -> list[list[int]]:
@@ -124,10 +126,10 @@ def test_adaptive_policy_keys_verify_cost_by_tokens_verified():
     pol.observe(1, 3, [3], 0.050, 0.003, verified_tokens=7)  # one slow round
     for _ in range(40):
         pol.observe(1, 5, [2], 0.022, 0.005, verified_tokens=7)
-    assert pol.verified_tokens(1, 3) == pol.verified_tokens(1, 5) == 7
-    assert pol._verify_time(1, pol.verified_tokens(1, 3)) == pytest.approx(0.022, rel=0.02)
-    assert pol.verified_tokens(1, 4) == 5  # never seen: assumed a chain (k + 1 tokens)
-    assert pol._verify_time(1, 5) == pytest.approx(0.020 + (0.022 - 0.020) * 4 / 6, rel=0.02)  # interpolated
+    assert pol.verified_tokens(B1, 3) == pol.verified_tokens(B1, 5) == 7
+    assert pol._verify_time(B1, pol.verified_tokens(B1, 3)) == pytest.approx(0.022, rel=0.02)
+    assert pol.verified_tokens(B1, 4) == 5  # never seen: assumed a chain (k + 1 tokens)
+    assert pol._verify_time(B1, 5) == pytest.approx(0.020 + (0.022 - 0.020) * 4 / 6, rel=0.02)  # interpolated
 
 
 def test_adaptive_policy_counts_a_fixed_cost_per_drafting_round():
@@ -148,8 +150,8 @@ def test_adaptive_policy_counts_a_fixed_cost_per_drafting_round():
             n += 1
         pol.observe(1, k, [n], (10 + 0.5 * k) / 1000, (3 + 0.5 * k) / 1000)
     pol.observe(1, 0, [0], 0.010, 0.0)
-    assert pol._draft_time(1, 4) == pytest.approx(0.005) and pol._draft_time(1, 1) == pytest.approx(0.0035)
-    assert pol._draft_time(1, 2) == pytest.approx(0.004)  # interpolated between the measured k
+    assert pol._draft_time(B1, 4) == pytest.approx(0.005) and pol._draft_time(B1, 1) == pytest.approx(0.0035)
+    assert pol._draft_time(B1, 2) == pytest.approx(0.004)  # interpolated between the measured k
     assert pol.choose(1) == 4
 
 
@@ -169,11 +171,11 @@ def test_adaptive_policy_does_not_switch_drafting_off_on_its_first_rounds():
         ks.append(k)
         pol.observe(1, k, [min(k, 1)], 0.012 + 0.0004 * k, 0.003 * k)  # now the first draft is accepted
     assert all(k >= 1 for k in ks), ks
-    assert pol.verify[(1, 5)] == pytest.approx(0.021)  # measured once so far: kept until a second comes
+    assert pol.verify[(B1, 5)] == pytest.approx(0.021)  # measured once so far: kept until a second comes
     pol.observe(1, 4, [1], 0.0136, 0.012)
-    assert pol.verify[(1, 5)] == pytest.approx(0.0136)  # the second replaces the warm-up measurement
+    assert pol.verify[(B1, 5)] == pytest.approx(0.0136)  # the second replaces the warm-up measurement
     pol.observe(1, 4, [1], 0.0140, 0.012)
-    assert pol.verify[(1, 5)] == pytest.approx(0.0138)  # then a running mean
+    assert pol.verify[(B1, 5)] == pytest.approx(0.0138)  # then a running mean
     # a drafter that keeps being rejected is switched off once min_observations rounds saw it
     bad = AdaptiveDraftLength(4, min_observations=8)
     ks = []
@@ -357,6 +359,18 @@ def test_drafters_get_the_targets_hidden_state_at_the_last_accepted_position(tar
     plan = DraftPlan(check, 3, draft_tree=TreeShape(6, 2, 2) if kind == "mtp-tree" else None)
     seqs = decode(target, [Request(p, 20, q) for p, q in zip(ps, params)], plan)
     assert check.rounds >= 5 and any(s.stats.mean_accepted_length > 1 for s in seqs)
+
+
+def test_batch_sizes_one_and_two_keep_their_own_costs():
+    """A verify pass of two rows costs ~1.5x one row's on the default model: batch 1 and batch 2
+    must not share cost estimates (they did: both fell in one bucket), nor 3 with 5."""
+    pol = AdaptiveDraftLength(4)
+    pol.observe(1, 0, [0], 0.004, 0.0)
+    pol.observe(2, 0, [0, 0], 0.006, 0.0)
+    pol.observe(3, 0, [0] * 3, 0.008, 0.0)
+    pol.observe(5, 0, [0] * 5, 0.010, 0.0)
+    costs = {b: pol._verify_time(_bucket(b), 1) for b in (1, 2, 3, 4, 5, 8)}
+    assert costs == {1: 0.004, 2: 0.006, 3: 0.008, 4: 0.008, 5: 0.010, 8: 0.010}
 
 
 def test_an_exploring_round_that_does_not_pay_keeps_exploration_rare_in_a_batch():

@@ -86,8 +86,8 @@ class FixedDraftLength:
 
 
 def _bucket(batch_size: int) -> int:
-    """Batch sizes 1, 2, 3-4, 5-8, 9-16, ... share cost estimates."""
-    return max(1, batch_size - 1).bit_length()
+    """Batch sizes 1, 2, 3-4, 5-8, 9-16, ... share cost estimates (buckets 0, 1, 2, 3, 4, ...)."""
+    return max(0, batch_size - 1).bit_length()
 
 
 def _interpolate(known: list[tuple[int, float]], n: int, one_point) -> float | None:
