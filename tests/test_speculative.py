@@ -373,20 +373,27 @@ def test_batch_sizes_one_and_two_keep_their_own_costs():
     assert costs == {1: 0.004, 2: 0.006, 3: 0.008, 4: 0.008, 5: 0.010, 8: 0.010}
 
 
+def _drafting_gaps(pol, batch: int, accepted: list[int], cost) -> tuple[list[int], list[int]]:
+    """600 rounds of `pol` at `batch`, a drafting round accepting `accepted` per row and costing
+    cost(k) = (verify, draft) seconds: the rounds that drafted, and the gaps between those after
+    the warm-up (a drafting round, then min_observations)."""
+    drafted = []
+    for r in range(1, 601):
+        k = pol.choose(batch)
+        if k:
+            drafted.append(r)
+        pol.observe(batch, k, accepted if k else [0] * batch, *cost(k))
+    late = [r for r in drafted if r >= 16]
+    return drafted, [b - a for a, b in zip(late, late[1:])]
+
+
 def test_an_exploring_round_that_does_not_pay_keeps_exploration_rare_in_a_batch():
     """At batch 4 one row of four accepting its draft is not a sign that drafting pays: a round
     costing twice a plain one for 1.25 tokens per row must let the exploring interval keep doubling
     (counting any accepted draft as success explored every 16th round, ~2.5% of a batch's time);
     a round that pays for itself brings exploration back to every 16 rounds."""
     pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
-    drafted = []
-    for r in range(1, 601):
-        k = pol.choose(4)
-        if k:
-            drafted.append(r)
-        pol.observe(4, k, [1, 0, 0, 0] if k else [0] * 4, 0.008 + 0.005 * k, 0.003 * k)
-    late = [r for r in drafted if r >= 16]
-    gaps = [b - a for a, b in zip(late, late[1:])]
+    _, gaps = _drafting_gaps(pol, 4, [1, 0, 0, 0], lambda k: (0.008 + 0.005 * k, 0.003 * k))
     assert gaps[:4] == [32, 64, 128, 128] and set(gaps[3:]) == {128}, gaps
     pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
     for r in range(40):
@@ -405,14 +412,8 @@ def test_adaptive_policy_explores_less_while_drafting_stays_off_and_recovers():
     at first, then at doubling intervals up to 8x while drafting keeps losing; once the drafter is
     accepted again the policy drafts and explores every `explore_every` rounds again."""
     pol = AdaptiveDraftLength(4, explore_every=16, min_observations=4)
-    drafted = []
-    for r in range(1, 601):
-        k = pol.choose(1)
-        if k:
-            drafted.append(r)
-        pol.observe(1, k, [0], 0.012 + 0.004 * k, 0.004 * k)  # a drafter that is always rejected
-    late = [r for r in drafted if r >= 16]  # after the warm-up (a drafting round, then min_observations)
-    gaps = [b - a for a, b in zip(late, late[1:])]
+    # a drafter that is always rejected
+    drafted, gaps = _drafting_gaps(pol, 1, [0], lambda k: (0.012 + 0.004 * k, 0.004 * k))
     assert gaps[:4] == [32, 64, 128, 128] and set(gaps[3:]) == {128}, gaps
     assert len(drafted) < 20  # every 16th round would have drafted ~37 times
     first = None
