@@ -50,7 +50,7 @@ else:
             """Replace an existing library (a new file) instead of writing over it: a running process
             (a training run) has the old one mapped, and rewriting it in place swaps the code and
             constants under that process."""
-            if os.path.isfile(outfile) and not os.path.isdir(outfile) and outfile.endswith((".so", ".pyd")):
+            if os.path.isfile(outfile) and outfile.endswith((".so", ".pyd")):
                 os.unlink(outfile)
             return super().copy_file(infile, outfile, *args, **kwargs)
 

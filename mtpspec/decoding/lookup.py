@@ -42,14 +42,17 @@ class NgramIndex:
     def __init__(self, history: list[int], min_ngram: int, max_ngram: int) -> None:
         self.history = history
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self._clear()
+
+    def _clear(self) -> None:
         self.done = 0  # n-grams ending at positions < done are indexed
-        self.last: dict[int, dict[tuple, int]] = {n: {} for n in range(min_ngram, max_ngram + 1)}
+        self.last: dict[int, dict[tuple, int]] = {n: {} for n in range(self.min_ngram, self.max_ngram + 1)}
 
     def find(self) -> tuple[int, int]:
         h = self.history
         L = len(h)
         if L - 1 < self.done:
-            self.__init__(h, self.min_ngram, self.max_ngram)
+            self._clear()
         for e in range(self.done, L - 1):  # every position but the last (the suffix itself)
             for n, table in self.last.items():
                 if e >= n - 1:
