@@ -240,6 +240,21 @@ def test_resume_needs_a_checkpoint_and_refuses_to_overwrite(engine, data_files, 
         Trainer(_cfg(data_files, tmp_path, max_steps=2, eval_prompts=None), engine).run()
 
 
+def test_resume_refuses_changed_shards_or_batches_but_takes_a_new_budget(engine, data_files, tmp_path):
+    """The shards already built and the schedule's position mean other samples once the shard size,
+    batch size, seed or data change: resuming then is refused, naming what changed. Options that do
+    not touch the data (a longer budget, evaluations) may change."""
+    first = Trainer(_cfg(data_files, tmp_path, max_steps=3, eval_prompts=None), engine)
+    first.run()
+    shards = first.cfg.shard_size
+    for change in ({"shard_size": shards + 1}, {"batch_size": first.cfg.batch_size * 2}, {"seed": 7}):
+        with pytest.raises(MtpspecError, match=f"{next(iter(change))} .* -> "):
+            Trainer(_cfg(data_files, tmp_path, max_steps=3, eval_prompts=None, **change), engine).run(resume=True)
+    more = Trainer(_cfg(data_files, tmp_path, max_steps=5, eval_prompts=None, eval_every=None), engine)
+    more.run(resume=True)
+    assert more.state.step == 5
+
+
 def test_balanced_kmeans_gives_equal_clusters():
     emb = torch.randn(320, 16, generator=torch.Generator().manual_seed(0))
     emb[:100] += 3.0  # a lopsided vocabulary: plain k-means would make unequal clusters

@@ -17,6 +17,14 @@ from .optim import Optimiser
 from .shards import save_atomic
 
 
+# TrainConfig fields a resumed run must keep: they decide which samples exist, how they are cut into
+# shards and batches, and the drafter's shape
+RESUME_FIXED = ("data", "seed", "max_len", "shard_size", "batch_size", "replay", "epochs", "replay_from",
+                "self_distill", "distill_max_new_tokens", "self_instruct_prompts", "self_instruct_temperature",
+                "self_instruct_top_p", "self_instruct_max_tokens", "draft_tokens", "num_layers",
+                "hidden_size", "intermediate_size", "clustered", "num_centroids", "centroid_top_k")
+
+
 @dataclass
 class RunState:
     """Where a run is: steps taken, round and step in round (see schedule.py), training seconds,
@@ -49,6 +57,7 @@ class Checkpoint:
         """The run's state restored into drafter and opt. read(fn): how the checkpoint file is
         read (data-parallel runs: by rank 0, sent to every rank); default: fn()."""
         st = (read or (lambda fn: fn()))(self._read)
+        self.check_same_run(st.get("config") or {})
         if st["n_samples"] != self.n_samples:
             raise MtpspecError(f"{self.path}: the checkpoint was made with {st['n_samples']} samples, the data "
                                f"now gives {self.n_samples}: resume with the same --data and options")
@@ -57,6 +66,16 @@ class Checkpoint:
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
         return RunState(**{f: st[f] for f in RunState.__dataclass_fields__})
+
+    def check_same_run(self, saved: dict) -> None:
+        """Refuse to resume with options that fix the data, its shards, the batch schedule or the
+        drafter's shape changed (other options, such as --time-budget or --eval-every, may change):
+        the shards already built and the schedule's position would no longer mean the same samples."""
+        changed = [f"{key} {saved[key]!r} -> {self.config[key]!r}" for key in RESUME_FIXED
+                   if key in saved and key in self.config and saved[key] != self.config[key]]
+        if changed:
+            raise MtpspecError(f"{self.path}: the run was made with other options ({'; '.join(changed)}): resume "
+                               "with the options it was started with")
 
     def _read(self) -> dict:
         if not self.path.is_file():
