@@ -51,7 +51,7 @@ from mtpspec.train import objective as objective_mod  # noqa: E402
 from mtpspec.train.drafter_init import starting_drafter  # noqa: E402
 from mtpspec.train.harvest import TOPK_STORED, Activations, _length_groups  # noqa: E402
 from mtpspec.train.memory import release_freed_memory  # noqa: E402
-from mtpspec.train.objective import Objective, collate  # noqa: E402
+from mtpspec.train.objective import Objective, collate, unroll  # noqa: E402
 from mtpspec.train.optim import Optimiser  # noqa: E402
 from mtpspec.train.shards import read_external_shards  # noqa: E402
 from mtpspec.train.trainer import bf16_auto  # noqa: E402
@@ -116,35 +116,11 @@ _MID: torch.Tensor | None = None  # the batch's mid streams [B, L, n, H], set ar
 
 
 def unroll_fused(drafter, target, batch, k, first: int = 1):
-    """objective.unroll with the first step's hidden input fused with the mid-layer streams;
-    anchors p = first .. L-1 (scoring skips the prompt's anchors)."""
-    b, L = batch.ids.shape
-    T = L - first
-    p = torch.arange(first, L, device=batch.ids.device)
-    ctx = drafter.anchor_context(target.cfg, batch.kv, p)
-    valid_pos = lambda idx: idx < batch.lengths[:, None]  # noqa: E731
-    pad = lambda x: F.pad(x, (0, k)) if x.dim() == 2 else F.pad(x, (0, 0, 0, k))  # noqa: E731
-    ids_p, labels_p, hidden_p, topk_p = pad(batch.ids), pad(batch.labels), pad(batch.hidden), pad(batch.topk)
-    topl_p = pad(batch.topk_logits) if batch.topk_logits is not None else None
-    hidden = batch.hidden[:, first - 1 : -1]
+    """objective.unroll with the first step's hidden input fused with the mid-layer streams (the
+    `fused` arm); anchors p = first .. L-1 (scoring skips the prompt's anchors)."""
     fuse = getattr(drafter, "fuse", None)
-    if fuse is not None:
-        hidden = fuse(hidden, _MID[:, first - 1 : -1])
-    alive = valid_pos(p[None].expand(b, T))
-    outs = []
-    for i in range(1, k + 1):
-        sl = slice(first + i - 1, first + i - 1 + T)
-        tok = ids_p[:, sl]
-        pos_lab = p + i - 1
-        if i > 1:
-            alive = alive & (tok == labels_p[:, first + i - 2 : first + i - 2 + T])
-        m = alive & valid_pos(pos_lab[None].expand(b, T)) & ((pos_lab + 1)[None] >= batch.loss_from[:, None])
-        with torch.no_grad():
-            emb = target.embed_tokens(tok)
-        s, hidden = drafter.step_state(emb, hidden, ctx)
-        outs.append(objective_mod.StepOut(s, labels_p[:, sl], m, hidden_p[:, sl], topk_p[:, sl],
-                                          topl_p[:, sl] if topl_p is not None else None))
-    return outs
+    first_hidden = fuse(batch.hidden[:, first - 1 : -1], _MID[:, first - 1 : -1]) if fuse is not None else None
+    return unroll(drafter, target, batch, k, first, first_hidden)
 
 
 def collate_mid(mids: list[torch.Tensor], dtype) -> torch.Tensor:

@@ -71,6 +71,38 @@ def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_
                         tok = torch.tensor([seq[p + i + 1]])
 
 
+def test_unroll_from_a_later_anchor_is_the_full_unroll_sliced(tiny_gemma3_tok):
+    """unroll(first=f) computes anchors f .. L-1 only (scoring skips a prompt's anchors): each
+    step's states, labels and masks equal the full unroll's from anchor f on, also past the
+    sliding window; first_hidden replaces the first step's input (h_{p-1} given back: the same)."""
+    target = mtpspec.load(tiny_gemma3_tok).model
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=2, hidden_size=32)
+    drafter = MTPDrafter(cfg).init_random(4, std=0.2)
+    g = torch.Generator().manual_seed(6)
+    seqs = []
+    for n in (21, 15):  # the target's greedy continuations: chains stay alive past the first step
+        seq = torch.randint(3, 300, (4,), generator=g).tolist()
+        with torch.no_grad():
+            while len(seq) < n:
+                seq.append(int(target.forward(torch.tensor([seq]), target.new_cache(1, 32)).logits[0, -1].argmax()))
+        seqs.append(seq)
+    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    batch = collate(acts)
+    with torch.no_grad():
+        full = unroll(drafter, target, batch, 3)
+        assert full[2].mask[:, 10:].sum() > 5  # third steps trained at late anchors
+        for f in (2, 11):
+            part = unroll(drafter, target, batch, 3, first=f)
+            given = unroll(drafter, target, batch, 3, first=f, first_hidden=batch.hidden[:, f - 1 : -1])
+            for a, b, c in zip(full, part, given):
+                torch.testing.assert_close(b.s, a.s[:, f - 1 :], atol=1e-5, rtol=1e-5)
+                assert torch.equal(b.labels, a.labels[:, f - 1 :]) and torch.equal(b.mask, a.mask[:, f - 1 :])
+                assert torch.equal(b.target_hidden, a.target_hidden[:, f - 1 :])
+                torch.testing.assert_close(c.s, b.s, atol=0, rtol=0)
+            moved = unroll(drafter, target, batch, 3, first=f, first_hidden=batch.hidden[:, f - 1 : -1] + 1.0)
+            assert not torch.allclose(moved[0].s, part[0].s)
+
+
 def test_soft_labels_are_the_targets_top_k_distribution(engine):
     target = engine.model
     cfg = DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)

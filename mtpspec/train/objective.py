@@ -113,30 +113,34 @@ class StepOut:
     topk_logits: torch.Tensor | None = None  # [B, T, TOPK] and their logits (None: hard labels only)
 
 
-def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int) -> list[StepOut]:
-    """The K drafting steps for every anchor p = 1 .. L-1 of every row, as at inference."""
+def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int, first: int = 1,
+           first_hidden: torch.Tensor | None = None) -> list[StepOut]:
+    """The K drafting steps for every anchor p = first .. L-1 of every row, as at inference (step
+    i's outputs are indexed by anchor, p - first). first_hidden: the first step's hidden input
+    [B, L - first, H] instead of the target's h_{p-1} (experiments with other drafter inputs)."""
     b, L = batch.ids.shape
-    T = L - 1
-    p = torch.arange(1, L, device=batch.ids.device)  # anchor positions
+    T = L - first
+    p = torch.arange(first, L, device=batch.ids.device)  # anchor positions
     ctx = drafter.anchor_context(target.cfg, batch.kv, p)
     valid_pos = lambda idx: idx < batch.lengths[:, None]  # noqa: E731
     pad = lambda x: F.pad(x, (0, k)) if x.dim() == 2 else F.pad(x, (0, 0, 0, k))  # noqa: E731
     ids_p, labels_p, hidden_p, topk_p = pad(batch.ids), pad(batch.labels), pad(batch.hidden), pad(batch.topk)
     topl_p = pad(batch.topk_logits) if batch.topk_logits is not None else None
-    hidden = batch.hidden[:, :-1]  # h_{p-1}
+    hidden = batch.hidden[:, first - 1 : -1] if first_hidden is None else first_hidden  # h_{p-1}
     alive = valid_pos(p[None].expand(b, T))  # anchor exists
     outs = []
     for i in range(1, k + 1):
-        tok = ids_p[:, i : i + T]  # token at p + i - 1
+        at = slice(first + i - 1, first + i - 1 + T)  # position p + i - 1
+        tok = ids_p[:, at]
         pos_lab = p + i - 1
         if i > 1:  # the path continues only if the previous step's label is the token we feed
-            alive = alive & (tok == labels_p[:, i - 1 : i - 1 + T])
+            alive = alive & (tok == labels_p[:, first + i - 2 : first + i - 2 + T])
         m = alive & valid_pos(pos_lab[None].expand(b, T)) & ((pos_lab + 1)[None] >= batch.loss_from[:, None])
         with torch.no_grad():
             emb = target.embed_tokens(tok)
         s, hidden = drafter.step_state(emb, hidden, ctx)
-        outs.append(StepOut(s, labels_p[:, i : i + T], m, hidden_p[:, i : i + T], topk_p[:, i : i + T],
-                            topl_p[:, i : i + T] if topl_p is not None else None))
+        outs.append(StepOut(s, labels_p[:, at], m, hidden_p[:, at], topk_p[:, at],
+                            topl_p[:, at] if topl_p is not None else None))
     return outs
 
 
