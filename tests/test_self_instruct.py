@@ -319,19 +319,28 @@ def test_cli_options(family_targets, tmp_path):
 
 
 def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
-    """No data: the target writes its own prompts (self_instruct_prompts of them, plus eval_limit
-    held out for evaluation, never trained on), answers them and the drafter is evaluated on the
-    held-out ones; the head is clustered only for a large vocabulary."""
+    """No data: self_instruct_prompts prompts, 70% written by the target itself (plus eval_limit
+    held out for evaluation, never trained on) and 30% from the `tasks` recipe, answered by the
+    target; the drafter is evaluated on the held-out ones; the head is clustered only for a large
+    vocabulary."""
     calls = []
     real = si.generate_prompts
     monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     eng = engines["llama"]
-    t = Trainer(_cfg(tmp_path, data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2), eng)
-    assert calls == [9]
+    with pytest.raises(InputError, match="tasks:2: no sample fits --max-len 96"):
+        Trainer(_cfg(tmp_path / "short", data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2), eng)
+    with pytest.raises(InputError, match="--max-len 640 is longer than the target's context \\(512 tokens\\)"):
+        Trainer(_cfg(tmp_path / "long", data=[], max_len=640), eng)
+    calls.clear()
+    t = Trainer(_cfg(tmp_path, data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2, max_len=512), eng)
+    assert calls == [4 + 3]
     held = t.generated_heldout
     assert len(held) == 3 and t.heldout is not None and t.heldout.prompts == held
     trained = {tuple(s.ids) for s in t.shards.samples}
     assert len(trained) == 6 and not trained & {tuple(eng.encode(p)) for p in held}
+    stored = next((tmp_path / "drafter.work").glob("self-instruct-*.jsonl"))
+    written = {tuple(eng.encode(json.loads(line)["prompt"])) for line in stored.read_text().splitlines()}
+    assert len(trained & written) == 4  # the other 2 are `tasks` requests
     assert not t.drafter.cfg.clustered  # tiny vocabulary
     res = t.run()
     assert res.evals and res.evals[-1]["step"] == 2
@@ -343,7 +352,8 @@ def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
     points = plot_training_curve(t.out / "training.json", tmp_path / "again.png")
     assert points == [(e["elapsed"] / 60, e["mean_accepted_length"]) for e in res.evals]
     assert plot_training_curve({"evals": []}, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
-    assert TrainConfig(data=[], out="x").data_specs() == ["self-instruct:2000"]
+    assert TrainConfig(data=[], out="x").data_specs() == ["self-instruct:1400", "tasks:600"]
+    assert TrainConfig(data=[], out="x", self_instruct_prompts=1).data_specs() == ["self-instruct:1"]
     assert TrainConfig(data=[], out="x").clustered_for(49152) and not TrainConfig(data=[], out="x").clustered_for(1000)
     assert not TrainConfig(data=[], out="x", clustered=False).clustered_for(49152)
     # named self-instruct data, mixed with other data, without --eval-prompts: the same held-out split

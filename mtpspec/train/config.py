@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 
 
-DEFAULT_SELF_INSTRUCT = 2000  # prompts the target writes when no data is given (`data_specs`)
+DEFAULT_SELF_INSTRUCT = 2000  # prompts when no data is given (`data_specs`)
+SELF_INSTRUCT_SHARE = 0.7  # of them written by the target itself; the rest from the `tasks` recipe
 
 
 @dataclass
@@ -77,11 +78,20 @@ class TrainConfig:
     micro_batch_size: int | None = None
 
     def data_specs(self, chat: bool = True) -> list[str]:
-        """The data to train on: `data`, or without it the one-command recipe: prompts the target
-        writes itself, answered by it, held-out evaluation on a split of them; `self-instruct:N`
-        (user messages) for a chat target, `self-text:N` (openings of documents) for a target
-        without a chat template (`chat=False`)."""
-        return list(self.data) or [f"{'self-instruct' if chat else 'self-text'}:{self.self_instruct_prompts}"]
+        """The data to train on: `data`, or without it the one-command recipe: N =
+        `self_instruct_prompts` prompts, answered by the target, held-out evaluation on a split of
+        the ones it writes. A chat target: 70% `self-instruct` (user messages it writes) and 30%
+        `tasks` (templated requests of kinds self-written prompts rarely hold); at equal training
+        time this mix beat self-instruct alone on the broad benchmark, 1.483 against 1.424 over 12
+        categories, 8 of them up (drafters/README.md). A target without a chat template
+        (`chat=False`): `self-text:N` (openings of documents it writes)."""
+        if self.data:
+            return list(self.data)
+        n = self.self_instruct_prompts
+        if not chat:
+            return [f"self-text:{n}"]
+        own = max(1, round(SELF_INSTRUCT_SHARE * n))
+        return [f"self-instruct:{own}"] + ([f"tasks:{n - own}"] if n > own else [])
 
     def clustered_for(self, vocab_size: int) -> bool:
         """Whether the drafter gets a clustered head: `clustered`, or for None a large vocabulary."""

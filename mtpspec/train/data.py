@@ -391,6 +391,9 @@ def build_samples(tokenizer, specs: list[str], *, self_distill: bool, max_len: i
     per_source = [b.read(s) for s in specs]
     out = []
     for spec, samples in zip(specs, per_source):
+        if not samples:
+            raise InputError(f"{spec}: no sample fits --max-len {max_len} (a prompt needs room for its answer): "
+                             "raise --max-len or give other data")
         kept = [s for s in samples if self_distill or not s.needs_response]
         if not kept:
             raise InputError(f"{spec}: only prompts without answers: use self-distillation (--self-distill) to train on them")

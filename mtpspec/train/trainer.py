@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import MtpspecError
+from ..errors import InputError, MtpspecError
 from ..kernels import bulk_matmuls, cpu_has_bf16
 from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
@@ -99,6 +99,9 @@ class Trainer:
             engine = load(cfg.target, device=cfg.device)
         self.engine = engine
         self.target = engine.model
+        if cfg.max_len > self.target.cfg.max_position:
+            raise InputError(f"--max-len {cfg.max_len} is longer than the target's context "
+                             f"({self.target.cfg.max_position} tokens)")
         self.out = Path(cfg.out)
         self.work = Path(cfg.work_dir) if cfg.work_dir else self.out.with_name(self.out.name + ".work")
         dcfg = DrafterConfig.for_target(self.target.cfg, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
