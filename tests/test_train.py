@@ -14,6 +14,7 @@ import mtpspec
 from mtpspec.errors import InputError, MtpspecError
 from mtpspec.models.drafter import DrafterConfig, MTPDrafter
 from mtpspec.train import TrainConfig, Trainer
+from mtpspec.train.checkpointing import Checkpoint
 from mtpspec.train.clustering import balanced_kmeans
 from mtpspec.train.harvest import TOPK_STORED, Activations, harvest
 from mtpspec.train.objective import collate, step_losses, unroll
@@ -279,12 +280,29 @@ def test_resume_refuses_changed_shards_or_batches_but_takes_a_new_budget(engine,
     first = Trainer(_cfg(data_files, tmp_path, max_steps=3, eval_prompts=None), engine)
     first.run()
     shards = first.cfg.shard_size
-    for change in ({"shard_size": shards + 1}, {"batch_size": first.cfg.batch_size * 2}, {"seed": 7}):
+    for change in ({"shard_size": shards + 1}, {"batch_size": first.cfg.batch_size * 2}, {"seed": 7},
+                   {"data": [str(data_files / "text.txt")]}):
         with pytest.raises(MtpspecError, match=f"{next(iter(change))} .* -> "):
             Trainer(_cfg(data_files, tmp_path, max_steps=3, eval_prompts=None, **change), engine).run(resume=True)
     more = Trainer(_cfg(data_files, tmp_path, max_steps=5, eval_prompts=None, eval_every=None), engine)
     more.run(resume=True)
     assert more.state.step == 5
+
+
+def test_resume_compares_the_resolved_data_also_of_older_checkpoints(tmp_path):
+    """What an empty --data means changed (self-instruct alone, then with `tasks`): checkpoints
+    store the resolved data; older ones, which do not, trained an empty --data on self-instruct:N
+    (self-text:N for a base model). Resuming one of them on the new default is refused with the
+    --data that continues it, which is then accepted."""
+    old = {"data": [], "self_instruct_prompts": 6, "seed": 0}
+    ckpt = lambda specs, data=(): Checkpoint(tmp_path / "c.pt", {**old, "data": list(data)}, 6, specs)  # noqa: E731
+    with pytest.raises(MtpspecError, match=r"resume with --data self-instruct:6"):
+        ckpt(["self-instruct:4", "tasks:2"]).check_same_run(old)
+    ckpt(["self-instruct:6"], ["self-instruct:6"]).check_same_run(old)
+    ckpt(["self-text:6"]).check_same_run(old)  # a base model: its default did not change
+    ckpt(["self-instruct:4", "tasks:2"]).check_same_run(old, ["self-instruct:4", "tasks:2"])
+    with pytest.raises(MtpspecError, match=r"data \['a'\] -> \['b'\]: resume with --data a"):
+        ckpt(["b"], ["b"]).check_same_run({**old, "data": ["a"]}, ["a"])
 
 
 def test_balanced_kmeans_gives_equal_clusters():

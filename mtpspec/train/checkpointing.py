@@ -17,9 +17,9 @@ from .optim import Optimiser
 from .shards import save_atomic
 
 
-# TrainConfig fields a resumed run must keep: they decide which samples exist, how they are cut into
-# shards and batches, and the drafter's shape
-RESUME_FIXED = ("data", "seed", "max_len", "shard_size", "batch_size", "replay", "epochs", "replay_from",
+# TrainConfig fields a resumed run must keep besides its data specs: they decide which samples exist,
+# how they are cut into shards and batches, and the drafter's shape
+RESUME_FIXED = ("seed", "max_len", "shard_size", "batch_size", "replay", "epochs", "replay_from",
                 "self_distill", "distill_max_new_tokens", "self_instruct_prompts", "self_instruct_temperature",
                 "self_instruct_top_p", "self_instruct_max_tokens", "draft_tokens", "num_layers",
                 "hidden_size", "intermediate_size", "clustered", "num_centroids", "centroid_top_k")
@@ -42,14 +42,18 @@ class RunState:
 class Checkpoint:
     """The checkpoint file of a run; resuming restores the run exactly (global RNGs included)."""
 
-    def __init__(self, path: Path, config: dict, n_samples: int) -> None:
+    def __init__(self, path: Path, config: dict, n_samples: int, data_specs: list[str] | None = None) -> None:
+        """config: the run's TrainConfig as a dict; data_specs: the data it trains on, resolved
+        (`TrainConfig.data_specs`: what an empty --data means changes between versions)."""
         self.path, self.config, self.n_samples = path, config, n_samples
+        self.data_specs = list(data_specs) if data_specs is not None else list(config.get("data") or [])
 
     def exists(self) -> bool:
         return self.path.exists()
 
     def save(self, state: RunState, drafter: MTPDrafter, opt: Optimiser) -> None:
-        save_atomic({"config": self.config, "drafter": drafter.state_dict(), "optimizer": opt.state_dict(),
+        save_atomic({"config": self.config, "data_specs": self.data_specs, "drafter": drafter.state_dict(),
+                     "optimizer": opt.state_dict(),
                      **asdict(state), "n_samples": self.n_samples,
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, self.path)
 
@@ -57,7 +61,7 @@ class Checkpoint:
         """The run's state restored into drafter and opt. read(fn): how the checkpoint file is
         read (data-parallel runs: by rank 0, sent to every rank); default: fn()."""
         st = (read or (lambda fn: fn()))(self._read)
-        self.check_same_run(st.get("config") or {})
+        self.check_same_run(st.get("config") or {}, st.get("data_specs"))
         if st["n_samples"] != self.n_samples:
             raise MtpspecError(f"{self.path}: the checkpoint was made with {st['n_samples']} samples, the data "
                                f"now gives {self.n_samples}: resume with the same --data and options")
@@ -67,12 +71,22 @@ class Checkpoint:
         random.setstate(st["rng"]["python"])
         return RunState(**{f: st[f] for f in RunState.__dataclass_fields__})
 
-    def check_same_run(self, saved: dict) -> None:
-        """Refuse to resume with options that fix the data, its shards, the batch schedule or the
-        drafter's shape changed (other options, such as --time-budget or --eval-every, may change):
-        the shards already built and the schedule's position would no longer mean the same samples."""
-        changed = [f"{key} {saved[key]!r} -> {self.config[key]!r}" for key in RESUME_FIXED
-                   if key in saved and key in self.config and saved[key] != self.config[key]]
+    def check_same_run(self, saved: dict, saved_specs: list[str] | None = None) -> None:
+        """Refuse to resume with other data or with options that fix its shards, the batch schedule
+        or the drafter's shape changed (others, such as --time-budget or --eval-every, may change):
+        the shards already built and the schedule's position would no longer mean the same samples.
+        saved_specs: the checkpoint's resolved data; checkpoints from before it was stored trained an
+        empty --data on `self-instruct:N` (a chat target) or `self-text:N`."""
+        if saved_specs is None and "data" in saved:
+            n = saved.get("self_instruct_prompts")
+            saved_specs = list(saved["data"]) or (self.data_specs if self.data_specs == [f"self-text:{n}"]
+                                                  else [f"self-instruct:{n}"])
+        changed = []
+        if saved_specs is not None and saved_specs != self.data_specs:
+            changed.append(f"data {saved_specs} -> {self.data_specs}: resume with "
+                           + " ".join(f"--data {d}" for d in saved_specs))
+        changed += [f"{key} {saved[key]!r} -> {self.config[key]!r}" for key in RESUME_FIXED
+                    if key in saved and key in self.config and saved[key] != self.config[key]]
         if changed:
             raise MtpspecError(f"{self.path}: the run was made with other options ({'; '.join(changed)}): resume "
                                "with the options it was started with")

@@ -132,7 +132,7 @@ class Trainer:
         self.teacher: RemoteTeacher | None = None
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
-        self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples))
+        self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples), specs)
         prompts = (read_prompts(cfg.eval_prompts)[: cfg.eval_limit] if cfg.eval_prompts
                    else self.generated_heldout or None)
         # rank 0 evaluates (and writes the output)
