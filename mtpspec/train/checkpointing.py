@@ -78,9 +78,9 @@ class Checkpoint:
         saved_specs: the checkpoint's resolved data; checkpoints from before it was stored trained an
         empty --data on `self-instruct:N` (a chat target) or `self-text:N`."""
         if saved_specs is None and "data" in saved:
-            n = saved.get("self_instruct_prompts")
-            saved_specs = list(saved["data"]) or (self.data_specs if self.data_specs == [f"self-text:{n}"]
-                                                  else [f"self-instruct:{n}"])
+            base_model = bool(self.data_specs) and self.data_specs[0].startswith("self-text:")
+            saved_specs = list(saved["data"]) or [f"{'self-text' if base_model else 'self-instruct'}:"
+                                                  f"{saved.get('self_instruct_prompts')}"]
         changed = []
         if saved_specs is not None and saved_specs != self.data_specs:
             changed.append(f"data {saved_specs} -> {self.data_specs}: resume with "
