@@ -316,6 +316,16 @@ def test_cli_options(family_targets, tmp_path):
     r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--data", "self-instruct",
                                  "--out", str(tmp_path / "e"), "--self-instruct-temperature", "0"])
     assert r.exit_code == 2 and "self_instruct_temperature must be > 0" in r.output
+    r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--out", str(tmp_path / "f"),
+                                 "--prompts", "0"])
+    assert r.exit_code == 2 and "the number of prompts (--prompts) must be >= 1, got 0" in r.output
+    # --prompts sizes the one command's data: 7 of 10 written by the target (+ 3 held out), 3 `tasks`
+    r = CliRunner().invoke(app, ["train-drafter", "--target", str(family_targets["gemma4"]), "--out", str(tmp_path / "g"),
+                                 "--prompts", "10", "--hidden-size", "32", "--draft-tokens", "2", "--max-steps", "1",
+                                 "--distill-tokens", "8", "--shard-size", "8", "--batch-size", "2", "--max-len", "512",
+                                 "--self-instruct-tokens", "40", "--eval-limit", "3"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g.work" / "self-instruct-n10-seed0-t1-p1-len40.jsonl").is_file()
 
 
 def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):

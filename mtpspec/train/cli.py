@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MtpspecError
+from .config import DEFAULT_SELF_INSTRUCT
 
 
 def train_drafter_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output drafter folder (gemma4_assistant format).")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data (repeatable; default: self-instruct:2000, prompts the target writes itself, with held-out evaluation on a split of them; for a target without a chat template self-text:2000, openings of documents it writes): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie), self-text[:N] (N openings of documents the target writes, continued as plain text: for base models), tasks[:N] (templated translate / summarize / extract / math / role-play / write / rewrite / reason / code requests).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data (repeatable; default, the one command: --prompts prompts, 70% self-instruct (written by the target itself, with held-out evaluation on a split of them) and 30% tasks; for a target without a chat template all self-text, openings of documents it writes): a .jsonl of chats/prompts/texts, a text file or folder, or a recipe: chitchat[:N] (prompts), chitchat-text[:N] (whole chats as text), humaneval[:N], instructions[:N], python-stdlib[:N], self-instruct[:N] (N prompts, default 1000, written by the target itself: Magpie), self-text[:N] (N openings of documents the target writes, continued as plain text: for base models), tasks[:N] (templated translate / summarize / extract / math / role-play / write / rewrite / reason / code requests).")] = None,
     target: Annotated[Optional[str], typer.Option("--target", "-m", help="Target checkpoint folder or .gguf (default: SmolLM2-135M-Instruct).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="Checkpoints and activation shards (default: OUT.work).")] = None,
     draft_tokens: Annotated[int, typer.Option("--draft-tokens", "-k", help="K: drafting steps unrolled in training, written as num_assistant_tokens.")] = 4,
@@ -26,6 +27,7 @@ def train_drafter_cmd(
     distill_batch: Annotated[int, typer.Option("--distill-batch", help="Sequences the target decodes at once when it answers a shard's prompts or writes self-instruct prompts (more rows use the cores better; each costs a KV cache of --max-len tokens).")] = 128,
     self_instruct_temperature: Annotated[float, typer.Option("--self-instruct-temperature", help="Sampling temperature of the prompts the target writes (self-instruct recipe); seeded by --seed.")] = 1.0,
     self_instruct_top_p: Annotated[float, typer.Option("--self-instruct-top-p", help="Top-p of the prompts the target writes (1 = off).")] = 1.0,
+    prompts: Annotated[int, typer.Option("--prompts", help="Without --data (the one command): how many prompts to train on, 70% written by the target itself (self-instruct) and 30% from the tasks recipe; a target without a chat template writes them all (self-text). More prompts mean more fresh data for long --time-budget runs.")] = DEFAULT_SELF_INSTRUCT,
     self_instruct_tokens: Annotated[int, typer.Option("--self-instruct-tokens", help="Max tokens of a prompt the target writes; one not ending its turn within them is dropped.")] = 128,
     max_len: Annotated[int, typer.Option("--max-len", help="Max tokens per training sequence.")] = 384,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per activation shard (the prompts of a shard are answered together, --distill-batch at a time).")] = 128,
@@ -72,7 +74,7 @@ def train_drafter_cmd(
             distill_max_new_tokens=distill_tokens, distill_batch=distill_batch, max_len=max_len, shard_size=shard_size,
             batch_size=batch_size,
             self_instruct_temperature=self_instruct_temperature, self_instruct_top_p=self_instruct_top_p,
-            self_instruct_max_tokens=self_instruct_tokens,
+            self_instruct_max_tokens=self_instruct_tokens, self_instruct_prompts=prompts,
             lr=lr, epochs=epochs, replay=replay, max_steps=max_steps,
             time_budget=time_budget * 60 if time_budget else None, full_vocab_loss=full_vocab_loss, soft_labels=soft_labels,
             acceptance_weight=acceptance_weight, acceptance_verify=acceptance_verify,

@@ -103,6 +103,8 @@ class TrainConfig:
             raise InputError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
         if self.batch_size < 1 or self.shard_size < 1 or self.distill_batch < 1:
             raise InputError("batch_size, shard_size and distill_batch must be >= 1")
+        if self.self_instruct_prompts < 1:
+            raise InputError(f"the number of prompts (--prompts) must be >= 1, got {self.self_instruct_prompts}")
         if not 0 <= self.replay < 1:
             raise InputError(f"replay must be in [0, 1), got {self.replay}")
         if not self.self_instruct_temperature > 0:
