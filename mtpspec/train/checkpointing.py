@@ -17,10 +17,11 @@ from .optim import Optimiser
 from .shards import save_atomic
 
 
-# TrainConfig fields a resumed run must keep besides its data specs: they decide which samples exist,
-# how they are cut into shards and batches, and the drafter's shape
+# TrainConfig fields a resumed run must keep besides its resolved data specs (which already hold the
+# one command's prompt count): they decide which samples exist, how they are cut into shards and
+# batches, and the drafter's shape
 RESUME_FIXED = ("seed", "max_len", "shard_size", "batch_size", "replay", "epochs", "replay_from",
-                "self_distill", "distill_max_new_tokens", "self_instruct_prompts", "self_instruct_temperature",
+                "self_distill", "distill_max_new_tokens", "self_instruct_temperature",
                 "self_instruct_top_p", "self_instruct_max_tokens", "draft_tokens", "num_layers",
                 "hidden_size", "intermediate_size", "clustered", "num_centroids", "centroid_top_k")
 
