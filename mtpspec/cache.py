@@ -102,6 +102,7 @@ class KVCache:
         slice write); None means rows differ and each row is scattered to its own positions.
         """
         kc, vc = self.k[layer], self.v[layer]
+        k, v = k.to(kc.dtype), v.to(vc.dtype)  # a bfloat16 cache under an fp32 model (Decoder.new_cache)
         if start is not None:
             t = positions.shape[1]
             kc[:, :, start : start + t] = k

@@ -12,6 +12,7 @@ from mtpspec.checkpoint import load_decoder
 from mtpspec.decoding.loop import Request, decode
 from mtpspec.kernels import BULK_MIN_ROWS, Linear, bulk_active, bulk_matmuls
 from mtpspec.kernels.quant import QuantLinear, quantize_weight
+from mtpspec.models.layers import ROW_ATTENTION_MAX_T
 from mtpspec.models.quantize import quantize_model
 from tiny_models import VOCAB
 
@@ -102,6 +103,39 @@ def test_decoder_runs_op_by_op_in_bulk_mode_close_to_the_exact_engine(tiny_check
     assert not torch.equal(bulk, exact)
     assert (bulk - exact).abs().max() < 0.05 * exact.abs().max()
     assert (bulk.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window layers, q/k norms
+def test_bulk_mode_caches_hold_bfloat16_and_decode_close_to_the_exact_engine(tiny_checkpoints, family):
+    """In bulk mode an fp32 model's caches hold bfloat16 K/V (half the bytes attention reads over
+    many rows); prefill (torch's attention, the keys widened) and decode steps (the row kernel)
+    both read them; outside the context caches are fp32 again."""
+    model = quantize_model(load_decoder(tiny_checkpoints[family][0]), "int8")
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, VOCAB, (BULK_MIN_ROWS, ROW_ATTENTION_MAX_T + 6), generator=g)  # prefill: SDPA
+    reqs = [Request(p.tolist(), 12) for p in prompt]
+    exact = [r.new_ids for r in decode(model, reqs)]
+    with bulk_matmuls(True):
+        cache = model.new_cache(2, 8)
+        assert all(k.dtype == torch.bfloat16 for k in cache.k.values())
+        bulk = [r.new_ids for r in decode(model, reqs, slots=len(reqs))]
+        logits = model(prompt, model.new_cache(*prompt.shape)).logits
+    assert model.new_cache(2, 8).k[0].dtype == torch.float32
+    ref = model(prompt, model.new_cache(*prompt.shape)).logits
+    assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
+    first = [a[0] == b[0] for a, b in zip(bulk, exact)]  # after a near-tie flips, the answers part
+    assert sum(first) >= 0.9 * len(first)
+
+
+def test_a_cache_write_casts_to_the_cache_dtype():
+    from mtpspec.cache import CacheLayout, KVCache
+
+    cache = KVCache({0: CacheLayout(2, 8)}, 2, 6, dtype=torch.bfloat16, device="cpu")
+    k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
+    cache.write(0, torch.tensor([[0, 1, 2], [0, 1, 2]]), 0, k, v)  # rows at one length: a slice write
+    assert torch.equal(cache.k[0][:, :, :3], k.bfloat16()) and torch.equal(cache.v[0][:, :, :3], v.bfloat16())
+    cache.write(0, torch.tensor([[3, 4, 5], [2, 3, 4]]), None, k, v)  # ragged rows: scattered
+    assert torch.equal(cache.k[0][0, :, 3:6], k[0].bfloat16()) and torch.equal(cache.v[0][1, :, 2:5], v[1].bfloat16())
 
 
 def test_training_shards_are_built_in_bulk_mode(tiny_with_tokenizer, monkeypatch):

@@ -73,6 +73,24 @@ def test_portable_path_gives_the_same_bits(ext, d, length, window):
     assert torch.allclose(a, ref, atol=1e-5, rtol=1e-5)
 
 
+# bfloat16 K/V (bulk mode's caches, Decoder.new_cache): each element widens exactly to fp32, so the
+# result is the fp32 kernel's on the same values, in both paths; head dims 16 (one 8-lane step at a
+# time), 72 (the values' 64-wide block and a tail) and 128
+@pytest.mark.parametrize("d,length,window", [(16, 40, 9), (72, 43, None), (128, 300, None)])
+def test_bf16_keys_and_values_read_as_their_fp32_values(ext, d, length, window):
+    q, k, v = _inputs(seed=5, d=d, length=length)
+    kb, vb = k.bfloat16(), v.bfloat16()
+    mask = visibility(torch.arange(length - 5, length).expand(3, 5), 0, length, window)
+    want = attend_rows(q, kb.float(), vb.float(), mask, 0.3)
+    assert torch.equal(attend_rows(q, kb, vb, mask, 0.3), want)
+    ext.attend_force_portable(True)
+    try:
+        assert torch.equal(attend_rows(q, kb, vb, mask, 0.3), want)
+    finally:
+        ext.attend_force_portable(False)
+    assert attend_rows(q, kb, v, mask, 0.3) is None  # mixed K/V dtypes: the caller's torch path
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("scheme", [None, "int4"])
 def test_a_verify_step_reproduces_decode_steps_bit_for_bit(tiny_checkpoints, family, scheme):

@@ -252,8 +252,9 @@ _bulk: dict | None = None  # while bulk_matmuls() is active: module -> its dense
 def bulk_matmuls(enabled: bool | None = None):
     """Within this context, linear layers (`Linear`, `quant.QuantLinear`) given at least
     BULK_MIN_ROWS rows multiply with torch's bfloat16 GEMM (oneDNN: AMX tiles or AVX512_BF16) on a
-    dense bfloat16 copy of their weight, made once per layer per context, and the decoder runs its
-    blocks op by op (no fused C++ stack). For bulk work that feeds training, not decoding:
+    dense bfloat16 copy of their weight, made once per layer per context, the decoder runs its
+    blocks op by op (no fused C++ stack) and the caches it makes hold bfloat16 K/V (half the bytes
+    that attention over 128 rows' caches reads: a third of a generation step). For bulk work that feeds training, not decoding:
     drafter-training harvests and self-distillation (train/harvest.py). Measured on a 2-core AMX
     Xeon: 300-590 GMAC/s at 64-2048 rows against 100-150 for our int8-activation kernels, which
     stream each weight once for 1-16 rows and win there. Results differ from decoding's by bf16
@@ -336,9 +337,11 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
                 scale: float) -> torch.Tensor | None:
     """Attention whose output for a query does not depend on the step's other queries or rows
     (attention.cpp): q [B, H, T, D], k / v [B, KVH, L, D], additive mask [B, 1, T, L] or None; fp32
-    CPU tensors without autograd. None when it cannot run (the caller uses torch's SDPA)."""
+    CPU tensors (k / v: fp32 or both bfloat16) without autograd. None when it cannot run (the
+    caller uses torch's SDPA)."""
     ext = _ext()
     if (ext is None or q.device.type != "cpu" or q.dtype != torch.float32 or q.shape[-1] % 8
+            or k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16)
             or not _no_grad_needed(q, k, v) or (mask is not None and mask.dtype != torch.float32)):
         return None
     return ext.attend_rows(q, k, v, mask, float(scale))

@@ -16,8 +16,9 @@
 //                                            four running sums, key j into sum j mod 4, then
 //                                            (s0 + s1) + (s2 + s3))
 //
-// q [B, H, T, D] fp32, k / v [B, KVH, L, D] fp32 (unit stride in D), mask [B, 1, T, L] additive
-// (0 / -inf) or none; D a multiple of 8. Heads share K/V in groups of H / KVH (GQA).
+// q [B, H, T, D] fp32, k / v [B, KVH, L, D] fp32 or bf16 (unit stride in D; bf16 widens to fp32
+// exactly on load, so the arithmetic above is unchanged), mask [B, 1, T, L] additive (0 / -inf) or
+// none; D a multiple of 8. Heads share K/V in groups of H / KVH (GQA).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -46,20 +47,37 @@ bool attn_avx2() {
 // ~12 KB (48 keys of 64 dims) than with none, 1.03-1.06x at batch 8 (2 threads, interleaved);
 // 16-64 keys were within a few percent of each other.
 constexpr int64_t kPrefetchBytes = 12288;
-inline int64_t prefetch_keys(int64_t D) { return std::max<int64_t>(8, kPrefetchBytes / (D * 4)); }
+template <typename KV>
+inline int64_t prefetch_keys(int64_t D) { return std::max<int64_t>(8, kPrefetchBytes / (D * int64_t(sizeof(KV)))); }
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t d) {
+// K/V elements: fp32, or bf16 (raw bits) widened exactly to fp32.
+inline float kv_f32(float x) { return x; }
+inline float kv_f32(uint16_t x) {
+  const uint32_t bits = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+__attribute__((target("avx2,fma"))) inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma"))) inline __m256 kv_load8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <typename KV>
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const KV* b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (int64_t i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), kv_load8(b + i), acc);
   alignas(32) float l[8];
   _mm256_store_ps(l, acc);
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-float dot_portable(const float* a, const float* b, int64_t d) {
+template <typename KV>
+float dot_portable(const float* a, const KV* b, int64_t d) {
   float l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < d; i += 8)
-    for (int j = 0; j < 8; ++j) l[j] = std::fma(a[i + j], b[i + j], l[j]);
+    for (int j = 0; j < 8; ++j) l[j] = std::fma(a[i + j], kv_f32(b[i + j]), l[j]);
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
@@ -73,18 +91,20 @@ __attribute__((target("avx2,fma"))) inline __m256 sum_lanes8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-__attribute__((target("avx2,fma"))) void dots_avx2(const float* q, const float* kb, int64_t ksl, int64_t L,
+template <typename KV>
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* q, const KV* kb, int64_t ksl, int64_t L,
                                                    int64_t D, float* out) {
-  const int64_t ahead = prefetch_keys(D);
+  const int64_t ahead = prefetch_keys<KV>(D);
   int64_t j = 0;
   for (; j + 8 <= L; j += 8) {
     __m256 a[8];
     for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
     for (int r = 0; r < 8; ++r)  // the keys `ahead` further on (past the end: a harmless hint)
-      for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(kb + (j + ahead + r) * ksl + d), _MM_HINT_T0);
+      for (int64_t d = 0; d < D; d += 64 / int64_t(sizeof(KV)))
+        _mm_prefetch(reinterpret_cast<const char*>(kb + (j + ahead + r) * ksl + d), _MM_HINT_T0);
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j + r) * ksl + d), a[r]);
+      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qv, kv_load8(kb + (j + r) * ksl + d), a[r]);
     }
     _mm256_storeu_ps(out + j, sum_lanes8(a));
   }
@@ -92,31 +112,35 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* q, const float* 
 }
 
 // acc += p * v (one fused multiply-add per element: both paths give the same bits)
-__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const float* v, float* acc, int64_t d) {
+template <typename KV>
+__attribute__((target("avx2,fma"))) void axpy_avx2(float p, const KV* v, float* acc, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
   for (int64_t i = 0; i < d; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, kv_load8(v + i), _mm256_loadu_ps(acc + i)));
 }
 
-void axpy_portable(float p, const float* v, float* acc, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, v[i], acc[i]);
+template <typename KV>
+void axpy_portable(float p, const KV* v, float* acc, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) acc[i] = std::fma(p, kv_f32(v[i]), acc[i]);
 }
 
 // acc[0..D) = sum_j p_j v_j over the keys with p_j != 0, j ascending: 64 values at a time in
 // registers (the same per-element fused multiply-adds in the same order as axpy_portable).
-__attribute__((target("avx2,fma"))) void values_avx2(const float* p, const float* vb, int64_t vsl, int64_t L,
+template <typename KV>
+__attribute__((target("avx2,fma"))) void values_avx2(const float* p, const KV* vb, int64_t vsl, int64_t L,
                                                      int64_t D, float* acc) {
-  const int64_t ahead = prefetch_keys(D);
+  const int64_t ahead = prefetch_keys<KV>(D);
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {
     __m256 a[8];
     for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < L; ++j) {
-      for (int o = 0; o < 64; o += 16) _mm_prefetch(reinterpret_cast<const char*>(vb + (j + ahead) * vsl + d0 + o), _MM_HINT_T0);
+      for (int o = 0; o < 64; o += 64 / int(sizeof(KV)))
+        _mm_prefetch(reinterpret_cast<const char*>(vb + (j + ahead) * vsl + d0 + o), _MM_HINT_T0);
       if (p[j] == 0.f) continue;
       const __m256 pv = _mm256_set1_ps(p[j]);
-      const float* vr = vb + j * vsl + d0;
-      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + 8 * r), a[r]);
+      const KV* vr = vb + j * vsl + d0;
+      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(pv, kv_load8(vr + 8 * r), a[r]);
     }
     for (int r = 0; r < 8; ++r) _mm256_storeu_ps(acc + d0 + 8 * r, a[r]);
   }
@@ -241,12 +265,13 @@ void exp_lanes(float* s, int64_t L, bool avx2) {
 // for other kernels of the extension (quant_block.cpp's activations).
 void exp_nonpositive_raw(float* s, int64_t n) { exp_lanes(s, n, attn_avx2() && !g_attn_portable); }
 
-// The raw form, for other kernels of the extension (quant_block.cpp): element strides of q, k, v
-// (per row b, head h, query t / key j; unit stride in D), of the mask (nullptr: none) and of out.
-void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
-                     int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
-                     const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
-                     int64_t D, int64_t KVH, int64_t L, float sc, float* op, int64_t osb, int64_t osh, int64_t ost) {
+namespace {
+
+template <typename KV>
+void attend_rows_kv(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const KV* kp, int64_t ksb, int64_t ksh,
+                    int64_t ksl, const KV* vp, int64_t vsb, int64_t vsh, int64_t vsl, const float* mp, int64_t msb,
+                    int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T, int64_t D, int64_t KVH, int64_t L,
+                    float sc, float* op, int64_t osb, int64_t osh, int64_t ost) {
   const bool avx2 = attn_avx2() && !g_attn_portable;
   const int64_t group = H / KVH;
   at::parallel_for(0, B * H, 1, [&](int64_t s, int64_t e) {
@@ -254,8 +279,8 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
     std::vector<float> acc(static_cast<size_t>(D));
     for (int64_t bh = s; bh < e; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / group;
-      const float* kb = kp + b * ksb + g * ksh;
-      const float* vb = vp + b * vsb + g * vsh;
+      const KV* kb = kp + b * ksb + g * ksh;
+      const KV* vb = vp + b * vsb + g * vsh;
       for (int64_t t = 0; t < T; ++t) {
         const float* qr = qp + b * qsb + h * qsh + t * qst;
         const float* mr = mp ? mp + b * msb + t * mst : nullptr;
@@ -269,7 +294,7 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
           while (j0 < j1 && mr[j0 * msl] == kNegInf) ++j0;
         }
         const int64_t n = j1 - j0;
-        const float* kr = kb + j0 * ksl;
+        const KV* kr = kb + j0 * ksl;
         if (mr) mr += j0 * msl;
         if (avx2)
           dots_avx2(qr, kr, ksl, n, D, score.data());
@@ -288,7 +313,7 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
         std::fill(acc.begin(), acc.end(), 0.f);
         double sum = 0.0;
         if (mx != kNegInf) {
-          const float* vr = vb + j0 * vsl;
+          const KV* vr = vb + j0 * vsl;
           if (avx2)  // -inf stays -inf: exp gives 0
             shift_avx2(score.data(), n, mx);
           else
@@ -309,11 +334,25 @@ void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, con
   });
 }
 
+}  // namespace
+
+// The raw form, for other kernels of the extension (quant_block.cpp): element strides of q, k, v
+// (per row b, head h, query t / key j; unit stride in D), of the mask (nullptr: none) and of out.
+void attend_rows_raw(const float* qp, int64_t qsb, int64_t qsh, int64_t qst, const float* kp, int64_t ksb,
+                     int64_t ksh, int64_t ksl, const float* vp, int64_t vsb, int64_t vsh, int64_t vsl,
+                     const float* mp, int64_t msb, int64_t mst, int64_t msl, int64_t B, int64_t H, int64_t T,
+                     int64_t D, int64_t KVH, int64_t L, float sc, float* op, int64_t osb, int64_t osh, int64_t ost) {
+  attend_rows_kv<float>(qp, qsb, qsh, qst, kp, ksb, ksh, ksl, vp, vsb, vsh, vsl, mp, msb, mst, msl, B, H, T, D, KVH, L,
+                        sc, op, osb, osh, ost);
+}
+
 torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const c10::optional<torch::Tensor>& mask, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attend_rows: 4-D q, k, v");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-              v.scalar_type() == torch::kFloat32, "attend_rows: fp32 only");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32, "attend_rows: fp32 queries only");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+              (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
+              "attend_rows: k and v both fp32 or both bf16");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   const int64_t KVH = k.size(1), L = k.size(2);
   TORCH_CHECK(D % 8 == 0 && k.size(3) == D && v.size(3) == D && v.size(2) == L && H % KVH == 0,
@@ -329,13 +368,20 @@ torch::Tensor attend_rows(const torch::Tensor& q, const torch::Tensor& k, const 
     msb = mask->stride(0), mst = mask->stride(2), msl = mask->stride(3);
   }
   auto out = torch::empty({B, H, T, D}, q.options());
-  attend_rows_raw(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(0),
-                  k.stride(1), k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), mp, msb, mst,
-                  msl, B, H, T, D, KVH, L, float(scale), out.data_ptr<float>(), H * T * D, T * D, D);
+  if (k.scalar_type() == torch::kFloat32) {
+    attend_rows_raw(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<float>(), k.stride(0),
+                    k.stride(1), k.stride(2), v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), mp, msb, mst,
+                    msl, B, H, T, D, KVH, L, float(scale), out.data_ptr<float>(), H * T * D, T * D, D);
+  } else {
+    attend_rows_kv<uint16_t>(q.data_ptr<float>(), q.stride(0), q.stride(1), q.stride(2),
+                             reinterpret_cast<const uint16_t*>(k.data_ptr()), k.stride(0), k.stride(1), k.stride(2),
+                             reinterpret_cast<const uint16_t*>(v.data_ptr()), v.stride(0), v.stride(1), v.stride(2), mp,
+                             msb, mst, msl, B, H, T, D, KVH, L, float(scale), out.data_ptr<float>(), H * T * D, T * D, D);
+  }
   return out;
 }
 
 void register_attention(pybind11::module& m) {
-  m.def("attend_rows", &attend_rows, "batch-invariant fp32 attention for decode/verify steps (models/layers.py)");
+  m.def("attend_rows", &attend_rows, "batch-invariant attention for decode/verify steps, fp32 or bf16 K/V (models/layers.py)");
   m.def("attend_force_portable", [](bool on) { g_attn_portable = on; }, "tests: the portable paths (attention, exp, the fused blocks' norms and argmax)");
 }

@@ -138,11 +138,17 @@ class Decoder(nn.Module):
             self.fused.attach_io(self)
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """A cache in the model's dtype; in `kernels.bulk_matmuls` mode an fp32 model's CPU cache
+        holds bfloat16 K/V instead: attention over many rows' caches is bound by reading them
+        (the answers that feed drafter training, see `bulk_matmuls`)."""
         layouts = {
             i: CacheLayout(self.cfg.layers[i].n_kv_heads, self.cfg.layers[i].head_dim)
             for i in self.cfg.cache_layers()
         }
-        return KVCache(layouts, batch_size, capacity, dtype=self.dtype, device=self.device)
+        dtype = self.dtype
+        if bulk_active() and dtype == torch.float32 and self.device.type == "cpu":
+            dtype = torch.bfloat16
+        return KVCache(layouts, batch_size, capacity, dtype=dtype, device=self.device)
 
     def drafter_kv(self, cache: KVCache, attention_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached K/V an MTP drafter attends to for `attention_type`: those of the last layer of

@@ -245,6 +245,8 @@ class Attention(nn.Module):
             out = attend_rows(q, keys, values, mask, self.scale)
             if out is not None:
                 return self.o(out.transpose(1, 2).reshape(b, t, self.q_size))
+        if keys.dtype != dtype:  # a bfloat16 cache under an fp32 model (Decoder.new_cache, bulk mode)
+            keys, values = keys.to(dtype), values.to(dtype)
         low_precision_step = t == 1 and dtype != torch.float32 and q.device.type == "cpu"
         if low_precision_step:
             # torch's CPU attention for one bf16/fp16 query is 2x (100 keys) to 4.5x (1000 keys)
