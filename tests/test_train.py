@@ -72,6 +72,24 @@ def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_
                         tok = torch.tensor([seq[p + i + 1]])
 
 
+def test_unroll_computes_only_the_anchors_rows_have(tiny_gemma3_tok, monkeypatch):
+    """A batch's shorter rows are padded to the longest, but their places past their length are
+    never computed: every drafter step gets the existing anchors packed (N, not B x T, inputs)."""
+    target = mtpspec.load(tiny_gemma3_tok).model
+    drafter = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)).init_random(1)
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 7, 12)]
+    batch = collate(harvest(target, seqs, [1, 1, 1], list(dict.fromkeys(drafter.cfg.layer_types))))
+    rows = []
+    real = MTPDrafter.step_state
+    monkeypatch.setattr(MTPDrafter, "step_state", lambda self, e, h, c: rows.append((e.shape[0], h.shape[0])) or real(self, e, h, c))
+    with torch.no_grad():
+        outs = unroll(drafter, target, batch, 3)
+    anchors = sum(n - 1 for n in (20, 7, 12))  # anchors p = 1 .. n - 1 of each row
+    assert rows == [(anchors, anchors)] * 3
+    assert outs[0].s.shape[:2] == (3, 19) and not outs[0].s[1, 6:].any()  # the grid's padding stays zero
+
+
 def test_unroll_from_a_later_anchor_is_the_full_unroll_sliced(tiny_gemma3_tok):
     """unroll(first=f) computes anchors f .. L-1 only (scoring skips a prompt's anchors): each
     step's states, labels and masks equal the full unroll's from anchor f on, also past the

@@ -184,6 +184,8 @@ class DrafterAttention(nn.Module):
         position. Training (`MTPDrafter.anchor_context`): the W anchors of a sequence, each at its
         own position with its own visible keys."""
         rows = kv.mask.shape[0]
+        if kv.packed is not None:  # training, packed anchors [N, hidden]: only attention sees the [rows, Q] grid
+            return self._packed_anchors(x, kv, rows)
         q = self.q_norm(self.q_proj(x).view(rows, -1, self.n_heads, self.head_dim)).transpose(1, 2)
         w = q.shape[2]
         q = apply_rope(q, *kv.rope())  # [rows, H, W, hd]
@@ -202,6 +204,19 @@ class DrafterAttention(nn.Module):
             out = self._masked(q, kv, rows, g, w)
         out = out.to(x.dtype).view(rows, self.n_heads, w, self.head_dim).transpose(1, 2)  # [rows, W, H, hd]
         return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
+
+    def _packed_anchors(self, x: torch.Tensor, kv: "TypeContext", rows: int) -> torch.Tensor:
+        """Training's attention for packed anchors x [N, hidden] (kv.packed: their places in the
+        [rows, Q] grid): queries scattered onto the grid (the left-out places zero), one fused
+        attention under the [Q, L] mask, outputs gathered back."""
+        n_q, hd = kv.mask.shape[-2], self.head_dim
+        q = self.q_norm(self.q_proj(x).view(-1, self.n_heads, hd))
+        q = q.new_zeros(rows * n_q, self.n_heads, hd).index_copy(0, kv.packed, q)
+        q = apply_rope(q.view(rows, n_q, self.n_heads, hd).transpose(1, 2), *kv.rope())
+        out = F.scaled_dot_product_attention(q.to(kv.k_head.dtype), kv.k_head, kv.v_head, attn_mask=kv.mask[:, :, 0],
+                                             scale=1.0, enable_gqa=True)
+        out = out.to(x.dtype).transpose(1, 2).reshape(rows * n_q, self.n_heads * hd)
+        return self.o_proj(out.index_select(0, kv.packed))
 
     def _masked(self, q: torch.Tensor, kv: "TypeContext", rows: int, g: int, w: int) -> torch.Tensor:
         """Attention under kv.mask, over the shared prefix [lo, mid) (valid for all rows) and the
@@ -329,6 +344,9 @@ class TypeContext:
     v_rows: torch.Tensor | None = None
     spans: torch.Tensor | None = None
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
+    # training: the computed anchors' flat indices into [B * Q] (rows' anchors past their length are
+    # left out); the layers then take [N, hidden] inputs, one per computed anchor
+    packed: torch.Tensor | None = None
     rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
 
     def rope(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -593,10 +611,12 @@ class MTPDrafter(nn.Module):
         return DraftContext(pos, types)
 
     def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       anchors: torch.Tensor) -> DraftContext:
+                       anchors: torch.Tensor, packed: torch.Tensor | None = None) -> DraftContext:
         """Training's context: one query per anchor position p in `anchors` [T] of every row, each
         reading the row's target K/V `kv[type]` ([B, kv_heads, L, head_dim]) at j < p (and inside
-        the sliding window): what `context` gives a row whose cache holds the tokens before p."""
+        the sliding window): what `context` gives a row whose cache holds the tokens before p.
+        packed: the flat indices into [B * T] of the anchors computed; `step_state` then takes
+        their inputs packed, [N, ...], instead of [B, T, ...] (a batch's shorter rows pad nothing)."""
         types = {}
         for t in dict.fromkeys(self.cfg.layer_types):
             spec = target_cfg.layers[target_cfg.last_cache_layer(t)]
@@ -604,7 +624,8 @@ class MTPDrafter(nn.Module):
             b = k.shape[0]
             visible = _visible(torch.arange(k.shape[2], device=anchors.device), anchors, _window(spec, t))  # [T, L]
             cos, sin = rope_cos_sin(spec, anchors[None].expand(b, -1), self.dtype)
-            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin, anchors=True)
+            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin, anchors=True,
+                                   packed=packed)
         return DraftContext(anchors, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ attending to the cached entries j < p (and > p - window in sliding layers); step
 
 Training runs the same drafter modules for every anchor p of a sequence at once: the anchors are
 the queries of one attention over the target's K/V (`MTPDrafter.anchor_context`), so one forward
-per step covers all anchors. Step i's teacher is the target's argmax at position p + i - 1; its
+per step covers all anchors. The anchors of a batch's rows are packed (a shorter row's places past
+its length are never computed; only attention sees the padded [B, T] grid). Step i's teacher is the target's argmax at position p + i - 1; its
 input token is the token at p + i - 1, which is what an accepted draft is. When the data's token
 differs from the target's argmax (human text), the later steps of that anchor are masked: at
 inference the target would never have accepted that path.
@@ -121,13 +122,15 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int, first: in
     b, L = batch.ids.shape
     T = L - first
     p = torch.arange(first, L, device=batch.ids.device)  # anchor positions
-    ctx = drafter.anchor_context(target.cfg, batch.kv, p)
     valid_pos = lambda idx: idx < batch.lengths[:, None]  # noqa: E731
+    alive = valid_pos(p[None].expand(b, T))  # anchor exists
+    packed = alive.flatten().nonzero().squeeze(1)  # the existing anchors, [N] indices into [B * T]
+    ctx = drafter.anchor_context(target.cfg, batch.kv, p, packed)
     pad = lambda x: F.pad(x, (0, k)) if x.dim() == 2 else F.pad(x, (0, 0, 0, k))  # noqa: E731
     ids_p, labels_p, hidden_p, topk_p = pad(batch.ids), pad(batch.labels), pad(batch.hidden), pad(batch.topk)
     topl_p = pad(batch.topk_logits) if batch.topk_logits is not None else None
     hidden = batch.hidden[:, first - 1 : -1] if first_hidden is None else first_hidden  # h_{p-1}
-    alive = valid_pos(p[None].expand(b, T))  # anchor exists
+    hidden = hidden.reshape(b * T, -1).index_select(0, packed)
     outs = []
     for i in range(1, k + 1):
         at = slice(first + i - 1, first + i - 1 + T)  # position p + i - 1
@@ -137,8 +140,9 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int, first: in
             alive = alive & (tok == labels_p[:, first + i - 2 : first + i - 2 + T])
         m = alive & valid_pos(pos_lab[None].expand(b, T)) & ((pos_lab + 1)[None] >= batch.loss_from[:, None])
         with torch.no_grad():
-            emb = target.embed_tokens(tok)
+            emb = target.embed_tokens(tok.flatten().index_select(0, packed))
         s, hidden = drafter.step_state(emb, hidden, ctx)
+        s = s.new_zeros(b * T, s.shape[-1]).index_copy(0, packed, s).view(b, T, -1)  # back on the grid
         outs.append(StepOut(s, labels_p[:, at], m, hidden_p[:, at], topk_p[:, at],
                             topl_p[:, at] if topl_p is not None else None))
     return outs
