@@ -74,20 +74,33 @@ def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_
 
 def test_unroll_computes_only_the_anchors_rows_have(tiny_gemma3_tok, monkeypatch):
     """A batch's shorter rows are padded to the longest, but their places past their length are
-    never computed: every drafter step gets the existing anchors packed (N, not B x T, inputs)."""
+    never computed, nor a prompt's anchors that no step trains (more than K before loss_from):
+    every drafter step gets the anchors it trains packed (N, not B x T, inputs)."""
     target = mtpspec.load(tiny_gemma3_tok).model
     drafter = MTPDrafter(DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32)).init_random(1)
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 7, 12)]
-    batch = collate(harvest(target, seqs, [1, 1, 1], list(dict.fromkeys(drafter.cfg.layer_types))))
+    batch = collate(harvest(target, seqs, [1, 6, 1], list(dict.fromkeys(drafter.cfg.layer_types))))
     rows = []
     real = MTPDrafter.step_state
     monkeypatch.setattr(MTPDrafter, "step_state", lambda self, e, h, c: rows.append((e.shape[0], h.shape[0])) or real(self, e, h, c))
     with torch.no_grad():
         outs = unroll(drafter, target, batch, 3)
-    anchors = sum(n - 1 for n in (20, 7, 12))  # anchors p = 1 .. n - 1 of each row
+    # anchors p = 1 .. n - 1 of each row, but in row 1 (labels trained from position 5 on, K = 3)
+    # only p = 3 .. 6
+    assert batch.loss_from.tolist() == [1, 6, 1]
+    anchors = (20 - 1) + 4 + (12 - 1)
     assert rows == [(anchors, anchors)] * 3
-    assert outs[0].s.shape[:2] == (3, 19) and not outs[0].s[1, 6:].any()  # the grid's padding stays zero
+    assert outs[0].s.shape[:2] == (3, 19)
+    assert not outs[0].s[1, :2].any() and outs[0].s[1, 2:6].abs().sum(-1).gt(0).all() and not outs[0].s[1, 6:].any()
+    batch.loss_from[0] = 10  # row 0 trains labels from position 9 on: anchors 7 .. 19 (K = 3)
+    rows.clear()
+    with torch.no_grad():
+        again = unroll(drafter, target, batch, 3)
+    assert rows == [(13 + 4 + 11, 13 + 4 + 11)] * 3
+    for i in range(3):  # the anchors computed both times give the same states
+        torch.testing.assert_close(again[i].s[0, 6:], outs[i].s[0, 6:])
+        assert not again[i].s[0, :6].any() and torch.equal(again[i].mask, again[i].mask & (again[i].s.abs().sum(-1) > 0))
 
 
 def test_unroll_from_a_later_anchor_is_the_full_unroll_sliced(tiny_gemma3_tok):

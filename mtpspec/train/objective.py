@@ -7,8 +7,9 @@ attending to the cached entries j < p (and > p - window in sliding layers); step
 
 Training runs the same drafter modules for every anchor p of a sequence at once: the anchors are
 the queries of one attention over the target's K/V (`MTPDrafter.anchor_context`), so one forward
-per step covers all anchors. The anchors of a batch's rows are packed (a shorter row's places past
-its length are never computed; only attention sees the padded [B, T] grid). Step i's teacher is the target's argmax at position p + i - 1; its
+per step covers all anchors. Only anchors that some step trains are computed, packed: none past a
+row's length (a batch's shorter rows), none more than K before its loss_from (a prompt's anchors);
+only attention sees the padded [B, T] grid. Step i's teacher is the target's argmax at position p + i - 1; its
 input token is the token at p + i - 1, which is what an accepted draft is. When the data's token
 differs from the target's argmax (human text), the later steps of that anchor are masked: at
 inference the target would never have accepted that path.
@@ -124,7 +125,9 @@ def unroll(drafter: MTPDrafter, target: Decoder, batch: Batch, k: int, first: in
     p = torch.arange(first, L, device=batch.ids.device)  # anchor positions
     valid_pos = lambda idx: idx < batch.lengths[:, None]  # noqa: E731
     alive = valid_pos(p[None].expand(b, T))  # anchor exists
-    packed = alive.flatten().nonzero().squeeze(1)  # the existing anchors, [N] indices into [B * T]
+    # the anchors some step trains (step i's label is at p + i - 1, trained from loss_from - 1 on), [N]
+    # indices into [B * T]; the others' outputs stay zero on the grid and are never read (masks)
+    packed = (alive & (p[None] + k >= batch.loss_from[:, None])).flatten().nonzero().squeeze(1)
     ctx = drafter.anchor_context(target.cfg, batch.kv, p, packed)
     pad = lambda x: F.pad(x, (0, k)) if x.dim() == 2 else F.pad(x, (0, 0, 0, k))  # noqa: E731
     ids_p, labels_p, hidden_p, topk_p = pad(batch.ids), pad(batch.labels), pad(batch.hidden), pad(batch.topk)
