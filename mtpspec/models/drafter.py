@@ -344,8 +344,8 @@ class TypeContext:
     v_rows: torch.Tensor | None = None
     spans: torch.Tensor | None = None
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
-    # training: the computed anchors' flat indices into [B * Q] (rows' anchors past their length are
-    # left out); the layers then take [N, hidden] inputs, one per computed anchor
+    # training: the computed anchors' flat indices into [B * Q] (objective.unroll leaves out those no
+    # step trains); the layers then take [N, hidden] inputs, one per computed anchor
     packed: torch.Tensor | None = None
     rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
 
@@ -616,7 +616,8 @@ class MTPDrafter(nn.Module):
         reading the row's target K/V `kv[type]` ([B, kv_heads, L, head_dim]) at j < p (and inside
         the sliding window): what `context` gives a row whose cache holds the tokens before p.
         packed: the flat indices into [B * T] of the anchors computed; `step_state` then takes
-        their inputs packed, [N, ...], instead of [B, T, ...] (a batch's shorter rows pad nothing)."""
+        their inputs packed, [N, ...], instead of [B, T, ...] (a batch's shorter rows and its
+        untrained prompt anchors cost nothing but attention's padding)."""
         types = {}
         for t in dict.fromkeys(self.cfg.layer_types):
             spec = target_cfg.layers[target_cfg.last_cache_layer(t)]
