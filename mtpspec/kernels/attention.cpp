@@ -52,12 +52,7 @@ inline int64_t prefetch_keys(int64_t D) { return std::max<int64_t>(8, kPrefetchB
 
 // K/V elements: fp32, or bf16 (raw bits) widened exactly to fp32.
 inline float kv_f32(float x) { return x; }
-inline float kv_f32(uint16_t x) {
-  const uint32_t bits = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float kv_f32(uint16_t x) { return float(c10::BFloat16(x, c10::BFloat16::from_bits())); }
 __attribute__((target("avx2,fma"))) inline __m256 kv_load8(const float* p) { return _mm256_loadu_ps(p); }
 __attribute__((target("avx2,fma"))) inline __m256 kv_load8(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

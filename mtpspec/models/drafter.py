@@ -181,21 +181,16 @@ class DrafterAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv: "TypeContext") -> torch.Tensor:
         """x: [rows * W, hidden] or [rows, W, hidden] for a context of `rows` rows: W queries per
         row. Drafting: W drafts per row (W > 1 for a tree's branches), all at the row's constant
-        position. Training (`MTPDrafter.anchor_context`): the W anchors of a sequence, each at its
-        own position with its own visible keys."""
+        position. Training (`MTPDrafter.anchor_context`): x [N, hidden], the computed anchors of
+        the sequences packed, each at its own position with its own visible keys."""
         rows = kv.mask.shape[0]
-        if kv.packed is not None:  # training, packed anchors [N, hidden]: only attention sees the [rows, Q] grid
+        if kv.anchors:
             return self._packed_anchors(x, kv, rows)
         q = self.q_norm(self.q_proj(x).view(rows, -1, self.n_heads, self.head_dim)).transpose(1, 2)
         w = q.shape[2]
         q = apply_rope(q, *kv.rope())  # [rows, H, W, hd]
         g = self.n_heads // self.n_kv
         kv_dtype = (kv.k_head if kv.k_head is not None else kv.k_tail).dtype
-        if kv.anchors:  # training: one fused op under the [T, L] mask (its backward too), GQA in SDPA
-            out = F.scaled_dot_product_attention(q.to(kv_dtype), kv.k_head, kv.v_head, attn_mask=kv.mask[:, :, 0],
-                                                 scale=1.0, enable_gqa=True)
-            out = out.to(x.dtype).transpose(1, 2)  # [rows, W, H, hd]
-            return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
         q = q.reshape(rows, self.n_kv, g * w, self.head_dim)  # GQA: heads of one group share a kv head
         q = q.to(kv_dtype)  # a drafter may run in another dtype than the target (e.g. bf16 on fp32)
         if kv.all_visible:  # every row sees all of [lo, hi): one fused op (batch 1 always is)
@@ -208,7 +203,7 @@ class DrafterAttention(nn.Module):
     def _packed_anchors(self, x: torch.Tensor, kv: "TypeContext", rows: int) -> torch.Tensor:
         """Training's attention for packed anchors x [N, hidden] (kv.packed: their places in the
         [rows, Q] grid): queries scattered onto the grid (the left-out places zero), one fused
-        attention under the [Q, L] mask, outputs gathered back."""
+        attention under the [Q, L] mask (its backward too, GQA in SDPA), outputs gathered back."""
         n_q, hd = kv.mask.shape[-2], self.head_dim
         q = self.q_norm(self.q_proj(x).view(-1, self.n_heads, hd))
         q = q.new_zeros(rows * n_q, self.n_heads, hd).index_copy(0, kv.packed, q)
@@ -344,8 +339,8 @@ class TypeContext:
     v_rows: torch.Tensor | None = None
     spans: torch.Tensor | None = None
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
-    # training: the computed anchors' flat indices into [B * Q] (objective.unroll leaves out those no
-    # step trains); the layers then take [N, hidden] inputs, one per computed anchor
+    # with anchors: the computed anchors' flat indices into [B * Q] (objective.unroll leaves out those
+    # no step trains); the layers then take [N, hidden] inputs, one per computed anchor
     packed: torch.Tensor | None = None
     rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
 
@@ -611,13 +606,13 @@ class MTPDrafter(nn.Module):
         return DraftContext(pos, types)
 
     def anchor_context(self, target_cfg: ModelConfig, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       anchors: torch.Tensor, packed: torch.Tensor | None = None) -> DraftContext:
+                       anchors: torch.Tensor, packed: torch.Tensor) -> DraftContext:
         """Training's context: one query per anchor position p in `anchors` [T] of every row, each
         reading the row's target K/V `kv[type]` ([B, kv_heads, L, head_dim]) at j < p (and inside
         the sliding window): what `context` gives a row whose cache holds the tokens before p.
-        packed: the flat indices into [B * T] of the anchors computed; `step_state` then takes
-        their inputs packed, [N, ...], instead of [B, T, ...] (a batch's shorter rows and its
-        untrained prompt anchors cost nothing but attention's padding)."""
+        packed: the flat indices into [B * T] of the anchors computed; `step_state` takes their
+        inputs packed, [N, ...], not [B, T, ...] (a batch's shorter rows and its untrained prompt
+        anchors cost nothing but attention's padding)."""
         types = {}
         for t in dict.fromkeys(self.cfg.layer_types):
             spec = target_cfg.layers[target_cfg.last_cache_layer(t)]

@@ -9,8 +9,8 @@ Training runs the same drafter modules for every anchor p of a sequence at once:
 the queries of one attention over the target's K/V (`MTPDrafter.anchor_context`), so one forward
 per step covers all anchors. Only anchors that some step trains are computed, packed: none past a
 row's length (a batch's shorter rows), none more than K before its loss_from (a prompt's anchors);
-only attention sees the padded [B, T] grid. Step i's teacher is the target's argmax at position p + i - 1; its
-input token is the token at p + i - 1, which is what an accepted draft is. When the data's token
+only attention sees the padded [B, T] grid. Step i's teacher is the target's argmax at position
+p + i - 1; its input token is the token at p + i - 1, which is what an accepted draft is. When the data's token
 differs from the target's argmax (human text), the later steps of that anchor are masked: at
 inference the target would never have accepted that path.
 
