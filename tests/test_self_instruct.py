@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from gemma4_configs import tiny_gemma4
 from tiny_models import CHAT_TEMPLATE, VOCAB, tiny_hf_model
 
@@ -211,6 +212,13 @@ def test_degenerate_prompts_are_dropped(text, ended, reason):
     assert f.dropped[reason] == (reason is not None)
 
 
+def test_prompts_already_had_are_not_written_again(engines):
+    eng = engines["qwen2"]
+    whole = _generate(eng, 6)
+    again = _generate(eng, 6, exclude=[p.upper() + "!" for p in whole[:3]])  # near-duplicates count
+    assert again[:3] == whole[3:] and not {normalize(p) for p in again} & {normalize(p) for p in whole[:3]}
+
+
 def test_near_duplicates_are_dropped():
     f = PromptFilter()
     assert f.add("  What is the capital of France?\n") == "What is the capital of France?"
@@ -371,6 +379,100 @@ def test_one_command_recipe_without_data(engines, tmp_path, monkeypatch):
     (tmp_path / "mix").mkdir()
     t = Trainer(_cfg(tmp_path / "mix", data=["self-instruct:5", "instructions:3"], eval_limit=2, max_steps=1), eng)
     assert calls == [7] and len(t.generated_heldout) == 2 and t.heldout.prompts == t.generated_heldout
+
+
+def _grow_cfg(tmp_path, **kw):
+    # 8 prompts (6 written + 2 tasks) = one shard of 8; a later chunk is max(a shard, 8 / 4) = 8 more.
+    # Steps: round 0 takes 2 (4 new per batch), each later round 4 (2 new, 2 replayed)
+    base = dict(data=[], self_instruct_prompts=8, eval_limit=2, max_steps=8, max_len=512, replay=0.5)
+    base.update(kw)
+    return _cfg(tmp_path, **base)
+
+
+def test_one_command_writes_more_prompts_once_all_are_trained(engines, tmp_path, monkeypatch):
+    """The one command in a run a budget ends: when every shard is trained on, the target writes
+    more prompts (seed + 1, + 2, ...; none it wrote before, held-out ones included) and the run
+    trains on their shards instead of replaying; without --more-prompts it replays."""
+    calls = []
+    real = si.generate_prompts
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append((a[2], k["seed"], list(k["exclude"])))
+                        or real(*a, **k))
+    eng = engines["llama"]
+    t = Trainer(_grow_cfg(tmp_path / "grow"), eng)
+    assert t.grows and t.shards.n_shards == 1 and calls == [(6 + 2, 0, [])]
+    first = list(t.shards.samples)
+    t.run()
+    assert t.state.step == 8 and t.state.chunks == 3 and t.shards.n_shards == 3
+    assert [h["round"] for h in t.state.history] == [0, 0, 1, 1, 1, 1, 2, 2]  # every round a new shard
+    assert [(n, seed) for n, seed, _ in calls] == [(8, 0), (6, 1), (6, 2)]
+    assert t.shards.samples[:8] == first  # the shards before keep their samples
+    work = tmp_path / "grow" / "drafter.work"
+    written = [json.loads(line)["prompt"] for n, seed in ((8, 0), (6, 1), (6, 2))
+               for line in (work / f"self-instruct-n{n}-seed{seed}-t1-p1-len48.jsonl").read_text().splitlines()]
+    assert len(written) == 8 + 6 + 6 and len({normalize(p) for p in written}) == len(written)
+    assert set(calls[1][2]) == set(written[:8]) and set(calls[2][2]) == set(written[:14])  # held-out ones too
+    ids = [tuple(s.ids) for s in t.shards.samples]
+    assert len(ids) == len(set(ids)) > 16 and not set(ids) & {tuple(eng.encode(p)) for p in t.generated_heldout}
+    assert TrainConfig(data=[], out="x").data_specs(chunk=1) == ["self-instruct:350", "tasks:150"]
+    assert TrainConfig(data=[], out="x", shard_size=128, self_instruct_prompts=100).data_specs(chat=False, chunk=2) \
+        == ["self-text:128"]
+    # without --more-prompts, or without a limit (epochs end the run), the run replays its one shard
+    calls.clear()
+    fixed = Trainer(_grow_cfg(tmp_path / "fixed", more_prompts=False), eng)
+    fixed.run()
+    assert fixed.state.step == 8 and fixed.state.chunks == 1 and fixed.shards.n_shards == 1 and len(calls) == 1
+    assert not TrainConfig(data=[], out="x").grows() and TrainConfig(data=[], out="x", time_budget=60).grows()
+    assert not TrainConfig(data=["chitchat"], out="x", time_budget=60).grows()
+
+
+def test_more_prompts_resume_exactly_and_stop_when_nothing_new_comes(engines, tmp_path, monkeypatch):
+    eng = engines["llama"]
+    straight = Trainer(_grow_cfg(tmp_path / "a"), eng)
+    straight.run()
+    calls = []
+    real = si.generate_prompts
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    first = Trainer(_grow_cfg(tmp_path / "b"), eng)
+    first.run(on_step=lambda rec: rec["step"] == 3 and first.request_stop())  # in chunk 1's round
+    assert first.state.chunks == 2 and calls == [0, 1]
+    second = Trainer(_grow_cfg(tmp_path / "b"), eng)
+    second.run(resume=True)
+    assert calls == [0, 1, 2]  # chunks 0 and 1 rebuilt from their stored prompts, then chunk 2 written
+    assert (tmp_path / "b" / "drafter.work" / "self-instruct-n6-seed1-t1-p1-len48.jsonl").is_file()
+    assert second.state.chunks == straight.state.chunks == 3
+    assert second.shards.samples == straight.shards.samples
+    for (n, a), (_, b) in zip(straight.drafter.state_dict().items(), second.drafter.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [h["loss"] for h in straight.state.history] == [h["loss"] for h in second.state.history]
+    # a chunk the target can write nothing new for: the run replays from then on (and resumes so)
+    def nothing_new(*a, **k):
+        if k["seed"] == 1:
+            raise InputError("self-instruct: none of the 48 prompts the target wrote was usable (dropped: duplicate 48)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(si, "generate_prompts", nothing_new)
+    stuck = Trainer(_grow_cfg(tmp_path / "c", max_steps=5), eng)
+    lines = []
+    stuck.run(on_step=lambda rec: lines.append(rec["round"]))
+    assert lines == [0, 0, 1, 1, 2]  # replay rounds (of 8 / 4 steps) after shard 1
+    assert stuck.state.chunks == 2 and stuck.shards.n_shards == 1 and not stuck.grows
+    again = Trainer(_grow_cfg(tmp_path / "c", max_steps=7), eng)
+    again.run(resume=True)
+    assert again.state.chunks == 2 and again.shards.n_shards == 1 and again.state.step == 7
+
+
+def test_more_prompts_keep_only_samples_not_trained_on(engines, tmp_path, monkeypatch):
+    """A later chunk's samples that equal earlier ones (here: the target writes chunk 0's prompts
+    again) are dropped; its new ones (the `tasks` draw of seed 1) are kept."""
+    real = si.generate_prompts
+    monkeypatch.setattr(si, "generate_prompts", lambda *a, **k: real(*a, **{**k, "seed": 0, "exclude": ()}))
+    eng = engines["llama"]
+    t = Trainer(_grow_cfg(tmp_path, max_steps=3), eng)
+    t.run()
+    assert t.state.chunks == 2 and t.shards.n_shards == 2
+    ids = [tuple(s.ids) for s in t.shards.samples]
+    assert len(ids) == len(set(ids)) and 0 < len(ids) - 8 < 8
+    assert all(s.source.startswith("tasks/") for s in t.shards.samples[8:])
 
 
 # ---- self-text: a target without a chat template writes openings of documents --------------------

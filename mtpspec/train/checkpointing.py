@@ -23,13 +23,15 @@ from .shards import save_atomic
 RESUME_FIXED = ("seed", "max_len", "shard_size", "batch_size", "replay", "epochs", "replay_from",
                 "self_distill", "distill_max_new_tokens", "self_instruct_temperature",
                 "self_instruct_top_p", "self_instruct_max_tokens", "draft_tokens", "num_layers",
-                "hidden_size", "intermediate_size", "clustered", "num_centroids", "centroid_top_k")
+                "hidden_size", "intermediate_size", "clustered", "num_centroids", "centroid_top_k",
+                "more_prompts")
 
 
 @dataclass
 class RunState:
     """Where a run is: steps taken, round and step in round (see schedule.py), training seconds,
-    per-step records, held-out evaluations and the best mean accepted length so far."""
+    per-step records, held-out evaluations, the best mean accepted length so far and how many
+    chunks of data it has (the one command's data grows: `TrainConfig.grows`)."""
 
     step: int = 0
     round: int = 0
@@ -38,6 +40,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     best_tau: float = -1.0
+    chunks: int = 1
 
 
 class Checkpoint:
@@ -70,7 +73,7 @@ class Checkpoint:
         opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
-        return RunState(**{f: st[f] for f in RunState.__dataclass_fields__})
+        return RunState(**{f: st[f] for f in RunState.__dataclass_fields__ if f in st})  # older: fewer fields
 
     def check_same_run(self, saved: dict, saved_specs: list[str] | None = None) -> None:
         """Refuse to resume with other data or with options that fix its shards, the batch schedule

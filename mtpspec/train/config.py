@@ -9,6 +9,7 @@ from ..errors import InputError
 
 DEFAULT_SELF_INSTRUCT = 2000  # prompts when no data is given (`data_specs`)
 SELF_INSTRUCT_SHARE = 0.7  # of them written by the target itself; the rest from the `tasks` recipe
+MORE_PROMPTS_SHARE = 0.25  # each later chunk of the one command's data: this share of the first's prompts
 
 
 @dataclass
@@ -33,6 +34,9 @@ class TrainConfig:
     self_instruct_top_p: float = 1.0
     self_instruct_max_tokens: int = 128  # a generated prompt not ending its turn within this is dropped
     self_instruct_prompts: int = DEFAULT_SELF_INSTRUCT  # used when `data` is empty
+    # without `data`, in a run with a time budget or max_steps: once every sample is trained on, the
+    # target writes and answers more prompts (`data_specs(chunk=1, 2, ...)`) instead of replaying
+    more_prompts: bool = True
     max_len: int = 384
     shard_size: int = 128  # samples per shard: at most this many answers are generated at once
     batch_size: int = 8
@@ -77,21 +81,29 @@ class TrainConfig:
     # this many sequences, spread over the ranks; None = batch_size / world size (one per rank)
     micro_batch_size: int | None = None
 
-    def data_specs(self, chat: bool = True) -> list[str]:
+    def data_specs(self, chat: bool = True, chunk: int = 0) -> list[str]:
         """The data to train on: `data`, or without it the one-command recipe: N =
         `self_instruct_prompts` prompts, answered by the target, held-out evaluation on a split of
         the ones it writes. A chat target: 70% `self-instruct` (user messages it writes) and 30%
         `tasks` (templated requests of kinds self-written prompts rarely hold); at equal training
         time this mix beat self-instruct alone on the broad benchmark, 1.483 against 1.424 over 12
         categories, 8 of them up (drafters/README.md). A target without a chat template
-        (`chat=False`): `self-text:N` (openings of documents it writes)."""
+        (`chat=False`): `self-text:N` (openings of documents it writes). `chunk` c > 0: the recipe of
+        the c-th batch of more prompts (`grows`), N * MORE_PROMPTS_SHARE of them (at least a shard)."""
         if self.data:
             return list(self.data)
         n = self.self_instruct_prompts
+        if chunk:
+            n = max(self.shard_size, round(MORE_PROMPTS_SHARE * n))
         if not chat:
             return [f"self-text:{n}"]
         own = max(1, round(SELF_INSTRUCT_SHARE * n))
         return [f"self-instruct:{own}"] + ([f"tasks:{n - own}"] if n > own else [])
+
+    def grows(self) -> bool:
+        """Whether the run writes more prompts once all are trained on: the one command (no `data`)
+        with `more_prompts`, in a run a time budget or max_steps ends (without one, `epochs` does)."""
+        return not self.data and self.more_prompts and (self.time_budget is not None or self.max_steps is not None)
 
     def clustered_for(self, vocab_size: int) -> bool:
         """Whether the drafter gets a clustered head: `clustered`, or for None a large vocabulary."""

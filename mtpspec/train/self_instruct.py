@@ -44,7 +44,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..errors import InputError
 
@@ -241,7 +241,8 @@ def _read_journal(journal: Path | None) -> list[dict]:
 def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      max_tokens: int = 128, batch_size: int = 32, eos_ids=(), max_attempts: int | None = None,
                      min_chars: int = 8, log: Callable[[str], None] | None = _stderr,
-                     journal: Path | None = None, chunk: int | None = None, documents: bool = False) -> list[str]:
+                     journal: Path | None = None, chunk: int | None = None, documents: bool = False,
+                     exclude: Iterable[str] = ()) -> list[str]:
     """Up to `n` distinct user prompts written by the target (`model`: a Decoder, with its
     tokenizer) with the Magpie method (see the module doc): `temperature`/`top_p` sampling, one
     seed per request derived from `seed`, at most `max_tokens` tokens per message, `batch_size`
@@ -252,7 +253,8 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
     last complete chunk, with the same result as an uninterrupted one. A last line gives the counts
     generated / kept / dropped by reason and the rate. InputError without a chat template, or if
     no message was usable. `documents=True`: openings of documents instead of user messages, for
-    any target (the `self-text` recipe; see the module doc)."""
+    any target (the `self-text` recipe; see the module doc). `exclude`: prompts already had (an
+    earlier batch of a run, its held-out ones): their near-duplicates are dropped as duplicates."""
     what = recipe(documents)
     if n < 1:
         raise InputError(f"{what}: the number of prompts must be >= 1, got {n}")
@@ -260,6 +262,7 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
         raise InputError(f"{what}: max_tokens and batch_size must be >= 1")
     turn = document_turn(tokenizer, eos_ids) if documents else user_turn(tokenizer, eos_ids)
     keep = PromptFilter(special_tokens(tokenizer).values(), min_chars)
+    keep.seen.update(normalize(p) for p in exclude)
     budget = max_attempts if max_attempts is not None else max(8 * n, 4 * batch_size)
     chunk = chunk or 8 * batch_size
     kept: list[str] = []

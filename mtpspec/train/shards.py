@@ -5,7 +5,6 @@ plus other runs' shards, replayed alongside."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -41,16 +40,29 @@ def read_external_shards(dirs: list[str]) -> list[list[Activations]]:
 class ShardStore:
     """Shard r of `samples`, loaded from `folder` or built by `build(samples of shard r, label)`.
     build may return (activations, meta): meta (a JSON object, e.g. how the shard's answers agree
-    with the target) is kept beside the shard as shard_NNNNN.json and in `self.meta[r]`."""
+    with the target) is kept beside the shard as shard_NNNNN.json and in `self.meta[r]`. `extend`
+    appends shards of more samples (the shards before keep theirs)."""
 
     def __init__(self, samples: list[Sample], shard_size: int, folder: Path,
                  build: Callable[[list[Sample], str], list[Activations] | tuple[list[Activations], dict]],
                  external: list[list[Activations]]) -> None:
-        self.samples, self.shard_size, self.folder, self._build = samples, shard_size, folder, build
-        self.n_shards = math.ceil(len(samples) / shard_size)
+        self.samples, self.shard_size, self.folder, self._build = [], shard_size, folder, build
+        self.bounds: list[tuple[int, int]] = []  # shard r = samples[start:end]
+        self.extend(samples)
         self.loaded: list[list[Activations]] = []
         self.meta: dict[int, dict] = {}
         self.external = external
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.bounds)
+
+    def extend(self, samples: list[Sample]) -> None:
+        """More samples, cut into shards after the existing ones."""
+        start = len(self.samples)
+        self.samples = self.samples + list(samples)
+        self.bounds += [(i, min(i + self.shard_size, len(self.samples)))
+                        for i in range(start, len(self.samples), self.shard_size)]
 
     def __getitem__(self, r: int) -> list[Activations]:
         while len(self.loaded) <= r:
@@ -69,7 +81,8 @@ class ShardStore:
 
     def build(self, r: int) -> tuple[list[Activations], dict | None]:
         """Shard r built (not stored)."""
-        out = self._build(self.samples[r * self.shard_size : (r + 1) * self.shard_size], f"shard {r + 1}/{self.n_shards}")
+        start, end = self.bounds[r]
+        out = self._build(self.samples[start:end], f"shard {r + 1}/{self.n_shards}")
         return out if isinstance(out, tuple) else (out, None)
 
     def store(self, r: int, acts: list[Activations], meta: dict | None) -> None:

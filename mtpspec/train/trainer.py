@@ -119,10 +119,12 @@ class Trainer:
         # --eval-prompts: evaluate on a split of them (taken when the first such spec is read)
         self.split = cfg.eval_limit if cfg.eval_prompts is None and g.is_main else 0
         self.generated_heldout: list[str] = []
-        specs = cfg.data_specs(chat=self_instruct.has_chat_template(engine.tokenizer))
-        samples = g.from_main(lambda: build_samples(engine.tokenizer, specs, self_distill=cfg.self_distill,
-                                                    max_len=cfg.max_len, seed=cfg.seed,
-                                                    self_instruct=self._self_instruct))
+        self.written: list[str] = []  # every prompt the target wrote for this run, held-out ones too
+        self.chat = self_instruct.has_chat_template(engine.tokenizer)
+        self.grows = cfg.grows() and g.world == 1  # more prompts once all are trained on (`_more_data`)
+        specs = cfg.data_specs(chat=self.chat)
+        samples = g.from_main(lambda: self._samples(0))
+        self.seen_ids = {tuple(s.ids) for s in samples}  # a later chunk's samples are new ones
         store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
         self.shards = store(samples, cfg.shard_size, self.work / "shards", self._build_shard,
                             read_external_shards(cfg.replay_from), **extra)
@@ -141,6 +143,43 @@ class Trainer:
         self.state = RunState()
         self.stop = StopRequest()
 
+    def _samples(self, chunk: int) -> list[Sample]:
+        """The samples of the run's data (chunk 0) or of its chunk-th batch of more prompts
+        (`TrainConfig.data_specs`), seeded with seed + chunk."""
+        cfg = self.cfg
+        self.prompt_seed = cfg.seed + chunk
+        return build_samples(self.engine.tokenizer, cfg.data_specs(chat=self.chat, chunk=chunk),
+                             self_distill=cfg.self_distill, max_len=cfg.max_len, seed=cfg.seed + chunk,
+                             self_instruct=self._self_instruct)
+
+    def _more_data(self, progress: Progress | None) -> None:
+        """The next chunk of the one command's data, appended as new shards: the run has trained on
+        every shard and its budget has not run out, so the target writes more prompts (a new seed;
+        near-duplicates of any it wrote before are dropped) rather than the run replaying what it
+        has seen. A chunk the target can write nothing new for ends the growth (replay follows).
+        Deterministic: a resumed run rebuilds its chunks the same way (`RunState.chunks`)."""
+        st = self.state
+        t0 = time.time()
+        try:
+            fresh = [s for s in self._samples(st.chunks) if tuple(s.ids) not in self.seen_ids]
+        except InputError as e:
+            fresh, why = [], str(e)
+        else:
+            why = "every sample a duplicate of one trained on"
+        st.chunks += 1
+        first = self.shards.n_shards
+        if not fresh:
+            self.grows = False
+            msg = f"more data: none ({why}); replaying the {first} shards from now on"
+        else:
+            self.seen_ids.update(tuple(s.ids) for s in fresh)
+            self.shards.extend(fresh)
+            msg = (f"more data: chunk {st.chunks - 1}, {len(fresh)} new samples, shards {first + 1}-"
+                   f"{self.shards.n_shards} ({time.time() - t0:.0f}s to write the prompts)")
+        if progress is not None:
+            progress.n_shards = self.shards.n_shards
+            progress.write(msg)
+
     def _self_instruct(self, n: int, documents: bool = False) -> list[str]:
         """n prompts written by the target, user messages (the `self-instruct` recipe) or openings
         of documents (`self-text`, documents=True), generated once and kept in the work dir: a
@@ -154,18 +193,20 @@ class Trainer:
                 self.generated_heldout = prompts[-split:]
                 return prompts[:-split]
             return prompts
-        opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=cfg.seed,
+        opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=self.prompt_seed,
                     max_tokens=cfg.self_instruct_max_tokens)
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
 
         def generate(journal):
             with bulk_matmuls():  # sampled prompts for training: bfloat16 GEMMs where the CPU has them
                 return self_instruct.generate_prompts(eng.model, eng.tokenizer, n, **opts, batch_size=cfg.distill_batch,
-                                                      documents=documents,
+                                                      documents=documents, exclude=self.written,
                                                       eos_ids=eng.eos_ids, log=log, journal=journal)
 
         path = self_instruct.prompts_path(self.work, n, **opts, documents=documents)
-        return self_instruct.load_or_generate(path, generate, log, self_instruct.recipe(documents))
+        prompts = self_instruct.load_or_generate(path, generate, log, self_instruct.recipe(documents))
+        self.written += prompts
+        return prompts
 
     def _build_shard(self, samples: list[Sample], label: str) -> tuple[list[Activations], dict]:
         cfg = self.cfg
@@ -203,6 +244,9 @@ class Trainer:
         main = self.group.is_main
         if resume:
             self.state = self.checkpoint.load(self.drafter, self.opt, read=self.group.from_main)
+            chunks, self.state.chunks = self.state.chunks, 1
+            while self.state.chunks < chunks:  # the chunks of more data it had, rebuilt as they were
+                self._more_data(None)
         elif self.group.from_main(self.checkpoint.exists):
             raise MtpspecError(f"{self.checkpoint.path} exists: pass --resume to continue it, or choose another "
                                f"--out/--work-dir")
@@ -243,6 +287,8 @@ class Trainer:
                 self.stop.request()
             if self._limit_reached() or self.stop.requested:
                 break
+            if self.grows and st.round == self.shards.n_shards and st.round_step == 0:
+                self._more_data(progress)
             n_steps, b_new = self.schedule.round_plan(st.round)
             if not self.schedule.has_round(st.round, n_steps):
                 break
