@@ -5,6 +5,7 @@ filtered, stored in the work dir and read again on resume."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -210,6 +211,15 @@ def test_degenerate_prompts_are_dropped(text, ended, reason):
     assert f.reason(text, ended) == reason
     assert (f.add(text, ended) is None) == (reason is not None)
     assert f.dropped[reason] == (reason is not None)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_first_round_asks_for_the_prompts_expected_to_be_dropped_too(engines, monkeypatch, documents):
+    asked = []
+    monkeypatch.setattr(si, "_sample", lambda *a, **k: asked.append(len(a[3])) or [("a prompt %d" % i, True, 5)
+                                                                                  for i in a[3]])
+    _generate(engines["llama"], 30, batch_size=4, chunk=100, documents=documents)
+    assert asked == [math.ceil(1.1 * 30 / si.EXPECTED_KEEP[documents])] == [44 if not documents else 35]
 
 
 def test_prompts_already_had_are_not_written_again(engines):

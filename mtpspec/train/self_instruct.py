@@ -51,6 +51,12 @@ from ..errors import InputError
 SENTINEL = "MTPSPECUSERMESSAGE7Q"
 REPLY = "MTPSPECASSISTANTREPLY7Q"
 DROP_REASONS = ("truncated", "markup", "broken", "empty", "short", "repetitive", "duplicate")
+# the share of sampled prompts kept, expected before any is sampled: the first round asks for
+# n / this (+10%), so that one round usually suffices (a round's last rows decode with the batch
+# draining: SmolLM2 wrote 350 prompts in two rounds at 350 tok/s against 795 tok/s for 1416 in one).
+# Measured: SmolLM2-135M-Instruct kept 1416 of 1827 user messages (most of the rest truncated),
+# Gemma 3 270M 2016 of 2112 openings of documents (never truncated)
+EXPECTED_KEEP = {False: 0.75, True: 0.95}  # documents?
 
 
 @dataclass
@@ -286,7 +292,7 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
             log(f"{what}: resumed after {tried} sampled prompts ({len(kept)} kept) from {journal}")
     t0, resumed_tokens = time.perf_counter(), tokens
     while len(kept) < n and tried < budget:
-        rate = max(len(kept) / tried, 0.05) if tried else 1.0
+        rate = max(len(kept) / tried, 0.05) if tried else EXPECTED_KEEP[documents]
         size = min(budget - tried, chunk, max(batch_size, math.ceil(1.1 * (n - len(kept)) / rate)))
         rows = _sample(model, tokenizer, turn, range(tried, tried + size), temperature=temperature, top_p=top_p,
                        seed=seed, max_tokens=max_tokens, batch_size=batch_size)
