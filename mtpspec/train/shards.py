@@ -60,7 +60,7 @@ class ShardStore:
     def extend(self, samples: list[Sample]) -> None:
         """More samples, cut into shards after the existing ones."""
         start = len(self.samples)
-        self.samples = self.samples + list(samples)
+        self.samples += samples
         self.bounds += [(i, min(i + self.shard_size, len(self.samples)))
                         for i in range(start, len(self.samples), self.shard_size)]
 

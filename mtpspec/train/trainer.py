@@ -146,11 +146,10 @@ class Trainer:
     def _samples(self, chunk: int) -> list[Sample]:
         """The samples of the run's data (chunk 0) or of its chunk-th batch of more prompts
         (`TrainConfig.data_specs`), seeded with seed + chunk."""
-        cfg = self.cfg
-        self.prompt_seed = cfg.seed + chunk
+        cfg, seed = self.cfg, self.cfg.seed + chunk
         return build_samples(self.engine.tokenizer, cfg.data_specs(chat=self.chat, chunk=chunk),
-                             self_distill=cfg.self_distill, max_len=cfg.max_len, seed=cfg.seed + chunk,
-                             self_instruct=self._self_instruct)
+                             self_distill=cfg.self_distill, max_len=cfg.max_len, seed=seed,
+                             self_instruct=lambda n, documents=False: self._self_instruct(n, documents, seed))
 
     def _more_data(self, progress: Progress | None) -> None:
         """The next chunk of the one command's data, appended as new shards: the run has trained on
@@ -180,20 +179,20 @@ class Trainer:
             progress.n_shards = self.shards.n_shards
             progress.write(msg)
 
-    def _self_instruct(self, n: int, documents: bool = False) -> list[str]:
+    def _self_instruct(self, n: int, documents: bool, seed: int) -> list[str]:
         """n prompts written by the target, user messages (the `self-instruct` recipe) or openings
-        of documents (`self-text`, documents=True), generated once and kept in the work dir: a
+        of documents (`self-text`, documents=True), sampled with `seed`, generated once and kept in the work dir: a
         resumed or repeated run reads them. Without --eval-prompts, `split` more are written and
         held out for evaluation (`generated_heldout`), never trained on."""
         cfg, eng = self.cfg, self.engine
         split, self.split = self.split, 0  # one split, for the first self-written spec
         if split:
-            prompts = self._self_instruct(n + split, documents)
+            prompts = self._self_instruct(n + split, documents, seed)
             if len(prompts) > split:
                 self.generated_heldout = prompts[-split:]
                 return prompts[:-split]
             return prompts
-        opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=self.prompt_seed,
+        opts = dict(temperature=cfg.self_instruct_temperature, top_p=cfg.self_instruct_top_p, seed=seed,
                     max_tokens=cfg.self_instruct_max_tokens)
         log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else None
 
