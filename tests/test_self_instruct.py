@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import mtpspec
 from mtpspec.errors import InputError
 from mtpspec.train import TrainConfig, Trainer, build_samples
 from mtpspec.train import self_instruct as si
+from mtpspec.train.checkpointing import RunState
 from mtpspec.train.self_instruct import PromptFilter, generate_prompts, is_repetitive, normalize, user_turn
 
 SMOLLM2 = (
@@ -433,6 +436,46 @@ def test_one_command_writes_more_prompts_once_all_are_trained(engines, tmp_path,
     assert fixed.state.step == 8 and fixed.state.chunks == 1 and fixed.shards.n_shards == 1 and len(calls) == 1
     assert not TrainConfig(data=[], out="x").grows() and TrainConfig(data=[], out="x", time_budget=60).grows()
     assert not TrainConfig(data=["chitchat"], out="x", time_budget=60).grows()
+
+
+def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(engines, tmp_path, monkeypatch):
+    """--time-budget counts the run's setup (writing the first prompts takes >= 2.5 s here) and
+    keeps the final evaluation inside it; a chunk of more prompts is written only when the budget
+    has room to write it (as long as the last chunk took, or the first prompts scaled to a chunk's
+    size) and answer its first shard: otherwise the run replays instead of writing prompts it has
+    no time to train on."""
+    real = si.generate_prompts
+
+    def slow(*a, **k):
+        time.sleep(2.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(si, "generate_prompts", slow)
+    t = Trainer(_grow_cfg(tmp_path, max_steps=None, time_budget=5.0), engines["llama"])
+    assert t.data_seconds >= 2.5 and t.setup_seconds >= t.data_seconds
+    # the room a chunk needs (8 prompts a chunk, as many as the first: the estimate is data_seconds)
+    t.data_seconds, t.shard_seconds = 40.0, 5.0
+    t.cfg = replace(t.cfg, time_budget=100.0)
+    t.state.elapsed = 54.0
+    assert t._room_for_more_data()  # 54 + 40 + 5 < 100
+    t.state.elapsed = 56.0
+    assert not t._room_for_more_data()
+    t.chunk_seconds = 30.0  # a chunk written live: its time is the estimate
+    assert t._room_for_more_data()
+    t.state.evals = [{"eval_seconds": 10.0}]  # the final evaluation's time is kept too
+    assert not t._room_for_more_data()
+    assert not t._limit_reached() and t._reserve() == 10.0
+    t.state.elapsed = 90.0
+    assert t._limit_reached()  # 90 + 10 >= 100
+    # the run: no room for a chunk (its estimate exceeds the budget), so it replays shard 1
+    budget = t.setup_seconds + 2.0  # the setup (seconds, by machine) and 2 s of steps
+    t.cfg, t.state, t.chunk_seconds, t.data_seconds = replace(t.cfg, time_budget=budget), RunState(), None, 1e6
+    t.run()
+    st = t.state
+    assert st.history[0]["elapsed"] >= 2.5  # the writing before the first step is in the budget
+    assert st.chunks == 1 and t.shards.n_shards == 1 and not t.grows
+    assert len({h["round"] for h in st.history}) > 1  # replay rounds
+    assert budget <= st.elapsed < st.history[-1]["elapsed"] + 2.0
 
 
 def test_more_prompts_resume_exactly_and_stop_when_nothing_new_comes(engines, tmp_path, monkeypatch):

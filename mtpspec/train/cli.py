@@ -37,7 +37,7 @@ def train_drafter_cmd(
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over each new shard.")] = 1.0,
     replay: Annotated[float, typer.Option("--replay", help="Fraction of each batch replayed from earlier shards.")] = 0.5,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps")] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop after this many minutes of training.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Minutes for the whole run: loading the target, writing and answering prompts, training and the final held-out evaluation (the last one's time is kept for it); a chunk of --more-prompts starts only if the budget has room to write it and answer its first shard. With --resume: the total over the run's processes.")] = None,
     full_vocab_loss: Annotated[bool, typer.Option("--full-vocab-loss", help="Cross-entropy over the whole vocabulary (default: over the batch's target top-k candidates).")] = False,
     soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="Teacher: the target's top-8 distribution (soft) or only its argmax (hard, default).")] = False,
     acceptance_weight: Annotated[float, typer.Option("--acceptance-weight", help="Share in [0, 1] of the loss given to the acceptance objective, which maximises the expected number of drafts accepted per K-step chain (from the drafter's per-step acceptance probabilities); the cross-entropy keeps the rest, which keeps early training stable. 0 = cross-entropy only (default), 1 = acceptance only.")] = 0.0,

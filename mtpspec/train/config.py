@@ -47,7 +47,7 @@ class TrainConfig:
     epochs: float = 1.0
     replay: float = 0.5
     max_steps: int | None = None
-    time_budget: float | None = None  # seconds of training (building shards included)
+    time_budget: float | None = None  # seconds of the whole run: setup (prompt writing), shards, steps, final eval
     full_vocab_loss: bool = False
     soft_labels: bool = False  # teacher: the target top-k distribution where shards hold it (else its argmax)
     acceptance_weight: float = 0.0  # share of the acceptance objective (expected accepted length) in the loss, [0, 1]

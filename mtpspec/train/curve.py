@@ -1,4 +1,5 @@
-"""The training curve of a drafter: held-out mean accepted length against training minutes.
+"""The training curve of a drafter: held-out mean accepted length against the run's minutes (what
+--time-budget counts: since 2026-12-06 the setup too, writing the first prompts included).
 
 The trainer writes it as `training.png` beside the drafter's `training.json` whenever it writes the
 drafter (from the run's evaluations, resumed segments included); `plot_training_curve` redraws it
@@ -11,7 +12,7 @@ from pathlib import Path
 
 
 def curve_points(info: dict) -> list[tuple[float, float]]:
-    """(training minutes, held-out mean accepted length) of each evaluation in a training.json."""
+    """(minutes of the run, held-out mean accepted length) of each evaluation in a training.json."""
     return [(e["elapsed"] / 60, e["mean_accepted_length"]) for e in info.get("evals", [])
             if "elapsed" in e and "mean_accepted_length" in e]
 
@@ -35,7 +36,7 @@ def plot_training_curve(info: dict | str | Path, path: str | Path, *, title: str
     ax.plot([m for m, _ in points], [t for _, t in points], marker="o", markersize=3)
     best = max(points, key=lambda p: p[1])
     ax.annotate(f"{best[1]:.2f}", best, textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_xlabel("training minutes")
+    ax.set_xlabel("minutes of the run")
     ax.set_ylabel(f"held-out mean accepted length{f' (K={k})' if k else ''}")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=1.0)  # 1 = nothing accepted

@@ -237,12 +237,13 @@ def reduce_record(group: Group, loss: float, stats: list[tuple[int, int, int]]) 
     return v[0], [(int(v[1 + 3 * i]), int(v[2 + 3 * i]), int(v[3 + 3 * i])) for i in range(len(stats))]
 
 
-def sync_state(group: Group, elapsed: float, stop: bool) -> tuple[float, bool]:
-    """(the ranks' largest elapsed time, whether any rank asks to stop)."""
+def sync_state(group: Group, elapsed: float, stop: bool, done: bool = False) -> tuple[float, bool, bool]:
+    """(the ranks' largest elapsed time, whether any rank asks to stop, whether any rank's limit is
+    reached)."""
     if group.world == 1:
-        return elapsed, stop
-    t = group.all_reduce(torch.tensor([elapsed, float(stop)], dtype=torch.float64), op="max")
-    return float(t[0]), bool(t[1])
+        return elapsed, stop, done
+    t = group.all_reduce(torch.tensor([elapsed, float(stop), float(done)], dtype=torch.float64), op="max")
+    return float(t[0]), bool(t[1]), bool(t[2])
 
 
 # ---- shards --------------------------------------------------------------------------------------

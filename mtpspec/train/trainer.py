@@ -26,7 +26,7 @@ from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
 from . import distributed, self_instruct
 from .checkpointing import Checkpoint, RunState, write_drafter
-from .config import TrainConfig
+from .config import MORE_PROMPTS_SHARE, TrainConfig
 from .curve import plot_training_curve
 from .data import Sample, build_samples
 from .distributed import Group, SharedShardStore
@@ -81,6 +81,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, engine=None, group: Group | None = None) -> None:
         """group: the data-parallel process group (distributed.py); None = this process alone."""
         cfg.check()
+        t_begin = time.time()  # a time budget is the whole run's: loading and writing prompts count
         if cfg.bf16 is None:
             cfg = replace(cfg, bf16=bf16_auto(cfg.device))
             if group is None or group.is_main:
@@ -123,7 +124,11 @@ class Trainer:
         self.chat = self_instruct.has_chat_template(engine.tokenizer)
         self.grows = cfg.grows() and g.world == 1  # more prompts once all are trained on (`_more_data`)
         specs = cfg.data_specs(chat=self.chat)
+        t_data = time.time()
         samples = g.from_main(lambda: self._samples(0))
+        self.data_seconds = time.time() - t_data  # writing the first prompts: the estimate of a chunk's
+        self.chunk_seconds: float | None = None   # ... until a chunk of more data has been written live
+        self.shard_seconds = 0.0  # how long the last shard took to build (answers included)
         self.seen_ids = {tuple(s.ids) for s in samples}  # a later chunk's samples are new ones
         store, extra = (ShardStore, {}) if g.world == 1 else (SharedShardStore, {"group": g})
         self.shards = store(samples, cfg.shard_size, self.work / "shards", self._build_shard,
@@ -142,6 +147,7 @@ class Trainer:
                         else None)
         self.state = RunState()
         self.stop = StopRequest()
+        self.setup_seconds = time.time() - t_begin
 
     def _samples(self, chunk: int) -> list[Sample]:
         """The samples of the run's data (chunk 0) or of its chunk-th batch of more prompts
@@ -175,9 +181,23 @@ class Trainer:
             self.shards.extend(fresh)
             msg = (f"more data: chunk {st.chunks - 1}, {len(fresh)} new samples, shards {first + 1}-"
                    f"{self.shards.n_shards} ({time.time() - t0:.0f}s to write the prompts)")
-        if progress is not None:
+        if progress is not None:  # written live (not rebuilt on resume from stored prompts)
+            self.chunk_seconds = time.time() - t0
             progress.n_shards = self.shards.n_shards
             progress.write(msg)
+
+    def _room_for_more_data(self) -> bool:
+        """Whether the time budget has room for another chunk of data: writing its prompts (as long
+        as the last chunk took, or the first prompts scaled to a chunk's size) and answering its first
+        shard (as long as the last shard took), with the final evaluation still to come. Without
+        room the run replays what it has: a chunk it cannot train on is time lost."""
+        cfg = self.cfg
+        if cfg.time_budget is None:
+            return True
+        n0 = cfg.self_instruct_prompts
+        write = (self.chunk_seconds if self.chunk_seconds is not None
+                 else self.data_seconds * max(cfg.shard_size, round(MORE_PROMPTS_SHARE * n0)) / n0)
+        return self.state.elapsed + write + self.shard_seconds + self._reserve() < cfg.time_budget
 
     def _self_instruct(self, n: int, documents: bool, seed: int) -> list[str]:
         """n prompts written by the target, user messages (the `self-instruct` recipe) or openings
@@ -212,10 +232,12 @@ class Trainer:
         if self.group.world > 1:
             label = f"rank {self.group.rank}: {label}"
         report = {"answers_from": cfg.distill_url or "target"}
+        t0 = time.time()
         acts = build_shard(self.engine, samples, list(dict.fromkeys(self.drafter.cfg.layer_types)),
                            max_new_tokens=cfg.distill_max_new_tokens, max_len=cfg.max_len, slots=cfg.distill_batch,
                            label=label if cfg.progress else None, report=report,
                            respond=self._remote_answers if cfg.distill_url else None)
+        self.shard_seconds = time.time() - t0
         return acts, report
 
     def _remote_answers(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
@@ -241,6 +263,7 @@ class Trainer:
         `on_step(record)` is called after every step. Then the drafter folder is written: the
         best held-out evaluation's drafter, or without held-out prompts the last one."""
         main = self.group.is_main
+        t_run = time.time()
         if resume:
             self.state = self.checkpoint.load(self.drafter, self.opt, read=self.group.from_main)
             chunks, self.state.chunks = self.state.chunks, 1
@@ -249,6 +272,9 @@ class Trainer:
         elif self.group.from_main(self.checkpoint.exists):
             raise MtpspecError(f"{self.checkpoint.path} exists: pass --resume to continue it, or choose another "
                                f"--out/--work-dir")
+        # the budget counts this process's setup too (loading the target, writing the first prompts;
+        # on resume, reading them back and rebuilding the chunks)
+        self.state.elapsed += self.setup_seconds + (time.time() - t_run)
         progress = Progress(self.cfg.progress and main, self.cfg.max_steps, self.state.step, self.shards.n_shards)
         try:
             with self.stop.on_sigterm():
@@ -274,20 +300,31 @@ class Trainer:
     def _limit_reached(self) -> bool:
         cfg, st = self.cfg, self.state
         return (cfg.max_steps is not None and st.step >= cfg.max_steps
-                or cfg.time_budget is not None and st.elapsed >= cfg.time_budget)
+                or cfg.time_budget is not None and st.elapsed + self._reserve() >= cfg.time_budget)
+
+    def _reserve(self) -> float:
+        """Seconds of a time budget kept for after the last step: the final held-out evaluation, as
+        long as the last one took (rank 0 evaluates; the ranks agree through `sync_state`)."""
+        return self.state.evals[-1]["eval_seconds"] if self.heldout is not None and self.state.evals else 0.0
 
     def _train(self, progress: Progress, on_step: Callable[[dict], None] | None) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = last_eval = time.time()
         t_start = time.time() - st.elapsed
         while True:
-            st.elapsed, stop = distributed.sync_state(self.group, st.elapsed, self.stop.requested)
+            st.elapsed, stop, done = distributed.sync_state(self.group, st.elapsed, self.stop.requested,
+                                                            self._limit_reached())
             if stop:
                 self.stop.request()
-            if self._limit_reached() or self.stop.requested:
+            if done or self.stop.requested:
                 break
             if self.grows and st.round == self.shards.n_shards and st.round_step == 0:
-                self._more_data(progress)
+                if self._room_for_more_data():
+                    self._more_data(progress)
+                else:
+                    self.grows = False
+                    progress.write(f"more data: no room in the time budget for another chunk; replaying the "
+                                   f"{self.shards.n_shards} shards from now on")
             n_steps, b_new = self.schedule.round_plan(st.round)
             if not self.schedule.has_round(st.round, n_steps):
                 break
@@ -385,7 +422,7 @@ class Trainer:
                 "distill": self.distill_report()}
         out = write_drafter(self.drafter, folder or self.out, dtype=resolve_dtype(self.cfg.save_dtype),
                             draft_tokens=self.cfg.draft_tokens, info=info, full_head=full_head)
-        plot_training_curve(info, out / "training.png")  # held-out tau against training minutes (curve.py)
+        plot_training_curve(info, out / "training.png")  # held-out tau against the run's minutes (curve.py)
         return out
 
 
