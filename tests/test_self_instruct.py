@@ -438,7 +438,7 @@ def test_one_command_writes_more_prompts_once_all_are_trained(engines, tmp_path,
     assert not TrainConfig(data=["chitchat"], out="x", time_budget=60).grows()
 
 
-def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(engines, tmp_path, monkeypatch):
+def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(engines, tmp_path, monkeypatch, capsys):
     """--time-budget counts the run's setup (writing the first prompts takes >= 2.5 s here) and
     keeps the final evaluation inside it; a chunk of more prompts is written only when the budget
     has room to write it (as long as the last chunk took, or the first prompts scaled to a chunk's
@@ -476,6 +476,11 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     assert st.chunks == 1 and t.shards.n_shards == 1 and not t.grows
     assert len({h["round"] for h in st.history}) > 1  # replay rounds
     assert budget <= st.elapsed < st.history[-1]["elapsed"] + 2.0
+    # a budget the setup used up: no step, and the run says why
+    capsys.readouterr()
+    late = Trainer(_grow_cfg(tmp_path / "late", max_steps=None, time_budget=1.0), engines["llama"])
+    late.run()
+    assert late.state.step == 0 and "ran out before the first step" in capsys.readouterr().err
 
 
 def test_more_prompts_resume_exactly_and_stop_when_nothing_new_comes(engines, tmp_path, monkeypatch):
