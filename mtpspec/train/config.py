@@ -89,16 +89,19 @@ class TrainConfig:
         time this mix beat self-instruct alone on the broad benchmark, 1.483 against 1.424 over 12
         categories, 8 of them up (drafters/README.md). A target without a chat template
         (`chat=False`): `self-text:N` (openings of documents it writes). `chunk` c > 0: the recipe of
-        the c-th batch of more prompts (`grows`), N * MORE_PROMPTS_SHARE of them (at least a shard)."""
+        the c-th batch of more prompts (`grows`), `chunk_prompts()` of them."""
         if self.data:
             return list(self.data)
-        n = self.self_instruct_prompts
-        if chunk:
-            n = max(self.shard_size, round(MORE_PROMPTS_SHARE * n))
+        n = self.chunk_prompts() if chunk else self.self_instruct_prompts
         if not chat:
             return [f"self-text:{n}"]
         own = max(1, round(SELF_INSTRUCT_SHARE * n))
         return [f"self-instruct:{own}"] + ([f"tasks:{n - own}"] if n > own else [])
+
+    def chunk_prompts(self) -> int:
+        """Prompts in each later chunk of the one command's data (`grows`): MORE_PROMPTS_SHARE of
+        the first's, at least a shard."""
+        return max(self.shard_size, round(MORE_PROMPTS_SHARE * self.self_instruct_prompts))
 
     def grows(self) -> bool:
         """Whether the run writes more prompts once all are trained on: the one command (no `data`)

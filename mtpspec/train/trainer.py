@@ -26,7 +26,7 @@ from ..models.drafter import DrafterConfig
 from ..prompts_file import read_prompts
 from . import distributed, self_instruct
 from .checkpointing import Checkpoint, RunState, write_drafter
-from .config import MORE_PROMPTS_SHARE, TrainConfig
+from .config import TrainConfig
 from .curve import plot_training_curve
 from .data import Sample, build_samples
 from .distributed import Group, SharedShardStore
@@ -194,9 +194,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.time_budget is None:
             return True
-        n0 = cfg.self_instruct_prompts
         write = (self.chunk_seconds if self.chunk_seconds is not None
-                 else self.data_seconds * max(cfg.shard_size, round(MORE_PROMPTS_SHARE * n0)) / n0)
+                 else self.data_seconds * cfg.chunk_prompts() / cfg.self_instruct_prompts)
         return self.state.elapsed + write + self.shard_seconds + self._reserve() < cfg.time_budget
 
     def _self_instruct(self, n: int, documents: bool, seed: int) -> list[str]:
