@@ -91,7 +91,7 @@ def train_drafter_cmd(
         res = train_drafter(cfg, resume=resume)
         if not res.is_main:  # another rank of a torchrun launch: rank 0 reports
             return
-        msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min); drafter in {res.out}"
+        msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min of run, setup included); drafter in {res.out}"
         if res.evals:
             last = res.evals[-1]
             best = max(res.evals, key=lambda e: e["mean_accepted_length"])
