@@ -481,6 +481,10 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     late = Trainer(_grow_cfg(tmp_path / "late", max_steps=None, time_budget=1.0), engines["llama"])
     late.run()
     assert late.state.step == 0 and "ran out before the first step" in capsys.readouterr().err
+    # a resumed run past its budget took steps before: it stops without that message
+    again = Trainer(replace(t.cfg, time_budget=1.0), engines["llama"])
+    again.run(resume=True)
+    assert again.state.step == st.step and "ran out before the first step" not in capsys.readouterr().err
 
 
 def test_more_prompts_resume_exactly_and_stop_when_nothing_new_comes(engines, tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ class Trainer:
         # the budget counts this process's setup too (loading the target, writing the first prompts;
         # on resume, reading them back and rebuilding the chunks)
         self.state.elapsed += self.setup_seconds + (time.time() - t_run)
-        if self.cfg.time_budget is not None and self.state.elapsed >= self.cfg.time_budget and main:
+        if self.cfg.time_budget is not None and self.state.elapsed >= self.cfg.time_budget and not self.state.step and main:
             print(f"train-drafter: the time budget ({self.cfg.time_budget / 60:.1f} min) ran out before the first "
                   f"step ({self.setup_seconds / 60:.1f} min of setup: loading the target, writing prompts); raise "
                   f"--time-budget or lower --prompts", file=sys.stderr, flush=True)
