@@ -92,6 +92,28 @@ def test_adaptive_keeps_one_state_for_greedy_rounds_and_one_for_sampled_rounds()
     assert g.policy.max_k == 6 and plan.max_k == 6
 
 
+def test_kinds_of_round_share_one_verify_table():
+    """A verify pass costs the same whoever drafted its tokens: prompt lookup's state chooses from
+    the 3-token verifies the drafter's rounds measured, not from its own single slow one (kept
+    apart, that one 17 ms measurement stopped lookup rounds from ever choosing k = 2 again)."""
+    plan = DraftPlan(NgramProposer(), draft_tree=None)
+    drafter = plan.decide([GREEDY], [50], kind="drafter").policy
+    lookup = plan.decide([GREEDY], [50], kind="lookup").policy
+    assert drafter is not lookup and drafter.verify is lookup.verify and drafter.draft is not lookup.draft
+    assert plan.decide([SAMPLED], [50], kind="lookup").policy.verify is not lookup.verify  # sampled apart
+    # lookup rounds: drafting 0.2 ms, one slow 3-token verify (a one-off), 4- and 5-token ones
+    for k, seconds in ((2, 0.017), (4, 0.0128), (4, 0.0128), (3, 0.0118), (3, 0.0118)):
+        plan.observe(Round(k, None, lookup), 1, [0], seconds, 0.0002, k + 1)
+    for _ in range(20):  # the drafter's rounds: plain steps and many 3-token verifies
+        plan.observe(Round(0, None, drafter), 1, [0], 0.0089, 0.0, 1)
+        plan.observe(Round(2, None, drafter), 1, [1], 0.0093, 0.002, 3)
+    assert lookup.verify[(0, 3)] == pytest.approx(0.0093)
+    # lookup's acceptance as measured on the broad benchmark: E(k) / T(k) is best at k = 2
+    # (with the 17 ms estimate: at k = 4 or 5)
+    lookup.accept[:4], lookup.seen[:4] = [0.57, 0.75, 0.76, 0.85], [50] * 4
+    assert lookup.choose(1) == 2
+
+
 def test_a_seeded_sampled_row_makes_the_round_fixed_k_and_teaches_nothing():
     """An adaptive K follows timings; a sampled row's random draws depend on K, so a seeded
     request would not reproduce: such rounds draft the fixed max_draft_tokens // 2."""

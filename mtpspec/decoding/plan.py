@@ -7,7 +7,8 @@
   (draft_length.py), with one learned state for rounds of greedy rows and one for rounds with
   sampled rows (they accept differently), and per kind of round when the proposer tells kinds
   apart before drafting (`round_kind`: prompt lookup's rounds drafted by lookup vs by the drafter
-  accept and cost very differently), kept for the plan's lifetime (across calls).
+  accept and cost very differently), kept for the plan's lifetime (across calls). The verify
+  pass costs the same for every kind, so the kinds share one table of verify costs.
 - Each round (`DraftPlan.decide`), from the state of the batch: K, and whether to draft a tree
   (which `TreeShape`) or a chain.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .draft_length import AdaptiveDraftLength, DraftLengthPolicy, FixedDraftLength
+from .draft_length import AdaptiveDraftLength, CostTable, DraftLengthPolicy, FixedDraftLength
 from .sampling import SamplingParams
 from .tree import TreeShape
 
@@ -109,6 +110,7 @@ class DraftPlan:
         self.max_draft_tokens = max_draft_tokens or 2 * (getattr(proposer, "draft_tokens", None) or 4)
         self.tree, self.tree_only_lone_sampled = self._tree_rule(draft_tree, proposer)
         self._adaptive: dict[tuple, AdaptiveDraftLength] = {}  # (all rows greedy?, round kind) -> state
+        self._verify_costs: dict[bool, CostTable] = {}  # all rows greedy? -> the verify table its kinds share
 
     @staticmethod
     def _tree_rule(draft_tree, proposer) -> tuple[TreeShape | None, bool]:
@@ -139,7 +141,7 @@ class DraftPlan:
         plan.proposer = proposer
         if not getattr(proposer, "drafts_trees", False):
             plan.tree, plan.tree_only_lone_sampled = None, False
-        plan._adaptive = {}
+        plan._adaptive, plan._verify_costs = {}, {}
         return plan
 
     # ---- what a batch needs to know ------------------------------------------------------------
@@ -216,7 +218,9 @@ class DraftPlan:
         if any(not p.greedy and p.seed is not None for p in params):
             return FixedDraftLength(self.seeded_draft_tokens)
         if (greedy, kind) not in self._adaptive:
-            self._adaptive[(greedy, kind)] = AdaptiveDraftLength(self.max_draft_tokens)
+            # one verify table for every kind of round: a verify pass costs the same whoever drafted
+            costs = self._verify_costs.setdefault(greedy, CostTable())
+            self._adaptive[(greedy, kind)] = AdaptiveDraftLength(self.max_draft_tokens, verify_costs=costs)
         return self._adaptive[(greedy, kind)]
 
     def adaptive_state(self, greedy: bool, kind=None) -> AdaptiveDraftLength | None:
