@@ -475,7 +475,19 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     assert st.history[0]["elapsed"] >= 2.5  # the writing before the first step is in the budget
     assert st.chunks == 1 and t.shards.n_shards == 1 and not t.grows
     assert len({h["round"] for h in st.history}) > 1  # replay rounds
-    assert budget <= st.elapsed < st.history[-1]["elapsed"] + 2.0
+    # the budget (2 s of steps) ends before --eval-every (600 s): the run evaluated halfway through
+    # what was left, kept that evaluation's time for the final one and so ends at its budget, not
+    # past it by the final evaluation
+    assert len(st.evals) >= 2 and st.evals[0]["step"] < st.step
+    assert budget - 1.0 < st.elapsed < budget + 1.0 and st.elapsed < st.history[-1]["elapsed"] + 2.0
+    t.state.elapsed = budget - 3.0
+    assert t._eval_interval() == pytest.approx(1.5)  # half of what is left
+    t.cfg = replace(t.cfg, time_budget=3600.0)
+    assert t._eval_interval() == 600.0  # --eval-every, when the budget has room for it
+    t.cfg = replace(t.cfg, time_budget=None)
+    assert t._eval_interval() == 600.0
+    t.cfg = replace(t.cfg, eval_every=None)
+    assert t._eval_interval() is None
     # a budget the setup used up: no step, and the run says why
     capsys.readouterr()
     late = Trainer(_grow_cfg(tmp_path / "late", max_steps=None, time_budget=1.0), engines["llama"])

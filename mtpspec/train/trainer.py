@@ -310,9 +310,22 @@ class Trainer:
         long as the last one took (rank 0 evaluates; the ranks agree through `sync_state`)."""
         return self.state.evals[-1]["eval_seconds"] if self.heldout is not None and self.state.evals else 0.0
 
+    def _eval_interval(self) -> float | None:
+        """Seconds between held-out evaluations from now: `eval_every`, but at most half of what is
+        left of a time budget, so a run whose budget ends before `eval_every` still evaluates once
+        before its end and keeps that evaluation's time for the final one (`_reserve`; without it
+        the final evaluation ran past the budget). None: only the final evaluation."""
+        cfg = self.cfg
+        if not cfg.eval_every:
+            return None
+        if cfg.time_budget is None:
+            return cfg.eval_every
+        return min(cfg.eval_every, max(0.0, cfg.time_budget - self.state.elapsed) / 2)
+
     def _train(self, progress: Progress, on_step: Callable[[dict], None] | None) -> None:
         cfg, st = self.cfg, self.state
         last_ckpt = last_eval = time.time()
+        eval_every = self._eval_interval()
         t_start = time.time() - st.elapsed
         while True:
             st.elapsed, stop, done = distributed.sync_state(self.group, st.elapsed, self.stop.requested,
@@ -346,7 +359,7 @@ class Trainer:
             if on_step is not None:
                 on_step(rec)
             now = time.time()
-            if cfg.eval_every and now - last_eval >= cfg.eval_every and self.heldout is not None:
+            if eval_every is not None and now - last_eval >= eval_every and self.heldout is not None:
                 self._eval_and_keep_best(progress)
                 last_eval = time.time()
             if now - last_ckpt >= cfg.checkpoint_every:
