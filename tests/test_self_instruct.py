@@ -480,6 +480,7 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     # past it by the final evaluation
     assert len(st.evals) >= 2 and st.evals[0]["step"] < st.step
     assert budget - 1.0 < st.elapsed < budget + 1.0 and st.elapsed < st.history[-1]["elapsed"] + 2.0
+    ran = t.cfg  # the run's configuration, resumed below
     t.state.elapsed = budget - 3.0
     assert t._eval_interval() == pytest.approx(1.5)  # half of what is left
     t.cfg = replace(t.cfg, time_budget=3600.0)
@@ -494,7 +495,7 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     late.run()
     assert late.state.step == 0 and "ran out before the first step" in capsys.readouterr().err
     # a resumed run past its budget took steps before: it stops without that message
-    again = Trainer(replace(t.cfg, time_budget=1.0), engines["llama"])
+    again = Trainer(replace(ran, time_budget=1.0), engines["llama"])
     again.run(resume=True)
     assert again.state.step == st.step and "ran out before the first step" not in capsys.readouterr().err
 
