@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import mtpspec
-from tiny_models import write_random_chats
+from test_self_instruct import save_family_tokenizer  # a tokenizer random models write usable prompts with
+from tiny_models import tiny_hf_model, write_random_chats
 from mtpspec.errors import InputError
 from mtpspec.train import TrainConfig, Trainer
 
@@ -122,6 +123,41 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(engine, data, two_ranks, o
     assert _max_diff(resumed.drafter.state_dict(), straight.drafter.state_dict()) <= TOL
     assert [h["loss"] for h in resumed.state.history] == pytest.approx([h["loss"] for h in straight.state.history],
                                                                        abs=TOL)
+
+
+def test_two_ranks_grow_the_one_commands_data_as_one_process(tmp_path):
+    """The one command (no --data) under torchrun: when every shard is trained on, rank 0 writes
+    more prompts (rank 0's clocks decide whether there is room), the ranks build the new shards
+    together and train on them, and the run takes the steps one process takes."""
+    target = tmp_path / "target"  # a tiny Llama with SmolLM2's chat template
+    tiny_hf_model("llama").save_pretrained(target)
+    save_family_tokenizer(target, "llama")
+    out = tmp_path / "ddp" / "d"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mtpspec.cli", "train-drafter",
+           "--target", str(target), "--out", str(out), "--prompts", "8", "--eval-limit", "2",
+           "--hidden-size", "32", "--draft-tokens", "2", "--distill-tokens", "16", "--distill-batch", "16",
+           "--self-instruct-tokens", "48", "--max-len", "512", "--shard-size", "8", "--batch-size", "4",
+           "--lr", "1e-2", "--max-steps", "8"]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    work = out.with_name("d.work")
+    ck = torch.load(work / "checkpoint.pt", weights_only=False)
+    # 8 prompts = one shard; rounds of 2, 4, 4 steps: chunks 1 and 2 were written at steps 2 and 6
+    assert ck["step"] == 8 and ck["chunks"] == 3 and [h["round"] for h in ck["history"]] == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert "rank 1: shard 2/2" in p.stderr and "rank 0: shard 3/3" in p.stderr  # new shards, built by both
+    assert p.stderr.count("more data: chunk") == 2  # rank 0 reports
+    one = Trainer(TrainConfig(data=[], target=str(target), out=str(tmp_path / "one" / "d"),
+                              self_instruct_prompts=8, eval_limit=2, hidden_size=32, draft_tokens=2,
+                              distill_max_new_tokens=16, distill_batch=16, self_instruct_max_tokens=48,
+                              max_len=512, shard_size=8, batch_size=4, lr=1e-2, max_steps=8, micro_batch_size=2,
+                              progress=False))
+    one.run()
+    assert one.state.chunks == 3 and one.shards.n_shards == 3
+    mine = [torch.load(work / "shards" / f"shard_{r:05d}.pt", weights_only=False) for r in range(3)]
+    assert [[a.ids.tolist() for a in shard] for shard in mine] == [[a.ids.tolist() for a in one.shards[r]]
+                                                                    for r in range(3)]
+    assert _max_diff(ck["drafter"], one.drafter.state_dict()) <= TOL
 
 
 def _shared_store_worker(rank: int, world: int, port: int, root: str) -> None:

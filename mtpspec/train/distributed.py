@@ -6,7 +6,9 @@ process) `Group` is a single process whose collectives do nothing.
 
 What the ranks share:
 - the samples: rank 0 builds them (the self-instruct recipe generates its prompts once) and sends
-  them to the others;
+  them to the others; so too each later chunk of the one command's growing data, written when
+  every rank reaches the end of its shards at the same step, if rank 0's clocks find room in the
+  time budget (`Trainer._more_data`);
 - the shards (`SharedShardStore`): shards are taken in blocks of world-size consecutive shards;
   in a block, a shard no rank has yet is harvested by rank (index mod world size), all of them at
   once, then every rank receives the block's shards it lacks from a rank that has them (nothing is

@@ -7,8 +7,11 @@ import sys
 
 
 class Progress:
-    def __init__(self, enabled: bool, total: int | None, initial: int, n_shards: int) -> None:
+    def __init__(self, enabled: bool, total: int | None, initial: int, n_shards: int, silent: bool = False) -> None:
+        """enabled: the bar (else messages only); silent: not even messages (the ranks of a
+        distributed run other than rank 0)."""
         self.bar = None
+        self.silent = silent
         if enabled:
             from tqdm import tqdm
 
@@ -34,6 +37,8 @@ class Progress:
         self.bar.update(1)
 
     def write(self, msg: str) -> None:
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.write(msg, file=sys.stderr)
         else:

@@ -122,7 +122,7 @@ class Trainer:
         self.generated_heldout: list[str] = []
         self.written: list[str] = []  # every prompt the target wrote for this run, held-out ones too
         self.chat = self_instruct.has_chat_template(engine.tokenizer)
-        self.grows = cfg.grows() and g.world == 1  # more prompts once all are trained on (`_more_data`)
+        self.grows = cfg.grows()  # more prompts once all are trained on (`_more_data`)
         specs = cfg.data_specs(chat=self.chat)
         t_data = time.time()
         samples = g.from_main(lambda: self._samples(0))
@@ -162,15 +162,19 @@ class Trainer:
         every shard and its budget has not run out, so the target writes more prompts (a new seed;
         near-duplicates of any it wrote before are dropped) rather than the run replaying what it
         has seen. A chunk the target can write nothing new for ends the growth (replay follows).
-        Deterministic: a resumed run rebuilds its chunks the same way (`RunState.chunks`)."""
+        Deterministic: a resumed run rebuilds its chunks the same way (`RunState.chunks`). Every
+        rank calls it at the same step; rank 0 writes the prompts and sends the samples."""
         st = self.state
         t0 = time.time()
-        try:
-            fresh = [s for s in self._samples(st.chunks) if tuple(s.ids) not in self.seen_ids]
-        except InputError as e:
-            fresh, why = [], str(e)
-        else:
-            why = "every sample a duplicate of one trained on"
+
+        def fresh_samples() -> tuple[list[Sample], str]:
+            try:
+                return [s for s in self._samples(st.chunks) if tuple(s.ids) not in self.seen_ids], \
+                    "every sample a duplicate of one trained on"
+            except InputError as e:
+                return [], str(e)
+
+        fresh, why = self.group.from_main(fresh_samples)
         st.chunks += 1
         first = self.shards.n_shards
         if not fresh:
@@ -278,7 +282,8 @@ class Trainer:
             print(f"train-drafter: the time budget ({self.cfg.time_budget / 60:.1f} min) ran out before the first "
                   f"step ({self.setup_seconds / 60:.1f} min of setup: loading the target, writing prompts); raise "
                   f"--time-budget or lower --prompts", file=sys.stderr, flush=True)
-        progress = Progress(self.cfg.progress and main, self.cfg.max_steps, self.state.step, self.shards.n_shards)
+        progress = Progress(self.cfg.progress and main, self.cfg.max_steps, self.state.step, self.shards.n_shards,
+                            silent=not main)
         try:
             with self.stop.on_sigterm():
                 self._train(progress, on_step)
@@ -335,7 +340,7 @@ class Trainer:
             if done or self.stop.requested:
                 break
             if self.grows and st.round == self.shards.n_shards and st.round_step == 0:
-                if self._room_for_more_data():
+                if self.group.from_main(self._room_for_more_data):  # rank 0's clocks decide for all
                     self._more_data(progress)
                 else:
                     self.grows = False
