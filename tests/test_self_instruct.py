@@ -225,6 +225,16 @@ def test_first_round_asks_for_the_prompts_expected_to_be_dropped_too(engines, mo
     assert asked == [math.ceil(1.1 * 30 / si.EXPECTED_KEEP[documents])] == [44 if not documents else 35]
 
 
+def test_a_later_round_asks_only_for_the_prompts_still_missing(engines, monkeypatch):
+    """Not a full batch: after 26 of 30 prompts kept from 44 requests, the next round sends
+    ceil(1.1 * 4 / (26 / 44)) = 8 requests, though 16 rows fit in a step."""
+    asked = []
+    monkeypatch.setattr(si, "_sample", lambda *a, **k: asked.append(len(a[3])) or [("a prompt %d" % i, not 26 <= i < 44, 5)
+                                                                                  for i in a[3]])
+    assert len(_generate(engines["llama"], 30, batch_size=16, chunk=100)) == 30
+    assert asked == [44, 8]
+
+
 def test_prompts_already_had_are_not_written_again(engines):
     eng = engines["qwen2"]
     whole = _generate(eng, 6)

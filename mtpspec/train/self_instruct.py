@@ -293,7 +293,9 @@ def generate_prompts(model, tokenizer, n: int, *, temperature: float = 1.0, top_
     t0, resumed_tokens = time.perf_counter(), tokens
     while len(kept) < n and tried < budget:
         rate = max(len(kept) / tried, 0.05) if tried else EXPECTED_KEEP[documents]
-        size = min(budget - tried, chunk, max(batch_size, math.ceil(1.1 * (n - len(kept)) / rate)))
+        # as many requests as should give the prompts still missing (10% spare), not a full batch:
+        # a round costs max_tokens steps whatever its rows, but a step's cost grows with its rows
+        size = min(budget - tried, chunk, math.ceil(1.1 * (n - len(kept)) / rate))
         rows = _sample(model, tokenizer, turn, range(tried, tried + size), temperature=temperature, top_p=top_p,
                        seed=seed, max_tokens=max_tokens, batch_size=batch_size)
         take(rows)
