@@ -477,6 +477,8 @@ def test_time_budget_is_the_whole_run_and_a_chunk_starts_only_with_room_for_it(e
     assert not t._limit_reached() and t._reserve() == 10.0
     t.state.elapsed = 90.0
     assert t._limit_reached()  # 90 + 10 >= 100
+    t.state.evals = [{"eval_seconds": 10.0}, {"eval_seconds": 9.0}, {"eval_seconds": 280.0}]
+    assert t._reserve() == 10.0  # the median: one slow evaluation does not end training early
     # the run: no room for a chunk (its estimate exceeds the budget), so it replays shard 1
     budget = t.setup_seconds + 2.0  # the setup (seconds, by machine) and 2 s of steps
     t.cfg, t.state, t.chunk_seconds, t.data_seconds = replace(t.cfg, time_budget=budget), RunState(), None, 1e6
