@@ -321,7 +321,7 @@ def test_resume_refuses_changed_shards_or_batches_but_takes_a_new_budget(engine,
 
 
 def test_resume_compares_the_resolved_data_also_of_older_checkpoints(tmp_path):
-    """What an empty --data means changed (self-instruct alone, then with `tasks`): checkpoints
+    """What an empty --data means changed (self-instruct or self-text alone, then with `tasks`): checkpoints
     store the resolved data; older ones, which do not, trained an empty --data on self-instruct:N
     (self-text:N for a base model). Resuming one of them on the new default is refused with the
     --data that continues it, which is then accepted."""
@@ -330,7 +330,9 @@ def test_resume_compares_the_resolved_data_also_of_older_checkpoints(tmp_path):
     with pytest.raises(MtpspecError, match=r"resume with --data self-instruct:6"):
         ckpt(["self-instruct:4", "tasks:2"]).check_same_run(old)
     ckpt(["self-instruct:6"], ["self-instruct:6"]).check_same_run(old)
-    ckpt(["self-text:6"]).check_same_run(old)  # a base model: its default did not change
+    ckpt(["self-text:6"]).check_same_run(old)  # an older base-model run on the older default
+    with pytest.raises(MtpspecError, match=r"resume with --data self-text:6"):  # ... on today's
+        ckpt(["self-text:3", "tasks:3"]).check_same_run(old)
     ckpt(["self-instruct:4", "tasks:2"]).check_same_run(old, ["self-instruct:4", "tasks:2"])
     with pytest.raises(MtpspecError, match=r"data \['a'\] -> \['b'\]: resume with --data a"):
         ckpt(["b"], ["b"]).check_same_run({**old, "data": ["a"]}, ["a"])

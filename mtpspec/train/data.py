@@ -187,7 +187,7 @@ class DataBuilder:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
-        return self.tok.encode("\n".join(m["content"] for m in messages) + "\n", add_special_tokens=True)
+        return self._plain(messages)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         if getattr(self.tok, "chat_template", None):
@@ -195,7 +195,12 @@ class DataBuilder:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return list(ids)
-        return self.tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=True)
+        return self._plain(messages)
+
+    def _plain(self, messages: list[dict]) -> list[int]:
+        """A conversation for a tokenizer without a chat template, as inference renders a prompt for
+        it (`bench.heldout.encode_prompt`, `Engine.encode`): the contents joined by blank lines."""
+        return self.tok.encode("\n\n".join(m["content"] for m in messages), add_special_tokens=True)
 
     def _text_samples(self, text: str, where: str) -> list[Sample]:
         paras = [p.strip() for p in text.split("\n\n") if p.strip()]
