@@ -212,6 +212,12 @@ def load_heldout(categories: str | Iterable[str] | None = None,
     return {c: load_category(c)[:per_category] for c in names}
 
 
+def plain_conversation(messages) -> str:
+    """A conversation as plain text for a target without a chat template: the contents joined by
+    blank lines (what such a target is given at inference, and trained on)."""
+    return "\n\n".join(m["content"] for m in messages)
+
+
 def encode_prompt(engine: _Encoder, prompt: Prompt, chat: bool = True) -> list[int]:
     """Token ids of a prompt for `engine` (an `mtpspec.Engine`, or anything with `.encode` and
     `.tokenizer`), ready for `engine.generate`.
@@ -230,7 +236,7 @@ def encode_prompt(engine: _Encoder, prompt: Prompt, chat: bool = True) -> list[i
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return engine.encode("\n\n".join(m["content"] for m in prompt.messages), chat=False)
+    return engine.encode(plain_conversation(prompt.messages), chat=False)
 
 
 def mean_over_categories(per_category: Mapping[str, float] | Sequence[float]) -> float:

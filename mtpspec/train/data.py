@@ -199,8 +199,10 @@ class DataBuilder:
 
     def _plain(self, messages: list[dict]) -> list[int]:
         """A conversation for a tokenizer without a chat template, as inference renders a prompt for
-        it (`bench.heldout.encode_prompt`, `Engine.encode`): the contents joined by blank lines."""
-        return self.tok.encode("\n\n".join(m["content"] for m in messages), add_special_tokens=True)
+        it (`bench.heldout.encode_prompt`, `Engine.encode`)."""
+        from ..bench.heldout import plain_conversation
+
+        return self.tok.encode(plain_conversation(messages), add_special_tokens=True)
 
     def _text_samples(self, text: str, where: str) -> list[Sample]:
         paras = [p.strip() for p in text.split("\n\n") if p.strip()]
