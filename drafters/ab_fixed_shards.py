@@ -1,0 +1,157 @@
+"""One arm of an equal-steps A/B on stored activation shards: a fresh drafter trained for one pass
+over an earlier run's shards (same shard order, same batches, same learning-rate schedule in
+every arm), then written as a drafter folder to score with `mtpspec eval-drafter DIR --heldout`.
+
+No target passes happen here (the answers and their activations are in the shards), and an arm's
+result depends on its steps, not on its wall time: arms can run at once, beside anything else,
+without a 2-core machine's contention changing what they learn (unlike the wall-time arms of
+`compare_objectives.py`). Arms (--arm, joined with "+"):
+
+    base             the one command's drafter (`TrainConfig` defaults: width = the target's, MLP
+                     2x width, clustered head when the vocabulary is large)
+    wide             MLP as wide as the target's last layer's
+    target-layer     wide, and the drafter layer starts as the target's last layer of its
+                     attention type (query, output, MLP and norm weights; the query norm absorbs
+                     the target's attention scale, as the drafter attends with scale 1) and its
+                     final norm as the target's. Gemma-style blocks only (sandwich norms, q norm)
+    answers:N        each sequence cut N tokens after its prompt (shorter continuations)
+    shards:N         only the first N shards
+
+    .venv/bin/python drafters/ab_fixed_shards.py --target gemma-3-270m-q4_k_m.gguf \\
+        --shards drafters/gemma3-270m.onecmd2h.work/drafter.work --arm base --out /tmp/ab-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import mtpspec  # noqa: E402
+from mtpspec.models.drafter import DrafterConfig  # noqa: E402
+from mtpspec.train.checkpointing import write_drafter  # noqa: E402
+from mtpspec.train.config import TrainConfig  # noqa: E402
+from mtpspec.train.drafter_init import starting_drafter  # noqa: E402
+from mtpspec.train.harvest import _cut  # noqa: E402
+from mtpspec.train.objective import Objective  # noqa: E402
+from mtpspec.train.optim import Optimiser  # noqa: E402
+
+
+def _dense(lin) -> torch.Tensor:
+    return (lin.unpacked_weight() if hasattr(lin, "unpacked_weight") else lin.weight).float()
+
+
+@torch.no_grad()
+def copy_target_layer(drafter, target) -> int:
+    """The drafter's last layer := the target's last layer of that attention type (module docstring);
+    the drafter's final norm := the target's. Returns the target layer's index."""
+    tc = target.cfg
+    src = tc.last_cache_layer(drafter.cfg.layer_types[-1])
+    blk, lay = target.layers[src], drafter.model.layers[-1]
+    if blk.attn_out_norm is None or blk.attn.q_norm is None:
+        raise SystemExit("target-layer: the target's blocks have no sandwich norms / q norm (not Gemma-style)")
+    norm = lambda n: n.weight.float() + tc.norm_offset  # noqa: E731  (the drafter's norms are x * w)
+    qkv, a = _dense(blk.attn.qkv), lay.self_attn
+    a.q_proj.weight.copy_(qkv[: blk.attn.q_size])
+    a.q_norm.weight.copy_(norm(blk.attn.q_norm) * tc.attn_scale)
+    a.o_proj.weight.copy_(_dense(blk.attn.o))
+    for mine, theirs in ((lay.input_layernorm, blk.attn_norm), (lay.post_attention_layernorm, blk.attn_out_norm),
+                         (lay.pre_feedforward_layernorm, blk.mlp_norm), (lay.post_feedforward_layernorm, blk.mlp_out_norm)):
+        mine.weight.copy_(norm(theirs))
+    gate_up, n = _dense(blk.mlp.gate_up), blk.mlp.intermediate
+    lay.mlp.gate_proj.weight.copy_(gate_up[:n])
+    lay.mlp.up_proj.weight.copy_(gate_up[n:])
+    lay.mlp.down_proj.weight.copy_(_dense(blk.mlp.down))
+    drafter.model.norm.weight.copy_(norm(target.norm))
+    return src
+
+
+def parse_arm(spec: str) -> dict:
+    arm = {"wide": False, "target_layer": False, "answers": None, "shards": None}
+    for part in spec.split("+"):
+        kind, _, value = part.partition(":")
+        if kind == "base" and not value:
+            continue
+        if kind in ("wide", "target-layer") and not value:
+            arm["wide"] = True
+            arm["target_layer"] |= kind == "target-layer"
+        elif kind in ("answers", "shards") and value.isdigit() and int(value) > 0:
+            arm[kind] = int(value)
+        else:
+            raise SystemExit(f"unknown arm part {part!r} (base, wide, target-layer, answers:N, shards:N)")
+    return arm
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--shards", required=True, help="a training work dir (or its shards/ folder)")
+    ap.add_argument("--arm", required=True, help="arm parts joined with + (module docstring)")
+    ap.add_argument("--out", required=True, help="the arm's drafter folder (and OUT.history.json)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=None, help="stop (and end the schedule) after this many steps")
+    args = ap.parse_args(argv)
+    arm = parse_arm(args.arm)
+
+    target = mtpspec.load(args.target).model
+    tc, cfg = target.cfg, TrainConfig(data=[], out=args.out)
+    folder = Path(args.shards) / "shards" if (Path(args.shards) / "shards").is_dir() else Path(args.shards)
+    files = sorted(folder.glob("shard_*.pt"))[: arm["shards"]]
+    if not files:
+        raise SystemExit(f"no shard_*.pt in {folder}")
+    shards = []
+    for f in files:
+        shard = torch.load(f, weights_only=False)
+        shards.append([_cut(a, a.loss_from + arm["answers"]) for a in shard] if arm["answers"] else shard)
+    bs = args.batch_size
+    steps = sum(len(s) // bs for s in shards)
+    steps = min(steps, args.max_steps or steps)
+
+    inter = tc.layers[tc.last_cache_layer("full_attention") or -1].intermediate_size if arm["wide"] else None
+    dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size),
+                                    intermediate_size=inter)
+    drafter = starting_drafter(dcfg, target, seed=args.seed, train_head=None, init_from=None)
+    if arm["target_layer"]:
+        print(f"drafter layer := target layer {copy_target_layer(drafter, target)}", flush=True)
+    objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, False, False, "cpu")
+    opt = Optimiser(drafter, lr=args.lr, weight_decay=0.0, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
+                    max_steps=steps, time_budget=None)
+    rng, step, t0, history = random.Random(args.seed), 0, time.time(), []
+    drafter.train()
+    for shard in shards:
+        order = list(range(len(shard)))
+        rng.shuffle(order)
+        for b in range(0, len(order) - bs + 1, bs):
+            if step == steps:
+                break
+            opt.zero_grad()
+            loss, stats = objective(drafter, target, [shard[i] for i in order[b : b + bs]])
+            loss.backward()
+            opt.update(step, 0.0)
+            acc = [round(c / max(n, 1), 4) for n, c, _ in stats]
+            history.append({"step": step, "loss": round(float(loss.detach()), 4), "accuracy": acc,
+                            "positions": [n for n, _, _ in stats]})
+            if step % 20 == 0:
+                print(f"{args.arm} step {step}/{steps} {time.time() - t0:.0f}s loss {float(loss.detach()):.3f} "
+                      f"accuracy {acc}", flush=True)
+            step += 1
+    drafter.eval()
+    info = {"arm": args.arm, "shards": str(folder), "steps": step, "seconds": round(time.time() - t0)}
+    write_drafter(drafter, Path(args.out), dtype=torch.float16, draft_tokens=cfg.draft_tokens, info=info)
+    Path(args.out + ".history.json").write_text(json.dumps(history))
+    print(f"{args.arm}: {step} steps in {time.time() - t0:.0f}s; drafter in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
