@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = sum(len(s) // bs for s in shards)
     steps = min(steps, args.max_steps or steps)
 
-    inter = tc.layers[tc.last_cache_layer("full_attention") or -1].intermediate_size if arm["wide"] else None
+    full = tc.last_cache_layer("full_attention")  # the layer a 1-layer drafter reads (and target-layer copies)
+    inter = tc.layers[-1 if full is None else full].intermediate_size if arm["wide"] else None
     dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size),
                                     intermediate_size=inter)
     drafter = starting_drafter(dcfg, target, seed=args.seed, train_head=None, init_from=None)
