@@ -9,7 +9,7 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
 
     base             the one command's drafter (`TrainConfig` defaults: width = the target's, MLP
                      2x width, clustered head when the vocabulary is large)
-    wide             MLP as wide as the target's last layer's
+    wide             MLP as wide as that of the target layer whose K/V the drafter reads
     target-layer     wide, and the drafter layer starts as the target's last layer of its
                      attention type (query, output, MLP and norm weights; the query norm absorbs
                      the target's attention scale, as the drafter attends with scale 1) and its
@@ -28,6 +28,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,31 +47,28 @@ from mtpspec.train.objective import Objective  # noqa: E402
 from mtpspec.train.optim import Optimiser  # noqa: E402
 
 
-def _dense(lin) -> torch.Tensor:
-    return (lin.unpacked_weight() if hasattr(lin, "unpacked_weight") else lin.weight).float()
-
-
 @torch.no_grad()
 def copy_target_layer(drafter, target) -> int:
-    """The drafter's last layer := the target's last layer of that attention type (module docstring);
-    the drafter's final norm := the target's. Returns the target layer's index."""
+    """The drafter's last layer := the target's last layer of that attention type, whose K/V it
+    reads (module docstring); the drafter's final norm := the target's. Returns that layer's index."""
     tc = target.cfg
     src = tc.last_cache_layer(drafter.cfg.layer_types[-1])
+    dense = lambda lin: lin.unpacked_weight().float()  # noqa: E731  (packed or quantized target weights)
     blk, lay = target.layers[src], drafter.model.layers[-1]
     if blk.attn_out_norm is None or blk.attn.q_norm is None:
         raise SystemExit("target-layer: the target's blocks have no sandwich norms / q norm (not Gemma-style)")
     norm = lambda n: n.weight.float() + tc.norm_offset  # noqa: E731  (the drafter's norms are x * w)
-    qkv, a = _dense(blk.attn.qkv), lay.self_attn
+    qkv, a = dense(blk.attn.qkv), lay.self_attn
     a.q_proj.weight.copy_(qkv[: blk.attn.q_size])
     a.q_norm.weight.copy_(norm(blk.attn.q_norm) * tc.attn_scale)
-    a.o_proj.weight.copy_(_dense(blk.attn.o))
+    a.o_proj.weight.copy_(dense(blk.attn.o))
     for mine, theirs in ((lay.input_layernorm, blk.attn_norm), (lay.post_attention_layernorm, blk.attn_out_norm),
                          (lay.pre_feedforward_layernorm, blk.mlp_norm), (lay.post_feedforward_layernorm, blk.mlp_out_norm)):
         mine.weight.copy_(norm(theirs))
-    gate_up, n = _dense(blk.mlp.gate_up), blk.mlp.intermediate
+    gate_up, n = dense(blk.mlp.gate_up), blk.mlp.intermediate
     lay.mlp.gate_proj.weight.copy_(gate_up[:n])
     lay.mlp.up_proj.weight.copy_(gate_up[n:])
-    lay.mlp.down_proj.weight.copy_(_dense(blk.mlp.down))
+    lay.mlp.down_proj.weight.copy_(dense(blk.mlp.down))
     drafter.model.norm.weight.copy_(norm(target.norm))
     return src
 
@@ -118,10 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     steps = sum(len(s) // bs for s in shards)
     steps = min(steps, args.max_steps or steps)
 
-    full = tc.last_cache_layer("full_attention")  # the layer a 1-layer drafter reads (and target-layer copies)
-    inter = tc.layers[-1 if full is None else full].intermediate_size if arm["wide"] else None
-    dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size),
-                                    intermediate_size=inter)
+    dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size))
+    if arm["wide"]:  # as wide as the layer it reads (the one target-layer copies)
+        dcfg = replace(dcfg, intermediate_size=tc.layers[tc.last_cache_layer(dcfg.layer_types[-1])].intermediate_size)
     drafter = starting_drafter(dcfg, target, seed=args.seed, train_head=None, init_from=None)
     if arm["target_layer"]:
         print(f"drafter layer := target layer {copy_target_layer(drafter, target)}", flush=True)

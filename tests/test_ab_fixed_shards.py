@@ -57,7 +57,7 @@ def test_the_target_layer_start_computes_what_the_target_layer_computes(tiny_gem
         q_t = blk.attn.q_norm(blk.attn.qkv(blk.attn_norm(x))[:, : blk.attn.q_size].view(5, -1, hd)) * tc.attn_scale
         q_d = lay.self_attn.q_norm(lay.self_attn.q_proj(lay.input_layernorm(x)).view(5, -1, hd))
         torch.testing.assert_close(q_d, q_t, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lay.self_attn.o_proj.weight, _script()._dense(blk.attn.o))
+        torch.testing.assert_close(lay.self_attn.o_proj.weight, blk.attn.o.unpacked_weight())
         torch.testing.assert_close(drafter.model.norm(x), target.norm(x), rtol=1e-5, atol=1e-5)
 
 
