@@ -15,6 +15,9 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
                      the target's attention scale, as the drafter attends with scale 1) and its
                      final norm as the target's. Gemma-style blocks only (sandwich norms, q norm)
     answers:N        each sequence cut N tokens after its prompt (shorter continuations)
+    prompt           the prompt's tokens are trained on too (loss from the first token: the labels
+                     are the target's argmax at every position, recorded in the shards anyway;
+                     for a base model the prompt is the opening it sampled)
     shards:N         only the first N shards
 
     .venv/bin/python drafters/ab_fixed_shards.py --target gemma-3-270m-q4_k_m.gguf \\
@@ -74,7 +77,7 @@ def copy_target_layer(drafter, target) -> int:
 
 
 def parse_arm(spec: str) -> dict:
-    arm = {"wide": False, "target_layer": False, "answers": None, "shards": None}
+    arm = {"wide": False, "target_layer": False, "prompt": False, "answers": None, "shards": None}
     for part in spec.split("+"):
         kind, _, value = part.partition(":")
         if kind == "base" and not value:
@@ -82,10 +85,12 @@ def parse_arm(spec: str) -> dict:
         if kind in ("wide", "target-layer") and not value:
             arm["wide"] = True
             arm["target_layer"] |= kind == "target-layer"
+        elif kind == "prompt" and not value:
+            arm["prompt"] = True
         elif kind in ("answers", "shards") and value.isdigit() and int(value) > 0:
             arm[kind] = int(value)
         else:
-            raise SystemExit(f"unknown arm part {part!r} (base, wide, target-layer, answers:N, shards:N)")
+            raise SystemExit(f"unknown arm part {part!r} (base, wide, target-layer, prompt, answers:N, shards:N)")
     return arm
 
 
@@ -111,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     shards = []
     for f in files:
         shard = torch.load(f, weights_only=False)
-        shards.append([_cut(a, a.loss_from + arm["answers"]) for a in shard] if arm["answers"] else shard)
+        if arm["answers"]:
+            shard = [_cut(a, a.loss_from + arm["answers"]) for a in shard]
+        if arm["prompt"]:
+            shard = [replace(a, loss_from=1) for a in shard]
+        shards.append(shard)
     bs = args.batch_size
     steps = sum(len(s) // bs for s in shards)
     steps = min(steps, args.max_steps or steps)

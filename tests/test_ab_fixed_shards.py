@@ -64,7 +64,7 @@ def test_the_target_layer_start_computes_what_the_target_layer_computes(tiny_gem
 def test_arms_train_on_the_stored_shards_and_write_drafters(tiny_gemma3_tok, gemma3_shards, tmp_path):  # noqa: F811
     mod = _script()
     runs = {}
-    for arm in ("base", "target-layer", "answers:3+shards:1"):
+    for arm in ("base", "target-layer", "answers:3+shards:1", "prompt"):
         out = tmp_path / arm.replace(":", "").replace("+", "-")
         mod.main(["--target", str(tiny_gemma3_tok), "--shards", str(gemma3_shards), "--arm", arm, "--out", str(out),
                   "--batch-size", "4"])
@@ -72,19 +72,28 @@ def test_arms_train_on_the_stored_shards_and_write_drafters(tiny_gemma3_tok, gem
         assert json.loads((out / "training.json").read_text())["arm"] == arm
         engine = mtpspec.load(tiny_gemma3_tok, drafter=str(out))  # a drafter the target accepts
         assert engine.drafter_name and engine.plan.proposer is not None
-    assert [len(h) for h in runs.values()] == [4, 4, 4]  # one pass: 16 sequences in batches of 4
+    assert [len(h) for h in runs.values()] == [4, 4, 4, 4]  # one pass: 16 sequences in batches of 4
     # answers cut after 3 tokens: at most 4 trained anchors per sequence (the prompt's last + 3)
     assert all(sum(h["positions"]) <= 4 * 4 * 4 for h in runs["answers:3+shards:1"])
     assert sum(runs["base"][0]["positions"]) > 4 * 4 * 4
     # the same batches: the arms differ only in the drafter, so the base arm's positions are equal
     assert [h["positions"] for h in runs["base"]] == [h["positions"] for h in runs["target-layer"]]
     assert runs["base"][0]["loss"] != runs["target-layer"][0]["loss"]
+    # over the pass, the first drafting step trains the label (the target's next token) at every
+    # position from loss_from - 1 on (base) or at every anchor, positions 1 .. L-1 (prompt): the
+    # prompt's positions too
+    shard = torch.load(gemma3_shards / "shards" / "shard_00000.pt", weights_only=False)
+    assert min(a.loss_from for a in shard) > 2
+    assert sum(h["positions"][0] for h in runs["base"]) == sum(len(a) - a.loss_from + 1 for a in shard)
+    assert sum(h["positions"][0] for h in runs["prompt"]) == sum(len(a) - 1 for a in shard)
 
 
 def test_bad_arms_and_targets_are_refused(tiny_with_tokenizer, gemma3_shards, tmp_path):
     mod = _script()
     with pytest.raises(SystemExit, match="unknown arm part 'answers:0'"):
         mod.parse_arm("base+answers:0")
+    with pytest.raises(SystemExit, match="unknown arm part 'prompt:2'"):
+        mod.parse_arm("prompt:2")
     with pytest.raises(SystemExit, match="not Gemma-style"):
         mod.main(["--target", str(tiny_with_tokenizer), "--shards", str(gemma3_shards), "--arm", "target-layer",
                   "--out", str(tmp_path / "x")])

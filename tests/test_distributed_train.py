@@ -17,8 +17,7 @@ import pytest
 import torch
 
 import mtpspec
-from test_self_instruct import save_family_tokenizer  # a tokenizer random models write usable prompts with
-from tiny_models import tiny_hf_model, write_random_chats
+from tiny_models import save_family_tokenizer, tiny_hf_model, write_random_chats
 from mtpspec.errors import InputError
 from mtpspec.train import TrainConfig, Trainer
 
@@ -42,12 +41,28 @@ def data(tmp_path_factory):
     return d
 
 
+# the options the torchrun runs below give (the rest: the CLI's defaults), as TrainConfig fields
+SMALL = dict(draft_tokens=2, hidden_size=32, distill_max_new_tokens=16, max_len=64, shard_size=8, batch_size=4, lr=1e-2)
+FLAGS = {"draft_tokens": "--draft-tokens", "hidden_size": "--hidden-size", "distill_max_new_tokens": "--distill-tokens",
+         "max_len": "--max-len", "shard_size": "--shard-size", "batch_size": "--batch-size", "lr": "--lr",
+         "max_steps": "--max-steps", "self_instruct_prompts": "--prompts", "eval_limit": "--eval-limit",
+         "distill_batch": "--distill-batch", "self_instruct_max_tokens": "--self-instruct-tokens"}
+
+
+def _torchrun(target, out: Path, *args: str, **fields) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 mtpspec train-drafter --target T --out OUT ARGS`
+    with `fields` as their command-line options (one thread per rank)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mtpspec.cli", "train-drafter",
+           "--target", str(target), "--out", str(out), *args, *(x for k, v in fields.items() for x in (FLAGS[k], str(v)))]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
 def _cfg(data, out: Path, **kw) -> TrainConfig:
-    """The options the torchrun command line below gives (the rest: the CLI's defaults)."""
-    base = dict(data=[str(data / "chat.jsonl")], out=str(out), draft_tokens=2, hidden_size=32,
-                distill_max_new_tokens=16, max_len=64, shard_size=8, batch_size=4, lr=1e-2,
-                progress=False)
-    return TrainConfig(**{**base, **kw})
+    """The 1-process config of the `two_ranks` launch (with `kw` changed)."""
+    return TrainConfig(data=[str(data / "chat.jsonl")], out=str(out), progress=False, **{**SMALL, **kw})
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -60,15 +75,8 @@ def two_ranks(tiny_with_tokenizer, data, tmp_path_factory):
     """`torchrun --standalone --nproc-per-node 2 mtpspec train-drafter ... --max-steps N`: (out, work
     dir, the launch's stderr)."""
     root = tmp_path_factory.mktemp("ddp")
-    out = root / "d"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mtpspec.cli", "train-drafter",
-           "--target", str(tiny_with_tokenizer), "--data", str(data / "chat.jsonl"), "--out", str(out),
-           "--hidden-size", "32", "--draft-tokens", "2", "--distill-tokens", "16", "--max-len", "64",
-           "--shard-size", "8", "--batch-size", "4", "--lr", "1e-2", "--max-steps", str(N)]
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return out, root / "d.work", p.stderr
+    p = _torchrun(tiny_with_tokenizer, root / "d", "--data", str(data / "chat.jsonl"), **SMALL, max_steps=N)
+    return root / "d", root / "d.work", p.stderr
 
 
 @pytest.fixture(scope="module")
@@ -133,25 +141,17 @@ def test_two_ranks_grow_the_one_commands_data_as_one_process(tmp_path):
     tiny_hf_model("llama").save_pretrained(target)
     save_family_tokenizer(target, "llama")
     out = tmp_path / "ddp" / "d"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mtpspec.cli", "train-drafter",
-           "--target", str(target), "--out", str(out), "--prompts", "8", "--eval-limit", "2",
-           "--hidden-size", "32", "--draft-tokens", "2", "--distill-tokens", "16", "--distill-batch", "16",
-           "--self-instruct-tokens", "48", "--max-len", "512", "--shard-size", "8", "--batch-size", "4",
-           "--lr", "1e-2", "--max-steps", "8"]
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stderr[-4000:]
+    grow = dict(SMALL, self_instruct_prompts=8, eval_limit=2, distill_batch=16, self_instruct_max_tokens=48,
+                max_len=512, max_steps=8)
+    p = _torchrun(target, out, **grow)
     work = out.with_name("d.work")
     ck = torch.load(work / "checkpoint.pt", weights_only=False)
     # 8 prompts = one shard; rounds of 2, 4, 4 steps: chunks 1 and 2 were written at steps 2 and 6
     assert ck["step"] == 8 and ck["chunks"] == 3 and [h["round"] for h in ck["history"]] == [0, 0, 1, 1, 1, 1, 2, 2]
     assert "rank 1: shard 2/2" in p.stderr and "rank 0: shard 3/3" in p.stderr  # new shards, built by both
     assert p.stderr.count("more data: chunk") == 2  # rank 0 reports
-    one = Trainer(TrainConfig(data=[], target=str(target), out=str(tmp_path / "one" / "d"),
-                              self_instruct_prompts=8, eval_limit=2, hidden_size=32, draft_tokens=2,
-                              distill_max_new_tokens=16, distill_batch=16, self_instruct_max_tokens=48,
-                              max_len=512, shard_size=8, batch_size=4, lr=1e-2, max_steps=8, micro_batch_size=2,
-                              progress=False))
+    one = Trainer(TrainConfig(data=[], target=str(target), out=str(tmp_path / "one" / "d"), micro_batch_size=2,
+                              progress=False, **grow))
     one.run()
     assert one.state.chunks == 3 and one.shards.n_shards == 3
     mine = [torch.load(work / "shards" / f"shard_{r:05d}.pt", weights_only=False) for r in range(3)]

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from gemma4_configs import tiny_gemma4
-from tiny_models import CHAT_TEMPLATE, VOCAB, tiny_hf_model
+from tiny_models import END_OF_TURN, FAMILIES, save_family_tokenizer, tiny_hf_model
 
 import mtpspec
 from mtpspec.errors import InputError
@@ -20,65 +20,6 @@ from mtpspec.train import TrainConfig, Trainer, build_samples
 from mtpspec.train import self_instruct as si
 from mtpspec.train.checkpointing import RunState
 from mtpspec.train.self_instruct import PromptFilter, generate_prompts, is_repetitive, normalize, user_turn
-
-SMOLLM2 = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-QWEN2 = SMOLLM2.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-                        "You are a helpful assistant.")
-GEMMA3 = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-GEMMA4 = (
-    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
-    "message['role'] %}{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
-)
-CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 = pad, bos, eos of the tiny configs
-# family -> (special tokens in id order, bos, eos, chat template, the pre-query template as text)
-FAMILIES = {
-    "llama": (CHATML, "<|im_start|>", "<|im_end|>", SMOLLM2,
-              "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-              "<|im_start|>user\n"),
-    "qwen2": (CHATML, "<|im_start|>", "<|im_end|>", QWEN2,
-              "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"),
-    "gemma3": (["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", GEMMA3,
-               "<bos><start_of_turn>user\n"),
-    "gemma4": (["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>"], "<bos>", "<eos>", GEMMA4, "<bos><|turn>user\n"),
-}
-PLAIN = (["<pad>", "<s>", "</s>"], "<s>", "</s>", CHAT_TEMPLATE, "<s>user: ")  # the tests' minimal template
-END_OF_TURN = {"llama": "<|im_end|>", "qwen2": "<|im_end|>", "gemma3": "<end_of_turn>", "gemma4": "<turn|>"}
-
-
-def save_family_tokenizer(folder, family: str, template: bool = True):
-    """A byte-level BPE tokenizer (< VOCAB tokens, ASCII only: random models write valid text) with
-    the family's special tokens and a chat template of its form (or none)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials, bos, eos, chat, _ = PLAIN if family == "plain" else FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = ["the quick brown fox jumps over the lazy dog", "what is the capital of france? tell me a story",
-            "you are a helpful assistant named smollm, trained by hugging face", "system user model"] * 20
-    ascii_only = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a"]  # printable, space, newline (byte-level)
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 20, special_tokens=specials,
-                                                      initial_alphabet=ascii_only))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=specials[0],
-                                   extra_special_tokens=[s for s in specials if s not in (bos, eos, specials[0])])
-    if template:
-        fast.chat_template = chat
-    fast.save_pretrained(folder)
-    return fast
-
 
 @pytest.fixture(scope="module")
 def family_targets(tmp_path_factory):
