@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from gemma4_configs import tiny_gemma4
-from tiny_models import END_OF_TURN, FAMILIES, save_family_tokenizer, tiny_hf_model
+from tiny_models import CHAT_FAMILIES, END_OF_TURN, save_family_tokenizer, tiny_hf_model
 
 import mtpspec
 from mtpspec.errors import InputError
@@ -25,7 +25,7 @@ from mtpspec.train.self_instruct import PromptFilter, generate_prompts, is_repet
 def family_targets(tmp_path_factory):
     """family -> a tiny target folder (model + the family's tokenizer and chat template)."""
     out = {}
-    for fam in FAMILIES:
+    for fam in CHAT_FAMILIES:
         folder = tmp_path_factory.mktemp(f"si-{fam}")
         (tiny_gemma4("e2b", seed=7) if fam == "gemma4" else tiny_hf_model(fam)).save_pretrained(folder)
         save_family_tokenizer(folder, fam)
@@ -44,13 +44,13 @@ def _generate(engine, n, **kw):
     return generate_prompts(engine.model, engine.tokenizer, n, **opts)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(CHAT_FAMILIES))
 def test_pre_query_template_is_the_template_up_to_the_user_message(family, engines):
     """The prompt the target continues is the template's text before a user message (a default
     system prompt included); the template's end-of-turn token ends the message."""
     tok = engines[family].tokenizer
     turn = user_turn(tok, engines[family].eos_ids)
-    assert tok.decode(turn.prefix_ids, skip_special_tokens=False) == FAMILIES[family][4]
+    assert tok.decode(turn.prefix_ids, skip_special_tokens=False) == CHAT_FAMILIES[family][4]
     assert tok.convert_tokens_to_ids(END_OF_TURN[family]) in turn.stop_ids
     assert turn.stop_text is None
     # what the self-distillation renders for a generated prompt starts with the same tokens
@@ -85,7 +85,7 @@ def test_template_with_plain_text_turn_markers(tmp_path):
     assert check(ids) == len(ids)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(CHAT_FAMILIES))
 def test_recipe_yields_distinct_prompts_for_each_family(family, engines):
     eng = engines[family]
     written: list[str] = []
@@ -96,11 +96,11 @@ def test_recipe_yields_distinct_prompts_for_each_family(family, engines):
 
     samples = build_samples(eng.tokenizer, ["self-instruct:6"], self_distill=True, max_len=256, self_instruct=write)
     assert 1 <= len(samples) == len(written) <= 6
-    markup = set(FAMILIES[family][0])
+    markup = set(CHAT_FAMILIES[family][0])
     for p in written:
         assert p.strip() == p and len(p) >= 8
         assert not any(m in p for m in markup)
-        assert p != FAMILIES[family][4].strip()
+        assert p != CHAT_FAMILIES[family][4].strip()
     assert len({normalize(p) for p in written}) == len(written)
     assert all(s.needs_response and s.loss_from == len(s.ids) for s in samples)
     rendered = {tuple(eng.encode(p)) for p in written}  # each sample is a generated prompt as a user message

@@ -112,7 +112,7 @@ GEMMA4 = (
 )
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 = pad, bos, eos of the tiny configs
 # family -> (special tokens in id order, bos, eos, chat template, the pre-query template as text)
-FAMILIES = {
+CHAT_FAMILIES = {
     "llama": (CHATML, "<|im_start|>", "<|im_end|>", SMOLLM2,
               "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
               "<|im_start|>user\n"),
@@ -132,7 +132,7 @@ def save_family_tokenizer(folder, family: str, template: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials, bos, eos, chat, _ = PLAIN if family == "plain" else FAMILIES[family]
+    specials, bos, eos, chat, _ = PLAIN if family == "plain" else CHAT_FAMILIES[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
