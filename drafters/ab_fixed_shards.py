@@ -15,7 +15,7 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
                      the target's attention scale, as the drafter attends with scale 1) and its
                      final norm as the target's. Gemma-style blocks only (sandwich norms, q norm)
     answers:N        each sequence cut N tokens after its prompt (shorter continuations)
-    prompt           the prompt's positions are trained on too (loss from the first token: the labels
+    prompt           the prompt's positions are trained on too (from the first anchor on: the labels
                      are the target's argmax at every position, recorded in the shards anyway;
                      for a base model the prompt is the opening it sampled)
     shards:N         only the first N shards
