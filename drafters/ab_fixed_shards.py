@@ -20,6 +20,10 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
                      for a base model the prompt is the opening it sampled)
     shards:N         only the first N shards
 
+--replay F trains as the one command's schedule does (`mtpspec.train.schedule`): each shard in turn,
+batches of (1 - F) new samples and F replayed from the shards before it, so each shard takes 1 / (1 - F)
+times the steps. Without it (0) an arm is one plain pass, each shard's samples shuffled.
+
     .venv/bin/python drafters/ab_fixed_shards.py --target gemma-3-270m-q4_k_m.gguf \\
         --shards drafters/gemma3-270m.onecmd2h.work/drafter.work --arm base --out /tmp/ab-base
 """
@@ -48,6 +52,7 @@ from mtpspec.train.drafter_init import starting_drafter  # noqa: E402
 from mtpspec.train.harvest import _cut  # noqa: E402
 from mtpspec.train.objective import Objective  # noqa: E402
 from mtpspec.train.optim import Optimiser  # noqa: E402
+from mtpspec.train.schedule import Schedule  # noqa: E402
 
 
 @torch.no_grad()
@@ -74,6 +79,32 @@ def copy_target_layer(drafter, target) -> int:
     lay.mlp.down_proj.weight.copy_(dense(blk.mlp.down))
     drafter.model.norm.weight.copy_(norm(target.norm))
     return src
+
+
+class _Stored(list):
+    """Loaded shards as the schedule reads them (a ShardStore without building)."""
+    external: list = []
+
+    @property
+    def n_shards(self) -> int:
+        return len(self)
+
+
+def batches(shards: list[list], bs: int, seed: int, replay: float):
+    """Every step's batch, in order (module docstring)."""
+    if replay:
+        sched = Schedule(_Stored(shards), batch_size=bs, replay=replay, epochs=1.0, seed=seed, limited=False)
+        for r in range(len(shards)):
+            n_steps, b_new = sched.round_plan(r)
+            for s in range(n_steps):
+                yield sched.batch(r, s, b_new)
+        return
+    rng = random.Random(seed)
+    for shard in shards:
+        order = list(range(len(shard)))
+        rng.shuffle(order)
+        for b in range(0, len(order) - bs + 1, bs):
+            yield [shard[i] for i in order[b : b + bs]]
 
 
 def parse_arm(spec: str) -> dict:
@@ -103,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay", type=float, default=0.0, help="fraction of each batch replayed (module docstring)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop (and end the schedule) after this many steps")
     args = ap.parse_args(argv)
     arm = parse_arm(args.arm)
@@ -121,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         if arm["prompt"]:
             shard = [replace(a, loss_from=1) for a in shard]
         shards.append(shard)
+    if not 0 <= args.replay < 1:
+        raise SystemExit(f"--replay must be in [0, 1), got {args.replay}")
     bs = args.batch_size
-    steps = sum(len(s) // bs for s in shards)
+    steps = sum(1 for _ in batches([range(len(s)) for s in shards], bs, args.seed, args.replay))
     steps = min(steps, args.max_steps or steps)
 
     dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size))
@@ -134,27 +168,25 @@ def main(argv: list[str] | None = None) -> None:
     objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, False, False, "cpu")
     opt = Optimiser(drafter, lr=args.lr, weight_decay=0.0, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                     max_steps=steps, time_budget=None)
-    rng, step, t0, history = random.Random(args.seed), 0, time.time(), []
+    step, t0, history = 0, time.time(), []
     drafter.train()
-    for shard in shards:
-        order = list(range(len(shard)))
-        rng.shuffle(order)
-        for b in range(0, len(order) - bs + 1, bs):
-            if step == steps:
-                break
-            opt.zero_grad()
-            loss, stats = objective(drafter, target, [shard[i] for i in order[b : b + bs]])
-            loss.backward()
-            opt.update(step, 0.0)
-            acc = [round(c / max(n, 1), 4) for n, c, _ in stats]
-            history.append({"step": step, "loss": round(float(loss.detach()), 4), "accuracy": acc,
-                            "positions": [n for n, _, _ in stats]})
-            if step % 20 == 0:
-                print(f"{args.arm} step {step}/{steps} {time.time() - t0:.0f}s loss {float(loss.detach()):.3f} "
-                      f"accuracy {acc}", flush=True)
-            step += 1
+    for batch in batches(shards, bs, args.seed, args.replay):
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss, stats = objective(drafter, target, batch)
+        loss.backward()
+        opt.update(step, 0.0)
+        acc = [round(c / max(n, 1), 4) for n, c, _ in stats]
+        history.append({"step": step, "loss": round(float(loss.detach()), 4), "accuracy": acc,
+                        "positions": [n for n, _, _ in stats]})
+        if step % 20 == 0:
+            print(f"{args.arm} step {step}/{steps} {time.time() - t0:.0f}s loss {float(loss.detach()):.3f} "
+                  f"accuracy {acc}", flush=True)
+        step += 1
     drafter.eval()
-    info = {"arm": args.arm, "shards": str(folder), "steps": step, "seconds": round(time.time() - t0)}
+    info = {"arm": args.arm, "shards": str(folder), "steps": step, "seconds": round(time.time() - t0),
+            "lr": args.lr, "batch_size": bs, "replay": args.replay}
     write_drafter(drafter, Path(args.out), dtype=torch.float16, draft_tokens=cfg.draft_tokens, info=info)
     Path(args.out + ".history.json").write_text(json.dumps(history))
     print(f"{args.arm}: {step} steps in {time.time() - t0:.0f}s; drafter in {args.out}")

@@ -88,12 +88,31 @@ def test_arms_train_on_the_stored_shards_and_write_drafters(tiny_gemma3_tok, gem
     assert sum(h["positions"][0] for h in runs["prompt"]) == sum(len(a) - 1 for a in shard)
 
 
+def test_replay_batches_follow_the_one_commands_schedule():
+    """--replay 0.5: the first shard alone, then each later shard's samples once each, half of every
+    batch, the other half drawn from the shards before it; 0: one shuffled pass, each shard once."""
+    shards = [[(r, i) for i in range(8)] for r in range(3)]
+    plain = list(_script().batches(shards, 4, 0, 0.0))
+    assert len(plain) == 6 and sorted(x for b in plain for x in b) == sorted(x for s in shards for x in s)
+    assert [{r for r, _ in b} for b in plain] == [{0}, {0}, {1}, {1}, {2}, {2}]
+    replay = list(_script().batches(shards, 4, 0, 0.5))
+    assert len(replay) == 2 + 4 + 4 and all(len(b) == 4 for b in replay)
+    assert sorted(replay[0] + replay[1]) == shards[0]
+    for r, steps in ((1, replay[2:6]), (2, replay[6:])):
+        assert sorted(x for b in steps for x in b[:2]) == shards[r]  # each new sample once
+        assert all(x[0] < r for b in steps for x in b[2:])  # the rest replayed from earlier shards
+    assert replay == list(_script().batches(shards, 4, 0, 0.5))  # a pure function of the seed
+
+
 def test_bad_arms_and_targets_are_refused(tiny_with_tokenizer, gemma3_shards, tmp_path):
     mod = _script()
     with pytest.raises(SystemExit, match="unknown arm part 'answers:0'"):
         mod.parse_arm("base+answers:0")
     with pytest.raises(SystemExit, match="unknown arm part 'prompt:2'"):
         mod.parse_arm("prompt:2")
+    with pytest.raises(SystemExit, match="--replay must be in"):
+        mod.main(["--target", str(tiny_with_tokenizer), "--shards", str(gemma3_shards), "--arm", "base",
+                  "--out", str(tmp_path / "x"), "--replay", "1"])
     with pytest.raises(SystemExit, match="not Gemma-style"):
         mod.main(["--target", str(tiny_with_tokenizer), "--shards", str(gemma3_shards), "--arm", "target-layer",
                   "--out", str(tmp_path / "x")])
