@@ -32,7 +32,7 @@ def train_drafter_cmd(
     self_instruct_tokens: Annotated[int, typer.Option("--self-instruct-tokens", help="Max tokens of a prompt the target writes; one not ending its turn within them is dropped.")] = 128,
     max_len: Annotated[int, typer.Option("--max-len", help="Max tokens per training sequence.")] = 384,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per activation shard (the prompts of a shard are answered together, --distill-batch at a time).")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over each new shard.")] = 1.0,
     replay: Annotated[float, typer.Option("--replay", help="Fraction of each batch replayed from earlier shards.")] = 0.5,
