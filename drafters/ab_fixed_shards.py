@@ -131,13 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", required=True, help="a training work dir (or its shards/ folder)")
     ap.add_argument("--arm", required=True, help="arm parts joined with + (module docstring)")
     ap.add_argument("--out", required=True, help="the arm's drafter folder (and OUT.history.json)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="8, as in the arms recorded before the one command's default became 4")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay", type=float, default=0.0, help="fraction of each batch replayed (module docstring)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop (and end the schedule) after this many steps")
     args = ap.parse_args(argv)
     arm = parse_arm(args.arm)
+    if not 0 <= args.replay < 1:
+        raise SystemExit(f"--replay must be in [0, 1), got {args.replay}")
 
     target = mtpspec.load(args.target).model
     tc, cfg = target.cfg, TrainConfig(data=[], out=args.out)
@@ -153,8 +156,6 @@ def main(argv: list[str] | None = None) -> None:
         if arm["prompt"]:
             shard = [replace(a, loss_from=1) for a in shard]
         shards.append(shard)
-    if not 0 <= args.replay < 1:
-        raise SystemExit(f"--replay must be in [0, 1), got {args.replay}")
     bs = args.batch_size
     steps = sum(1 for _ in batches([range(len(s)) for s in shards], bs, args.seed, args.replay))
     steps = min(steps, args.max_steps or steps)
