@@ -41,7 +41,7 @@ class TrainConfig:
     max_len: int = 384
     shard_size: int = 128  # samples per shard: at most this many answers are generated at once
     # 4, not 8: one pass over self-distilled data learns more from twice the (half-size) steps at the
-    # same compute (drafters/README.md, "Batch size")
+    # same compute (drafters/README.md, "Learning rate, batch size and replay")
     batch_size: int = 4
     lr: float = 1e-3
     warmup: int = 20
