@@ -527,8 +527,11 @@ class DecodeBatch:
             self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
         if self.recorder is not None:  # plain decoding: one position per row
             rows = [b for b in range(hi) if active[b]]
-            idx = torch.tensor(rows, device=dev)
-            self.recorder.step(rows, out.hidden[idx, 0], logits[idx, 0])
+            if len(rows) == hi:  # views: gathering [rows, vocab] logits costs as much as their top-k
+                self.recorder.step(rows, out.hidden[:, 0], logits[:, 0])
+            else:
+                idx = torch.tensor(rows, device=dev)
+                self.recorder.step(rows, out.hidden[idx, 0], logits[idx, 0])
         return n_accepted, emitted
 
     def _verify_tree(self, view, seqs, active, last_tokens, drafts, parents):

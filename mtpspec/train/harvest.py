@@ -17,6 +17,26 @@ from .data import Sample
 TOPK_STORED = 8  # target top-k ids kept per position (the hard negatives of the sampled loss)
 
 
+def top_k(logits: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of the k largest logits of each row of `logits` [..., V], largest first: what
+    `logits.topk(k, dim=-1)` gives, ~4x faster over a large vocabulary on a CPU. Each of the k
+    largest values lies in a block (of `block` consecutive ids) whose maximum is at least that
+    value, so the k blocks with the largest maxima hold all of them: top-k over the block maxima
+    (one vectorised pass over the row), then over those k blocks' logits. Equal logits may come
+    out in another order than torch.topk's. Falls back to torch.topk when V is not a multiple of
+    `block` or the row has fewer than k blocks."""
+    v = logits.shape[-1]
+    if v % block or v // block < k:
+        return logits.topk(k, dim=-1)
+    lead = logits.shape[:-1]
+    blocks = logits.reshape(-1, v // block, block)
+    _, best = blocks.amax(dim=-1).topk(k, dim=-1)  # [N, k] block indices
+    cand = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).reshape(blocks.shape[0], k * block)
+    vals, j = cand.topk(k, dim=-1)
+    ids = (best[:, :, None] * block + torch.arange(block, device=logits.device)).reshape(blocks.shape[0], -1).gather(1, j)
+    return vals.reshape(*lead, k), ids.reshape(*lead, k)
+
+
 @dataclass
 class Activations:
     """One sequence's target activations (fp16 on disk/in memory): ids [T], hidden [T, H] (final
@@ -64,7 +84,7 @@ def harvest(target: Decoder, seqs: list[list[int]], loss_from: list[int], attent
             toks[r, : len(seqs[g])] = torch.tensor(seqs[g])
         cache = target.new_cache(len(group), longest)
         res = target.forward(toks, cache)
-        top_logits, top = res.logits.float().topk(TOPK_STORED, dim=-1)
+        top_logits, top = top_k(res.logits.float(), TOPK_STORED)
         for r, g in enumerate(group):
             n = len(seqs[g])
             own = lambda x: x[r, :, :n].to(store_dtype).clone().cpu()  # noqa: E731  (not a view of the cache)
@@ -120,7 +140,7 @@ class ActivationRecorder:
         self.done: dict[tuple, Activations] = {}  # prompt ids -> its answer's activations (greedy: one per prompt)
 
     def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vals, ids = logits.float().topk(TOPK_STORED, dim=-1)
+        vals, ids = top_k(logits.float(), TOPK_STORED)
         return ids.to(torch.int32).cpu(), vals.to(torch.float16).cpu()
 
     def prompt(self, slot: int, hidden: torch.Tensor, logits: torch.Tensor) -> None:
