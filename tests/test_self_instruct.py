@@ -379,7 +379,7 @@ def test_one_command_writes_more_prompts_once_all_are_trained(engines, tmp_path,
     assert len(ids) == len(set(ids)) > 16 and not set(ids) & {tuple(eng.encode(p)) for p in t.generated_heldout}
     assert TrainConfig(data=[], out="x").data_specs(chunk=1) == ["self-instruct:350", "tasks:150"]
     assert TrainConfig(data=[], out="x", shard_size=128, self_instruct_prompts=100).data_specs(chat=False, chunk=2) \
-        == ["self-text:32", "tasks:96"]
+        == ["self-text:64", "tasks:64"]
     # without --more-prompts, or without a limit (epochs end the run), the run replays its one shard
     calls.clear()
     fixed = Trainer(_grow_cfg(tmp_path / "fixed", more_prompts=False), eng)
@@ -569,8 +569,8 @@ def test_a_base_models_training_prompts_are_rendered_as_inference_renders_them(f
 
 def test_one_command_recipe_on_a_base_model_writes_documents_and_adds_tasks(base_engines, tmp_path, monkeypatch):
     """No data and no chat template: the one command trains on openings the target writes
-    (`self-text`, held out and evaluated as with self-instruct) and three times as many `tasks`
-    requests, rendered as plain text."""
+    (`self-text`, held out and evaluated as with self-instruct) and as many `tasks` requests,
+    rendered as plain text."""
     from mtpspec.train.tasks import task_prompts
 
     calls = []
@@ -579,14 +579,14 @@ def test_one_command_recipe_on_a_base_model_writes_documents_and_adds_tasks(base
     eng = base_engines["llama"]
     t = Trainer(_cfg(tmp_path, data=[], self_instruct_prompts=6, eval_limit=3, max_steps=2,
                      self_instruct_max_tokens=16), eng)
-    assert calls == [(5, True)]  # 2 to train on (a quarter of 6, rounded), 3 held out
-    assert [p.name for p in (tmp_path / "drafter.work").glob("self-*.jsonl")] == ["self-text-n5-seed0-t1-p1-len16.jsonl"]
+    assert calls == [(6, True)]
+    assert [p.name for p in (tmp_path / "drafter.work").glob("self-*.jsonl")] == ["self-text-n6-seed0-t1-p1-len16.jsonl"]
     held = t.generated_heldout
     assert len(held) == 3 and t.heldout.prompts == held
     trained = {tuple(s.ids) for s in t.shards.samples}
     assert len(trained) == 6 and not trained & {tuple(eng.encode(p)) for p in held}
     tasks = {tuple(eng.encode(m[-1]["content"])) for _, m in task_prompts(0)}
-    assert len(trained & tasks) == 4
+    assert len(trained & tasks) == 3
     assert t.run().evals[-1]["step"] == 2
-    assert TrainConfig(data=[], out="x").data_specs(chat=False) == ["self-text:500", "tasks:1500"]
+    assert TrainConfig(data=[], out="x").data_specs(chat=False) == ["self-text:1000", "tasks:1000"]
     assert TrainConfig(data=["chitchat"], out="x").data_specs(chat=False) == ["chitchat"]
