@@ -61,8 +61,8 @@ BUGS = {
     # drafter training records the target's activations inside the loop: a row mix-up there
     # would teach the drafter other rows' hidden states
     "record-rows": ("mtpspec/decoding/loop.py",
-                    "self.recorder.step(rows, out.hidden[idx, 0], logits[idx, 0])",
-                    "self.recorder.step(rows, out.hidden[idx.flip(0), 0], logits[idx, 0])",
+                    "self.recorder.step([b for b in range(hi) if active[b]], out.hidden[:, 0], logits[:, 0])",
+                    "self.recorder.step([b for b in range(hi) if active[b]], out.hidden[:, 0].flip(0), logits[:, 0])",
                     "tests/test_train.py", "recorded_while"),
 }
 

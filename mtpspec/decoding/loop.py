@@ -42,7 +42,8 @@ class Recorder(Protocol):
         """Slot's prompt was prefilled: hidden [L, H] of its L positions, logits [V] of the last."""
 
     def step(self, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> None:
-        """One token fed to each of `slots`: hidden [n, H] and logits [n, V] at its position."""
+        """One token fed to each of `slots`: hidden [B, H] and logits [B, V] at each row's position,
+        for all B rows of the batch (row b is slot b; rows not in `slots` hold nothing)."""
 
     def finished(self, slot: int, seq: "SequenceState", cache) -> None:
         """Slot's sequence is done; `cache` (a KVCache) holds the K/V of all its tokens but the
@@ -526,12 +527,8 @@ class DecodeBatch:
         else:
             self.last_hidden[:hi] = out.hidden[torch.arange(hi, device=dev), torch.tensor(n_accepted, device=dev)]
         if self.recorder is not None:  # plain decoding: one position per row
-            rows = [b for b in range(hi) if active[b]]
-            if len(rows) == hi:  # views: gathering [rows, vocab] logits costs as much as their top-k
-                self.recorder.step(rows, out.hidden[:, 0], logits[:, 0])
-            else:
-                idx = torch.tensor(rows, device=dev)
-                self.recorder.step(rows, out.hidden[idx, 0], logits[idx, 0])
+            # all rows, as views: gathering the active rows' [vocab] logits costs as much as their top-k
+            self.recorder.step([b for b in range(hi) if active[b]], out.hidden[:, 0], logits[:, 0])
         return n_accepted, emitted
 
     def _verify_tree(self, view, seqs, active, last_tokens, drafts, parents):

@@ -150,11 +150,11 @@ class ActivationRecorder:
     def step(self, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor) -> None:
         ids, vals = self._topk(logits)
         h = hidden.to(self.store_dtype).cpu()
-        for i, b in enumerate(slots):
+        for b in slots:
             rows = self._rows[b]
-            rows[0].append(h[i : i + 1].clone())
-            rows[1].append(ids[i : i + 1])
-            rows[2].append(vals[i : i + 1])
+            rows[0].append(h[b : b + 1].clone())
+            rows[1].append(ids[b : b + 1])
+            rows[2].append(vals[b : b + 1])
 
     def finished(self, slot: int, seq, cache) -> None:
         hidden, topk, topl, n_prompt = self._rows.pop(slot)
