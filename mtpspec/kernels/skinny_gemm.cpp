@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <cstdint>
 #include <type_traits>
@@ -516,9 +517,15 @@ torch::Tensor cluster_scores(const torch::Tensor& w, const torch::Tensor& s, con
   auto out = torch::empty({B, K * P}, s.options().dtype(torch::kFloat32));
   float* op = out.data_ptr<float>();
   const float* spt = sf.data_ptr<float>();
-  at::parallel_for(0, B * K, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / K, c = tp[i];
+  // work items (row, chosen cluster) in cluster order: the rows that chose a cluster read its
+  // block one after the other while it is in cache (many rows share clusters in a large batch;
+  // in row order every item streamed its block from memory)
+  std::vector<int64_t> items(B * K);
+  for (int64_t i = 0; i < B * K; ++i) items[i] = i;
+  if (B > 1) std::stable_sort(items.begin(), items.end(), [&](int64_t x, int64_t y) { return tp[x] < tp[y]; });
+  at::parallel_for(0, B * K, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t i = items[j], b = i / K, c = tp[i];
       if (bf) {
         cluster_dots(reinterpret_cast<const uint16_t*>(w.data_ptr()) + c * P * H, spt + b * H, P, H, op + i * P);
       } else {

@@ -95,6 +95,9 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.quantization: str | None = None  # what checkpoint.load_decoder quantized (None: dense)
         self.fused: FusedStack | None = None  # set by prepare() / fuse_blocks() for quantized blocks
+        # hidden [..., H] -> (logits [..., V], argmax [...]) in place of the LM head while set: the
+        # trainer's approximate head for answering training prompts (train/shortlist.py)
+        self.head_shortlist = None
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         if cfg.per_layer_input_size:  # Gemma 4 PLE: packed table + projection of the embeddings
@@ -228,7 +231,7 @@ class Decoder(nn.Module):
         b, t = tokens.shape
         cache.check_room(t)
         whole = (self.fused is not None and self.fused.io and moe_stats is None and t <= ROW_ATTENTION_MAX_T
-                 and not bulk_active())
+                 and not bulk_active() and self.head_shortlist is None)
         if whole and tree is None:  # the whole step in one C++ call (models/fused.py)
             if (out := self.fused.step(tokens, cache, logits_at)) is not None:
                 return ForwardOutput(*out)
@@ -252,4 +255,7 @@ class Decoder(nn.Module):
         picked = hidden
         if logits_at is not None:
             picked = hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1]))
+        if self.head_shortlist is not None:
+            logits, best = self.head_shortlist(picked)
+            return ForwardOutput(logits, hidden, best)
         return ForwardOutput(self.logits(picked), hidden)

@@ -185,11 +185,15 @@ def _cut(a: Activations, n: int) -> Activations:
 
 
 def distill_recorded(engine, prompts: list[list[int]], max_new_tokens: int, max_len: int, slots: int,
-                     attention_types) -> tuple[list[list[int]], list[Activations]]:
+                     attention_types, shortlist=None) -> tuple[list[list[int]], list[Activations]]:
     """`distill`, recording each prompt + response's activations while the target answers
-    (`ActivationRecorder`): (responses, activations) in the order of `prompts`."""
+    (`ActivationRecorder`): (responses, activations) in the order of `prompts`. shortlist: a
+    `shortlist.Shortlist` the target's logits come from instead of its full LM head."""
+    from .shortlist import shortlisted
+
     rec = ActivationRecorder(engine.model, attention_types)
-    responses = distill(engine, prompts, max_new_tokens, max_len, slots, rec)
+    with shortlisted(engine.model, shortlist):
+        responses = distill(engine, prompts, max_new_tokens, max_len, slots, rec)
     return responses, [_cut(rec.done[tuple(p)], max_len) for p in prompts]
 
 
@@ -234,14 +238,15 @@ def answer_agreement(acts: list[Activations], starts: list[int | None]) -> tuple
 def build_shard(engine, samples: list[Sample], attention_types, *, max_new_tokens: int, max_len: int, slots: int,
                 label: str | None = None, report: dict | None = None,
                 respond: Callable[[list[list[int]], list[int]], list[list[int]]] | None = None,
-                record: bool = True) -> list[Activations]:
+                record: bool = True, shortlist=None) -> list[Activations]:
     """The activations of one shard of samples (prompts self-distilled first; the local target's
     passes in `kernels.bulk_matmuls` mode, bfloat16 GEMMs where the CPU has them); with a label, one
     line of progress on stderr. respond(prompts, max tokens of each): the responses (default: the
     local target's greedy ones, `distill`; with `record`, their activations are recorded while the
     target answers, `distill_recorded`, instead of a second pass over them). report: filled with
     the shard's responses, their tokens and how many of those differ from the target's greedy
-    choice (`answer_agreement`)."""
+    choice (`answer_agreement`). shortlist: the recorded answers' logits come from this
+    `shortlist.Shortlist` instead of the full LM head."""
     prompts = [s.ids for s in samples if s.needs_response]
     recorded: list[Activations] = []
     with bulk_matmuls():  # one context: each weight's dense copy serves both the answers and the harvest
@@ -251,7 +256,8 @@ def build_shard(engine, samples: list[Sample], attention_types, *, max_new_token
         elif respond is not None:
             responses = respond(prompts, response_budgets(engine, prompts, max_new_tokens, max_len))
         elif record:
-            responses, recorded = distill_recorded(engine, prompts, max_new_tokens, max_len, slots, attention_types)
+            responses, recorded = distill_recorded(engine, prompts, max_new_tokens, max_len, slots, attention_types,
+                                                   shortlist)
         else:
             responses = distill(engine, prompts, max_new_tokens, max_len, slots)
         t1 = time.time()

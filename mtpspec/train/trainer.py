@@ -41,6 +41,7 @@ from .progress import Progress
 from .remote import AnswerCache, RemoteTeacher, Sampling, stderr_log
 from .schedule import Schedule
 from .shards import ShardStore, read_external_shards
+from .shortlist import FIT_POSITIONS, MIN_RECALL, Shortlist
 from .stop import StopRequest
 
 
@@ -112,6 +113,9 @@ class Trainer:
                                         num_centroids=cfg.num_centroids, centroid_top_k=cfg.centroid_top_k)
         self.drafter = starting_drafter(dcfg, self.target, seed=cfg.seed, train_head=cfg.train_head,
                                         init_from=cfg.init_from)
+        if cfg.answer_shortlist and self.drafter.masked_embedding is None:
+            raise InputError("--answer-shortlist needs a clustered drafter head (--clustered): the shortlist is made "
+                             "of its token clusters")
         self.opt = Optimiser(self.drafter, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                              grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, time_budget=cfg.time_budget)
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
@@ -138,6 +142,7 @@ class Trainer:
         distributed.check_micro_batches(cfg.batch_size, self.micro_batch, g.world)
         distributed.broadcast_parameters(g, self.drafter)
         self.teacher: RemoteTeacher | None = None
+        self._shortlist: Shortlist | None | bool = False  # False: not decided yet (`_answer_shortlist`)
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
         self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples), specs)
@@ -236,13 +241,55 @@ class Trainer:
         if self.group.world > 1:
             label = f"rank {self.group.rank}: {label}"
         report = {"answers_from": cfg.distill_url or "target"}
+        shortlist = self._answer_shortlist()
+        if shortlist is not None:
+            report["answer_head"] = {"shortlist_clusters": shortlist.top_k, "clusters": shortlist.weight.shape[0],
+                                     "heldout_recall": shortlist.recall}
         t0 = time.time()
         acts = build_shard(self.engine, samples, list(dict.fromkeys(self.drafter.cfg.layer_types)),
                            max_new_tokens=cfg.distill_max_new_tokens, max_len=cfg.max_len, slots=cfg.distill_batch,
                            label=label if cfg.progress else None, report=report,
-                           respond=self._remote_answers if cfg.distill_url else None)
+                           respond=self._remote_answers if cfg.distill_url else None, shortlist=shortlist)
         self.shard_seconds = time.time() - t0
         return acts, report
+
+    def _answer_shortlist(self) -> Shortlist | None:
+        """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first
+        shard, answered with the full head, has fitted it; None before that, when it is off
+        (`answer_shortlist`; by default on with a clustered drafter head) or when no shortlist size
+        reaches `MIN_RECALL` on held-out positions of that shard. Fitted once per process (seeded:
+        a resumed run fits the same one)."""
+        cfg = self.cfg
+        if self._shortlist is not False:
+            return self._shortlist
+        masked = self.drafter.masked_embedding
+        if cfg.distill_url or not cfg.self_distill or masked is None or not (
+                cfg.answer_shortlist if cfg.answer_shortlist is not None else True):
+            self._shortlist = None
+            return None
+        if not self.shards.loaded or not self.shards.loaded[0]:
+            return None  # the first shard: the full head answers it (and labels the fit)
+        t0 = time.time()
+        first = self.shards.loaded[0]  # its labelled positions: from the prompt's last on
+        hidden = torch.cat([a.hidden[max(0, a.loss_from - 1):] for a in first])
+        topk = torch.cat([a.topk[max(0, a.loss_from - 1):] for a in first])
+        if hidden.shape[0] > FIT_POSITIONS:
+            keep = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:FIT_POSITIONS]
+            hidden, topk = hidden[keep], topk[keep]
+        head = self.target.lm_head
+        weight = head.unpacked_weight() if hasattr(head, "unpacked_weight") else head.weight.detach()
+        n_clusters = masked.num_centroids
+        sl = Shortlist.fit(weight.cpu(), masked.token_ordering.cpu(), hidden, topk, n_clusters=n_clusters,
+                           top_k=tuple(max(1, n_clusters // d) for d in (64, 32, 16)),
+                           softcap=self.target.cfg.final_softcap, seed=cfg.seed)
+        used = sl.recall is not None and sl.recall >= MIN_RECALL
+        if cfg.progress and self.group.is_main:
+            print(f"answer shortlist: the top {sl.top_k} of {n_clusters} token clusters hold the target's argmax at "
+                  f"{sl.recall or 0:.2%} of held-out positions of shard 1 ({time.time() - t0:.0f}s to fit); "
+                  + ("later shards are answered with it" if used else
+                     f"below {MIN_RECALL:.0%}: the full LM head answers"), file=sys.stderr, flush=True)
+        self._shortlist = sl.to(self.target.device) if used else None
+        return self._shortlist
 
     def _remote_answers(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
         """Answers from the --distill-url server (remote.py), cached in <work>/distill."""
