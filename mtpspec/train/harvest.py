@@ -280,8 +280,8 @@ def build_shard(engine, samples: list[Sample], attention_types, *, max_new_token
         how = "received" if respond is not None else "generated"
         what = f"activations in {time.time() - t1:.0f}s"
         if recorded:
-            what = "answers' activations recorded while answering" + (f", the rest's in {time.time() - t1:.0f}s"
-                                                                      if rest else "")
+            what = ("answers' activations recorded while answering" + (" with the shortlist LM head" if shortlist else "")
+                    + (f", the rest's in {time.time() - t1:.0f}s" if rest else ""))
         # recorded labels are the answer tokens themselves: only a second pass can disagree with them
         agree = (f"; the target's greedy choice differs from {differ / n_ans:.1%} of the answer tokens"
                  if n_ans and not recorded else "")
