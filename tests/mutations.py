@@ -64,6 +64,14 @@ BUGS = {
                     "self.recorder.step([b for b in range(hi) if active[b]], out.hidden[:, 0], logits[:, 0])",
                     "self.recorder.step([b for b in range(hi) if active[b]], out.hidden[:, 0].flip(0), logits[:, 0])",
                     "tests/test_train.py", "recorded_while"),
+    "shortlist-stale-logits": ("mtpspec/train/shortlist.py",
+                               'self._buf[: self._written.shape[0]].scatter_(1, self._written, float("-inf"))',
+                               "pass",
+                               "tests/test_shortlist.py", "exact_on_the_shortlist"),
+    "shortlist-not-answering": ("mtpspec/train/harvest.py",
+                                "with shortlisted(engine.model, shortlist):",
+                                "with shortlisted(engine.model, None):",
+                                "tests/test_shortlist.py", "trainer_answers"),
 }
 
 
