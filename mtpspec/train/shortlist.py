@@ -126,7 +126,7 @@ class Shortlist:
         cluster_of = torch.empty_like(order)
         cluster_of[order] = torch.arange(v) // p
         y = cluster_of[topk.long()]  # [N, k]
-        share = torch.full((k,), 0.5 / max(1, k - 1)) if k > 1 else torch.ones(1)
+        share = torch.full((k,), 0.5 / (k - 1)) if k > 1 else torch.ones(1)  # the argmax's cluster: 1/2
         share[0] = 0.5 if k > 1 else 1.0
         base = weight.mean(dim=1)
         delta, bias = torch.zeros(n_clusters, h), torch.zeros(n_clusters)

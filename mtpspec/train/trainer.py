@@ -263,8 +263,7 @@ class Trainer:
         if self._shortlist is not False:
             return self._shortlist
         masked = self.drafter.masked_embedding
-        if cfg.distill_url or not cfg.self_distill or masked is None or not (
-                cfg.answer_shortlist if cfg.answer_shortlist is not None else True):
+        if cfg.distill_url or not cfg.self_distill or masked is None or cfg.answer_shortlist is False:
             self._shortlist = None
             return None
         if not self.shards.loaded or not self.shards.loaded[0]:
