@@ -60,7 +60,7 @@ class Shortlist:
         """(ids [N, top_k * P], exact logits [N, top_k * P] fp32) of the shortlisted tokens of each
         final hidden state hidden [N, H]."""
         s = hidden.float().contiguous()
-        top = torch.topk(F.linear(s, self.scorer, self.bias), self.top_k, dim=-1).indices
+        top = self._clusters(s)
         c, p, _ = self.weight.shape
         vals = kernels.cluster_scores(self.weight, s, top)
         if vals is None:  # no extension (or not a CPU): the same products in torch
@@ -90,10 +90,12 @@ class Shortlist:
 
     def hits(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[N] bool: whether each label (the exact head's argmax) is among the shortlisted tokens."""
-        cluster_of = torch.empty_like(self.order)
-        cluster_of[self.order] = torch.arange(self.vocab_size) // self.weight.shape[1]
-        top = torch.topk(F.linear(hidden.float(), self.scorer, self.bias), self.top_k, dim=-1).indices
-        return (top == cluster_of[labels][:, None]).any(dim=-1)
+        cluster_of = _token_clusters(self.order, self.weight.shape[1])
+        return (self._clusters(hidden.float()) == cluster_of[labels][:, None]).any(dim=-1)
+
+    def _clusters(self, s: torch.Tensor) -> torch.Tensor:
+        """The top_k clusters [N, top_k] the scorer ranks highest for fp32 states s [N, H]."""
+        return torch.topk(F.linear(s, self.scorer, self.bias), self.top_k, dim=-1).indices
 
     @classmethod
     @torch.no_grad()
@@ -123,9 +125,7 @@ class Shortlist:
         n_test = min(n - 1, int(holdout * n))
         test, train = perm[:n_test], perm[n_test:]
         x = hidden.float()
-        cluster_of = torch.empty_like(order)
-        cluster_of[order] = torch.arange(v) // p
-        y = cluster_of[topk.long()]  # [N, k]
+        y = _token_clusters(order, p)[topk.long()]  # [N, k]
         share = torch.full((k,), 0.5 / (k - 1)) if k > 1 else torch.ones(1)  # the argmax's cluster: 1/2
         share[0] = 0.5 if k > 1 else 1.0
         base = weight.mean(dim=1)
@@ -154,6 +154,13 @@ class Shortlist:
         """This shortlist with its tensors on `device`."""
         return Shortlist(self.weight.to(device), self.order.to(device), self.scorer.to(device), self.bias.to(device),
                          self.top_k, self.softcap, self.recall)
+
+
+def _token_clusters(order: torch.Tensor, per_cluster: int) -> torch.Tensor:
+    """The cluster of each token [V] of a cluster-major token order (as `MaskedEmbedding.token_clusters`)."""
+    cluster_of = torch.empty_like(order)
+    cluster_of[order] = torch.arange(order.numel(), device=order.device) // per_cluster
+    return cluster_of
 
 
 @contextlib.contextmanager
