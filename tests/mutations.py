@@ -72,6 +72,18 @@ BUGS = {
                                 "with shortlisted(engine.model, shortlist):",
                                 "with shortlisted(engine.model, None):",
                                 "tests/test_shortlist.py", "trainer_answers"),
+    "shortlist-first-shard-from-memory-only": ("mtpspec/train/trainer.py",
+                                               "else shards.read(0) if shards.path(0).is_file() else None",
+                                               "else None",
+                                               "tests/test_shortlist.py", "full_head"),
+    "shortlist-without-stop-tokens": ("mtpspec/train/trainer.py",
+                                      "always=self._stop_tokens())",
+                                      "always=None)",
+                                      "tests/test_shortlist.py", "trainer_answers"),
+    "kmeans-keeps-least-similar": ("mtpspec/train/clustering.py",
+                                   "order = torch.argsort(score, descending=True)",
+                                   "order = torch.argsort(score)",
+                                   "tests/test_train.py", "capacity_assignment"),
 }
 
 

@@ -1,7 +1,7 @@
 """The shortlist LM head that answers training prompts (train/shortlist.py): exact logits of the
 shortlisted tokens and -inf elsewhere, a fitted scorer whose recall is measured, the decoding
-loop taking its tokens, and the trainer fitting it on the first shard and answering the next
-shards with it."""
+loop taking its tokens (greedy or sampled), and the trainer fitting it on the first shard and
+answering the next shards with it (never writing prompts with it)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import json
 
 import pytest
 import torch
+from test_self_instruct import _grow_cfg, engines, family_targets  # noqa: F401  (fixtures)
 from test_train import _cfg, data_files, engine  # noqa: F401  (fixtures)
 
 from mtpspec.decoding.loop import Request, decode
+from mtpspec.decoding.sampling import SamplingParams
 from mtpspec.errors import InputError
 from mtpspec.train import Trainer
+from mtpspec.train import self_instruct as si
 from mtpspec.train.clustering import balanced_kmeans
 from mtpspec.train.shortlist import Shortlist, shortlisted
 
@@ -44,6 +47,13 @@ def test_logits_are_exact_on_the_shortlist_and_minus_inf_elsewhere():
         torch.testing.assert_close(logits[on], ref[on])
         assert torch.isneginf(logits[~on]).all()
         assert torch.equal(best, ref.masked_fill(~on, float("-inf")).argmax(-1))
+    # tokens that end a sequence are scored at every position, whatever the scorer ranks
+    always = torch.tensor([7, 300])
+    sl = Shortlist.fit(w, order, h, (h @ w.T).topk(8).indices, n_clusters=10, top_k=1, steps=5, always=always)
+    logits, _ = sl(h)
+    torch.testing.assert_close(logits[:, always], (h @ w.T)[:, always])
+    assert bool(sl.hits(h, torch.full((40,), 300)).all())
+    assert sl.to("cpu").always.tolist() == [7, 300]
 
 
 def test_fit_learns_the_argmax_clusters_and_measures_its_recall():
@@ -64,16 +74,19 @@ def test_fit_learns_the_argmax_clusters_and_measures_its_recall():
     assert Shortlist.fit(w, order, train, topk, min_recall=1.01, **sizes).top_k == 4
 
 
-def test_decoding_takes_the_shortlists_tokens(engine):  # noqa: F811
+@pytest.mark.parametrize("temperature", [0.0, 1.0])  # greedy answers; sampled prompts (a run's later chunks)
+def test_decoding_takes_the_shortlists_tokens(engine, temperature):  # noqa: F811
     m = engine.model
     head = m.lm_head
     w = (head.unpacked_weight() if hasattr(head, "unpacked_weight") else head.weight).detach().float()
     c, hdim = 10, w.shape[1]
     order = balanced_kmeans(w, c)
-    reqs = lambda: [Request(p, 12) for p in ([5, 9, 33, 7], [40, 41, 42], list(range(3, 20)))]  # noqa: E731
+    prompts = ([5, 9, 33, 7], [40, 41, 42], list(range(3, 20)))
+    reqs = lambda: [Request(p, 12, params=SamplingParams(temperature, seed=i))  # noqa: E731
+                    for i, p in enumerate(prompts)]
     plain = [s.new_ids for s in decode(m, reqs(), slots=2)]
     every = Shortlist(w[order].view(c, -1, hdim).contiguous(), order, torch.zeros(c, hdim), torch.zeros(c), top_k=c)
-    with shortlisted(m, every):  # every cluster shortlisted: plain greedy decoding
+    with shortlisted(m, every):  # every cluster shortlisted: plain decoding, the same samples
         assert [s.new_ids for s in decode(m, reqs(), slots=2)] == plain
     assert m.head_shortlist is None
     bias = torch.zeros(c)
@@ -100,7 +113,7 @@ def test_trainer_answers_later_shards_with_a_shortlist_fitted_on_the_first(engin
 
     monkeypatch.setattr(Shortlist, "fit", fit_then_force_cluster_3)
     kw = dict(max_steps=6, eval_prompts=None, clustered=True, num_centroids=10, centroid_top_k=4)
-    tr = Trainer(_cfg(data_files, tmp_path, **kw), engine)
+    tr = Trainer(_cfg(data_files, tmp_path, answer_shortlist=True, **kw), engine)
     tr.run()
     sl = tr._shortlist
     first = tr.shards.loaded[0]  # fitted once, on the first shard's labelled positions
@@ -112,9 +125,36 @@ def test_trainer_answers_later_shards_with_a_shortlist_fitted_on_the_first(engin
     cluster3 = set(sl.order.view(10, -1)[3].tolist())
     chosen = lambda shard: [t for a in shard for t in a.labels[a.loss_from - 1:].tolist()]  # noqa: E731
     assert not set(chosen(first)) <= cluster3  # the full head's answers
-    assert set(chosen(tr.shards.loaded[1])) <= cluster3  # the shortlist's
-    off = Trainer(_cfg(data_files, tmp_path / "off", answer_shortlist=False, **kw), engine)
+    stops = set(tr._stop_tokens())  # scored at every position: answers (and prompts) can end
+    assert set(sl.always.tolist()) == stops and set(engine.eos_ids) <= stops
+    assert set(chosen(tr.shards.loaded[1])) <= cluster3 | stops  # the shortlist's
+    off = Trainer(_cfg(data_files, tmp_path / "off", **kw), engine)  # off by default
     off.run()
     assert off._shortlist is None
     with pytest.raises(InputError, match="clustered"):
         Trainer(_cfg(data_files, tmp_path / "bad", answer_shortlist=True, max_steps=1), engine)
+
+
+def test_prompts_are_written_with_the_full_head(engines, tmp_path, monkeypatch):  # noqa: F811
+    """Prompts the target writes (sampled), later chunks too, come from its full LM head even when
+    shards are answered with the shortlist (fitted on greedy answers, it would truncate the
+    distribution they are sampled from). A run that has not loaded its first shard (resumed) fits
+    the same shortlist from the shard on disk."""
+    monkeypatch.setattr("mtpspec.train.trainer.MIN_RECALL", 0.0)  # a tiny random target: any recall will do
+    heads, real = [], si.generate_prompts
+
+    def record(model, *a, **k):
+        heads.append((k["seed"], model.head_shortlist))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(si, "generate_prompts", record)
+    kw = dict(clustered=True, num_centroids=10, centroid_top_k=4, answer_shortlist=True)
+    eng = engines["llama"]
+    t = Trainer(_grow_cfg(tmp_path, **kw), eng)
+    t.run()
+    assert isinstance(t._shortlist, Shortlist)
+    assert heads == [(0, None), (1, None), (2, None)]
+    fresh = Trainer(_grow_cfg(tmp_path, **kw), eng)  # the same work dir, no shard loaded
+    assert not fresh.shards.loaded
+    again = fresh._answer_shortlist()
+    assert torch.equal(again.scorer, t._shortlist.scorer) and again.top_k == t._shortlist.top_k

@@ -354,6 +354,37 @@ def test_balanced_kmeans_gives_equal_clusters():
     assert own > other
 
 
+def _dense_capacity_assign(sim: torch.Tensor, cap: int) -> torch.Tensor:
+    """The capacity-constrained assignment over the full similarities [V, C], row by row in
+    rounds: every unassigned row proposes to its most similar centroid with room; each centroid
+    keeps its most similar proposers up to its room."""
+    v, c = sim.shape
+    assign, room = torch.full((v,), -1), torch.full((c,), cap)
+    while (assign < 0).any():
+        free = (assign < 0).nonzero().squeeze(1).tolist()
+        best = {r: int(sim[r].masked_fill(room == 0, float("-inf")).argmax()) for r in free}
+        for col in set(best.values()):
+            rows = sorted((r for r in free if best[r] == col), key=lambda r: -float(sim[r, col]))
+            for r in rows[: int(room[col])]:
+                assign[r] = col
+            room[col] -= min(len(rows), int(room[col]))
+    return assign
+
+
+@pytest.mark.parametrize("candidates,chunk", [(16, 16384), (2, 50), (1, 7)])
+def test_capacity_assignment_from_candidates_equals_the_dense_one(candidates, chunk):
+    """The assignment reads each row's few most similar centroids (a chunk of rows at a time) and
+    the full similarities only for rows whose candidates have all closed: the same assignment."""
+    from mtpspec.train.clustering import _capacity_assign
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(240, 8, generator=g) + torch.tensor([2.0] + [0.0] * 7), dim=-1)
+    cent = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    got = _capacity_assign(x, cent, 20, candidates=candidates, chunk=chunk)
+    assert torch.equal(got, _dense_capacity_assign(x @ cent.T, 20))
+    assert torch.bincount(got, minlength=12).tolist() == [20] * 12
+
+
 def test_clustered_head_training_reports_hit_rate(engine, data_files, tmp_path):
     tr = Trainer(_cfg(data_files, tmp_path, max_steps=20, eval_prompts=None, clustered=True, num_centroids=20,
                       centroid_top_k=4), engine)

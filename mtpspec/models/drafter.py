@@ -357,6 +357,14 @@ class DraftContext:
     types: dict[str, TypeContext]
 
 
+def token_clusters(order: torch.Tensor, per_cluster: int) -> torch.Tensor:
+    """The cluster of each token [V] of a cluster-major token ordering (cluster c holds tokens
+    order[c * per_cluster : (c + 1) * per_cluster])."""
+    cluster_of = torch.empty_like(order)
+    cluster_of[order] = torch.arange(order.numel(), device=order.device) // per_cluster
+    return cluster_of
+
+
 class MaskedEmbedding(nn.Module):
     """Clustered LM head: `centroids` scores clusters, `token_ordering` ([V], a permutation viewed
     as [C, V/C]) lists each cluster's tokens."""
@@ -378,10 +386,7 @@ class MaskedEmbedding(nn.Module):
 
     def token_clusters(self) -> torch.Tensor:
         """The cluster of each token [V]."""
-        order = self.token_ordering
-        cluster_of = torch.empty_like(order)
-        cluster_of[order] = torch.arange(order.numel(), device=order.device) // self.per_cluster
-        return cluster_of
+        return token_clusters(self.token_ordering, self.per_cluster)
 
     def _select(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top = self.clusters(s)[1]  # [B, top_k]

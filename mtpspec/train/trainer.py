@@ -41,7 +41,7 @@ from .progress import Progress
 from .remote import AnswerCache, RemoteTeacher, Sampling, stderr_log
 from .schedule import Schedule
 from .shards import ShardStore, read_external_shards
-from .shortlist import FIT_POSITIONS, MIN_RECALL, Shortlist
+from .shortlist import MIN_RECALL, Shortlist, fit_on_answers
 from .stop import StopRequest
 
 
@@ -111,8 +111,12 @@ class Trainer:
                                         clustered=cfg.clustered_for(self.target.cfg.vocab_size),
                                         intermediate_size=cfg.intermediate_size,
                                         num_centroids=cfg.num_centroids, centroid_top_k=cfg.centroid_top_k)
+        t0 = time.time()
         self.drafter = starting_drafter(dcfg, self.target, seed=cfg.seed, train_head=cfg.train_head,
                                         init_from=cfg.init_from)
+        if dcfg.clustered and not cfg.init_from and cfg.progress and g.is_main:
+            print(f"train-drafter: clustered head: {dcfg.vocab_size} tokens in {dcfg.num_centroids} clusters "
+                  f"(balanced k-means, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
         if cfg.answer_shortlist and self.drafter.masked_embedding is None:
             raise InputError("--answer-shortlist needs a clustered drafter head (--clustered): the shortlist is made "
                              "of its token clusters")
@@ -127,6 +131,7 @@ class Trainer:
         self.generated_heldout: list[str] = []
         self.written: list[str] = []  # every prompt the target wrote for this run, held-out ones too
         self.chat = self_instruct.has_chat_template(engine.tokenizer)
+        self._shortlist: Shortlist | None | bool = False  # False: not decided yet (`_answer_shortlist`)
         self.grows = cfg.grows()  # more prompts once all are trained on (`_more_data`)
         specs = cfg.data_specs(chat=self.chat)
         t_data = time.time()
@@ -142,7 +147,6 @@ class Trainer:
         distributed.check_micro_batches(cfg.batch_size, self.micro_batch, g.world)
         distributed.broadcast_parameters(g, self.drafter)
         self.teacher: RemoteTeacher | None = None
-        self._shortlist: Shortlist | None | bool = False  # False: not decided yet (`_answer_shortlist`)
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
         self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples), specs)
@@ -212,7 +216,9 @@ class Trainer:
         """n prompts written by the target, user messages (the `self-instruct` recipe) or openings
         of documents (`self-text`, documents=True), sampled with `seed`, generated once and kept in the work dir: a
         resumed or repeated run reads them. Without --eval-prompts, `split` more are written and
-        held out for evaluation (`generated_heldout`), never trained on."""
+        held out for evaluation (`generated_heldout`), never trained on. Always with the full LM
+        head: the answers' shortlist leaves out 13% of the probability of the openings Gemma 3
+        270M writes (drafters/README.md, `drafters/shortlist_truncation.py`)."""
         cfg, eng = self.cfg, self.engine
         split, self.split = self.split, 0  # one split, for the first self-written spec
         if split:
@@ -254,33 +260,25 @@ class Trainer:
         return acts, report
 
     def _answer_shortlist(self) -> Shortlist | None:
-        """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first
-        shard, answered with the full head, has fitted it; None before that, when it is off
-        (`answer_shortlist`; by default on with a clustered drafter head) or when no shortlist size
-        reaches `MIN_RECALL` on held-out positions of that shard. Fitted once per process (seeded:
-        a resumed run fits the same one)."""
+        """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first shard, answered with the full head, has fitted it; None
+        before that, when it is off (`answer_shortlist`, off by default; it needs a clustered head)
+        or when no shortlist size reaches `MIN_RECALL` on held-out positions of that shard. Fitted
+        once per process (seeded: a resumed run fits the same one)."""
         cfg = self.cfg
         if self._shortlist is not False:
             return self._shortlist
         masked = self.drafter.masked_embedding
-        if cfg.distill_url or not cfg.self_distill or masked is None or cfg.answer_shortlist is False:
+        if cfg.distill_url or not cfg.self_distill or masked is None or not cfg.answer_shortlist:
             self._shortlist = None
             return None
-        if not self.shards.loaded or not self.shards.loaded[0]:
+        shards = self.shards  # the first shard: in memory, or on disk
+        first = shards.loaded[0] if shards.loaded else shards.read(0) if shards.path(0).is_file() else None
+        if not first:
             return None  # the first shard: the full head answers it (and labels the fit)
         t0 = time.time()
-        first = self.shards.loaded[0]  # its labelled positions: from the prompt's last on
-        hidden = torch.cat([a.hidden[max(0, a.loss_from - 1):] for a in first])
-        topk = torch.cat([a.topk[max(0, a.loss_from - 1):] for a in first])
-        if hidden.shape[0] > FIT_POSITIONS:
-            keep = torch.randperm(hidden.shape[0], generator=torch.Generator().manual_seed(cfg.seed))[:FIT_POSITIONS]
-            hidden, topk = hidden[keep], topk[keep]
-        head = self.target.lm_head
-        weight = head.unpacked_weight() if hasattr(head, "unpacked_weight") else head.weight.detach()
         n_clusters = masked.num_centroids
-        sl = Shortlist.fit(weight.cpu(), masked.token_ordering.cpu(), hidden, topk, n_clusters=n_clusters,
-                           top_k=tuple(max(1, n_clusters // d) for d in (64, 32, 16)),
-                           softcap=self.target.cfg.final_softcap, seed=cfg.seed)
+        sl = fit_on_answers(self.target, masked.token_ordering, first, n_clusters=n_clusters, seed=cfg.seed,
+                            always=self._stop_tokens())
         used = sl.recall is not None and sl.recall >= MIN_RECALL
         if cfg.progress and self.group.is_main:
             print(f"answer shortlist: the top {sl.top_k} of {n_clusters} token clusters hold the target's argmax at "
@@ -289,6 +287,17 @@ class Trainer:
                      f"below {MIN_RECALL:.0%}: the full LM head answers"), file=sys.stderr, flush=True)
         self._shortlist = sl.to(self.target.device) if used else None
         return self._shortlist
+
+    def _stop_tokens(self) -> list[int]:
+        """The tokens that end an answer or a prompt the target writes: EOS, and a chat target's
+        end of a user turn."""
+        stops = set(self.engine.eos_ids)
+        if self.chat:
+            try:
+                stops |= self_instruct.user_turn(self.engine.tokenizer, self.engine.eos_ids).stop_ids
+            except InputError:  # a template that cannot render a user turn: it writes no prompts either
+                pass
+        return sorted(stops)
 
     def _remote_answers(self, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
         """Answers from the --distill-url server (remote.py), cached in <work>/distill."""
