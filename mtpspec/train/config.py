@@ -31,9 +31,9 @@ class TrainConfig:
     # rows the target decodes at once (self-distillation, self-instruct): on a 2-core Xeon the default
     # model answered 448 / 536 / 578 tok/s with 64 / 128 / 256 (bulk mode, 256 prompts)
     distill_batch: int = 128
-    # answer (and write later prompts) with the shortlist LM head (shortlist.py) once the first shard,
-    # answered with the full head, has fitted it; needs a clustered drafter head. Off by default: in
-    # the 2-hour check on Gemma 3 270M it did not beat the full head (drafters/README.md)
+    # answer with the shortlist LM head (shortlist.py) once the first shard, answered with the full
+    # head, has fitted it; needs a clustered drafter head. Off by default: in the 2-hour check on
+    # Gemma 3 270M it did not beat the full head (drafters/README.md)
     answer_shortlist: bool = False
     self_instruct_temperature: float = 1.0  # the `self-instruct` recipe's sampling (see self_instruct.py)
     self_instruct_top_p: float = 1.0

@@ -59,6 +59,7 @@ class Shortlist:
     # the logits buffer `__call__` returns (all -inf but the last call's candidates) and those ids
     _buf: torch.Tensor | None = field(default=None, init=False, repr=False)
     _written: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _always_rows: torch.Tensor | None = field(default=None, init=False, repr=False)  # [A, H] weight rows
 
     @property
     def vocab_size(self) -> int:
@@ -75,9 +76,12 @@ class Shortlist:
             vals = torch.einsum("nkph,nh->nkp", self.weight[top], s).reshape(s.shape[0], -1)
         ids = self.order.view(c, p)[top].reshape(s.shape[0], -1)
         if self.always is not None and self.always.numel():
-            w = self.weight.view(-1, s.shape[1])[self._position[self.always]]
+            if self._always_rows is None:
+                pos = torch.empty_like(self.order)  # each token's row in the cluster-major weight
+                pos[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+                self._always_rows = self.weight.view(-1, s.shape[1])[pos[self.always]]
             ids = torch.cat([ids, self.always.expand(s.shape[0], -1)], dim=1)
-            vals = torch.cat([vals, s @ w.T], dim=1)
+            vals = torch.cat([vals, s @ self._always_rows.T], dim=1)
         if self.softcap is not None:
             vals = torch.tanh(vals / self.softcap) * self.softcap
         return ids, vals
@@ -105,13 +109,6 @@ class Shortlist:
         cluster_of = token_clusters(self.order, self.weight.shape[1])
         inside = (self._clusters(hidden.float()) == cluster_of[labels][:, None]).any(dim=-1)
         return inside | torch.isin(labels, self.always) if self.always is not None else inside
-
-    @property
-    def _position(self) -> torch.Tensor:
-        """Each token's row [V] in the cluster-major weight."""
-        pos = torch.empty_like(self.order)
-        pos[self.order] = torch.arange(self.order.numel(), device=self.order.device)
-        return pos
 
     def _clusters(self, s: torch.Tensor) -> torch.Tensor:
         """The top_k clusters [N, top_k] the scorer ranks highest for fp32 states s [N, H]."""
