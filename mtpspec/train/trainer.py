@@ -131,7 +131,6 @@ class Trainer:
         self.generated_heldout: list[str] = []
         self.written: list[str] = []  # every prompt the target wrote for this run, held-out ones too
         self.chat = self_instruct.has_chat_template(engine.tokenizer)
-        self._shortlist: Shortlist | None | bool = False  # False: not decided yet (`_answer_shortlist`)
         self.grows = cfg.grows()  # more prompts once all are trained on (`_more_data`)
         specs = cfg.data_specs(chat=self.chat)
         t_data = time.time()
@@ -147,6 +146,7 @@ class Trainer:
         distributed.check_micro_batches(cfg.batch_size, self.micro_batch, g.world)
         distributed.broadcast_parameters(g, self.drafter)
         self.teacher: RemoteTeacher | None = None
+        self._shortlist: Shortlist | None | bool = False  # False: not decided yet (`_answer_shortlist`)
         self.schedule = Schedule(self.shards, batch_size=cfg.batch_size, replay=cfg.replay, epochs=cfg.epochs,
                                  seed=cfg.seed, limited=cfg.max_steps is not None or cfg.time_budget is not None)
         self.checkpoint = Checkpoint(self.work / "checkpoint.pt", asdict(cfg), len(samples), specs)
@@ -260,10 +260,11 @@ class Trainer:
         return acts, report
 
     def _answer_shortlist(self) -> Shortlist | None:
-        """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first shard, answered with the full head, has fitted it; None
-        before that, when it is off (`answer_shortlist`, off by default; it needs a clustered head)
-        or when no shortlist size reaches `MIN_RECALL` on held-out positions of that shard. Fitted
-        once per process (seeded: a resumed run fits the same one)."""
+        """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first
+        shard, answered with the full head, has fitted it; None before that, when it is off
+        (`answer_shortlist`, off by default; it needs a clustered head) or when no shortlist size
+        reaches `MIN_RECALL` on held-out positions of that shard. Fitted once per process (seeded:
+        a resumed run fits the same one)."""
         cfg = self.cfg
         if self._shortlist is not False:
             return self._shortlist
@@ -271,11 +272,10 @@ class Trainer:
         if cfg.distill_url or not cfg.self_distill or masked is None or not cfg.answer_shortlist:
             self._shortlist = None
             return None
-        shards = self.shards  # the first shard: in memory, or on disk
-        first = shards.loaded[0] if shards.loaded else shards.read(0) if shards.path(0).is_file() else None
-        if not first:
+        if not self.shards.loaded or not self.shards.loaded[0]:
             return None  # the first shard: the full head answers it (and labels the fit)
         t0 = time.time()
+        first = self.shards.loaded[0]
         n_clusters = masked.num_centroids
         sl = fit_on_answers(self.target, masked.token_ordering, first, n_clusters=n_clusters, seed=cfg.seed,
                             always=self._stop_tokens())
