@@ -20,6 +20,10 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
                      for a base model the prompt is the opening it sampled)
     shards:N         only the first N shards
 
+--ema D[,D...] also keeps an exponential moving average of the trained weights per decay D (w_ema
+<- D w_ema + (1 - D) w after every step, starting at the fresh drafter) and writes it beside the
+arm's drafter as OUT-emaD: the same run scores the raw weights and their averages.
+
 --replay F trains as the one command's schedule does (`mtpspec.train.schedule`): each shard in turn,
 batches of (1 - F) new samples and F replayed from the shards before it, so each shard takes 1 / (1 - F)
 times the steps. Without it (0) an arm is one plain pass, each shard's samples shuffled.
@@ -137,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replay", type=float, default=0.0, help="fraction of each batch replayed (module docstring)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop (and end the schedule) after this many steps")
+    ap.add_argument("--ema", default="", help="decays of weight averages also written (module docstring), e.g. 0.99,0.998")
     args = ap.parse_args(argv)
+    decays = [float(d) for d in args.ema.split(",") if d]
+    if any(not 0 < d < 1 for d in decays):
+        raise SystemExit(f"--ema decays must be in (0, 1), got {args.ema}")
     arm = parse_arm(args.arm)
     if not 0 <= args.replay < 1:
         raise SystemExit(f"--replay must be in [0, 1), got {args.replay}")
@@ -170,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     opt = Optimiser(drafter, lr=args.lr, weight_decay=0.0, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                     max_steps=steps, time_budget=None)
     step, t0, history = 0, time.time(), []
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    averages = {d: [p.detach().clone() for p in params] for d in decays}
     drafter.train()
     for batch in batches(shards, bs, args.seed, args.replay):
         if step == steps:
@@ -178,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         loss, stats = objective(drafter, target, batch)
         loss.backward()
         opt.update(step, 0.0)
+        with torch.no_grad():
+            for d, avg in averages.items():
+                torch._foreach_lerp_(avg, [p.detach() for p in params], 1 - d)
         acc = [round(c / max(n, 1), 4) for n, c, _ in stats]
         history.append({"step": step, "loss": round(float(loss.detach()), 4), "accuracy": acc,
                         "positions": [n for n, _, _ in stats]})
@@ -189,6 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     info = {"arm": args.arm, "shards": str(folder), "steps": step, "seconds": round(time.time() - t0),
             "lr": args.lr, "batch_size": bs, "replay": args.replay}
     write_drafter(drafter, Path(args.out), dtype=torch.float16, draft_tokens=cfg.draft_tokens, info=info)
+    raw = [p.detach().clone() for p in params]
+    for d, avg in averages.items():
+        with torch.no_grad():
+            for p, a in zip(params, avg):
+                p.copy_(a)
+        write_drafter(drafter, Path(f"{args.out}-ema{d}"), dtype=torch.float16, draft_tokens=cfg.draft_tokens,
+                      info={**info, "ema": d})
+    with torch.no_grad():
+        for p, r in zip(params, raw):
+            p.copy_(r)
     Path(args.out + ".history.json").write_text(json.dumps(history))
     print(f"{args.arm}: {step} steps in {time.time() - t0:.0f}s; drafter in {args.out}")
 

@@ -80,6 +80,10 @@ BUGS = {
                                    "order = torch.argsort(score, descending=True)",
                                    "order = torch.argsort(score)",
                                    "tests/test_train.py", "capacity_assignment"),
+    "cluster-hits-off-by-one": ("mtpspec/train/objective.py",
+                                "< me.top_k).sum())",
+                                "<= me.top_k).sum())",
+                                "tests/test_train.py", "cluster_hits"),
 }
 
 

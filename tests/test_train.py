@@ -165,6 +165,34 @@ def test_soft_labels_are_the_targets_top_k_distribution(engine):
     assert loss(old, True) == pytest.approx(hard, rel=1e-6)  # shards without logits: hard labels
 
 
+def test_cluster_hits_count_labels_whose_cluster_is_among_the_chosen(engine):
+    """step_losses' third statistic per step: the trained positions whose label's cluster is among
+    the top_k clusters the head would choose, as counted from a top-k of the centroid scores."""
+    target = engine.model
+    v = target.cfg.vocab_size
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=1, hidden_size=32, clustered=True,
+                                   num_centroids=next(c for c in (16, 8, 4, 2) if v % c == 0), centroid_top_k=2)
+    drafter = MTPDrafter(cfg).init_random(3, std=0.2)
+    me = drafter.masked_embedding
+    me.token_ordering.copy_(torch.randperm(v, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (14, 10)]
+    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    batch = collate(acts)
+    cluster_of = me.token_clusters()
+    with torch.no_grad():
+        outs = unroll(drafter, target, batch, 2)
+        _, stats = step_losses(drafter, outs, batch, full_vocab=True, feature_weight=0.0, cluster_of=cluster_of)
+        total = chosen = 0
+        for o, (n, _, hits) in zip(outs, stats):
+            s, lab = o.s[o.mask], o.labels[o.mask]
+            top = me.centroids(s).topk(me.top_k, dim=-1).indices
+            want = int((top == cluster_of[lab][:, None]).any(-1).sum())
+            assert n == len(lab) and hits == want
+            total, chosen = total + n, chosen + want
+    assert 0 < chosen < total  # some labels' clusters chosen, some not: the count is not trivially 0 or n
+
+
 @pytest.mark.parametrize("family,eos", [("llama", False), ("gemma3", False), ("gemma3", True)])
 def test_activations_recorded_while_answering_equal_a_pass_over_the_answers(family, eos, tiny_checkpoints,
                                                                             tiny_gemma3_tok, monkeypatch):

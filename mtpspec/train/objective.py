@@ -251,9 +251,12 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
             loss = loss + feature_weight * (1 - F.cosine_similarity(s.float(), th.float(), dim=-1)).mean()
         hits = 0
         if cluster_of is not None and drafter.masked_embedding is not None:
-            scores, top = drafter.masked_embedding.clusters(s.detach())
-            loss = loss + F.cross_entropy(scores.float(), cluster_of[lab])
-            hits = int((top == cluster_of[lab][:, None]).any(-1).sum())
+            me = drafter.masked_embedding
+            scores, c = me.centroids(s.detach()), cluster_of[lab]
+            loss = loss + F.cross_entropy(scores.float(), c)
+            # the label's cluster is chosen (among the top_k) when fewer than top_k clusters score
+            # higher: a comparison, not a top-k of every row (ties aside, the same count)
+            hits = int(((scores > scores.gather(1, c[:, None])).sum(-1) < me.top_k).sum())
         total = total + loss
         stats.append((n, int((logits.argmax(-1) == y).sum()), hits))
     total = total / len(outs)
