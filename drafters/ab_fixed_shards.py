@@ -202,16 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     info = {"arm": args.arm, "shards": str(folder), "steps": step, "seconds": round(time.time() - t0),
             "lr": args.lr, "batch_size": bs, "replay": args.replay}
     write_drafter(drafter, Path(args.out), dtype=torch.float16, draft_tokens=cfg.draft_tokens, info=info)
-    raw = [p.detach().clone() for p in params]
-    for d, avg in averages.items():
+    for d, avg in averages.items():  # the raw weights are written: the drafter now takes each average in turn
         with torch.no_grad():
-            for p, a in zip(params, avg):
-                p.copy_(a)
+            torch._foreach_copy_(params, avg)
         write_drafter(drafter, Path(f"{args.out}-ema{d}"), dtype=torch.float16, draft_tokens=cfg.draft_tokens,
                       info={**info, "ema": d})
-    with torch.no_grad():
-        for p, r in zip(params, raw):
-            p.copy_(r)
     Path(args.out + ".history.json").write_text(json.dumps(history))
     print(f"{args.arm}: {step} steps in {time.time() - t0:.0f}s; drafter in {args.out}")
 
