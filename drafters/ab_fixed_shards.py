@@ -19,6 +19,11 @@ without a 2-core machine's contention changing what they learn (unlike the wall-
                      are the target's argmax at every position, recorded in the shards anyway;
                      for a base model the prompt is the opening it sampled)
     shards:N         only the first N shards
+    layers:N         N drafter layers (the one command's default is `TrainConfig.num_layers`), all of
+                     the one command's layer's attention type: the shards hold only its K/V
+    negatives:N      the drafter's own top N tokens per trained position join the sampled loss's
+                     candidates (`Objective.hard_negatives`)
+    feature:W        the feature term's weight (default `TrainConfig.feature_weight`; 0 = none)
 
 --ema D[,D...] also keeps an exponential moving average of the trained weights per decay D (w_ema
 <- D w_ema + (1 - D) w after every step, starting at the fresh drafter) and writes it beside the
@@ -112,7 +117,8 @@ def batches(shards: list[list], bs: int, seed: int, replay: float):
 
 
 def parse_arm(spec: str) -> dict:
-    arm = {"wide": False, "target_layer": False, "prompt": False, "answers": None, "shards": None}
+    arm = {"wide": False, "target_layer": False, "prompt": False, "answers": None, "shards": None,
+           "layers": None, "feature": None, "negatives": 0}
     for part in spec.split("+"):
         kind, _, value = part.partition(":")
         if kind == "base" and not value:
@@ -122,10 +128,13 @@ def parse_arm(spec: str) -> dict:
             arm["target_layer"] |= kind == "target-layer"
         elif kind == "prompt" and not value:
             arm["prompt"] = True
-        elif kind in ("answers", "shards") and value.isdigit() and int(value) > 0:
+        elif kind in ("answers", "shards", "layers", "negatives") and value.isdigit() and int(value) > 0:
             arm[kind] = int(value)
+        elif kind == "feature" and value.replace(".", "", 1).isdigit():
+            arm["feature"] = float(value)
         else:
-            raise SystemExit(f"unknown arm part {part!r} (base, wide, target-layer, prompt, answers:N, shards:N)")
+            raise SystemExit(f"unknown arm part {part!r} (base, wide, target-layer, prompt, answers:N, shards:N, "
+                             "layers:N, negatives:N, feature:W)")
     return arm
 
 
@@ -169,12 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     steps = min(steps, args.max_steps or steps)
 
     dcfg = DrafterConfig.for_target(tc, num_layers=cfg.num_layers, clustered=cfg.clustered_for(tc.vocab_size))
+    if arm["layers"]:
+        dcfg = DrafterConfig.for_target(tc, num_layers=arm["layers"], clustered=dcfg.num_centroids > 0,
+                                        layer_types=[dcfg.layer_types[-1]] * arm["layers"])
     if arm["wide"]:  # as wide as the layer it reads (the one target-layer copies)
         dcfg = replace(dcfg, intermediate_size=tc.layers[tc.last_cache_layer(dcfg.layer_types[-1])].intermediate_size)
     drafter = starting_drafter(dcfg, target, seed=args.seed, train_head=None, init_from=None)
     if arm["target_layer"]:
         print(f"drafter layer := target layer {copy_target_layer(drafter, target)}", flush=True)
-    objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, False, False, "cpu")
+    feature = cfg.feature_weight if arm["feature"] is None else arm["feature"]
+    objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, feature, False, False, "cpu",
+                          hard_negatives=arm["negatives"])
     opt = Optimiser(drafter, lr=args.lr, weight_decay=0.0, warmup=cfg.warmup, grad_clip=cfg.grad_clip,
                     max_steps=steps, time_budget=None)
     step, t0, history = 0, time.time(), []

@@ -84,6 +84,14 @@ BUGS = {
                                 "< me.top_k).sum())",
                                 "<= me.top_k).sum())",
                                 "tests/test_train.py", "cluster_hits"),
+    "hard-negatives-dropped": ("mtpspec/train/objective.py",
+                               "parts.append(drafted_tokens(drafter, states, scores, hard_negatives, mining_head))",
+                               "drafted_tokens(drafter, states, scores, hard_negatives, mining_head)",
+                               "tests/test_train.py", "hard_negatives"),
+    "hard-negatives-worst-clusters": ("mtpspec/train/objective.py",
+                                      "top = torch.topk(sc.detach(), MINING_CLUSTERS, dim=-1).indices",
+                                      "top = torch.topk(-sc.detach(), MINING_CLUSTERS, dim=-1).indices",
+                                      "tests/test_train.py", "hard_negatives"),
 }
 
 

@@ -17,7 +17,8 @@ from mtpspec.train import TrainConfig, Trainer
 from mtpspec.train.checkpointing import Checkpoint
 from mtpspec.train.clustering import balanced_kmeans
 from mtpspec.train.harvest import TOPK_STORED, Activations, harvest
-from mtpspec.train.objective import collate, step_losses, unroll
+from mtpspec.train.drafter_init import starting_drafter
+from mtpspec.train.objective import MINING_CLUSTERS, Objective, collate, drafted_tokens, step_losses, unroll
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,40 @@ def test_cluster_hits_count_labels_whose_cluster_is_among_the_chosen(engine):
             assert n == len(lab) and hits == want
             total, chosen = total + n, chosen + want
     assert 0 < chosen < total  # some labels' clusters chosen, some not: the count is not trivially 0 or n
+
+
+def test_hard_negatives_are_the_drafters_top_tokens_and_enter_the_loss(engine):
+    """Objective(hard_negatives=n): each trained position's top n tokens among its MINING_CLUSTERS
+    best clusters (brute force over the full head here) join the sampled loss's candidates, which
+    raises the loss of the same drafter (more tokens share the softmax)."""
+    target = engine.model
+    v = target.cfg.vocab_size
+    cfg = DrafterConfig.for_target(target.cfg, num_layers=1, clustered=True,
+                                   num_centroids=next(c for c in (16, 8) if v % c == 0), centroid_top_k=2)
+    drafter = starting_drafter(cfg, target, seed=3, train_head=None, init_from=None)
+    assert not drafter.model.embed_tokens.weight.requires_grad  # the target's head, frozen: mining applies
+    me = drafter.masked_embedding
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (14, 10)]
+    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    batch = collate(acts)
+    obj = {n: Objective(2, False, 0.0, False, False, "cpu", hard_negatives=n) for n in (0, 2)}
+    with torch.no_grad():
+        outs = unroll(drafter, target, batch, 2)
+        states = [o.s[o.mask] for o in outs]
+        got = drafted_tokens(drafter, states, [me.centroids(s) for s in states], 2, obj[2]._mining_head(drafter))
+        w, cluster_of, want = drafter.model.embed_tokens.weight, me.token_clusters(), set()
+        for o in outs:
+            s = o.s[o.mask]
+            best = me.centroids(s).topk(MINING_CLUSTERS, dim=-1).indices
+            logits = s @ w.T
+            allowed = (cluster_of[None, :, None] == best[:, None, :]).any(-1)
+            want |= set(logits.masked_fill(~allowed, float("-inf")).topk(2, dim=-1).indices.flatten().tolist())
+        assert sorted(want) == got.tolist()
+        cand = set(torch.cat([batch.topk.flatten(), batch.labels.flatten()]).tolist())
+        assert want - cand  # the drafter's tokens add candidates the target's top-k lacks
+        losses = {n: float(o(drafter, target, acts)[0]) for n, o in obj.items()}
+    assert losses[2] > losses[0] + 1e-4
 
 
 @pytest.mark.parametrize("family,eos", [("llama", False), ("gemma3", False), ("gemma3", True)])

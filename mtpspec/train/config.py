@@ -60,6 +60,9 @@ class TrainConfig:
     acceptance_weight: float = 0.0  # share of the acceptance objective (expected accepted length) in the loss, [0, 1]
     acceptance_verify: str = "greedy"  # its per-step acceptance: "greedy" q(argmax) or "sampled" sum min(p, q)
     feature_weight: float = 0.2
+    # the drafter's own top tokens per trained position join the sampled loss's candidates (hard
+    # negatives; objective.drafted_tokens): a clustered head over the target's frozen embedding only
+    hard_negatives: int = 0
     train_head: bool | None = None  # None: frozen when copied from the target, else trained
     checkpoint_every: float = 300.0  # seconds
     eval_every: float | None = 600.0  # seconds between held-out evaluations (None: only at the end)
@@ -140,6 +143,8 @@ class TrainConfig:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
             raise InputError(f"acceptance_weight must be in [0, 1] (the acceptance objective's share of the loss), "
                              f"got {self.acceptance_weight}")
+        if isinstance(self.hard_negatives, bool) or not isinstance(self.hard_negatives, int) or self.hard_negatives < 0:
+            raise InputError(f"hard_negatives must be an integer >= 0 (0 = off), got {self.hard_negatives!r}")
         if self.acceptance_verify not in ("greedy", "sampled"):
             raise InputError(f"acceptance_verify must be 'greedy' or 'sampled', got {self.acceptance_verify!r}")
         self._check_distill()

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import InputError
 from ..models.decoder import Decoder
 from ..models.drafter import MTPDrafter
@@ -206,29 +207,72 @@ def acceptance_loss(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return 1 - e[chains].sum() / (a.shape[0] * n)
 
 
+MINING_CLUSTERS = 4  # clusters searched per position for the drafter's own top tokens (`drafted_tokens`)
+
+
+@torch.no_grad()
+def drafted_tokens(drafter: MTPDrafter, states: list[torch.Tensor], scores: list[torch.Tensor], n: int,
+                   head: torch.Tensor) -> torch.Tensor:
+    """The tokens the drafter itself ranks first at the trained positions: each position's top n
+    among the tokens of its MINING_CLUSTERS best clusters (the argmax a clustered head drafts is
+    almost always there). states, scores: per step, the trained positions' final states [N, H]
+    and their cluster scores [N, C]; head: the LM weight cluster-major [C, P, H] (its rows in
+    token_ordering's order), a frozen copy. Unique ids [M].
+
+    Why: the sampled cross-entropy normalises over the batch's candidates, the target's top-k ids
+    of the batch (a few hundred of a large vocabulary), so tokens outside them are never pushed
+    down, and at inference the drafter drafts one of them at ~6% of positions (Gemma 3 270M,
+    drafters/README.md). Adding the tokens it would draft makes them negatives where they are wrong."""
+    me = drafter.masked_embedding
+    order = me.token_ordering.view(me.num_centroids, me.per_cluster)
+    found = []
+    for s, sc in zip(states, scores):
+        s = s.detach().to(head.dtype).contiguous()
+        top = torch.topk(sc.detach(), MINING_CLUSTERS, dim=-1).indices
+        vals = kernels.cluster_scores(head, s, top)
+        if vals is None:  # no extension / not CPU: gathered rows, a chunk of positions at a time
+            vals = torch.cat([(head[top[i:i + 256]].flatten(1, 2) @ s[i:i + 256, :, None]).squeeze(-1)
+                              for i in range(0, len(s), 256)])
+        best = vals.topk(n, dim=-1).indices  # index into the chosen clusters' tokens
+        found.append(order[top].flatten(1).gather(1, best).flatten())
+    return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.long)
+
+
 def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_vocab: bool,
                 feature_weight: float, cluster_of: torch.Tensor | None, soft_labels: bool = False,
-                acceptance_weight: float = 0.0, acceptance_verify: str = "greedy"):
+                acceptance_weight: float = 0.0, acceptance_verify: str = "greedy",
+                hard_negatives: int = 0, mining_head: torch.Tensor | None = None):
     """Loss, per-step (positions, correct argmax, cluster hits) counts.
 
     Loss per step: (1 - acceptance_weight) * the cross-entropy of the drafter's logits (over the
-    full vocabulary, or over the batch's candidate tokens = every target top-k id in the batch)
-    against the teacher (`_nll`); + feature_weight * (1 - cos(s, target hidden)) when the drafter
-    head is the target's own; + the cluster layer's cross-entropy to the label's cluster
-    (cluster_of: each token's cluster). Averaged over the steps, plus acceptance_weight * L_acc
-    (`acceptance_loss` of `acceptance_probs` with acceptance_verify, module docstring)."""
+    full vocabulary, or over the batch's candidate tokens = every target top-k id in the batch,
+    and with hard_negatives = n > 0 and a clustered head (mining_head, `drafted_tokens`) the
+    drafter's own top n tokens at each trained position) against the teacher (`_nll`); +
+    feature_weight * (1 - cos(s, target hidden)) when the drafter head is the target's own; + the
+    cluster layer's cross-entropy to the label's cluster (cluster_of: each token's cluster).
+    Averaged over the steps, plus acceptance_weight * L_acc (`acceptance_loss` of
+    `acceptance_probs` with acceptance_verify, module docstring)."""
     if acceptance_verify not in ACCEPTANCE_VERIFY:
         raise InputError(f"acceptance_verify must be one of {', '.join(ACCEPTANCE_VERIFY)}, got {acceptance_verify!r}")
     if not 0 <= acceptance_weight <= 1:
         raise InputError(f"acceptance_weight must be in [0, 1], got {acceptance_weight}")
+    me = drafter.masked_embedding if cluster_of is not None else None
+    trained = [o for o in outs if bool(o.mask.any())]
+    states = [o.s[o.mask] for o in trained]
+    # the cluster layer learns from detached states (its own cross-entropy, below)
+    scores = [me.centroids(s.detach()) for s in states] if me is not None else [None] * len(states)
     cand = remap = None
     if not full_vocab:
-        cand = torch.unique(torch.cat([batch.topk.flatten(), batch.labels.flatten()]))
+        parts = [batch.topk.flatten(), batch.labels.flatten()]
+        if hard_negatives and me is not None and mining_head is not None:
+            parts.append(drafted_tokens(drafter, states, scores, hard_negatives, mining_head))
+        cand = torch.unique(torch.cat(parts))
         remap = torch.full((drafter.cfg.vocab_size,), -1, dtype=torch.long)
         remap[cand] = torch.arange(cand.numel())
     total = 0.0
     stats = []
     acc_a = []  # per step: [B, T] acceptance probabilities (0 where not trained)
+    computed = iter(zip(states, scores))
     for o in outs:
         m = o.mask
         n = int(m.sum())
@@ -237,7 +281,7 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
             if acceptance_weight:
                 acc_a.append(torch.zeros(m.shape, device=m.device))
             continue
-        s, lab = o.s[m], o.labels[m]
+        (s, sc), lab = next(computed), o.labels[m]
         logits = drafter.token_logits(s, cand)
         y = lab if remap is None else remap[lab]
         logp = F.log_softmax(logits.float(), dim=-1)
@@ -250,13 +294,12 @@ def step_losses(drafter: MTPDrafter, outs: list[StepOut], batch: Batch, *, full_
             th = o.target_hidden[m].to(s.dtype)
             loss = loss + feature_weight * (1 - F.cosine_similarity(s.float(), th.float(), dim=-1)).mean()
         hits = 0
-        if cluster_of is not None and drafter.masked_embedding is not None:
-            me = drafter.masked_embedding
-            scores, c = me.centroids(s.detach()), cluster_of[lab]
-            loss = loss + F.cross_entropy(scores.float(), c)
+        if sc is not None:
+            c = cluster_of[lab]
+            loss = loss + F.cross_entropy(sc.float(), c)
             # the label's cluster is chosen (among the top_k) when fewer than top_k clusters score
             # higher: a comparison, not a top-k of every row (ties aside, the same count)
-            hits = int(((scores > scores.gather(1, c[:, None])).sum(-1) < me.top_k).sum())
+            hits = int(((sc > sc.gather(1, c[:, None])).sum(-1) < me.top_k).sum())
         total = total + loss
         stats.append((n, int((logits.argmax(-1) == y).sum()), hits))
     total = total / len(outs)
@@ -277,6 +320,19 @@ class Objective:
     device: str
     acceptance_weight: float = 0.0  # share of the acceptance objective L_acc in the loss (0: cross-entropy only)
     acceptance_verify: str = "greedy"  # its per-step acceptance: "greedy" q(y) or "sampled" sum min(p, q)
+    # per trained position, the drafter's own top tokens added to the sampled loss's candidates
+    # (`drafted_tokens`; a clustered head over the target's frozen embedding only)
+    hard_negatives: int = 0
+
+    def __post_init__(self):
+        self._head = None  # (source weight, its cluster-major copy) for drafted_tokens
+
+    def _mining_head(self, drafter: MTPDrafter) -> torch.Tensor:
+        w, me = drafter.model.embed_tokens.weight, drafter.masked_embedding
+        if self._head is None or self._head[0] is not w:
+            self._head = (w, w.detach().float().index_select(0, me.token_ordering)
+                          .view(me.num_centroids, me.per_cluster, -1).contiguous())
+        return self._head[1]
 
     def __call__(self, drafter: MTPDrafter, target: Decoder, items: list[Activations]):
         """(loss, per-step (positions, correct, cluster hits)) of a batch of activations."""
@@ -285,8 +341,10 @@ class Objective:
         head_is_target = not drafter.model.embed_tokens.weight.requires_grad
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
             outs = unroll(drafter, target, batch, self.draft_tokens)
+            mine = self.hard_negatives and me is not None and not self.full_vocab and head_is_target
             return step_losses(drafter, outs, batch, full_vocab=self.full_vocab,
                                feature_weight=self.feature_weight if head_is_target else 0.0,
                                cluster_of=me.token_clusters() if me is not None else None,
                                soft_labels=self.soft_labels, acceptance_weight=self.acceptance_weight,
-                               acceptance_verify=self.acceptance_verify)
+                               acceptance_verify=self.acceptance_verify, hard_negatives=self.hard_negatives,
+                               mining_head=self._mining_head(drafter) if mine else None)

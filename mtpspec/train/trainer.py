@@ -124,7 +124,7 @@ class Trainer:
                              grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, time_budget=cfg.time_budget)
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
                                    cfg.bf16, cfg.device, acceptance_weight=cfg.acceptance_weight,
-                                   acceptance_verify=cfg.acceptance_verify)
+                                   acceptance_verify=cfg.acceptance_verify, hard_negatives=cfg.hard_negatives)
         # prompts the target writes (self-instruct / self-text, the one-command recipe's default) and no
         # --eval-prompts: evaluate on a split of them (taken when the first such spec is read)
         self.split = cfg.eval_limit if cfg.eval_prompts is None and g.is_main else 0
