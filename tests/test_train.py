@@ -448,10 +448,13 @@ def test_capacity_assignment_from_candidates_equals_the_dense_one(candidates, ch
     assert torch.bincount(got, minlength=12).tolist() == [20] * 12
 
 
-def test_clustered_head_training_reports_hit_rate(engine, data_files, tmp_path):
+@pytest.mark.parametrize("hard_negatives", [0, 2])
+def test_clustered_head_training_reports_hit_rate(engine, data_files, tmp_path, hard_negatives):
+    kw = dict(hidden_size=None, full_vocab_loss=False) if hard_negatives else {}  # the target's head, sampled loss
     tr = Trainer(_cfg(data_files, tmp_path, max_steps=20, eval_prompts=None, clustered=True, num_centroids=20,
-                      centroid_top_k=4), engine)
+                      centroid_top_k=4, hard_negatives=hard_negatives, **kw), engine)
     res = tr.run()
+    assert (tr.objective._head is not None) == bool(hard_negatives)  # the run mined its drafter's tokens
     assert "cluster_hit" in res.history[-1]
     assert res.history[-1]["cluster_hit"] > 4 / 20  # better than chance
     d = mtpspec.load(engine.path, drafter=res.out, draft_tokens=3)
@@ -669,6 +672,22 @@ def test_sizes_below_one_are_refused_by_name(field, tmp_path):
     with pytest.raises(InputError, match=field):
         TrainConfig(data=["chitchat:4"], out=str(tmp_path / "d"), **{field: 0}).check()
     TrainConfig(data=["chitchat:4"], out=str(tmp_path / "d"), **{field: 1}).check()
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_hard_negatives_must_be_a_count(value, tmp_path):
+    from mtpspec.train.config import TrainConfig
+
+    with pytest.raises(InputError, match="hard_negatives"):
+        TrainConfig(data=["chitchat:4"], out=str(tmp_path / "d"), hard_negatives=value).check()
+
+
+@pytest.mark.parametrize("kw", [dict(clustered=False, hidden_size=None, full_vocab_loss=False),
+                                dict(clustered=True, num_centroids=20, centroid_top_k=4),  # own head, full vocab
+                                dict(clustered=True, num_centroids=20, centroid_top_k=4, hidden_size=None)])
+def test_hard_negatives_without_a_clustered_target_head_and_sampled_loss_are_refused(engine, data_files, tmp_path, kw):
+    with pytest.raises(InputError, match="--hard-negatives needs"):
+        Trainer(_cfg(data_files, tmp_path, max_steps=2, hard_negatives=2, **kw), engine)
 
 
 def test_each_cpu_step_returns_freed_heap_memory(engine, data_files, tmp_path, monkeypatch):

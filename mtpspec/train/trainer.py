@@ -120,6 +120,10 @@ class Trainer:
         if cfg.answer_shortlist and self.drafter.masked_embedding is None:
             raise InputError("--answer-shortlist needs a clustered drafter head (--clustered): the shortlist is made "
                              "of its token clusters")
+        if cfg.hard_negatives and (self.drafter.masked_embedding is None or cfg.full_vocab_loss
+                                   or self.drafter.model.embed_tokens.weight.requires_grad):
+            raise InputError("--hard-negatives needs a clustered drafter head over the target's own (frozen) "
+                             "embedding and the sampled loss (not --full-vocab-loss)")
         self.opt = Optimiser(self.drafter, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
                              grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, time_budget=cfg.time_budget)
         self.objective = Objective(cfg.draft_tokens, cfg.full_vocab_loss, cfg.feature_weight, cfg.soft_labels,
