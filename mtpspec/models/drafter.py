@@ -357,6 +357,25 @@ class DraftContext:
     types: dict[str, TypeContext]
 
 
+def chosen_cluster_logits(wc: torch.Tensor, s: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Logits [B, k * P] of the tokens of the clusters `top` [B, k] for states s [B, H], from an LM
+    weight stored cluster-major and viewed [C, P, H] (no autograd on the CPU paths): the C++
+    kernel; else on CPU one matrix-vector product per chosen cluster, straight from its contiguous
+    block (no gathered copy: a fresh multi-MB tensor per step costs page faults; no batched gemv:
+    slower than per-row products on CPU); else the k gathered blocks."""
+    vals = kernels.cluster_scores(wc, s, top)
+    if vals is not None:
+        return vals
+    if s.device.type == "cpu":
+        vals = torch.empty(s.shape[0], top.shape[1], wc.shape[1], dtype=s.dtype, device=s.device)
+        for b, clusters in enumerate(top.tolist()):
+            for j, c in enumerate(clusters):
+                torch.mv(wc[c], s[b], out=vals[b, j])
+        return vals.view(s.shape[0], -1)
+    rows = wc.index_select(0, top.flatten())
+    return (rows.view(s.shape[0], -1, wc.shape[-1]) @ s[:, :, None]).squeeze(-1)
+
+
 def token_clusters(order: torch.Tensor, per_cluster: int) -> torch.Tensor:
     """The cluster of each token [V] of a cluster-major token ordering (cluster c holds tokens
     order[c * per_cluster : (c + 1) * per_cluster])."""
@@ -396,23 +415,8 @@ class MaskedEmbedding(nn.Module):
         """(ids [B, n], logits [B, n]) of the chosen clusters' n = top_k * V/C tokens."""
         top, ids = self._select(s)
         if self.cluster_major:
-            vals = kernels.cluster_scores(lm_weight.view(self.num_centroids, self.per_cluster, -1), s, top)
-            if vals is not None:
-                return ids, vals
-        if self.cluster_major and s.device.type == "cpu":
-            # one matrix-vector product per chosen cluster, straight from its contiguous block: no
-            # gathered copy (a fresh multi-MB tensor per step costs page faults) and no batched
-            # gemv (slower than per-row products on CPU)
-            wc = lm_weight.view(self.num_centroids, self.per_cluster, -1)
-            vals = torch.empty(s.shape[0], self.top_k, self.per_cluster, dtype=s.dtype, device=s.device)
-            for b, clusters in enumerate(top.tolist()):
-                for j, c in enumerate(clusters):
-                    torch.mv(wc[c], s[b], out=vals[b, j])
-            return ids, vals.view(s.shape[0], -1)
-        if self.cluster_major:  # top_k contiguous blocks
-            rows = lm_weight.view(self.num_centroids, self.per_cluster, -1).index_select(0, top.flatten())
-        else:
-            rows = lm_weight.index_select(0, ids.flatten())
+            return ids, chosen_cluster_logits(lm_weight.view(self.num_centroids, self.per_cluster, -1), s, top)
+        rows = lm_weight.index_select(0, ids.flatten())
         return ids, (rows.view(*ids.shape, -1) @ s[:, :, None]).squeeze(-1)
 
     def forward(self, s: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:

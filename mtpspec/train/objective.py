@@ -59,10 +59,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
 from ..errors import InputError
 from ..models.decoder import Decoder
-from ..models.drafter import MTPDrafter
+from ..models.drafter import MTPDrafter, chosen_cluster_logits
 from .harvest import Activations
 
 
@@ -227,12 +226,12 @@ def drafted_tokens(drafter: MTPDrafter, states: list[torch.Tensor], scores: list
     order = me.token_ordering.view(me.num_centroids, me.per_cluster)
     found = []
     for s, sc in zip(states, scores):
+        if not len(s):
+            continue
         s = s.detach().to(head.dtype).contiguous()
         top = torch.topk(sc.detach(), MINING_CLUSTERS, dim=-1).indices
-        vals = kernels.cluster_scores(head, s, top)
-        if vals is None:  # no extension / not CPU: gathered rows, a chunk of positions at a time
-            vals = torch.cat([(head[top[i:i + 256]].flatten(1, 2) @ s[i:i + 256, :, None]).squeeze(-1)
-                              for i in range(0, len(s), 256)])
+        # a chunk of positions at a time: without the C++ kernel off CPU the chosen blocks are gathered
+        vals = torch.cat([chosen_cluster_logits(head, s[i:i + 512], top[i:i + 512]) for i in range(0, len(s), 512)])
         best = vals.topk(n, dim=-1).indices  # index into the chosen clusters' tokens
         found.append(order[top].flatten(1).gather(1, best).flatten())
     return torch.unique(torch.cat(found)) if found else torch.zeros(0, dtype=torch.long)
