@@ -46,20 +46,22 @@ def data_files(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_unroll_equals_inference_drafting(family, tiny_checkpoints, tiny_gemma3_tok, tmp_path):
     """Every (anchor, step) of the batched training unroll gives the logits that MTPDrafter.step
-    gives at inference over a cache holding exactly the tokens before the anchor."""
+    gives at inference over a cache holding exactly the tokens before the anchor; also in a row
+    whose prompt's anchors are left out (its anchors then sit earlier on attention's grid)."""
     folder = tiny_gemma3_tok if family == "gemma3" else tiny_checkpoints[family][0]
     target = mtpspec.load(folder).model
     cfg = DrafterConfig.for_target(target.cfg, num_layers=2, hidden_size=32)
     drafter = MTPDrafter(cfg).init_random(1, std=0.2)  # unpacked (as in training)
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (20, 14)]
-    acts = harvest(target, seqs, [1, 1], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
+    acts = harvest(target, seqs, [1, 8], list(dict.fromkeys(cfg.layer_types)), store_dtype=torch.float32)
     batch = collate(acts)
     k = 3
     with torch.no_grad():
         outs = unroll(drafter, target, batch, k)
         for row, seq in enumerate(seqs):
-            for p in (1, 5, len(seq) - k):  # sliding window 8 is exceeded at p > 8 (gemma3)
+            # sliding window 8 is exceeded at p > 8 (gemma3); row 1 computes anchors p >= 8 - k only
+            for p in [p for p in (1, 5, 7, len(seq) - k) if p + k >= batch.loss_from[row]]:
                 cache = target.new_cache(1, 32)
                 target.forward(torch.tensor([seq[:p]]), cache)
                 ctx = drafter.context(target.cfg, cache)

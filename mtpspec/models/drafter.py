@@ -619,18 +619,25 @@ class MTPDrafter(nn.Module):
         """Training's context: one query per anchor position p in `anchors` [T] of every row, each
         reading the row's target K/V `kv[type]` ([B, kv_heads, L, head_dim]) at j < p (and inside
         the sliding window): what `context` gives a row whose cache holds the tokens before p.
-        packed: the flat indices into [B * T] of the anchors computed; `step_state` takes their
-        inputs packed, [N, ...], not [B, T, ...] (a batch's shorter rows and its untrained prompt
-        anchors cost nothing but attention's padding)."""
+        packed: the flat indices into [B * T] of the anchors computed (ascending); `step_state` takes
+        their inputs packed, [N, ...], not [B, T, ...]. Attention puts them on a compact grid
+        [B, W] (W = the most anchors any row computes; row r's n-th computed anchor at r * W + n),
+        so that a long prompt's untrained anchors cost nothing, not even attention's padding."""
+        b, n_anchors = next(iter(kv.values()))[0].shape[0], anchors.shape[0]
+        row, col = packed // n_anchors, packed % n_anchors
+        counts = torch.bincount(row, minlength=b)
+        w = max(int(counts.max()), 1) if packed.numel() else 1
+        first = torch.cumsum(counts, 0) - counts  # each row's first place in `packed`
+        slots = row * w + torch.arange(packed.numel(), device=packed.device) - first[row]
+        where = torch.ones(b * w, dtype=anchors.dtype, device=anchors.device)  # empty places: position 1 (sees key 0)
+        where = where.index_copy(0, slots, anchors[col]).view(b, w)
         types = {}
         for t in dict.fromkeys(self.cfg.layer_types):
             spec = target_cfg.layers[target_cfg.last_cache_layer(t)]
             k, v = kv[t]
-            b = k.shape[0]
-            visible = _visible(torch.arange(k.shape[2], device=anchors.device), anchors, _window(spec, t))  # [T, L]
-            cos, sin = rope_cos_sin(spec, anchors[None].expand(b, -1), self.dtype)
-            types[t] = TypeContext(k, v, None, None, visible.expand(b, 1, 1, *visible.shape), cos, sin, anchors=True,
-                                   packed=packed)
+            visible = _visible(torch.arange(k.shape[2], device=anchors.device), where, _window(spec, t))  # [B, W, L]
+            cos, sin = rope_cos_sin(spec, where, self.dtype)
+            types[t] = TypeContext(k, v, None, None, visible[:, None, None], cos, sin, anchors=True, packed=slots)
         return DraftContext(anchors, types)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, ctx: DraftContext) -> tuple[torch.Tensor, torch.Tensor]:
