@@ -201,9 +201,10 @@ class DrafterAttention(nn.Module):
         return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
 
     def _packed_anchors(self, x: torch.Tensor, kv: "TypeContext", rows: int) -> torch.Tensor:
-        """Training's attention for packed anchors x [N, hidden] (kv.packed: their places in the
-        [rows, Q] grid): queries scattered onto the grid (the left-out places zero), one fused
-        attention under the [Q, L] mask (its backward too, GQA in SDPA), outputs gathered back."""
+        """Training's attention for packed anchors x [N, hidden] (kv.packed: their places on the
+        compact [rows, W] grid of `anchor_context`): queries scattered onto the grid (the empty
+        places zero), one fused attention under the [W, L] mask per row (its backward too, GQA in
+        SDPA), outputs gathered back."""
         n_q, hd = kv.mask.shape[-2], self.head_dim
         q = self.q_norm(self.q_proj(x).view(-1, self.n_heads, hd))
         q = q.new_zeros(rows * n_q, self.n_heads, hd).index_copy(0, kv.packed, q)
@@ -339,8 +340,8 @@ class TypeContext:
     v_rows: torch.Tensor | None = None
     spans: torch.Tensor | None = None
     anchors: bool = False  # training's anchor context: no tail, every query sees key 0 (never an empty row)
-    # with anchors: the computed anchors' flat indices into [B * Q] (objective.unroll leaves out those
-    # no step trains); the layers then take [N, hidden] inputs, one per computed anchor
+    # with anchors: the computed anchors' flat indices into the compact grid [B * W] (objective.unroll
+    # leaves out those no step trains); the layers then take [N, hidden] inputs, one per computed anchor
     packed: torch.Tensor | None = None
     rope_dtype: torch.dtype | None = None  # cos / sin None: made from rope_f32 in this dtype when first needed
 
