@@ -627,7 +627,7 @@ class MTPDrafter(nn.Module):
         b, n_anchors = next(iter(kv.values()))[0].shape[0], anchors.shape[0]
         row, col = packed // n_anchors, packed % n_anchors
         counts = torch.bincount(row, minlength=b)
-        w = max(int(counts.max()), 1) if packed.numel() else 1
+        w = max(int(counts.max()), 1)  # (bincount has b >= 1 entries, zeros when nothing is computed)
         first = torch.cumsum(counts, 0) - counts  # each row's first place in `packed`
         slots = row * w + torch.arange(packed.numel(), device=packed.device) - first[row]
         where = torch.ones(b * w, dtype=anchors.dtype, device=anchors.device)  # empty places: position 1 (sees key 0)
