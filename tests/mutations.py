@@ -96,6 +96,10 @@ BUGS = {
                                 "slots = row * w + torch.arange(packed.numel(), device=packed.device) - first[row]",
                                 "slots = row * w + torch.arange(packed.numel(), device=packed.device) - first[row] * 0",
                                 "tests/test_train.py", "unroll"),
+    "shortlist-default-off": ("mtpspec/train/trainer.py",  # the default (None) read as off
+                              "masked is None or cfg.answer_shortlist is False:",
+                              "masked is None or not cfg.answer_shortlist:",
+                              "tests/test_shortlist.py", "trainer_answers"),
 }
 
 

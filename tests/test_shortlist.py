@@ -113,7 +113,7 @@ def test_trainer_answers_later_shards_with_a_shortlist_fitted_on_the_first(engin
 
     monkeypatch.setattr(Shortlist, "fit", fit_then_force_cluster_3)
     kw = dict(max_steps=6, eval_prompts=None, clustered=True, num_centroids=10, centroid_top_k=4)
-    tr = Trainer(_cfg(data_files, tmp_path, answer_shortlist=True, **kw), engine)
+    tr = Trainer(_cfg(data_files, tmp_path, **kw), engine)  # on by default with a clustered head
     tr.run()
     sl = tr._shortlist
     first = tr.shards.loaded[0]  # fitted once, on the first shard's labelled positions
@@ -128,9 +128,12 @@ def test_trainer_answers_later_shards_with_a_shortlist_fitted_on_the_first(engin
     stops = set(tr._stop_tokens())  # scored at every position: answers (and prompts) can end
     assert set(sl.always.tolist()) == stops and set(engine.eos_ids) <= stops
     assert set(chosen(tr.shards.loaded[1])) <= cluster3 | stops  # the shortlist's
-    off = Trainer(_cfg(data_files, tmp_path / "off", **kw), engine)  # off by default
+    off = Trainer(_cfg(data_files, tmp_path / "off", answer_shortlist=False, **kw), engine)
     off.run()
     assert off._shortlist is None
+    full = Trainer(_cfg(data_files, tmp_path / "full", max_steps=2, eval_prompts=None), engine)  # full head: off
+    full.run()
+    assert full._shortlist is None
     with pytest.raises(InputError, match="clustered"):
         Trainer(_cfg(data_files, tmp_path / "bad", answer_shortlist=True, max_steps=1), engine)
 

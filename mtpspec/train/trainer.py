@@ -117,7 +117,7 @@ class Trainer:
         if dcfg.clustered and not cfg.init_from and cfg.progress and g.is_main:
             print(f"train-drafter: clustered head: {dcfg.vocab_size} tokens in {dcfg.num_centroids} clusters "
                   f"(balanced k-means, {time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-        if cfg.answer_shortlist and self.drafter.masked_embedding is None:
+        if cfg.answer_shortlist is True and self.drafter.masked_embedding is None:
             raise InputError("--answer-shortlist needs a clustered drafter head (--clustered): the shortlist is made "
                              "of its token clusters")
         if cfg.hard_negatives and (self.drafter.masked_embedding is None or cfg.full_vocab_loss
@@ -266,14 +266,14 @@ class Trainer:
     def _answer_shortlist(self) -> Shortlist | None:
         """The shortlist LM head (shortlist.py) the target answers prompts with once the run's first
         shard, answered with the full head, has fitted it; None before that, when it is off
-        (`answer_shortlist`, off by default; it needs a clustered head) or when no shortlist size
+        (`answer_shortlist` False; None, the default, is on with a clustered head) or when no shortlist size
         reaches `MIN_RECALL` on held-out positions of that shard. Fitted once per process (seeded:
         a resumed run fits the same one)."""
         cfg = self.cfg
         if self._shortlist is not False:
             return self._shortlist
         masked = self.drafter.masked_embedding
-        if cfg.distill_url or not cfg.self_distill or masked is None or not cfg.answer_shortlist:
+        if cfg.distill_url or not cfg.self_distill or masked is None or cfg.answer_shortlist is False:
             self._shortlist = None
             return None
         if not self.shards.loaded or not self.shards.loaded[0]:
