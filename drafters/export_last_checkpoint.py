@@ -22,5 +22,5 @@ drafter = MTPDrafter(cfg)
 drafter.load_state_dict(torch.load(work / "checkpoint.pt", weights_only=False)["drafter"])
 info = json.loads((kept / "training.json").read_text())
 info["exported_from"] = f"{work / 'checkpoint.pt'} (the run's last step)"
-write_drafter(drafter, out, dtype=torch.float16, draft_tokens=k or 4, info=info)
+write_drafter(drafter, out, dtype=torch.float16, draft_tokens=k or info["config"]["draft_tokens"], info=info)
 print(f"{out}: the last checkpointed step")
