@@ -100,6 +100,14 @@ BUGS = {
                               "masked is None or cfg.answer_shortlist is False:",
                               "masked is None or not cfg.answer_shortlist:",
                               "tests/test_shortlist.py", "trainer_answers"),
+    "keep-highest-mean": ("mtpspec/train/heldout.py",  # the old rule: a later step must beat the best mean
+                          'return new["mean_accepted_length"] >= best["mean_accepted_length"] - z * difference_standard_error(new, best)',
+                          'return new["mean_accepted_length"] > best["mean_accepted_length"]',
+                          "tests/test_train.py", "latest_evaluation or difference_standard_error"),
+    "keep-unpaired-noise": ("mtpspec/train/heldout.py",  # the difference's residuals not paired by prompt
+                            "d = [ra - rb for ra, rb in zip(residuals(a), residuals(b))]",
+                            "d = [abs(ra) + abs(rb) for ra, rb in zip(residuals(a), residuals(b))]",
+                            "tests/test_train.py", "latest_evaluation or difference_standard_error"),
 }
 
 

@@ -17,6 +17,7 @@ from mtpspec.train import TrainConfig, Trainer
 from mtpspec.train.checkpointing import Checkpoint
 from mtpspec.train.clustering import balanced_kmeans
 from mtpspec.train.harvest import TOPK_STORED, Activations, harvest
+from mtpspec.train.heldout import difference_standard_error, within_noise
 from mtpspec.train.drafter_init import starting_drafter
 from mtpspec.train.objective import MINING_CLUSTERS, Objective, collate, drafted_tokens, step_losses, unroll
 
@@ -314,6 +315,65 @@ def test_training_lowers_loss_and_raises_acceptance(engine, data_files, tmp_path
     fast = spec.generate(["hello world", "the lazy dog"], max_new_tokens=20)
     assert [r.token_ids for r in fast] == [r.token_ids for r in plain]
     assert json.loads((res.out / "generation_config.json").read_text())["num_assistant_tokens"] == 3
+
+
+def test_difference_standard_error_is_the_spread_of_the_difference_over_resampled_prompts():
+    """The paired standard error of tau_new - tau_best matches the bootstrap: resample the prompts
+    with replacement and take the standard deviation of the difference of the two ratios."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 64, (16,), generator=g)
+    hard = torch.rand(16, generator=g)  # how hard each prompt is: most of the spread, shared by both
+    rounds_best = (tokens / (1.4 + hard)).round()
+    rounds_new = (rounds_best * (1 + 0.1 * torch.randn(16, generator=g))).round().clamp(min=1)
+    best = {"mean_accepted_length": float(tokens.sum() / rounds_best.sum()),
+            "per_prompt": [[int(t), int(r)] for t, r in zip(tokens, rounds_best)]}
+    new = {"mean_accepted_length": float(tokens.sum() / rounds_new.sum()),
+           "per_prompt": [[int(t), int(r)] for t, r in zip(tokens, rounds_new)]}
+    idx = torch.randint(0, 16, (20000, 16), generator=g)
+    diff = tokens[idx].sum(1) / rounds_new[idx].sum(1) - tokens[idx].sum(1) / rounds_best[idx].sum(1)
+    se = difference_standard_error(new, best)
+    assert 0.85 < se / float(diff.std()) < 1.2, (se, float(diff.std()))
+    unpaired = ((tokens[idx].sum(1) / rounds_best[idx].sum(1)).std() ** 2 * 2) ** 0.5
+    assert se < 0.5 * float(unpaired)  # pairing removes how hard each prompt is
+    assert difference_standard_error(new, {"mean_accepted_length": 1.0}) == 0.0  # no counts: means only
+    assert within_noise(new, best) == (new["mean_accepted_length"] >= best["mean_accepted_length"] - 2 * se)
+
+
+def _scripted_evals(monkeypatch, tr: Trainer, rounds: list[list[int]]) -> list[int]:
+    """Evaluations of `tr` return 4 prompts of 40 tokens each in the given rounds, one list per
+    evaluation in turn; returns the steps at which the run wrote its output (filled as it runs)."""
+    script = iter(rounds)
+
+    def measure(drafter):
+        x = next(script)
+        return {"prompts": 4, "mean_accepted_length": 160 / sum(x), "acceptance_per_position": [0.0] * 3,
+                "eval_seconds": 0.0, "per_prompt": [[40, r] for r in x]}
+
+    monkeypatch.setattr(tr.heldout, "measure", measure)
+    saved, save = [], tr.save_output
+    monkeypatch.setattr(tr, "save_output", lambda folder=None, full_head=False: (
+        saved.append(tr.state.step) if folder is None else None, save(folder, full_head))[1])
+    return saved
+
+
+def test_the_latest_evaluation_is_kept_unless_worse_than_the_best_beyond_noise(engine, data_files, tmp_path,
+                                                                                monkeypatch):
+    """An evaluation after every step: tau 2.0, then 1.975 with one prompt one round slower (within
+    two standard errors: kept, the later step), then 1.667 on every prompt alike (beyond the noise:
+    the output stays), then 1.975 again (kept)."""
+    tr = Trainer(_cfg(data_files, tmp_path, max_steps=4, eval_every=1e-9), engine)
+    saved = _scripted_evals(monkeypatch, tr, [[20] * 4, [20, 20, 20, 21], [24] * 4, [20, 20, 20, 21]])
+    res = tr.run()
+    assert [e["step"] for e in res.evals] == [1, 2, 3, 4]
+    assert saved == [1, 2, 4] and res.kept_step == 4
+    assert json.loads((res.out / "training.json").read_text())["kept_step"] == 4
+
+    tr = Trainer(_cfg(data_files, tmp_path / "b", max_steps=3, eval_every=1e-9), engine)
+    saved = _scripted_evals(monkeypatch, tr, [[20] * 4, [20, 20, 20, 21], [21] * 4])
+    res = tr.run()
+    assert saved == [1, 2] and res.kept_step == 2  # the last fell below the best beyond the noise
+    info = json.loads((res.out / "training.json").read_text())
+    assert info["kept_step"] == 2 and info["steps"] == 2  # the folder is step 2's drafter
 
 
 def test_bf16_defaults_to_what_the_cpu_computes_natively(engine, data_files, tmp_path, monkeypatch, capsys):

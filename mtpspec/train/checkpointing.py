@@ -30,7 +30,7 @@ RESUME_FIXED = ("seed", "max_len", "shard_size", "batch_size", "replay", "epochs
 @dataclass
 class RunState:
     """Where a run is: steps taken, round and step in round (see schedule.py), training seconds,
-    per-step records, held-out evaluations, the best mean accepted length so far and how many
+    per-step records, held-out evaluations, the step whose drafter is the output and how many
     chunks of data it has (the one command's data grows: `TrainConfig.grows`)."""
 
     step: int = 0
@@ -39,7 +39,7 @@ class RunState:
     elapsed: float = 0.0
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
-    best_tau: float = -1.0
+    kept_step: int | None = None  # the held-out evaluation kept as the output (trainer._eval_and_keep)
     chunks: int = 1
 
 
@@ -73,6 +73,8 @@ class Checkpoint:
         opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
+        if "kept_step" not in st and st.get("evals"):  # older runs kept the highest held-out mean
+            st["kept_step"] = max(st["evals"], key=lambda e: e["mean_accepted_length"])["step"]
         return RunState(**{f: st[f] for f in RunState.__dataclass_fields__ if f in st})  # older: fewer fields
 
     def check_same_run(self, saved: dict, saved_specs: list[str] | None = None) -> None:

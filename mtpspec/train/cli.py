@@ -44,9 +44,9 @@ def train_drafter_cmd(
     acceptance_weight: Annotated[float, typer.Option("--acceptance-weight", help="Share in [0, 1] of the loss given to the acceptance objective, which maximises the expected number of drafts accepted per K-step chain (from the drafter's per-step acceptance probabilities); the cross-entropy keeps the rest, which keeps early training stable. 0 = cross-entropy only (default), 1 = acceptance only.")] = 0.0,
     hard_negatives: Annotated[int, typer.Option("--hard-negatives", min=0, help="With a clustered head (the target's embedding, frozen): the drafter's own top N tokens at each trained position join the sampled cross-entropy's candidates, so tokens outside the target's top-8 that it would draft are pushed down where they are wrong. 0 = off.")] = 0,
     acceptance_verify: Annotated[str, typer.Option("--acceptance-verify", help="The acceptance objective's per-step acceptance: greedy (the drafter's probability of the target's argmax: greedy verification, default) or sampled (sum over tokens of min(p, q), p = the target's top-8 distribution: speculative sampling).")] = "greedy",
-    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the best drafter kept (default: --eval-limit prompts the target writes, held out of the self-instruct data).")] = None,
+    eval_prompts: Annotated[Optional[Path], typer.Option("--eval-prompts", help="Held-out prompts (.jsonl with 'prompt' or .txt, one per line): mean accepted length is measured on them and the latest drafter kept unless it is worse than the best by more than their noise (default: --eval-limit prompts the target writes, held out of the self-instruct data).")] = None,
     eval_limit: Annotated[int, typer.Option("--eval-limit", min=1, help="Held-out prompts evaluated (the first N of --eval-prompts, or N generated prompts held out of the self-instruct data).")] = 16,
-    eval_every: Annotated[float, typer.Option("--eval-every", help="Minutes between held-out evaluations (the curve in training.png, the best kept), at most half of what is left of --time-budget; 0 = only at the end.")] = 10.0,
+    eval_every: Annotated[float, typer.Option("--eval-every", help="Minutes between held-out evaluations (the curve in training.png; the latest kept unless worse than the best beyond noise), at most half of what is left of --time-budget; 0 = only at the end.")] = 10.0,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", help="Minutes between checkpoints.")] = 5.0,
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="dtype of the written drafter.")] = "float16",
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast for the drafter's training steps (weights stay fp32). Default: on where the device computes bfloat16 natively (CPUs with AVX512_BF16 or AMX: ~2.8x faster steps than fp32 on a 2-core Xeon; CUDA GPUs with bf16), fp32 elsewhere.")] = None,
@@ -95,12 +95,14 @@ def train_drafter_cmd(
         if not res.is_main:  # another rank of a torchrun launch: rank 0 reports
             return
         msg = f"trained {res.steps} steps ({res.seconds / 60:.1f} min of run, setup included); drafter in {res.out}"
-        if res.evals:
+        kept = next((e for e in res.evals if e["step"] == res.kept_step), None)
+        if kept is not None:
             last = res.evals[-1]
-            best = max(res.evals, key=lambda e: e["mean_accepted_length"])
-            msg += (f" = the best held-out evaluation (step {best['step']}: mean accepted length "
-                    f"{best['mean_accepted_length']:.3f}, per position {best['acceptance_per_position']}); last "
-                    f"(step {last['step']}): held-out mean accepted length {last['mean_accepted_length']:.3f}")
+            msg += (f" = step {kept['step']}'s drafter (held-out mean accepted length "
+                    f"{kept['mean_accepted_length']:.3f}, per position {kept['acceptance_per_position']})")
+            if kept is not last:
+                msg += (f"; the last evaluation (step {last['step']}: {last['mean_accepted_length']:.3f}) fell "
+                        f"below the best by more than the held-out noise")
         typer.echo(msg, err=True)
     except MtpspecError as e:
         typer.echo(f"mtpspec: error: {e}", err=True)

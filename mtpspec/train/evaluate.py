@@ -33,13 +33,17 @@ def _summary(totals: AcceptanceTotals, k: int) -> dict:
             "acceptance_per_position": [round(a or 0.0, 4) for a in per_position]}
 
 
-def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+def acceptance(engine, prompts: list[str], k: int, max_new_tokens: int = 64, batch_size: int = 8,
+               per_prompt: bool = False) -> dict:
     """Aggregate over all verification rounds of all prompts (an engine with an MTP proposer),
-    summed from each sequence's counts."""
+    summed from each sequence's counts; per_prompt: also each prompt's [round tokens, rounds]."""
     t0 = time.time()
     stats = _decode_stats(engine, [engine.encode(p) for p in prompts], k, max_new_tokens, batch_size)
-    return {"prompts": len(stats), "draft_tokens": k, "max_new_tokens": max_new_tokens,
-            **_summary(AcceptanceTotals.of(stats), k), "seconds": round(time.time() - t0, 1)}
+    out = {"prompts": len(stats), "draft_tokens": k, "max_new_tokens": max_new_tokens,
+           **_summary(AcceptanceTotals.of(stats), k), "seconds": round(time.time() - t0, 1)}
+    if per_prompt:
+        out["per_prompt"] = [[s.round_tokens, s.rounds] for s in stats]
+    return out
 
 
 def heldout_acceptance(engine, heldout: Mapping[str, Sequence], k: int, max_new_tokens: int = 64,

@@ -33,7 +33,7 @@ from .data import Sample, build_samples
 from .distributed import Group, SharedShardStore
 from .drafter_init import starting_drafter
 from .harvest import Activations, build_shard
-from .heldout import HeldOut
+from .heldout import NOISE_Z, HeldOut, difference_standard_error, within_noise
 from .memory import release_freed_memory
 from .objective import Objective
 from .optim import Optimiser
@@ -53,6 +53,7 @@ class TrainResult:
     history: list = field(default_factory=list)
     evals: list = field(default_factory=list)
     is_main: bool = True  # rank 0 (or the only process): the one that wrote the output
+    kept_step: int | None = None  # the step of the held-out evaluation whose drafter is the output
 
 
 def _step_record(step: int, loss: torch.Tensor, stats: list[tuple[int, int, int]], clustered: bool) -> dict:
@@ -324,7 +325,7 @@ class Trainer:
     def run(self, resume: bool = False, on_step: Callable[[dict], None] | None = None) -> TrainResult:
         """Train until the schedule, max_steps or the time budget ends the run, or a stop request;
         `on_step(record)` is called after every step. Then the drafter folder is written: the
-        best held-out evaluation's drafter, or without held-out prompts the last one."""
+        kept held-out evaluation's drafter (`_eval_and_keep`), or without held-out prompts the last one."""
         main = self.group.is_main
         t_run = time.time()
         if resume:
@@ -360,10 +361,10 @@ class Trainer:
             pass
         elif self.heldout is not None:
             if not st.evals or st.evals[-1]["step"] != st.step:
-                self._eval_and_keep_best(progress)
+                self._eval_and_keep(progress)
         else:
             self.save_output()
-        return TrainResult(self.out, st.step, st.elapsed, st.history, st.evals, main)
+        return TrainResult(self.out, st.step, st.elapsed, st.history, st.evals, main, st.kept_step)
 
     def _limit_reached(self) -> bool:
         cfg, st = self.cfg, self.state
@@ -429,7 +430,7 @@ class Trainer:
                 on_step(rec)
             now = time.time()
             if eval_every is not None and now - last_eval >= eval_every and self.heldout is not None:
-                self._eval_and_keep_best(progress)
+                self._eval_and_keep(progress)
                 last_eval = time.time()
             if now - last_ckpt >= cfg.checkpoint_every:
                 self._save_checkpoint()
@@ -471,12 +472,21 @@ class Trainer:
         self.state.evals.append(ev)
         return ev
 
-    def _eval_and_keep_best(self, progress: Progress) -> None:
+    def _eval_and_keep(self, progress: Progress) -> None:
+        """Evaluate on the held-out prompts and write the drafter as the run's output unless this
+        evaluation is worse than the best so far by more than the held-out noise (`within_noise`):
+        later steps have trained on more, so a dip within the noise keeps the later one."""
+        st = self.state
+        best = max(st.evals, key=lambda e: e["mean_accepted_length"], default=None)
         ev = self.evaluate()
+        keep = st.kept_step is None or best is None or within_noise(ev, best)
+        why = "kept" if keep else (
+            f"not kept: below step {best['step']}'s {best['mean_accepted_length']:.3f} by more than {NOISE_Z:g} "
+            f"standard errors ({difference_standard_error(ev, best):.3f}); the output stays step {st.kept_step}")
         progress.write(f"eval step {ev['step']}: mean accepted length {ev['mean_accepted_length']:.3f}, per position "
-                       f"{ev['acceptance_per_position']} ({ev['eval_seconds']}s)")
-        if ev["mean_accepted_length"] > self.state.best_tau:
-            self.state.best_tau = ev["mean_accepted_length"]
+                       f"{ev['acceptance_per_position']} ({ev['eval_seconds']}s); {why}")
+        if keep:
+            st.kept_step = ev["step"]
             self.save_output()
             if self.drafter.cfg.clustered:  # the same weights with the full head, for comparison
                 self.save_output(self.work / "best-full-head", full_head=True)
@@ -502,7 +512,7 @@ class Trainer:
 
         st = self.state
         info = {"steps": st.step, "training_seconds": round(st.elapsed, 1), "config": asdict(self.cfg),
-                "evals": st.evals, "last": st.history[-1] if st.history else None,
+                "evals": st.evals, "kept_step": st.kept_step, "last": st.history[-1] if st.history else None,
                 "world_size": self.group.world, "micro_batch_size": self.micro_batch,
                 "distill": self.distill_report()}
         out = write_drafter(self.drafter, folder or self.out, dtype=resolve_dtype(self.cfg.save_dtype),
