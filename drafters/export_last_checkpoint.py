@@ -1,5 +1,5 @@
 """Write the last step of a training run (its work folder's checkpoint.pt) as a drafter folder, to
-compare it with the step the run kept (the best held-out evaluation).
+compare it with the step the run kept (its kept held-out evaluation).
 
     .venv/bin/python drafters/export_last_checkpoint.py KEPT_DRAFTER_DIR WORK_DIR OUT_DIR
 

@@ -105,8 +105,8 @@ BUGS = {
                           'return new["mean_accepted_length"] > best["mean_accepted_length"]',
                           "tests/test_train.py", "latest_evaluation or difference_standard_error"),
     "keep-unpaired-noise": ("mtpspec/train/heldout.py",  # the difference's residuals not paired by prompt
-                            "d = [ra - rb for ra, rb in zip(residuals(a), residuals(b))]",
-                            "d = [abs(ra) + abs(rb) for ra, rb in zip(residuals(a), residuals(b))]",
+                            "d = [ra - rb for ra, rb in zip(residuals([p[0] for p in pairs]), residuals([p[1] for p in pairs]))]",
+                            "d = [abs(ra) + abs(rb) for ra, rb in zip(residuals([p[0] for p in pairs]), residuals([p[1] for p in pairs]))]",
                             "tests/test_train.py", "latest_evaluation or difference_standard_error"),
 }
 

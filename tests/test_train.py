@@ -336,6 +336,9 @@ def test_difference_standard_error_is_the_spread_of_the_difference_over_resample
     unpaired = ((tokens[idx].sum(1) / rounds_best[idx].sum(1)).std() ** 2 * 2) ** 0.5
     assert se < 0.5 * float(unpaired)  # pairing removes how hard each prompt is
     assert difference_standard_error(new, {"mean_accepted_length": 1.0}) == 0.0  # no counts: means only
+    empty = [[0, 0]]  # a prompt the target ended at once: no rounds, no information
+    assert difference_standard_error({"per_prompt": new["per_prompt"] + empty},
+                                     {"per_prompt": best["per_prompt"] + empty}) == pytest.approx(se)
     assert within_noise(new, best) == (new["mean_accepted_length"] >= best["mean_accepted_length"] - 2 * se)
 
 

@@ -40,14 +40,18 @@ def difference_standard_error(new: dict, best: dict) -> float:
     prompts: then only the means are compared).
 
     tau = Y / X over the n prompts, y_i the tokens prompt i emitted in verification rounds and x_i
-    its rounds. Greedy decoding is lossless, so both evaluations emit the same tokens per prompt;
-    they differ in rounds. To first order (delta method) tau - E[tau] = sum_i e_i with
+    its rounds (over the prompts with rounds in both). Greedy decoding is lossless, so both
+    evaluations emit the same text; they differ in rounds (and in y_i only by where the last round
+    overshoots max_new_tokens). To first order (delta method) tau - E[tau] = sum_i e_i with
     e_i = (y_i - tau x_i) / X, which sums to 0 over the prompts; the difference of two such
     estimates on the same prompts is sum_i d_i, d_i = e_i(new) - e_i(best), and its variance over
     the draw of prompts is estimated by n / (n - 1) * sum_i d_i^2 (pairing by prompt removes how
     hard each prompt is, which is most of the spread)."""
     a, b = new.get("per_prompt"), best.get("per_prompt")
-    if not a or not b or len(a) != len(b) or len(a) < 2:
+    if not a or not b or len(a) != len(b):
+        return 0.0
+    pairs = [(ca, cb) for ca, cb in zip(a, b) if ca[1] and cb[1]]
+    if len(pairs) < 2:
         return 0.0
 
     def residuals(counts: list) -> list[float]:
@@ -55,7 +59,7 @@ def difference_standard_error(new: dict, best: dict) -> float:
         tau = y / x
         return [(yi - tau * xi) / x for yi, xi in counts]
 
-    d = [ra - rb for ra, rb in zip(residuals(a), residuals(b))]
+    d = [ra - rb for ra, rb in zip(residuals([p[0] for p in pairs]), residuals([p[1] for p in pairs]))]
     n = len(d)
     return math.sqrt(n / (n - 1) * sum(v * v for v in d))
 
