@@ -378,6 +378,14 @@ def test_the_latest_evaluation_is_kept_unless_worse_than_the_best_beyond_noise(e
     info = json.loads((res.out / "training.json").read_text())
     assert info["kept_step"] == 2 and info["steps"] == 2  # the folder is step 2's drafter
 
+    # a checkpoint from before the rule (no kept_step) resumes with its highest-mean step as kept
+    ckpt = tr.work / "checkpoint.pt"
+    st = torch.load(ckpt, weights_only=False)
+    del st["kept_step"]
+    torch.save(st, ckpt)
+    again = Trainer(_cfg(data_files, tmp_path / "b", max_steps=3, eval_every=1e-9), engine)
+    assert again.run(resume=True).kept_step == 1
+
 
 def test_bf16_defaults_to_what_the_cpu_computes_natively(engine, data_files, tmp_path, monkeypatch, capsys):
     """No --bf16 / --no-bf16: bfloat16 autocast where the CPU has bfloat16 instructions (~2.8x faster
