@@ -34,8 +34,7 @@ def plot_training_curve(info: dict | str | Path, path: str | Path, *, title: str
     k = cfg.get("draft_tokens")
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
     ax.plot([m for m, _ in points], [t for _, t in points], marker="o", markersize=3)
-    kept = [(e["elapsed"] / 60, e["mean_accepted_length"]) for e in info.get("evals", [])
-            if e.get("step") == info.get("kept_step") and "elapsed" in e]
+    kept = curve_points({"evals": [e for e in info.get("evals", []) if e.get("step") == info.get("kept_step")]})
     mark = kept[-1] if kept else max(points, key=lambda p: p[1])  # the drafter written; older runs: the highest
     ax.annotate(f"{mark[1]:.2f}", mark, textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xlabel("minutes of the run")
